@@ -1,0 +1,209 @@
+"""Parse a CI callback body (XML or JSON, every documented shape) into a :class:`Callback`.
+
+Pure: no I/O. Every problem raises :class:`CallbackError` with a message that names it,
+so the endpoint can answer a 4xx without storing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from xml.parsers.expat import ExpatError
+
+import xmltodict
+
+from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow
+
+TASK_FINISH = "TaskFinish"
+MAX_JOBS_PER_CALLBACK = 100
+MAX_FIELD_LENGTH = 4096
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_STATES = ", ".join(s.value for s in JobState)
+# Expat expands internal entities before any handler sees them; refusing the declaration
+# itself is the only way to rule out entity-expansion bombs and external entities.
+_DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+class CallbackError(ValueError):
+    """A callback that cannot be accepted; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def parse_callback(body: bytes) -> Callback:
+    """Parse ``body`` by its content; the Content-Type header is not trusted."""
+    text = _decode(body)
+    head = text.lstrip()[:1]
+    if head == "<":
+        return _normalize(_load_xml(text), "xml")
+    if head in ("{", "["):
+        return _normalize(_load_json(text), "json")
+    raise CallbackError("body is neither JSON nor XML")
+
+
+def _decode(body: bytes) -> str:
+    if not body.strip():
+        raise CallbackError("body is empty")
+    try:
+        return body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CallbackError(f"body is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _load_json(text: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise CallbackError("JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise CallbackError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(doc, dict):
+        raise CallbackError("JSON body must be an object")
+    return doc
+
+
+def _load_xml(text: str) -> dict[str, Any]:
+    if _DTD.search(text):
+        raise CallbackError("XML with a DOCTYPE or entity declaration is not accepted")
+    try:
+        doc = xmltodict.parse(text, disable_entities=True, force_list=("JobsDetail", "CosHeaders"))
+    except ExpatError as exc:
+        raise CallbackError(f"malformed XML: {exc}") from None
+    except RecursionError:
+        raise CallbackError("XML is nested too deeply") from None
+    root = next(iter(doc))
+    if root != "Response":
+        raise CallbackError(f"XML root element must be <Response>, not <{root}>")
+    body = doc[root]
+    if not isinstance(body, dict):
+        raise CallbackError("<Response> is empty")
+    return body
+
+
+def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
+    event_name = _string(doc, "EventName", "EventName")
+    if not event_name:
+        raise CallbackError("missing EventName")
+    details = doc.get("JobsDetail")
+    if details is None:
+        if event_name == TASK_FINISH:
+            raise CallbackError("missing JobsDetail")
+        # Other events (WorkflowFinish…) are recorded as they are and never forwarded.
+        return Callback(event_name=event_name, jobs=(), body_format=body_format)
+    items = details if isinstance(details, list) else [details]
+    if not items:
+        raise CallbackError("JobsDetail is empty")
+    if len(items) > MAX_JOBS_PER_CALLBACK:
+        raise CallbackError(f"JobsDetail has {len(items)} jobs; at most {MAX_JOBS_PER_CALLBACK} are accepted")
+    jobs: dict[str, Job] = {}
+    for index, item in enumerate(items):
+        job = _job(item, f"JobsDetail[{index}]")
+        jobs.setdefault(job.job_id, job)
+    return Callback(event_name=event_name, jobs=tuple(jobs.values()), body_format=body_format)
+
+
+def _job(item: Any, where: str) -> Job:
+    if not isinstance(item, dict):
+        raise CallbackError(f"{where} must be an object")
+    job_id = _string(item, "JobId", where)
+    if not job_id:
+        raise CallbackError(f"{where}: missing JobId")
+    if not _JOB_ID.fullmatch(job_id):
+        raise CallbackError(f"{where}.JobId must be 1 to 128 letters, digits, '-' or '_'")
+    tag = _string(item, "Tag", where)
+    if not tag:
+        raise CallbackError(f"{where}: missing Tag")
+    state = _string(item, "State", where)
+    if state not in JobState.__members__.values():
+        raise CallbackError(f"{where}.State must be one of {_STATES}, not {state!r}")
+    operation = _container(item, "Operation", where)
+    op_where = f"{where}.Operation"
+    noise = _container(operation, "NoiseReduction", op_where)
+    nr_where = f"{op_where}.NoiseReduction"
+    return Job(
+        job_id=job_id,
+        tag=tag,
+        state=state,
+        code=_string(item, "Code", where),
+        message=_string(item, "Message", where),
+        creation_time=_string(item, "CreationTime", where),
+        start_time=_string(item, "StartTime", where),
+        end_time=_string(item, "EndTime", where),
+        queue_id=_string(item, "QueueId", where),
+        queue_type=_string(item, "QueueType", where),
+        input=_location(item, "Input", "BucketId", where),
+        output=_location(operation, "Output", "Bucket", op_where),
+        user_data=_string(operation, "UserData", op_where),
+        job_level=_string(operation, "JobLevel", op_where),
+        template_id=_string(operation, "TemplateId", op_where),
+        template_name=_string(operation, "TemplateName", op_where),
+        format=_string(noise, "Format", nr_where),
+        # CI's own examples spell it both ways.
+        sample_rate=_string(noise, "SampleRate", nr_where) or _string(noise, "Samplerate", nr_where),
+        cos_headers=_cos_headers(_container(item, "Input", where), f"{where}.Input"),
+        workflow=_workflow(item, where),
+    )
+
+
+def _string(container: dict[str, Any], key: str, where: str) -> str:
+    value = container.get(key)
+    if value is None:  # absent, or an empty XML element
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise CallbackError(f"{where}.{key} must be a string")
+    text = str(value)
+    if len(text) > MAX_FIELD_LENGTH:
+        raise CallbackError(f"{where}.{key} is longer than {MAX_FIELD_LENGTH} characters")
+    return text
+
+
+def _container(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = container.get(key)
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise CallbackError(f"{where}.{key} must be an object")
+    return value
+
+
+def _location(container: dict[str, Any], key: str, bucket_key: str, where: str) -> ObjectLocation | None:
+    value = _container(container, key, where)
+    if not value:
+        return None
+    inner = f"{where}.{key}"
+    return ObjectLocation(
+        bucket=_string(value, bucket_key, inner),
+        region=_string(value, "Region", inner),
+        key=_string(value, "Object", inner),
+    )
+
+
+def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
+    value = input_.get("CosHeaders")
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, list) else [value]
+    headers = []
+    for index, item in enumerate(items):
+        inner = f"{where}.CosHeaders[{index}]"
+        if not isinstance(item, dict):
+            raise CallbackError(f"{inner} must be an object")
+        headers.append(CosHeader(key=_string(item, "Key", inner), value=_string(item, "Value", inner)))
+    return tuple(headers)
+
+
+def _workflow(item: dict[str, Any], where: str) -> Workflow | None:
+    value = _container(item, "Workflow", where)
+    if not value:
+        return None
+    inner = f"{where}.Workflow"
+    return Workflow(
+        name=_string(value, "Name", inner),
+        run_id=_string(value, "RunId", inner),
+        workflow_id=_string(value, "WorkflowId", inner),
+        workflow_name=_string(value, "WorkflowName", inner),
+    )

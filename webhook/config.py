@@ -1,0 +1,188 @@
+"""Settings, read from environment variables and checked once at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting; the message names the variable."""
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failing step is retried."""
+
+    max_attempts: int = 8
+    backoff_base: float = 2.0
+    backoff_cap: float = 600.0
+
+
+@dataclass(frozen=True)
+class CosEndpoint:
+    """Where the SDK sends requests instead of the public endpoints (sandbox, private link)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    callback_tokens: tuple[str, ...] = ()
+    allowed_buckets: frozenset[str] = frozenset()
+    allowed_regions: frozenset[str] = frozenset()
+    allowed_tags: frozenset[str] = frozenset({"NoiseReduction"})
+    secret_id: str = ""
+    secret_key: str = field(default="", repr=False)
+    region: str = ""
+    cos_endpoint: CosEndpoint | None = None
+    sink_dir: str = ""
+    http_sink_url: str = ""
+    http_sink_secret: str = field(default="", repr=False)
+    http_sink_timeout: float = 30.0
+    max_body_bytes: int = 1024 * 1024
+    retry: RetryPolicy = RetryPolicy()
+    verify_retry: RetryPolicy = RetryPolicy(max_attempts=30, backoff_base=5.0, backoff_cap=300.0)
+    lease_seconds: float = 300.0
+    poll_interval: float = 1.0
+    run_worker_in_web: bool = False
+    temp_dir: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting; raise :class:`ConfigError` naming the first bad one."""
+        e = _Env(os.environ if env is None else env)
+        region = e.text("COS_REGION")
+        return cls(
+            database_url=e.database_url("WEBHOOK_DATABASE_URL"),
+            callback_tokens=e.tokens("WEBHOOK_CALLBACK_TOKEN"),
+            allowed_buckets=e.names("WEBHOOK_ALLOWED_BUCKETS"),
+            allowed_regions=e.names("WEBHOOK_ALLOWED_REGIONS") or frozenset({region} - {""}),
+            allowed_tags=e.names("WEBHOOK_ALLOWED_TAGS") or frozenset({"NoiseReduction"}),
+            secret_id=e.text("COS_SECRET_ID"),
+            secret_key=e.text("COS_SECRET_KEY"),
+            region=region,
+            cos_endpoint=e.endpoint("WEBHOOK_COS_ENDPOINT"),
+            sink_dir=e.text("WEBHOOK_SINK_DIR"),
+            http_sink_url=e.http_url("WEBHOOK_HTTP_SINK_URL"),
+            http_sink_secret=e.text("WEBHOOK_HTTP_SINK_SECRET"),
+            http_sink_timeout=e.number("WEBHOOK_HTTP_SINK_TIMEOUT", 30.0),
+            max_body_bytes=int(e.number("WEBHOOK_MAX_BODY_BYTES", 1024 * 1024)),
+            retry=RetryPolicy(
+                max_attempts=int(e.number("WEBHOOK_MAX_ATTEMPTS", 8)),
+                backoff_base=e.number("WEBHOOK_BACKOFF_BASE", 2.0),
+                backoff_cap=e.number("WEBHOOK_BACKOFF_CAP", 600.0),
+            ),
+            lease_seconds=e.number("WEBHOOK_LEASE_SECONDS", 300.0),
+            poll_interval=e.number("WEBHOOK_POLL_INTERVAL", 1.0),
+            run_worker_in_web=e.flag("WEBHOOK_RUN_WORKER"),
+            temp_dir=e.text("WEBHOOK_TEMP_DIR"),
+            log_level=e.choice("WEBHOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        )
+
+    def check_receiver(self) -> None:
+        """What the web process needs."""
+        if not self.callback_tokens:
+            raise ConfigError("WEBHOOK_CALLBACK_TOKEN is not set (16 to 256 URL-safe characters)")
+
+    def check_worker(self) -> None:
+        """What the worker needs to verify, fetch and forward."""
+        for name, value in (("COS_SECRET_ID", self.secret_id), ("COS_SECRET_KEY", self.secret_key)):
+            if not value:
+                raise ConfigError(f"{name} is not set")
+        if not self.region:
+            raise ConfigError("COS_REGION is not set (for example ap-guangzhou)")
+        if not self.allowed_buckets:
+            raise ConfigError("WEBHOOK_ALLOWED_BUCKETS is not set (comma-separated BucketName-APPID list)")
+        if not self.sink_dir and not self.http_sink_url:
+            raise ConfigError("no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL")
+        if self.http_sink_url and not self.http_sink_secret:
+            raise ConfigError("WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is")
+
+
+class _Env:
+    """Typed readers that name the variable in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str = "") -> str:
+        return self._env.get(name, "").strip() or default
+
+    def names(self, name: str) -> frozenset[str]:
+        return frozenset(part.strip() for part in self.text(name).split(",") if part.strip())
+
+    def tokens(self, name: str) -> tuple[str, ...]:
+        tokens = tuple(part.strip() for part in self.text(name).split(",") if part.strip())
+        for token in tokens:
+            if not _TOKEN.fullmatch(token):
+                raise ConfigError(f"{name} must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ -")
+        return tokens
+
+    def number(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{name} must be greater than 0, not {raw!r}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        raw = self.text(name).lower()
+        if raw in ("", "0", "false", "no", "off"):
+            return False
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self.text(name, default).upper()
+        if raw not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+        return raw
+
+    def database_url(self, name: str) -> str:
+        url = self.text(name, DEFAULT_DATABASE_URL)
+        scheme = url.split(":", 1)[0]
+        if scheme in ("postgres", "postgresql"):
+            # PaaS add-ons hand out postgres:// URLs; SQLAlchemy needs the driver named.
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        elif scheme not in ("sqlite", "postgresql+psycopg"):
+            raise ConfigError(f"{name} must be a sqlite:/// or postgresql:// URL, not {scheme!r}")
+        return url
+
+    def http_url(self, name: str) -> str:
+        url = self.text(name)
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{name} must be an http:// or https:// URL")
+        return url
+
+    def endpoint(self, name: str) -> CosEndpoint | None:
+        url = self.http_url(name)
+        if not url:
+            return None
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid port") from None
+        if parts.path not in ("", "/"):
+            raise ConfigError(f"{name} must be scheme://host[:port] with no path")
+        return CosEndpoint(scheme=parts.scheme, host=parts.hostname or "", port=port)

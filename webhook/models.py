@@ -1,0 +1,144 @@
+"""Typed records that travel between the pipeline steps."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    """A job's state as CI reports it."""
+
+    SUBMITTED = "Submitted"
+    RUNNING = "Running"
+    SUCCESS = "Success"
+    FAILED = "Failed"
+    PAUSE = "Pause"
+    CANCEL = "Cancel"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCESS, JobState.FAILED, JobState.CANCEL)
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job stands in this service."""
+
+    RECEIVED = "received"  # recorded, waiting for verification
+    VERIFIED = "verified"  # CI confirmed it, deliveries pending
+    DELIVERED = "delivered"  # every sink has it
+    REJECTED = "rejected"  # verification refused it: never fetched nor forwarded
+    DEAD = "dead"  # a step ran out of retries
+    IGNORED = "ignored"  # another event or tag: recorded only
+
+
+class TaskKind(enum.StrEnum):
+    VERIFY = "verify"
+    DELIVER = "deliver"
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class ObjectLocation:
+    """Where an object lives in COS."""
+
+    bucket: str
+    region: str
+    key: str
+
+
+@dataclass(frozen=True)
+class CosHeader:
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Workflow:
+    name: str = ""
+    run_id: str = ""
+    workflow_id: str = ""
+    workflow_name: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One element of ``JobsDetail``, normalized from XML or JSON."""
+
+    job_id: str
+    tag: str
+    state: str
+    code: str = ""
+    message: str = ""
+    creation_time: str = ""
+    start_time: str = ""
+    end_time: str = ""
+    queue_id: str = ""
+    queue_type: str = ""
+    input: ObjectLocation | None = None
+    output: ObjectLocation | None = None
+    user_data: str = ""
+    job_level: str = ""
+    template_id: str = ""
+    template_name: str = ""
+    format: str = ""
+    sample_rate: str = ""
+    cos_headers: tuple[CosHeader, ...] = ()
+    workflow: Workflow | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == JobState.SUCCESS
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A parsed callback body: the event and the jobs it reports."""
+
+    event_name: str
+    jobs: tuple[Job, ...]
+    body_format: str  # "json" or "xml"
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """An output object downloaded to a local file and checked."""
+
+    path: str
+    size: int
+    crc64: str
+    content_type: str
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a sink receives: the verified job as metadata, plus the file on success."""
+
+    event_id: str
+    type: str  # "job.succeeded" or "job.failed"
+    job: Job
+    file: FetchedFile | None = None
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The job as plain JSON-ready data (ledger rows and sink metadata)."""
+    return asdict(job)
+
+
+def job_from_dict(data: dict[str, Any]) -> Job:
+    """Inverse of :func:`job_to_dict`."""
+    fields = dict(data)
+    for key in ("input", "output"):
+        if fields.get(key) is not None:
+            fields[key] = ObjectLocation(**fields[key])
+    fields["cos_headers"] = tuple(CosHeader(**h) for h in fields.get("cos_headers", ()))
+    if fields.get("workflow") is not None:
+        fields["workflow"] = Workflow(**fields["workflow"])
+    return Job(**fields)
