@@ -101,12 +101,13 @@ def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
         raise CallbackError(f"JobsDetail has {len(items)} jobs; at most {MAX_JOBS_PER_CALLBACK} are accepted")
     jobs: dict[str, Job] = {}
     for index, item in enumerate(items):
-        job = _job(item, f"JobsDetail[{index}]")
+        job = parse_job(item, f"JobsDetail[{index}]")
         jobs.setdefault(job.job_id, job)
     return Callback(event_name=event_name, jobs=tuple(jobs.values()), body_format=body_format)
 
 
-def _job(item: Any, where: str) -> Job:
+def parse_job(item: Any, where: str) -> Job:
+    """Normalize one job container (from a callback or from DescribeMediaJob)."""
     if not isinstance(item, dict):
         raise CallbackError(f"{where} must be an object")
     job_id = _string(item, "JobId", where)

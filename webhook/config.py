@@ -91,6 +91,11 @@ class Settings:
             log_level=e.choice("WEBHOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         )
 
+    @property
+    def sink_names(self) -> tuple[str, ...]:
+        """The sinks these settings configure, by name."""
+        return tuple(name for name, on in (("filesystem", self.sink_dir), ("http", self.http_sink_url)) if on)
+
     def check_receiver(self) -> None:
         """What the web process needs."""
         if not self.callback_tokens:

@@ -8,6 +8,8 @@ worker's task becomes due again when its lease runs out; on PostgreSQL claims us
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,7 +193,12 @@ class Ledger:
         self.is_postgres = self.engine.dialect.name == "postgresql"
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Create missing tables; safe when several processes start at once."""
+        with self.transaction() as conn:
+            if self.is_postgres:
+                # Concurrent CREATE TABLE races on PostgreSQL's catalog; serialize start-ups.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7305513)"))
+            metadata.create_all(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -232,7 +239,8 @@ class Ledger:
                 status = JobStatus.RECEIVED if forward else JobStatus.IGNORED
                 reason = "" if forward else _ignore_reason(callback.event_name, job.tag)
                 inserted = conn.execute(
-                    self._insert_ignore(jobs).values(
+                    self._insert_ignore(jobs)
+                    .values(
                         job_id=job.job_id,
                         callback_id=callback_id,
                         event_name=callback.event_name[:64],
@@ -244,8 +252,9 @@ class Ledger:
                         created_at=now,
                         updated_at=now,
                     )
-                ).rowcount
-                if not inserted:
+                    .returning(jobs.c.job_id)
+                ).first()
+                if inserted is None:
                     duplicates.append(job.job_id)
                     continue
                 new.append(job.job_id)
@@ -447,7 +456,8 @@ def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return sa.create_engine(url, pool_pre_ping=True)
     path = url.split(":///", 1)[1] if ":///" in url else ""
-    if path and path != ":memory:":
+    file_backed = bool(path) and path != ":memory:"
+    if file_backed:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -455,9 +465,10 @@ def _make_engine(url: str) -> Engine:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, decide when transactions begin (see below).
         dbapi_conn.isolation_level = None
-        dbapi_conn.execute("PRAGMA journal_mode=WAL")
         dbapi_conn.execute("PRAGMA busy_timeout=30000")
         dbapi_conn.execute("PRAGMA foreign_keys=ON")
+        if file_backed:
+            _use_wal(dbapi_conn)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -465,6 +476,19 @@ def _make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _use_wal(dbapi_conn: Any) -> None:
+    """WAL lets readers run beside the writer. Switching needs an exclusive lock and does not
+    wait on the busy handler, so processes opening a new database together retry here."""
+    for _ in range(200):
+        try:
+            if dbapi_conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise sqlite3.OperationalError("could not switch the SQLite ledger to WAL mode")
 
 
 def _insert_task(conn: Connection, job_id: str, kind: TaskKind, sink: str, now: datetime) -> None:

@@ -1,0 +1,85 @@
+import pytest
+
+from webhook.config import ConfigError, CosEndpoint, Settings
+
+GOOD = {
+    "WEBHOOK_CALLBACK_TOKEN": "a" * 24,
+    "WEBHOOK_ALLOWED_BUCKETS": "audio-1250000000, other-1250000000",
+    "COS_SECRET_ID": "id",
+    "COS_SECRET_KEY": "key",
+    "COS_REGION": "ap-guangzhou",
+    "WEBHOOK_SINK_DIR": "/tmp/out",
+}
+
+
+def test_reads_a_complete_environment() -> None:
+    settings = Settings.from_env(GOOD | {"WEBHOOK_COS_ENDPOINT": "http://127.0.0.1:9000"})
+    settings.check_receiver()
+    settings.check_worker()
+    assert settings.allowed_buckets == {"audio-1250000000", "other-1250000000"}
+    assert settings.allowed_regions == {"ap-guangzhou"}
+    assert settings.allowed_tags == {"NoiseReduction"}
+    assert settings.cos_endpoint == CosEndpoint("http", "127.0.0.1", 9000)
+    assert settings.sink_names == ("filesystem",)
+    assert settings.database_url == "sqlite:///var/cos-webhook.db"
+
+
+def test_paas_postgres_url_gets_the_driver_named() -> None:
+    settings = Settings.from_env({"WEBHOOK_DATABASE_URL": "postgres://u:p@db:5432/app"})
+    assert settings.database_url == "postgresql+psycopg://u:p@db:5432/app"
+
+
+def test_two_tokens_for_rotation() -> None:
+    settings = Settings.from_env({"WEBHOOK_CALLBACK_TOKEN": f"{'a' * 20},{'b' * 20}"})
+    assert settings.callback_tokens == ("a" * 20, "b" * 20)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    text = repr(Settings.from_env(GOOD | {"WEBHOOK_HTTP_SINK_SECRET": "whsec_c2VjcmV0"}))
+    assert "key" not in text.replace("secret_key", "")
+    assert "whsec_c2VjcmV0" not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WEBHOOK_CALLBACK_TOKEN": "short"}, "WEBHOOK_CALLBACK_TOKEN must be 16 to 256 characters"),
+        ({"WEBHOOK_DATABASE_URL": "mysql://x/y"}, "WEBHOOK_DATABASE_URL must be a sqlite:/// or postgresql:// URL"),
+        ({"WEBHOOK_MAX_BODY_BYTES": "lots"}, "WEBHOOK_MAX_BODY_BYTES must be a number, not 'lots'"),
+        ({"WEBHOOK_MAX_ATTEMPTS": "-1"}, "WEBHOOK_MAX_ATTEMPTS must be greater than 0, not '-1'"),
+        ({"WEBHOOK_RUN_WORKER": "maybe"}, "WEBHOOK_RUN_WORKER must be true or false, not 'maybe'"),
+        ({"WEBHOOK_COS_ENDPOINT": "ftp://x"}, "WEBHOOK_COS_ENDPOINT must be an http:// or https:// URL"),
+        ({"WEBHOOK_COS_ENDPOINT": "http://h:1/p"}, "WEBHOOK_COS_ENDPOINT must be scheme://host[:port] with no path"),
+        ({"WEBHOOK_HTTP_SINK_URL": "not a url"}, "WEBHOOK_HTTP_SINK_URL must be an http:// or https:// URL"),
+        ({"WEBHOOK_LOG_LEVEL": "loud"}, "WEBHOOK_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ("COS_SECRET_ID", "COS_SECRET_ID is not set"),
+        ("COS_SECRET_KEY", "COS_SECRET_KEY is not set"),
+        ("COS_REGION", "COS_REGION is not set"),
+        ("WEBHOOK_ALLOWED_BUCKETS", "WEBHOOK_ALLOWED_BUCKETS is not set"),
+        ("WEBHOOK_SINK_DIR", "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL"),
+    ],
+)
+def test_worker_settings_missing(missing: str, message: str) -> None:
+    env = {k: v for k, v in GOOD.items() if k != missing}
+    with pytest.raises(ConfigError, match="^" + message):
+        Settings.from_env(env).check_worker()
+
+
+def test_receiver_needs_a_token() -> None:
+    with pytest.raises(ConfigError, match="^WEBHOOK_CALLBACK_TOKEN is not set"):
+        Settings.from_env({}).check_receiver()
+
+
+def test_http_sink_needs_its_secret() -> None:
+    with pytest.raises(ConfigError, match="^WEBHOOK_HTTP_SINK_SECRET is not set"):
+        Settings.from_env(GOOD | {"WEBHOOK_HTTP_SINK_URL": "https://hooks.example.com/x"}).check_worker()

@@ -1,0 +1,222 @@
+"""The ledger against SQLite and PostgreSQL: recording, leases, outcomes and replay."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from webhook.ledger import Claim, Ledger, LedgerError, RawRequest, tasks
+from webhook.models import Callback, Job, JobStatus, ObjectLocation, TaskKind
+
+TAGS = frozenset({"NoiseReduction"})
+RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")
+
+
+def job(n: int, tag: str = "NoiseReduction", state: str = "Success") -> Job:
+    return Job(
+        job_id=f"j{n:032x}",
+        tag=tag,
+        state=state,
+        input=ObjectLocation("b-1", "ap-guangzhou", "in.wav"),
+        output=ObjectLocation("b-1", "ap-guangzhou", f"out/{n}.wav"),
+    )
+
+
+def record(ledger: Ledger, *jobs: Job, event: str = "TaskFinish") -> None:
+    ledger.record_callback(RAW, Callback(event_name=event, jobs=jobs, body_format="xml"), TAGS)
+
+
+def claim(ledger: Ledger, worker: str = "w1", lease: float = 60) -> Claim:
+    got = ledger.claim(worker, lease)
+    assert got is not None
+    return got
+
+
+def test_callback_is_recorded_with_a_verify_task(ledger: Ledger) -> None:
+    recorded = ledger.record_callback(RAW, Callback("TaskFinish", (job(1), job(2)), "xml"), TAGS)
+    assert recorded.job_ids == (job(1).job_id, job(2).job_id)
+    assert recorded.duplicates == ()
+    view = ledger.show_job(job(1).job_id).to_dict()
+    assert view["status"] == "received"
+    assert view["state"] == "Success"
+    assert [v["status"] for v in view["verify"]] == ["pending"]
+    assert view["detail"]["output"] == {"bucket": "b-1", "region": "ap-guangzhou", "key": "out/1.wav"}
+
+
+def test_duplicate_is_recorded_once(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    again = ledger.record_callback(RAW, Callback("TaskFinish", (job(1), job(3)), "xml"), TAGS)
+    assert again.duplicates == (job(1).job_id,)
+    assert again.job_ids == (job(3).job_id,)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar_one() == 2
+
+
+def test_other_tags_and_events_are_ignored_without_work(ledger: Ledger) -> None:
+    record(ledger, job(1, tag="VoiceSeparate"))
+    record(ledger, job(2), event="WorkflowFinish")
+    first, second = ledger.show_job(job(1).job_id), ledger.show_job(job(2).job_id)
+    assert (first.status, first.reason) == ("ignored", "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS")
+    assert (second.status, second.reason) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
+    assert first.tasks == second.tasks == ()
+    assert ledger.claim("w1", 60) is None
+
+
+def test_a_leased_task_is_not_claimed_twice(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    first = claim(ledger, "w1")
+    assert first.kind == TaskKind.VERIFY
+    assert first.tasks[0].attempts == 1
+    assert ledger.claim("w2", 60) is None
+
+
+def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    stale = claim(ledger, "w1", lease=0.2)
+    time.sleep(0.3)
+    again = claim(ledger, "w2")
+    assert again.tasks[0].id == stale.tasks[0].id
+    assert again.tasks[0].attempts == 2
+    # The worker that lost its lease cannot overwrite the new owner's outcome.
+    assert not ledger.reject(stale.tasks[0], "w1", "late")
+    assert ledger.accept(again.tasks[0], "w2", ["filesystem"])
+    assert ledger.show_job(job(1).job_id).status == "verified"
+
+
+def test_extend_lease_keeps_the_task(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    held = claim(ledger, "w1", lease=0.5)
+    time.sleep(0.3)
+    assert ledger.extend_lease([held.tasks[0].id], "w1", 60) == 1
+    time.sleep(0.3)
+    assert ledger.claim("w2", 60) is None
+
+
+def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
+    record(ledger, *(job(n) for n in range(40)))
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def drain(name: str) -> None:
+        while (got := ledger.claim(name, 60)) is not None:
+            with lock:
+                seen.extend(t.id for t in got.tasks)
+
+    threads = [threading.Thread(target=drain, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == sorted(set(seen))
+    assert len(seen) == 40
+
+
+def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    verify = claim(ledger)
+    assert ledger.accept(verify.tasks[0], "w1", ["filesystem", "http"])
+    deliver = claim(ledger)
+    assert deliver.kind == TaskKind.DELIVER
+    assert [t.sink for t in deliver.tasks] == ["filesystem", "http"]
+    assert deliver.status == JobStatus.VERIFIED
+
+
+def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    fs, http = claim(ledger).tasks
+    assert ledger.delivered(fs, "w1")
+    assert ledger.retry_later(http, "w1", "503 from sink", delay=0)
+    assert ledger.show_job(job(1).job_id).status == "verified"
+    retry = claim(ledger)
+    assert [t.sink for t in retry.tasks] == ["http"]
+    assert ledger.delivered(retry.tasks[0], "w1")
+    view = ledger.show_job(job(1).job_id).to_dict()
+    assert view["status"] == "delivered"
+    assert [(d["sink"], d["status"], d["attempts"]) for d in view["deliveries"]] == [
+        ("filesystem", "done", 1),
+        ("http", "done", 2),
+    ]
+
+
+def test_retry_later_waits_for_its_delay(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    task = claim(ledger).tasks[0]
+    ledger.retry_later(task, "w1", "CI API unreachable", delay=3600)
+    assert ledger.claim("w1", 60) is None
+    view = ledger.show_job(job(1).job_id).to_dict()
+    assert view["verify"][0]["last_error"] == "CI API unreachable"
+    assert view["verify"][0]["next_attempt_at"] is not None
+
+
+def test_rejected_job_gets_no_deliveries_and_cannot_be_replayed(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    assert ledger.reject(claim(ledger).tasks[0], "w1", "output differs")
+    view = ledger.show_job(job(1).job_id)
+    assert (view.status, view.reason) == ("rejected", "output differs")
+    assert ledger.claim("w1", 60) is None
+    with pytest.raises(LedgerError, match="is rejected; only verified jobs can be replayed"):
+        ledger.replay(job(1).job_id, ["filesystem"])
+
+
+def test_dead_delivery_makes_the_job_dead_and_replay_revives_it(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    ledger.accept(claim(ledger).tasks[0], "w1", ["http"])
+    assert ledger.give_up(claim(ledger).tasks[0], "w1", "sink answered 410")
+    assert ledger.show_job(job(1).job_id).status == "dead"
+    assert ledger.replay(job(1).job_id, ["http"]) == ["http"]
+    again = claim(ledger)
+    assert again.tasks[0].attempts == 1
+    assert ledger.delivered(again.tasks[0], "w1")
+    assert ledger.show_job(job(1).job_id).status == "delivered"
+
+
+def test_dead_verification_cannot_be_replayed(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    assert ledger.give_up(claim(ledger).tasks[0], "w1", "CI API unreachable")
+    view = ledger.show_job(job(1).job_id)
+    assert (view.status, view.reason) == ("dead", "verification gave up: CI API unreachable")
+    with pytest.raises(LedgerError, match="was never verified"):
+        ledger.replay(job(1).job_id, ["filesystem"])
+
+
+def test_replay_to_a_new_sink_adds_a_delivery(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem"])
+    ledger.delivered(claim(ledger).tasks[0], "w1")
+    ledger.replay(job(1).job_id, ["http"])
+    assert [t.sink for t in claim(ledger).tasks] == ["http"]
+
+
+def test_unknown_job(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="no job 'nope' in the ledger"):
+        ledger.show_job("nope")
+
+
+def test_counts(ledger: Ledger) -> None:
+    record(ledger, job(1), job(2, tag="Other"))
+    assert ledger.counts() == {"jobs_received": 1, "jobs_ignored": 1, "tasks_pending": 1}
+
+
+def test_schema_creation_is_idempotent(database_url: str) -> None:
+    first, second = Ledger(database_url), Ledger(database_url)
+    errors: list[BaseException] = []
+
+    def create(ledger: Ledger) -> None:
+        try:
+            ledger.create_schema()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(lg,)) for lg in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first.create_schema()
+    assert errors == []
+    first.dispose()
+    second.dispose()

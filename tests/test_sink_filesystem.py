@@ -1,0 +1,135 @@
+"""FilesystemSink: names, bytes, atomicity leftovers, idempotency and confinement to its root."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from webhook.events import event_metadata
+from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.filesystem import FilesystemSink
+
+AUDIO = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: more than one copy chunk
+
+
+def make_event(tmp_path: Path, job_id: str = "job-1", key: str = "out/a.wav", content: bytes = AUDIO) -> Event:
+    source = tmp_path / "fetched" / "download.part"
+    source.parent.mkdir(exist_ok=True)
+    source.write_bytes(content)
+    job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=ObjectLocation("b-1250000000", "r", key))
+    fetched = FetchedFile(path=str(source), size=len(content), crc64="1", content_type="audio/wav")
+    return Event(event_id="evt_test", type="job.succeeded", job=job, file=fetched)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (following no symlinks) and its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "sink" / "out"  # missing on purpose: the sink creates it
+
+
+def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
+    event = make_event(tmp_path)
+    sink: Sink = FilesystemSink(root)
+    sink.deliver(event)
+    assert sorted(os.listdir(root)) == ["job-1.json", "job-1.wav"]  # no temporary files left behind
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+    assert json.loads((root / "job-1.json").read_text()) == event_metadata(event)
+
+
+def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
+    sink = FilesystemSink(root)
+    sink.deliver(make_event(tmp_path, content=b"first"))
+    sink.deliver(make_event(tmp_path))
+    sink.deliver(make_event(tmp_path))
+    assert sorted(os.listdir(root)) == ["job-1.json", "job-1.wav"]
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+
+
+def test_failed_job_writes_only_metadata(root: Path) -> None:
+    job = Job(job_id="job-2", tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
+    event = Event(event_id="evt_failed", type="job.failed", job=job)
+    FilesystemSink(root).deliver(event)
+    assert os.listdir(root) == ["job-2.json"]
+    assert json.loads((root / "job-2.json").read_text())["job"]["message"] == "bad audio"
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("out/a.wav", "job-1.wav"),
+        ("a.MP3", "job-1.MP3"),
+        ("x/y.tar.gz", "job-1.gz"),
+        ("noext", "job-1.bin"),
+        ("out/.wav", "job-1.bin"),
+        ("out/dir/", "job-1.bin"),
+        ("a.toolong123", "job-1.bin"),
+        ("a.w@v", "job-1.bin"),
+        ("a.\u0661\u0662", "job-1.bin"),  # Arabic-Indic digits are not ASCII alphanumerics
+        ("../../../etc/passwd", "job-1.bin"),
+        ("a.wav/../../../x.sh", "job-1.sh"),
+        ("a\x00.wav", "job-1.wav"),
+    ],
+)
+def test_extension_comes_from_the_key_sanitized(tmp_path: Path, root: Path, key: str, name: str) -> None:
+    FilesystemSink(root).deliver(make_event(tmp_path, key=key))
+    assert sorted(os.listdir(root)) == sorted([name, "job-1.json"])
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["../x", "/etc/passwd", "a\x00b", "x" * 300, "ünïcode", "", ".", "..", "a/b", "a\\b", "a b", "job\n"],
+)
+def test_hostile_job_ids_write_nothing_anywhere(tmp_path: Path, root: Path, job_id: str) -> None:
+    event = make_event(tmp_path, job_id=job_id, key="../../../../../" + job_id)
+    before = tree(tmp_path)
+    with pytest.raises(DeliveryError) as caught:
+        FilesystemSink(root).deliver(event)
+    assert caught.value.permanent
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("key", ["../../x.wav", "/etc/passwd", "a\x00b", "k" * 300 + ".wav", "ü/ñ.wav", "..", "/"])
+def test_hostile_keys_land_inside_root(tmp_path: Path, root: Path, key: str) -> None:
+    event = make_event(tmp_path, key=key)
+    before = tree(tmp_path)
+    FilesystemSink(root).deliver(event)
+    written = tree(tmp_path).keys() - before.keys()
+    assert len(written) == 2
+    assert all((tmp_path / name).parent == root for name in written)
+
+
+def test_refuses_a_symlink_planted_at_the_target(tmp_path: Path, root: Path) -> None:
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(b"precious")
+    root.mkdir(parents=True)
+    (root / "job-1.wav").symlink_to(outside)
+    with pytest.raises(DeliveryError, match="outside") as caught:
+        FilesystemSink(root).deliver(make_event(tmp_path))
+    assert caught.value.permanent
+    assert outside.read_bytes() == b"precious"
+
+
+def test_io_errors_are_retryable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    with pytest.raises(DeliveryError, match="filesystem: cannot write") as caught:
+        FilesystemSink(blocker / "out").deliver(make_event(tmp_path))
+    assert not caught.value.permanent
+
+
+def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path, root: Path) -> None:
+    event = make_event(tmp_path)
+    assert event.file is not None
+    os.unlink(event.file.path)
+    with pytest.raises(DeliveryError) as caught:
+        FilesystemSink(root).deliver(event)
+    assert not caught.value.permanent
+    assert os.listdir(root) == []

@@ -1,0 +1,305 @@
+"""HttpSink against a real local receiver: signatures, multipart parts, status handling, big files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import time
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import IO
+
+import pytest
+from receiver import ReceivedRequest, Receiver, Reply
+from standardwebhooks.webhooks import Webhook
+from werkzeug.datastructures import FileStorage
+from werkzeug.formparser import parse_form_data
+
+from webhook import __version__
+from webhook.config import Settings
+from webhook.events import build_event, event_metadata
+from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.sinks import DeliveryError, build_sinks
+from webhook.sinks.http import HttpSink
+
+KEY = bytes(range(32))
+SECRET = "whsec_" + base64.b64encode(KEY).decode()
+MiB = 1024 * 1024
+
+
+def succeeded(tmp_path: Path, content: bytes = b"", *, size: int = 0, key: str = "out/a.wav") -> Event:
+    """A succeeded event whose file holds ``content``, or ``size`` random bytes written 1 MiB at a time."""
+    source = tmp_path / "fetched.wav"
+    with source.open("wb") as out:
+        out.write(content)
+        for _ in range(size // MiB):
+            out.write(hashlib.shake_256(out.tell().to_bytes(8, "big")).digest(MiB))
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=ObjectLocation("b-1250000000", "r", key))
+    fetched = FetchedFile(path=str(source), size=source.stat().st_size, crc64="1", content_type="audio/wav")
+    return build_event(job, "http", fetched)
+
+
+def failed() -> Event:
+    job = Job(job_id="job-2", tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
+    return build_event(job, "http", None)
+
+
+def parse(request: ReceivedRequest) -> tuple[dict[str, str], dict[str, FileStorage]]:
+    """The multipart form fields and files, parsed the way a Flask receiver would."""
+    with request.open_body() as body:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "CONTENT_TYPE": request.headers["content-type"],
+            "CONTENT_LENGTH": str(request.size),
+            "wsgi.input": body,
+        }
+        _, form, files = parse_form_data(environ)
+    return dict(form), dict(files)
+
+
+def signature_of(request: ReceivedRequest, key: bytes) -> str:
+    """Standard Webhooks v1 signature computed independently and streamed, for bodies that are not UTF-8."""
+    mac = hmac.new(key, f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode(), "sha256")
+    with request.open_body() as body:
+        for chunk in iter(lambda: body.read(MiB), b""):
+            mac.update(chunk)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def sha256_of(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(MiB), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as running:
+        yield running
+
+
+@pytest.fixture
+def sink(receiver: Receiver) -> Iterator[HttpSink]:
+    http = HttpSink(receiver.url + "hook?token=query-secret", SECRET, timeout=5)
+    yield http
+    http.close()
+
+
+def deliver_error(sink: HttpSink, event: Event) -> DeliveryError:
+    with pytest.raises(DeliveryError) as caught:
+        sink.deliver(event)
+    return caught.value
+
+
+def test_signature_verifies_with_standardwebhooks(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+    # The reference library decodes the body as UTF-8, so this audio is ASCII; binary bodies are checked below.
+    sink.deliver(succeeded(tmp_path, b"RIFF fake wave data " * 100))
+    sink.deliver(failed())
+    for request in receiver.requests:
+        assert request.body is not None
+        Webhook(SECRET).verify(request.body, request.headers, json_parse=False)
+
+
+def test_raw_secret_is_used_as_utf8_bytes(tmp_path: Path, receiver: Receiver) -> None:
+    raw = "not-base64: ünïcode secret"
+    http = HttpSink(receiver.url, raw)
+    http.deliver(failed())
+    http.close()
+    (request,) = receiver.requests
+    assert request.body is not None
+    Webhook(raw.encode()).verify(request.body, request.headers, json_parse=False)
+
+
+def test_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+    event = succeeded(tmp_path, b"x" * 1000)
+    sink.deliver(event)
+    sink.deliver(event)
+    first, second = receiver.requests
+    assert first.method == "POST"
+    assert first.path == "/hook"
+    assert first.headers["webhook-id"] == first.headers["idempotency-key"] == event.event_id
+    assert second.headers["webhook-id"] == event.event_id  # a redelivery keeps its idempotency key
+    assert abs(int(first.headers["webhook-timestamp"]) - time.time()) < 5
+    assert first.headers["user-agent"] == f"cos-webhook/{__version__}"
+    assert int(first.headers["content-length"]) == first.size
+    assert "transfer-encoding" not in first.headers
+    assert first.headers["content-type"].startswith("multipart/form-data; boundary=")
+
+
+def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+    audio = bytes(range(256)) * 5000 + b"\r\n--not-a-boundary--\r\n"  # binary, with CRLFs and dashes
+    event = succeeded(tmp_path, audio)
+    sink.deliver(event)
+    (request,) = receiver.requests
+    assert request.headers["webhook-signature"] == signature_of(request, KEY)
+    form, files = parse(request)
+    assert list(form) == ["metadata"]
+    assert json.loads(form["metadata"]) == event_metadata(event)
+    assert list(files) == ["file"]
+    assert files["file"].filename == "a.wav"
+    assert files["file"].mimetype == "audio/wav"
+    assert files["file"].read() == audio
+
+
+def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> None:
+    event = failed()
+    sink.deliver(event)
+    form, files = parse(receiver.requests[0])
+    assert files == {}
+    assert json.loads(form["metadata"]) == event_metadata(event)
+
+
+def test_awkward_file_name_cannot_break_the_part_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+    event = succeeded(tmp_path, b"audio", key='out/a"b\r\nContent-Type: text/html\r\n\r\nü.wav')
+    sink.deliver(event)
+    form, files = parse(receiver.requests[0])
+    assert json.loads(form["metadata"]) == event_metadata(event)
+    assert list(files) == ["file"]
+    assert files["file"].mimetype == "audio/wav"
+    assert files["file"].read() == b"audio"
+
+
+def test_429_passes_on_retry_after(receiver: Receiver, sink: HttpSink) -> None:
+    receiver.reply(Reply(429, retry_after="7"))
+    error = deliver_error(sink, failed())
+    assert error.retry_after == 7
+    assert not error.permanent
+    assert error.message.startswith("http: HTTP 429 Too Many Requests")
+
+
+def test_retry_after_as_http_date(receiver: Receiver, sink: HttpSink) -> None:
+    receiver.reply(Reply(503, retry_after=format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)))
+    error = deliver_error(sink, failed())
+    assert error.retry_after is not None
+    assert 25 <= error.retry_after <= 30
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "1.5", ""])
+def test_unusable_retry_after_is_ignored(receiver: Receiver, sink: HttpSink, value: str) -> None:
+    receiver.reply(Reply(503, retry_after=value))
+    assert deliver_error(sink, failed()).retry_after is None
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 409, 425])
+def test_retryable_statuses(receiver: Receiver, sink: HttpSink, status: int) -> None:
+    receiver.reply(Reply(status, body=b"try later"))
+    error = deliver_error(sink, failed())
+    assert not error.permanent
+    assert error.retry_after is None
+    assert f"HTTP {status}" in error.message
+    assert error.message.endswith(": try later")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 413, 422, 301, 307])
+def test_permanent_statuses(receiver: Receiver, sink: HttpSink, status: int) -> None:
+    receiver.reply(Reply(status))
+    error = deliver_error(sink, failed())
+    assert error.permanent
+    assert f"http: HTTP {status}" in error.message
+    assert len(receiver.requests) == 1  # redirects are not followed
+
+
+def test_recovers_after_a_failure(receiver: Receiver, sink: HttpSink) -> None:
+    receiver.reply(Reply(503), Reply(204))
+    deliver_error(sink, failed())
+    sink.deliver(failed())
+    assert len(receiver.requests) == 2
+
+
+def test_timeout_is_retryable(receiver: Receiver) -> None:
+    receiver.reply(Reply(200, delay=10))
+    http = HttpSink(receiver.url, SECRET, timeout=0.5)
+    started = time.monotonic()
+    error = deliver_error(http, failed())
+    http.close()
+    assert time.monotonic() - started < 5
+    assert not error.permanent
+    assert error.message == "http: no answer within 0.5s"
+
+
+def test_connection_refused_is_retryable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    http = HttpSink(f"http://user:password@127.0.0.1:{port}/hook?token=query-secret", SECRET, timeout=2)
+    error = deliver_error(http, failed())
+    assert not error.permanent
+    assert error.message == "http: request failed: Connection refused"
+
+
+def test_missing_file_is_retryable(tmp_path: Path, sink: HttpSink) -> None:
+    event = succeeded(tmp_path, b"audio")
+    assert event.file is not None
+    Path(event.file.path).unlink()
+    error = deliver_error(sink, event)
+    assert not error.permanent
+    assert "cannot read" in error.message
+
+
+def test_secret_never_appears_in_errors(receiver: Receiver, sink: HttpSink) -> None:
+    encoded = SECRET.removeprefix("whsec_")
+    replies = [
+        Reply(400, body=f"bad signature for {SECRET}".encode()),
+        Reply(401, body=encoded.encode()),
+        Reply(500, body=b"oops"),
+        Reply(429, retry_after="1"),
+        Reply(200, delay=10),
+    ]
+    messages: list[str] = []
+    for reply in replies:
+        receiver.reply(reply)
+        error = deliver_error(HttpSink(receiver.url, SECRET, timeout=0.5), failed())
+        messages += [error.message, str(error), repr(error)]
+    assert any("[redacted]" in message for message in messages)
+    for message in messages:
+        assert encoded not in message
+        assert KEY.decode("latin-1") not in message
+        assert "query-secret" not in message
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_", "whsec_not base64!"])
+def test_bad_secrets_are_refused_without_echo(secret: str) -> None:
+    with pytest.raises(ValueError, match="HTTP sink secret") as caught:
+        HttpSink("http://127.0.0.1:9/", secret)
+    assert "base64!" not in str(caught.value)
+
+
+def test_large_file_is_streamed(tmp_path: Path) -> None:
+    event = succeeded(tmp_path, size=50 * MiB)
+    assert event.file is not None
+    with open(event.file.path, "rb") as source:
+        expected = sha256_of(source)
+    with Receiver(memory_limit=MiB) as receiver:
+        http = HttpSink(receiver.url, SECRET)
+        tracemalloc.start()
+        try:
+            http.deliver(event)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        http.close()
+        (request,) = receiver.requests
+        assert request.body_path is not None  # spooled by the receiver, not kept in memory
+        assert request.size == int(request.headers["content-length"]) > 50 * MiB
+        assert request.headers["webhook-signature"] == signature_of(request, KEY)
+        _, files = parse(request)
+        with files["file"] as received:
+            assert sha256_of(received.stream) == expected
+    # Sender and receiver share this process; either holding the body would show as a 50 MiB peak.
+    assert peak < 8 * MiB
+
+
+def test_build_sinks(tmp_path: Path) -> None:
+    settings = Settings(sink_dir=str(tmp_path), http_sink_url="http://127.0.0.1:9/", http_sink_secret=SECRET)
+    sinks = build_sinks(settings)
+    assert {name: sink.name for name, sink in sinks.items()} == {"filesystem": "filesystem", "http": "http"}
+    assert build_sinks(Settings()) == {}
+    for built in sinks.values():
+        built.close()

@@ -1,0 +1,57 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from webhook import receive
+from webhook.config import Settings
+from webhook.ledger import Ledger
+from webhook.logs import setup_logging
+from webhook.runtime import EXTENSION, Runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> Flask:
+    """Build the web app; reads settings from the environment unless given."""
+    settings = settings or Settings.from_env()
+    settings.check_receiver()
+    setup_logging(settings.log_level)
+    ledger = ledger or Ledger(settings.database_url)
+    ledger.create_schema()
+
+    app = Flask(__name__)
+    # Werkzeug refuses a larger declared body before reading it, and cuts a chunked one off.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
+    app.register_blueprint(receive.bp)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        messages = {413: f"body is larger than {settings.max_body_bytes} bytes"}
+        return receive.error(status, messages.get(status, exc.description or exc.name))
+
+    @app.after_request
+    def _access_log(response: Response) -> Response:
+        # The token is a credential: never log the path that carries it.
+        path = "/callback/<token>" if request.path.startswith("/callback/") else request.path
+        log.info("%s %s %s %s", request.remote_addr, request.method, path, response.status_code)
+        return response
+
+    if settings.run_worker_in_web:
+        _start_worker_thread(settings, ledger)
+    return app
+
+
+def _start_worker_thread(settings: Settings, ledger: Ledger) -> None:
+    """Single-process deploys: run a worker beside the web handlers."""
+    from webhook.worker import Worker
+
+    worker = Worker.from_settings(settings, ledger)
+    threading.Thread(target=worker.run, name="cos-webhook-worker", daemon=True).start()

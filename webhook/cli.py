@@ -1,0 +1,176 @@
+"""The ``cos-webhook`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from webhook.config import ConfigError, Settings
+from webhook.ledger import JobView, Ledger, LedgerError
+from webhook.logs import setup_logging
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _ledger(settings: Settings) -> Ledger:
+    ledger = Ledger(settings.database_url)
+    ledger.create_schema()
+    return ledger
+
+
+@click.group()
+@click.version_option(package_name="cos-webhook")
+def main() -> None:
+    """Receive, verify, fetch and forward Tencent Cloud Infinite noise-reduction results."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Run the callback receiver with the development server (production: gunicorn, see Procfile)."""
+    from webhook.app import create_app
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    app.run(host=host, port=port, threaded=True)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Exit once nothing is due instead of waiting for work.")
+def worker(burst: bool) -> None:
+    """Verify, fetch and deliver recorded jobs."""
+    from webhook.worker import Worker
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    try:
+        w = Worker.from_settings(settings)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    w.install_signal_handlers()
+    w.run(burst=burst)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9000, show_default=True, type=int)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Where objects are kept.")
+def sandbox(host: str, port: int, root: Path | None) -> None:
+    """Run the local COS/CI sandbox: develop without a cloud account."""
+    from webhook.sandbox import serve as serve_sandbox
+
+    setup_logging("INFO")
+    serve_sandbox(host, port, root)
+
+
+@main.command()
+@click.option("--format", "callback_format", type=click.Choice(["json", "xml"]), default="json", show_default=True)
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"))
+@click.option("--seconds", default=5.0, show_default=True, help="Length of the generated noisy recording.")
+def demo(callback_format: str, output: Path, seconds: float) -> None:
+    """Run sandbox, receiver and worker; denoise a generated WAV end to end; print where it landed."""
+    from webhook.demo import run_demo
+
+    setup_logging("WARNING")
+    sys.exit(run_demo(callback_format, output, seconds))
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect jobs in the ledger."""
+
+
+@jobs.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--status", help="Only jobs with this status.")
+@click.option("--limit", default=50, show_default=True)
+def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
+    """List the most recent jobs."""
+    views = _ledger(_settings()).list_jobs(limit=limit, status=status)
+    if as_json:
+        for view in views:
+            click.echo(json.dumps(_summary(view)))
+        return
+    click.echo(f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON")
+    for view in views:
+        updated = view.updated_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} {updated:<20} {view.reason}"
+        )
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """Show one job, its verification and its deliveries."""
+    try:
+        view = _ledger(_settings()).show_job(job_id)
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    data = view.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in ("job_id", "tag", "event_name", "state", "status", "reason", "created_at", "updated_at"):
+        click.echo(f"{key + ':':<12} {data[key]}")
+    output = view.job.output
+    if output is not None:
+        click.echo(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+    for step in data["verify"]:
+        click.echo(f"{'verify:':<12} {_step(step)}")
+    for delivery in data["deliveries"]:
+        click.echo(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every configured sink.")
+def replay(job_id: str, sinks: tuple[str, ...]) -> None:
+    """Deliver a verified job again."""
+    settings = _settings()
+    configured = settings.sink_names
+    unknown = [s for s in sinks if s not in configured]
+    if unknown:
+        raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(configured) or 'none'}")
+    try:
+        scheduled = _ledger(settings).replay(job_id, sinks or configured)
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"replay of {job_id} scheduled for: {', '.join(scheduled)}")
+
+
+@main.command("init-db")
+def init_db() -> None:
+    """Create the ledger's tables (also done on every start)."""
+    settings = _settings()
+    _ledger(settings)
+    click.echo("ledger ready")
+
+
+def _summary(view: JobView) -> dict[str, Any]:
+    data = view.to_dict()
+    return {k: data[k] for k in ("job_id", "tag", "state", "status", "reason", "created_at", "updated_at")}
+
+
+def _step(step: dict[str, Any]) -> str:
+    text = f"{step['status']} attempts={step['attempts']}"
+    if step["next_attempt_at"]:
+        text += f" next={step['next_attempt_at']}"
+    if step["last_error"]:
+        text += f" last_error={step['last_error']}"
+    return text

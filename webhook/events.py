@@ -1,0 +1,82 @@
+r"""The event every sink receives: one versioned metadata document per job and sink.
+
+Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetched, so the
+``filesystem`` sink gets this document (the http sink the same with its own ``event_id``)::
+
+    {
+      "schema": "cos-webhook.event/v1",
+      "event_id": "evt_52952a54c51c4394db6115ab958480d2",
+      "type": "job.succeeded",
+      "job": {
+        "job_id": "je8f65004eb8511eaaed4f377124a303c", "tag": "NoiseReduction", "state": "Success",
+        "code": "Success", "message": "Success",
+        "creation_time": "2024-05-01T10:00:00+0800", "start_time": "2024-05-01T10:00:01+0800",
+        "end_time": "2024-05-01T10:00:09+0800",
+        "queue_id": "p2242ab62c7c94486915508540933a2c6", "queue_type": "Speeding",
+        "input": {"bucket": "audio-1250000000", "region": "ap-guangzhou", "key": "in/a.wav"},
+        "output": {"bucket": "audio-1250000000", "region": "ap-guangzhou", "key": "out/a.wav"},
+        "user_data": "order-42", "job_level": "0", "template_id": "", "template_name": "",
+        "format": "wav", "sample_rate": "16000",
+        "cos_headers": [{"key": "x-cos-meta-id", "value": "42"}], "workflow": null
+      },
+      "file": {
+        "name": "a.wav", "size": 1024, "crc64": "6230416154291387364",
+        "content_type": "audio/wav", "etag": "\"e1\""
+      }
+    }
+
+A failed job gives ``"type": "job.failed"`` and ``"file": null``. Receivers should dispatch on
+``schema``: a later version may add fields, and an incompatible change gets a new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from typing import Any
+
+from webhook.models import Event, FetchedFile, Job, JobState, job_to_dict
+
+SCHEMA = "cos-webhook.event/v1"
+SUCCEEDED = "job.succeeded"
+FAILED = "job.failed"
+
+
+def event_id(job_id: str, sink: str) -> str:
+    """The idempotency key of ``job_id``'s delivery to ``sink``: the same on every attempt and replay."""
+    digest = hashlib.sha256(job_id.encode() + b"\0" + sink.encode()).hexdigest()
+    return "evt_" + digest[:32]
+
+
+def build_event(job: Job, sink: str, file: FetchedFile | None) -> Event:
+    """The event for ``sink``: ``job.succeeded`` with the fetched output, or ``job.failed`` without a file.
+
+    Raises :class:`ValueError` for any other combination (an unfinished job, a success without
+    its output, a failure with a file): those are bugs upstream, not deliveries.
+    """
+    if job.state == JobState.SUCCESS and file is not None and job.output is not None:
+        return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, file=file)
+    if job.state == JobState.FAILED and file is None:
+        return Event(event_id=event_id(job.job_id, sink), type=FAILED, job=job)
+    raise ValueError(
+        f"job {job.job_id}: no event for state {job.state!r} "
+        f"{'with' if file else 'without'} a file and {'with' if job.output else 'without'} an output"
+    )
+
+
+def event_metadata(event: Event) -> dict[str, Any]:
+    """The JSON document for ``event`` (see the module docstring); equal to its own JSON round trip."""
+    job = job_to_dict(event.job)
+    # asdict keeps tuples; a list makes the document compare equal to what a receiver parses.
+    job["cos_headers"] = list(job["cos_headers"])
+    file = None
+    if event.file is not None:
+        key = event.job.output.key if event.job.output else ""
+        file = {
+            "name": posixpath.basename(key),
+            "size": event.file.size,
+            "crc64": event.file.crc64,
+            "content_type": event.file.content_type,
+            "etag": event.file.etag,
+        }
+    return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}

@@ -1,0 +1,102 @@
+"""The callback endpoint: authenticate, parse, commit to the ledger, then answer."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import sqlalchemy.exc
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from webhook.callback import CallbackError, parse_callback
+from webhook.ledger import Ledger, RawRequest
+from webhook.runtime import runtime
+
+log = logging.getLogger(__name__)
+bp = Blueprint("receive", __name__)
+
+# Kept for diagnosis; credentials and cookies never reach the ledger.
+STORED_HEADERS = ("Content-Type", "Content-Length", "User-Agent", "X-Forwarded-For", "X-Real-Ip", "X-Request-Id")
+
+
+@bp.post("/callback/<token>")
+def callback(token: str) -> tuple[Response, int]:
+    rt = runtime(current_app)
+    if not _token_ok(token, rt.settings.callback_tokens):
+        return error(404, "unknown callback URL")
+    body = request.get_data(cache=False)
+    try:
+        parsed = parse_callback(body)
+    except CallbackError as exc:
+        log.info("callback refused status=%s reason=%s", exc.status, exc.message)
+        return error(exc.status, exc.message)
+    raw = RawRequest(
+        body=body,
+        content_type=request.content_type or "",
+        headers={name: request.headers[name] for name in STORED_HEADERS if name in request.headers},
+        remote_addr=request.remote_addr or "",
+    )
+    try:
+        recorded = rt.ledger.record_callback(raw, parsed, rt.settings.allowed_tags)
+    except sqlalchemy.exc.OperationalError:
+        # Answering non-2xx makes CI send the callback again; losing it would be worse.
+        log.exception("ledger unavailable; callback not stored")
+        response, status = error(503, "ledger unavailable, retry later")
+        response.headers["Retry-After"] = "30"
+        return response, status
+    log.info(
+        "callback stored id=%s event=%s format=%s new=%s duplicate=%s ignored=%s",
+        recorded.callback_id,
+        parsed.event_name,
+        parsed.body_format,
+        ",".join(recorded.job_ids) or "-",
+        ",".join(recorded.duplicates) or "-",
+        ",".join(recorded.ignored) or "-",
+    )
+    jobs = [{"job_id": j, "duplicate": False} for j in recorded.job_ids]
+    jobs += [{"job_id": j, "duplicate": True} for j in recorded.duplicates]
+    return jsonify(
+        event=parsed.event_name,
+        jobs=jobs,
+        duplicate=bool(recorded.duplicates) and not recorded.job_ids,
+        ignored=list(recorded.ignored),
+    ), 200
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    ledger: Ledger = runtime(current_app).ledger
+    try:
+        ledger.ping()
+    except sqlalchemy.exc.SQLAlchemyError:
+        return jsonify(status="unavailable", ledger="unreachable"), 503
+    return jsonify(status="ok", ledger="ok"), 200
+
+
+@bp.get("/metrics")
+def metrics() -> tuple[Response, int]:
+    """Prometheus text format, read from the ledger so every process reports the same."""
+    try:
+        counts = runtime(current_app).ledger.counts()
+    except sqlalchemy.exc.SQLAlchemyError:
+        return error(503, "ledger unavailable")
+    lines = ["# TYPE cos_webhook_jobs gauge"]
+    lines += [
+        f'cos_webhook_jobs{{status="{key.removeprefix("jobs_")}"}} {value}'
+        for key, value in sorted(counts.items())
+        if key.startswith("jobs_")
+    ]
+    lines += ["# TYPE cos_webhook_tasks_pending gauge", f"cos_webhook_tasks_pending {counts['tasks_pending']}"]
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4"), 200
+
+
+def error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message, status=status), status
+
+
+def _token_ok(given: str, tokens: tuple[str, ...]) -> bool:
+    # Compare against every token so timing does not reveal which one (if any) matched.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given.encode(), token.encode())
+    return matched

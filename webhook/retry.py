@@ -1,0 +1,32 @@
+"""When to try a failed step again, and when to stop: exponential backoff with jitter."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from webhook.config import RetryPolicy
+
+
+def backoff_delay(
+    attempt: int,
+    policy: RetryPolicy,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+    "Equal jitter": half of the exponential step is fixed, half random, so retries of many
+    jobs that failed together spread out but none is retried immediately. A ``Retry-After``
+    from the remote side is honoured, up to the policy's cap.
+    """
+    step = min(policy.backoff_cap, policy.backoff_base * 2.0 ** max(attempt - 1, 0))
+    delay = step / 2 + rand() * step / 2
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, policy.backoff_cap))
+    return delay
+
+
+def exhausted(attempts: int, policy: RetryPolicy) -> bool:
+    """True once ``attempts`` tries have used up the policy's budget."""
+    return attempts >= policy.max_attempts

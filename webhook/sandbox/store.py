@@ -1,0 +1,128 @@
+"""Objects on local disk, with the metadata COS reports (size, ETag, CRC64, Content-Type).
+
+Each object is two files in ``<root>/<bucket>/``: its bytes, named by the SHA-256 of its key so no
+key can reach outside the root, and a JSON sidecar with its metadata. Bodies are streamed in and
+out in chunks, so a 200 MiB object costs no more memory than a small one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import crcmod
+
+CHUNK_SIZE = 1024 * 1024
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# CRC-64/ECMA-182 as COS computes x-cos-hash-crc64ecma.
+crc64ecma = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
+
+
+class NoSuchKey(Exception):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    md5: str  # hex; COS quotes it as the ETag
+    crc64: str  # decimal, as in x-cos-hash-crc64ecma
+    content_type: str
+    last_modified: float  # seconds since the epoch
+
+
+class ObjectStore:
+    """A thread-safe bucket/key → bytes store under ``root``; buckets exist implicitly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # Held only while swapping files in or opening them, so that a reader never pairs new
+        # bytes with old metadata; the slow part (copying the body) runs outside it.
+        self._lock = threading.Lock()
+
+    def object_path(self, bucket: str, key: str) -> Path:
+        """Where the bytes of ``bucket``/``key`` are (or would be) stored."""
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise ValueError(f"invalid bucket name {bucket!r}")
+        return self.root / bucket / hashlib.sha256(key.encode()).hexdigest()
+
+    def put(self, bucket: str, key: str, chunks: Iterable[bytes], content_type: str) -> ObjectInfo:
+        """Store the object from ``chunks``, replacing any previous version atomically."""
+        path = self.object_path(bucket, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        md5, crc, size = hashlib.md5(), 0, 0
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    md5.update(chunk)
+                    crc = crc64ecma(chunk, crc)
+                    size += len(chunk)
+            info = ObjectInfo(key, size, md5.hexdigest(), str(crc), content_type, os.stat(tmp_name).st_mtime)
+            with self._lock:
+                os.replace(tmp_name, path)
+                _write_json(_meta_path(path), asdict(info))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        return info
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        """The object's metadata; raise :class:`NoSuchKey` if it does not exist."""
+        with self._lock:
+            return _read_meta(self.object_path(bucket, key))
+
+    def open(self, bucket: str, key: str) -> tuple[ObjectInfo, BinaryIO]:
+        """The object's metadata and its bytes opened for reading; the caller closes the file."""
+        path = self.object_path(bucket, key)
+        with self._lock:
+            info = _read_meta(path)
+            return info, path.open("rb")
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove the object; removing a missing object is not an error (as in COS)."""
+        path = self.object_path(bucket, key)
+        with self._lock:
+            for file in (path, _meta_path(path)):
+                file.unlink(missing_ok=True)
+
+
+def read_chunks(file: BinaryIO, length: int | None = None) -> Iterable[bytes]:
+    """Yield ``file``'s bytes (at most ``length`` of them) in chunks."""
+    remaining = length
+    while remaining is None or remaining > 0:
+        chunk = file.read(CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining))
+        if not chunk:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        yield chunk
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _read_meta(path: Path) -> ObjectInfo:
+    try:
+        data = json.loads(_meta_path(path).read_text())
+    except FileNotFoundError:
+        raise NoSuchKey(path.name) from None
+    return ObjectInfo(**data)
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

@@ -1,0 +1,91 @@
+"""A sink that drops ``<job_id><ext>`` and ``<job_id>.json`` into a directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from webhook.events import event_metadata
+from webhook.models import Event
+from webhook.sinks import DeliveryError
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
+_CHUNK = 1024 * 1024
+
+
+class FilesystemSink:
+    """Writes each event's audio, then its metadata, atomically into ``root``.
+
+    A consumer can rely on this: once ``<job_id>.json`` exists, the audio it describes is complete.
+    Temporary files start with a dot so that globbing ``*.json`` never sees them. Files are
+    created with mode 0600 (only the service's user can read them).
+    """
+
+    def __init__(self, root: Path, name: str = "filesystem") -> None:
+        self.name = name
+        self.root = root
+
+    def deliver(self, event: Event) -> None:
+        """Write the files; delivering the same event again replaces them with identical ones."""
+        job_id = event.job.job_id
+        if not _JOB_ID.fullmatch(job_id):
+            raise DeliveryError(f"{self.name}: job id {job_id[:64]!r} is not a safe file name", permanent=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            root = self.root.resolve()
+            if event.file is not None:
+                key = event.job.output.key if event.job.output else ""
+                source = event.file.path
+                with open(source, "rb") as src:
+                    self._write(root, job_id + _extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
+            document = json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"
+            self._write(root, job_id + ".json", lambda dst: dst.write(document))
+        except OSError as exc:
+            raise DeliveryError(
+                f"{self.name}: cannot write {exc.filename or self.root}: {exc.strerror or exc}"
+            ) from exc
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def _write(self, root: Path, name: str, fill: Callable[[IO[bytes]], object]) -> None:
+        target = root / name
+        # The name is already safe; this also refuses a symlink planted at the target that points elsewhere.
+        if target.resolve().parent != root:
+            raise DeliveryError(f"{self.name}: {name!r} resolves outside {root}", permanent=True)
+        fd, temp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                fill(dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(root)
+
+
+def _extension(key: str) -> str:
+    """The object key's suffix if it is a plain one (``.wav``, ``.mp3``), else ``.bin``."""
+    _, extension = posixpath.splitext(posixpath.basename(key))
+    return extension if _EXTENSION.fullmatch(extension) else ".bin"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable, so the audio's entry is on disk before the JSON's.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,210 @@
+"""A sink that POSTs each event as signed multipart/form-data (Standard Webhooks signatures)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import requests
+
+from webhook import __version__
+from webhook.events import event_metadata
+from webhook.models import Event, FetchedFile
+from webhook.sinks import DeliveryError
+
+_CHUNK = 1024 * 1024
+_SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+# Worth another attempt besides 429 and 5xx: timeout, conflict (a concurrent attempt), too early.
+_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+class HttpSink:
+    """POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio) to ``url``.
+
+    Each request carries ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
+    (https://www.standardwebhooks.com) plus ``Idempotency-Key``, all derived from the event id,
+    so a receiver can drop redeliveries. ``secret`` is either ``whsec_<base64>`` (the key is the
+    decoded bytes, as Standard Webhooks libraries expect) or any other string (the key is its
+    UTF-8 bytes). The body is streamed from disk twice, once to sign it and once to send it,
+    and is never held in memory.
+    """
+
+    def __init__(self, url: str, secret: str, timeout: float = 30.0, name: str = "http") -> None:
+        self.name = name
+        self.url = url
+        self.timeout = timeout
+        self._key = _signing_key(secret)
+        # Only to scrub the secret from anything the remote echoes back into an error message.
+        self._secret_text = secret.removeprefix(_SECRET_PREFIX)
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"cos-webhook/{__version__}"
+
+    def deliver(self, event: Event) -> None:
+        """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
+        metadata = event_metadata(event)
+        try:
+            filename = metadata["file"]["name"] if metadata["file"] else ""
+            body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), event.file, filename)
+            timestamp = str(int(time.time()))
+            signature = _sign(self._key, event.event_id, timestamp, body)
+        except OSError as exc:
+            source = exc.filename or "the file"
+            raise DeliveryError(f"{self.name}: cannot read {source}: {exc.strerror or exc}") from exc
+        headers = {
+            "Content-Type": body.content_type,
+            "webhook-id": event.event_id,
+            "webhook-timestamp": timestamp,
+            "webhook-signature": signature,
+            "Idempotency-Key": event.event_id,
+        }
+        try:
+            # A consumed stream cannot be resent, so redirects are reported, not followed.
+            with self._session.post(
+                self.url, data=body, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False
+            ) as response:
+                if 200 <= response.status_code < 300:
+                    return
+                raise self._refused(response)
+        except requests.Timeout as exc:
+            raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
+        except requests.RequestException as exc:
+            # Not str(exc): it quotes the URL, whose query or userinfo may hold credentials.
+            raise DeliveryError(f"{self.name}: request failed: {_os_reason(exc)}") from exc
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()
+
+    def _refused(self, response: requests.Response) -> DeliveryError:
+        status = response.status_code
+        detail = _printable(response.reason or "")
+        try:
+            snippet = _printable(next(response.iter_content(200), b"").decode("utf-8", "replace"))
+        except requests.RequestException:
+            snippet = ""  # the status alone decides; a broken error body must not change that
+        if snippet:
+            detail = f"{detail}: {snippet}"
+        if self._secret_text:
+            detail = detail.replace(self._secret_text, "[redacted]")
+        retryable = status in _RETRYABLE_4XX or status >= 500
+        return DeliveryError(
+            f"{self.name}: HTTP {status} {detail}".rstrip(),
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+            permanent=not retryable,
+        )
+
+
+class MultipartBody:
+    """A multipart/form-data body with a ``metadata`` part and an optional ``file`` part read from disk.
+
+    Iterable any number of times (each pass reopens the file); ``len()`` is the exact byte count,
+    which makes ``requests`` send a Content-Length instead of chunked encoding.
+    """
+
+    def __init__(self, metadata: bytes, file: FetchedFile | None, filename: str) -> None:
+        self.boundary = "cos-webhook-" + os.urandom(16).hex()
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        delimiter = f"--{self.boundary}\r\n".encode()
+        head = delimiter + _part_headers('name="metadata"', "application/json") + metadata + b"\r\n"
+        self._path = file.path if file else None
+        self._size = os.stat(file.path).st_size if file else 0
+        if file:
+            disposition = f'name="file"; filename="{_quote_filename(filename)}"'
+            head += delimiter + _part_headers(disposition, _safe_content_type(file.content_type))
+            self._tail = f"\r\n--{self.boundary}--\r\n".encode()
+        else:
+            self._tail = f"--{self.boundary}--\r\n".encode()
+        self._head = head
+
+    def __len__(self) -> int:
+        return len(self._head) + self._size + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        if self._path is not None:
+            with open(self._path, "rb") as source:
+                remaining = self._size
+                while remaining:
+                    chunk = source.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise OSError(f"{self._path} shrank while it was being sent")
+                    remaining -= len(chunk)
+                    yield chunk
+        yield self._tail
+
+
+def _signing_key(secret: str) -> bytes:
+    if secret.startswith(_SECRET_PREFIX):
+        encoded = secret[len(_SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error:
+            raise ValueError(f"the HTTP sink secret starts with {_SECRET_PREFIX} but is not valid base64") from None
+    else:
+        key = secret.encode()
+    if not key:
+        raise ValueError("the HTTP sink secret is empty")
+    return key
+
+
+def _sign(key: bytes, msg_id: str, timestamp: str, body: MultipartBody) -> str:
+    """``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, hashing the body as it streams past."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
+    for chunk in body:
+        mac.update(chunk)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def _part_headers(disposition: str, content_type: str) -> bytes:
+    return f"Content-Disposition: form-data; {disposition}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+
+
+def _quote_filename(name: str) -> str:
+    # The escaping browsers use (WHATWG HTML): a quote or line break in the name cannot end the header.
+    return name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _safe_content_type(value: str) -> str:
+    if value and value.isascii() and value.isprintable() and "/" in value:
+        return value
+    return "application/octet-stream"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP-date); ``None`` if absent or invalid."""
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The innermost operating-system reason ("Connection refused"), else the exception's type."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    reason = type(exc).__name__
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and isinstance(node.strerror, str):
+            reason = node.strerror
+        nested = getattr(node, "reason", None)  # urllib3 keeps the cause here
+        node = nested if isinstance(nested, BaseException) else node.__cause__ or node.__context__
+    return reason
+
+
+def _printable(text: str) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:200]
