@@ -69,8 +69,11 @@ DROP = object()  # a value for job()/body() that removes the key
 _MISSING = object()
 
 
-def job(job_id: str = JOB_ID, **changes: Any) -> dict[str, Any]:
-    """The documented ``JobsDetail`` element with top-level keys replaced (``DROP`` removes one)."""
+def job(job_id: Any = JOB_ID, **changes: Any) -> dict[str, Any]:
+    """The documented ``JobsDetail`` element with its JobId (any value) and top-level keys replaced.
+
+    ``DROP`` as a value removes the key.
+    """
     detail = copy.deepcopy(_DOC_DETAIL)
     detail["JobId"] = job_id
     for key, value in changes.items():
@@ -147,7 +150,7 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
     (
         "truncated-json",
         DOC_JSON[:40],
-        "malformed JSON: Unterminated string starting at at line 1 column 39",
+        "malformed JSON: Expecting property name enclosed in double quotes at line 1 column 41",
     ),
     ("json-trailing-garbage", b'{"EventName": "WorkflowFinish"} x', "malformed JSON: Extra data at line 1 column 33"),
     ("json-array-top-level", b'[{"EventName": "TaskFinish"}]', "JSON body must be an object"),
@@ -200,7 +203,7 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
     ("jobsdetail-element-string", json_doc(["j035aca66f86211ec8a5a87e016101404"]), f"{_WHERE} must be an object"),
     ("jobsdetail-string", json_doc("j035aca66f86211ec8a5a87e016101404"), f"{_WHERE} must be an object"),
     ("second-jobsdetail-element-number", json_doc([job(), 7]), "JobsDetail[1] must be an object"),
-    ("xml-empty-jobsdetail", body("xml", None), f"{_WHERE} must be an object"),
+    ("xml-empty-jobsdetail", body("xml", None), "JobsDetail is empty"),
     ("xml-jobsdetail-text", body("xml", "j035aca66f86211ec8a5a87e016101404"), f"{_WHERE} must be an object"),
     ("json-missing-jobid", json_doc(job(JobId=DROP)), f"{_WHERE}: missing JobId"),
     ("xml-missing-jobid", body("xml", job(JobId=DROP)), f"{_WHERE}: missing JobId"),
@@ -250,7 +253,7 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
         f"{_WHERE}.Operation.NoiseReduction.SampleRate must be a string",
     ),
     (
-        "coshheaders-element-string",
+        "cosheaders-element-string",
         json_doc(job(Input={"BucketId": "b", "CosHeaders": ["x-cos-meta-a: 1"]})),
         f"{_WHERE}.Input.CosHeaders[0] must be an object",
     ),

@@ -76,10 +76,10 @@ def test_worker_settings_missing(missing: str, message: str) -> None:
 
 
 def test_receiver_needs_a_token() -> None:
-    with pytest.raises(ConfigError, match="^WEBHOOK_CALLBACK_TOKEN is not set"):
+    with pytest.raises(ConfigError, match=r"^WEBHOOK_CALLBACK_TOKEN is not set"):
         Settings.from_env({}).check_receiver()
 
 
 def test_http_sink_needs_its_secret() -> None:
-    with pytest.raises(ConfigError, match="^WEBHOOK_HTTP_SINK_SECRET is not set"):
+    with pytest.raises(ConfigError, match=r"^WEBHOOK_HTTP_SINK_SECRET is not set"):
         Settings.from_env(GOOD | {"WEBHOOK_HTTP_SINK_URL": "https://hooks.example.com/x"}).check_worker()

@@ -22,7 +22,7 @@ EXAMPLE_JOB = Job(
     start_time="2024-05-01T10:00:01+0800",
     end_time="2024-05-01T10:00:09+0800",
     queue_id="p2242ab62c7c94486915508540933a2c6",
-    queue_type="Speeding",
+    queue_type="Speeching",
     input=ObjectLocation("audio-1250000000", "ap-guangzhou", "in/a.wav"),
     output=ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a.wav"),
     user_data="order-42",
@@ -75,6 +75,11 @@ def test_failed_event_has_no_file() -> None:
     assert metadata["file"] is None
     assert metadata["job"]["code"] == "InternalError"
     assert metadata["job"]["output"] is None
+
+
+def test_canceled_job_is_a_failure() -> None:
+    job = Job(job_id="jcanceled", tag="NoiseReduction", state="Cancel")
+    assert build_event(job, "http", None).type == "job.failed"
 
 
 @pytest.mark.parametrize(

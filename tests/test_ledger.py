@@ -208,7 +208,7 @@ def test_schema_creation_is_idempotent(database_url: str) -> None:
     def create(ledger: Ledger) -> None:
         try:
             ledger.create_schema()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=create, args=(lg,)) for lg in (first, second)]

@@ -35,7 +35,10 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         status = exc.code or 500
         messages = {413: f"body is larger than {settings.max_body_bytes} bytes"}
-        return receive.error(status, messages.get(status, exc.description or exc.name))
+        response, status = receive.error(status, messages.get(status, exc.description or exc.name))
+        if "Allow" in (headers := dict(exc.get_headers())):
+            response.headers["Allow"] = headers["Allow"]
+        return response, status
 
     @app.after_request
     def _access_log(response: Response) -> Response:

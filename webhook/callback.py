@@ -37,10 +37,10 @@ class CallbackError(ValueError):
 def parse_callback(body: bytes) -> Callback:
     """Parse ``body`` by its content; the Content-Type header is not trusted."""
     text = _decode(body)
-    head = text.lstrip()[:1]
-    if head == "<":
+    text = text.strip()
+    if text.startswith("<"):
         return _normalize(_load_xml(text), "xml")
-    if head in ("{", "["):
+    if text.startswith(("{", "[")):
         return _normalize(_load_json(text), "json")
     raise CallbackError("body is neither JSON nor XML")
 
@@ -61,6 +61,8 @@ def _load_json(text: str) -> dict[str, Any]:
         raise CallbackError("JSON is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise CallbackError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        raise CallbackError(f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise CallbackError("JSON body must be an object")
     return doc
@@ -85,7 +87,7 @@ def _load_xml(text: str) -> dict[str, Any]:
 
 
 def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
-    event_name = _string(doc, "EventName", "EventName")
+    event_name = _string(doc, "EventName", "")
     if not event_name:
         raise CallbackError("missing EventName")
     details = doc.get("JobsDetail")
@@ -94,8 +96,11 @@ def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
             raise CallbackError("missing JobsDetail")
         # Other events (WorkflowFinish…) are recorded as they are and never forwarded.
         return Callback(event_name=event_name, jobs=(), body_format=body_format)
-    items = details if isinstance(details, list) else [details]
+    # An empty element (<JobsDetail/>, <CosHeaders/>) arrives as None: it holds nothing.
+    items = [item for item in (details if isinstance(details, list) else [details]) if item is not None]
     if not items:
+        if event_name != TASK_FINISH:
+            return Callback(event_name=event_name, jobs=(), body_format=body_format)
         raise CallbackError("JobsDetail is empty")
     if len(items) > MAX_JOBS_PER_CALLBACK:
         raise CallbackError(f"JobsDetail has {len(items)} jobs; at most {MAX_JOBS_PER_CALLBACK} are accepted")
@@ -154,11 +159,12 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
     value = container.get(key)
     if value is None:  # absent, or an empty XML element
         return ""
+    name = f"{where}.{key}" if where else key
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise CallbackError(f"{where}.{key} must be a string")
+        raise CallbackError(f"{name} must be a string")
     text = str(value)
     if len(text) > MAX_FIELD_LENGTH:
-        raise CallbackError(f"{where}.{key} is longer than {MAX_FIELD_LENGTH} characters")
+        raise CallbackError(f"{name} is longer than {MAX_FIELD_LENGTH} characters")
     return text
 
 
@@ -187,7 +193,7 @@ def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
     value = input_.get("CosHeaders")
     if value is None or value == "":
         return ()
-    items = value if isinstance(value, list) else [value]
+    items = [item for item in (value if isinstance(value, list) else [value]) if item is not None]
     headers = []
     for index, item in enumerate(items):
         inner = f"{where}.CosHeaders[{index}]"

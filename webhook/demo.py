@@ -49,6 +49,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
             cos_endpoint=sandbox.endpoint,
             sink_dir=str(output),
             poll_interval=0.1,
+            log_level="WARNING",
         )
         ledger = Ledger(settings.database_url)
         worker = Worker.from_settings(settings, ledger)

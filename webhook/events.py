@@ -12,7 +12,7 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
         "code": "Success", "message": "Success",
         "creation_time": "2024-05-01T10:00:00+0800", "start_time": "2024-05-01T10:00:01+0800",
         "end_time": "2024-05-01T10:00:09+0800",
-        "queue_id": "p2242ab62c7c94486915508540933a2c6", "queue_type": "Speeding",
+        "queue_id": "p2242ab62c7c94486915508540933a2c6", "queue_type": "Speeching",
         "input": {"bucket": "audio-1250000000", "region": "ap-guangzhou", "key": "in/a.wav"},
         "output": {"bucket": "audio-1250000000", "region": "ap-guangzhou", "key": "out/a.wav"},
         "user_data": "order-42", "job_level": "0", "template_id": "", "template_name": "",
@@ -51,12 +51,13 @@ def event_id(job_id: str, sink: str) -> str:
 def build_event(job: Job, sink: str, file: FetchedFile | None) -> Event:
     """The event for ``sink``: ``job.succeeded`` with the fetched output, or ``job.failed`` without a file.
 
+    A canceled job is also ``job.failed`` (``job.state`` tells them apart): it finished without output.
     Raises :class:`ValueError` for any other combination (an unfinished job, a success without
     its output, a failure with a file): those are bugs upstream, not deliveries.
     """
     if job.state == JobState.SUCCESS and file is not None and job.output is not None:
         return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, file=file)
-    if job.state == JobState.FAILED and file is None:
+    if job.state in (JobState.FAILED, JobState.CANCEL) and file is None:
         return Event(event_id=event_id(job.job_id, sink), type=FAILED, job=job)
     raise ValueError(
         f"job {job.job_id}: no event for state {job.state!r} "

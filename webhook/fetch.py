@@ -6,16 +6,13 @@ import os
 import tempfile
 from typing import Any
 
-import crcmod
 from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from webhook.crc64 import crc64ecma
 from webhook.models import FetchedFile, ObjectLocation
 
 CHUNK = 1024 * 1024
-# COS's x-cos-hash-crc64ecma. crcmod compiles a C extension; without it hashing
-# hundreds of MiB in pure Python would dominate the worker's time.
-crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
 
 
 class FetchError(Exception):
@@ -41,7 +38,7 @@ def fetch_object(client: CosS3Client, where: ObjectLocation, temp_dir: str | Non
         with os.fdopen(fd, "wb") as out:
             while chunk := raw.read(CHUNK, decode_content=False):
                 size += len(chunk)
-                crc = crc64(chunk, crc)
+                crc = crc64ecma(chunk, crc)
                 out.write(chunk)
         _check(headers, size, crc, where)
     except Exception as exc:

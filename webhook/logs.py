@@ -8,6 +8,10 @@ import sys
 
 def setup_logging(level: str) -> None:
     """Configure the root logger unless the host (e.g. a test runner) already did."""
+    # werkzeug's request log prints the callback URL, token included (the app logs requests
+    # itself, redacted); the SDK logs every request URL and body at INFO.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("qcloud_cos").setLevel(logging.WARNING)
     root = logging.getLogger()
     if root.handlers:
         root.setLevel(level)

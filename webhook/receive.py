@@ -7,6 +7,7 @@ import logging
 
 import sqlalchemy.exc
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook.callback import CallbackError, parse_callback
 from webhook.ledger import Ledger, RawRequest
@@ -25,6 +26,9 @@ def callback(token: str) -> tuple[Response, int]:
     if not _token_ok(token, rt.settings.callback_tokens):
         return error(404, "unknown callback URL")
     body = request.get_data(cache=False)
+    # A chunked body is cut off at the limit without an error; one more byte tells if it was.
+    if len(body) >= rt.settings.max_body_bytes and request.stream.read(1):
+        raise RequestEntityTooLarge()
     try:
         parsed = parse_callback(body)
     except CallbackError as exc:

@@ -22,7 +22,7 @@ from webhook.ledger import Claim, Ledger, Task
 from webhook.models import FetchedFile, TaskKind
 from webhook.retry import backoff_delay, exhausted
 from webhook.sinks import DeliveryError, Sink, build_sinks
-from webhook.verify import Accept, Allowlist, Reject, VerifyError, Wait, decide, describe_job, precheck
+from webhook.verify import Accept, Allowlist, Reject, Verdict, VerifyError, Wait, decide, describe_job, precheck
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Worker:
 
     def _verify(self, claim: Claim, task: Task) -> None:
         job = claim.job
-        verdict = precheck(job, self.allow)
+        verdict: Verdict | None = precheck(job, self.allow)
         if verdict is None:
             assert job.input is not None  # precheck guarantees it
             try:

@@ -11,7 +11,7 @@ import sys
 import wave
 from array import array
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 _FRAMES_PER_BLOCK = 64 * 1024
 _MIN_WINDOW = 4  # samples averaged even without downsampling, so the output is always smoother
@@ -51,30 +51,33 @@ def noisy_wav(path: Path, seconds: float, sample_rate: int = 44100, *, frequency
     return path
 
 
-def reduce_noise(source: BinaryIO, target: BinaryIO, sample_rate: int | None) -> None:
+def reduce_noise(source: IO[bytes], target: IO[bytes], sample_rate: int | None) -> None:
     """Write ``source`` to ``target`` low-passed and resampled to ``sample_rate`` (None: keep it).
 
     A moving average stands in for noise reduction; linear interpolation does the resampling.
     Both stream block by block; ``target`` must be seekable (the WAV header is written last).
     """
     try:
-        reader = wave.open(source, "rb")
+        with wave.open(source, "rb") as reader:
+            _reduce(reader, target, sample_rate)
     except (wave.Error, EOFError) as exc:
         raise AudioError(f"the input is not a PCM WAV file ({exc})") from None
-    with reader:
-        if reader.getsampwidth() != 2:
-            raise AudioError(f"the input has {8 * reader.getsampwidth()}-bit samples; only 16-bit PCM is supported")
-        channels, in_rate = reader.getnchannels(), reader.getframerate()
-        out_rate = sample_rate or in_rate
-        resamplers = [_Resampler(in_rate, out_rate) for _ in range(channels)]
-        with wave.open(target, "wb") as writer:
-            writer.setnchannels(channels)
-            writer.setsampwidth(2)
-            writer.setframerate(out_rate)
-            while data := reader.readframes(_FRAMES_PER_BLOCK):
-                samples = _from_bytes(data)
-                writer.writeframesraw(_interleave([r.feed(samples[c::channels]) for c, r in enumerate(resamplers)]))
-            writer.writeframesraw(_interleave([r.feed(array("h"), last=True) for r in resamplers]))
+
+
+def _reduce(reader: wave.Wave_read, target: IO[bytes], sample_rate: int | None) -> None:
+    if reader.getsampwidth() != 2:
+        raise AudioError(f"the input has {8 * reader.getsampwidth()}-bit samples; only 16-bit PCM is supported")
+    channels, in_rate = reader.getnchannels(), reader.getframerate()
+    out_rate = sample_rate or in_rate
+    resamplers = [_Resampler(in_rate, out_rate) for _ in range(channels)]
+    with wave.open(target, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(2)
+        writer.setframerate(out_rate)
+        while data := reader.readframes(_FRAMES_PER_BLOCK):
+            samples = _from_bytes(data)
+            writer.writeframesraw(_interleave([r.feed(samples[c::channels]) for c, r in enumerate(resamplers)]))
+        writer.writeframesraw(_interleave([r.feed(array("h"), last=True) for r in resamplers]))
 
 
 class _Resampler:

@@ -17,14 +17,12 @@ import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
-import crcmod
+from webhook.crc64 import crc64ecma
 
 CHUNK_SIZE = 1024 * 1024
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-# CRC-64/ECMA-182 as COS computes x-cos-hash-crc64ecma.
-crc64ecma = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
 
 
 class NoSuchKey(Exception):
@@ -60,7 +58,7 @@ class ObjectStore:
         """Store the object from ``chunks``, replacing any previous version atomically."""
         path = self.object_path(bucket, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        md5, crc, size = hashlib.md5(), 0, 0
+        md5, crc, size = hashlib.md5(usedforsecurity=False), 0, 0
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -83,7 +81,7 @@ class ObjectStore:
         with self._lock:
             return _read_meta(self.object_path(bucket, key))
 
-    def open(self, bucket: str, key: str) -> tuple[ObjectInfo, BinaryIO]:
+    def open(self, bucket: str, key: str) -> tuple[ObjectInfo, IO[bytes]]:
         """The object's metadata and its bytes opened for reading; the caller closes the file."""
         path = self.object_path(bucket, key)
         with self._lock:
@@ -98,7 +96,7 @@ class ObjectStore:
                 file.unlink(missing_ok=True)
 
 
-def read_chunks(file: BinaryIO, length: int | None = None) -> Iterable[bytes]:
+def read_chunks(file: IO[bytes], length: int | None = None) -> Iterable[bytes]:
     """Yield ``file``'s bytes (at most ``length`` of them) in chunks."""
     remaining = length
     while remaining is None or remaining > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from webhook.config import Settings
+from webhook.config import ConfigError, Settings
 from webhook.models import Event
 
 
@@ -36,7 +36,7 @@ class Sink(Protocol):
 
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:
-    """Every configured sink, by name."""
+    """Every configured sink, by name; :class:`ConfigError` if one cannot be built from its settings."""
     # The sink modules import DeliveryError from this package, so they are imported here, not at the top.
     from webhook.sinks.filesystem import FilesystemSink
     from webhook.sinks.http import HttpSink
@@ -45,5 +45,8 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     if settings.sink_dir:
         sinks.append(FilesystemSink(Path(settings.sink_dir)))
     if settings.http_sink_url:
-        sinks.append(HttpSink(settings.http_sink_url, settings.http_sink_secret, timeout=settings.http_sink_timeout))
+        try:
+            sinks.append(HttpSink(settings.http_sink_url, settings.http_sink_secret, settings.http_sink_timeout))
+        except ValueError as exc:
+            raise ConfigError(f"WEBHOOK_HTTP_SINK_SECRET: {exc}") from None
     return {sink.name: sink for sink in sinks}

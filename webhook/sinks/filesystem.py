@@ -44,8 +44,7 @@ class FilesystemSink:
             root = self.root.resolve()
             if event.file is not None:
                 key = event.job.output.key if event.job.output else ""
-                source = event.file.path
-                with open(source, "rb") as src:
+                with open(event.file.path, "rb") as src:
                     self._write(root, job_id + _extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
             document = json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"
             self._write(root, job_id + ".json", lambda dst: dst.write(document))

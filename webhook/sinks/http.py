@@ -12,15 +12,17 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from importlib.metadata import version
 
 import requests
 
-from webhook import __version__
 from webhook.events import event_metadata
 from webhook.models import Event, FetchedFile
 from webhook.sinks import DeliveryError
 
-_CHUNK = 1024 * 1024
+_CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
+# The distribution's version, as `cos-webhook --version` reports it.
+_USER_AGENT = f"cos-webhook/{version('cos-webhook')}"
 _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 # Worth another attempt besides 429 and 5xx: timeout, conflict (a concurrent attempt), too early.
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -45,7 +47,7 @@ class HttpSink:
         # Only to scrub the secret from anything the remote echoes back into an error message.
         self._secret_text = secret.removeprefix(_SECRET_PREFIX)
         self._session = requests.Session()
-        self._session.headers["User-Agent"] = f"cos-webhook/{__version__}"
+        self._session.headers["User-Agent"] = _USER_AGENT
 
     def deliver(self, event: Event) -> None:
         """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
@@ -105,8 +107,11 @@ class HttpSink:
 class MultipartBody:
     """A multipart/form-data body with a ``metadata`` part and an optional ``file`` part read from disk.
 
-    Iterable any number of times (each pass reopens the file); ``len()`` is the exact byte count,
-    which makes ``requests`` send a Content-Length instead of chunked encoding.
+    The file part is base64 (``Content-Transfer-Encoding: base64``) so that the whole body is
+    UTF-8 text: Standard Webhooks libraries verify the signature over the body as a string and
+    cannot take raw audio bytes. Iterable any number of times (each pass reopens the file);
+    ``len()`` is the exact byte count, which makes ``requests`` send a Content-Length instead of
+    chunked encoding.
     """
 
     def __init__(self, metadata: bytes, file: FetchedFile | None, filename: str) -> None:
@@ -118,14 +123,14 @@ class MultipartBody:
         self._size = os.stat(file.path).st_size if file else 0
         if file:
             disposition = f'name="file"; filename="{_quote_filename(filename)}"'
-            head += delimiter + _part_headers(disposition, _safe_content_type(file.content_type))
+            head += delimiter + _part_headers(disposition, _safe_content_type(file.content_type), base64_encoded=True)
             self._tail = f"\r\n--{self.boundary}--\r\n".encode()
         else:
             self._tail = f"--{self.boundary}--\r\n".encode()
         self._head = head
 
     def __len__(self) -> int:
-        return len(self._head) + self._size + len(self._tail)
+        return len(self._head) + 4 * -(-self._size // 3) + len(self._tail)
 
     def __iter__(self) -> Iterator[bytes]:
         yield self._head
@@ -137,7 +142,7 @@ class MultipartBody:
                     if not chunk:
                         raise OSError(f"{self._path} shrank while it was being sent")
                     remaining -= len(chunk)
-                    yield chunk
+                    yield base64.b64encode(chunk)
         yield self._tail
 
 
@@ -163,8 +168,9 @@ def _sign(key: bytes, msg_id: str, timestamp: str, body: MultipartBody) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
-def _part_headers(disposition: str, content_type: str) -> bytes:
-    return f"Content-Disposition: form-data; {disposition}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+def _part_headers(disposition: str, content_type: str, base64_encoded: bool = False) -> bytes:
+    encoding = "Content-Transfer-Encoding: base64\r\n" if base64_encoded else ""
+    return f"Content-Disposition: form-data; {disposition}\r\nContent-Type: {content_type}\r\n{encoding}\r\n".encode()
 
 
 def _quote_filename(name: str) -> str:

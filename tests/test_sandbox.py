@@ -1,0 +1,403 @@
+"""The COS/CI sandbox, driven by the real cos-python-sdk-v5 over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+import xmltodict
+from qcloud_cos import CosServiceError
+from qcloud_cos.cos_auth import CosS3Auth
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from webhook.callback import parse_callback
+from webhook.config import CosEndpoint
+from webhook.cos import make_client
+from webhook.crc64 import crc64ecma
+from webhook.models import ObjectLocation
+from webhook.sandbox import Sandbox, noisy_wav
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+BUCKET = "examplebucket-1250000000"
+OTHER_BUCKET = "otherbucket-1250000000"
+REGION = "ap-guangzhou"
+
+
+class Receiver:
+    """A tiny HTTP endpoint that records what is POSTed to it; it fails the first ``failures`` requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bytes]] = []  # (Content-Type, body)
+        self.failures = 0
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.port}/callback"
+
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        if self.failures > 0:
+            self.failures -= 1
+            response = Response("try again", status=503)
+        else:
+            self.requests.append((request.content_type or "", request.get_data()))
+            response = Response("ok")
+        return response(environ, start_response)
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox().start() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def client(sandbox: Sandbox) -> Any:
+    return sandbox.client(REGION)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+def noise_reduction(
+    input_key: str, output_key: str, callback: str = "", callback_format: str = "XML", audio_format: str = "wav"
+) -> dict[str, Any]:
+    """The ``Jobs`` argument of ``ci_create_media_jobs`` for a NoiseReduction job."""
+    return {
+        "Tag": "NoiseReduction",
+        "Input": {"Object": input_key},
+        "Operation": {
+            "NoiseReduction": {"Format": audio_format, "SampleRate": "16000"},
+            "Output": {"Region": REGION, "Bucket": BUCKET, "Object": output_key},
+            "UserData": "test run",
+            "JobLevel": "0",
+        },
+        "CallBack": callback,
+        "CallBackFormat": callback_format,
+    }
+
+
+def upload_noisy_wav(client: Any, tmp_path: Path, key: str, seconds: float = 1.0) -> None:
+    path = noisy_wav(tmp_path / "noisy.wav", seconds)
+    with path.open("rb") as body:
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+
+def start_job(client: Any, tmp_path: Path, callback: str = "") -> str:
+    """Upload a noisy in.wav and submit a job that writes out.wav; return the JobId."""
+    upload_noisy_wav(client, tmp_path, "in.wav")
+    response = client.ci_create_media_jobs(Bucket=BUCKET, Jobs=noise_reduction("in.wav", "out.wav", callback))
+    job_id: str = response["JobsDetail"][0]["JobId"]
+    return job_id
+
+
+def read_object(client: Any, key: str, bucket: str = BUCKET) -> bytes:
+    data: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].get_raw_stream().read()
+    return data
+
+
+def service_error(call: Any, **kwargs: Any) -> CosServiceError:
+    with pytest.raises(CosServiceError) as info:
+        call(**kwargs)
+    return info.value
+
+
+def wait_for_state(client: Any, job_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        detail: dict[str, Any] = client.ci_get_media_jobs(Bucket=BUCKET, JobIDs=job_id)["JobsDetail"][0]
+        if detail["State"] == state or time.monotonic() > deadline:
+            assert detail["State"] == state
+            return detail
+        time.sleep(0.02)
+
+
+# --- COS objects ---------------------------------------------------------------------------
+
+
+def test_put_get_head_delete_round_trip(client: Any) -> None:
+    key = "dir/a b+ü?.txt"
+    data = b"hello sandbox" * 1000
+    etag = f'"{hashlib.md5(data).hexdigest()}"'
+
+    put = client.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType="text/plain")
+    assert put["ETag"] == etag
+    assert put["x-cos-hash-crc64ecma"] == str(crc64ecma(data))
+
+    got = client.get_object(Bucket=BUCKET, Key=key)
+    assert got["Body"].get_raw_stream().read() == data
+    head = client.head_object(Bucket=BUCKET, Key=key)
+    for headers in (got, head):
+        assert headers["Content-Length"] == str(len(data))
+        assert headers["ETag"] == etag
+        assert headers["Content-Type"] == "text/plain"
+        assert headers["x-cos-hash-crc64ecma"] == str(crc64ecma(data))
+        assert headers["x-cos-request-id"]
+
+    client.delete_object(Bucket=BUCKET, Key=key)
+    assert service_error(client.head_object, Bucket=BUCKET, Key=key).get_status_code() == 404
+
+
+def test_put_streams_a_chunked_body_to_disk(sandbox: Sandbox, client: Any) -> None:
+    chunks = [bytes([n]) * 100_000 for n in range(20)]
+
+    client.put_object(Bucket=BUCKET, Key="chunked.bin", Body=iter(chunks))  # no length: chunked encoding
+
+    assert sandbox.object_path(BUCKET, "chunked.bin").read_bytes() == b"".join(chunks)
+    assert client.head_object(Bucket=BUCKET, Key="chunked.bin")["Content-Length"] == "2000000"
+
+
+def test_ranged_download_with_crc_check(client: Any, tmp_path: Path) -> None:
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB: download_file fetches it in 1 MiB ranges
+    client.put_object(Bucket=BUCKET, Key="big.bin", Body=data)
+
+    target = tmp_path / "big.bin"
+    client.download_file(Bucket=BUCKET, Key="big.bin", DestFilePath=str(target), PartSize=1, EnableCRC=True)
+    part = client.get_object(Bucket=BUCKET, Key="big.bin", Range="bytes=10-19")
+
+    assert target.read_bytes() == data
+    assert part["Body"].get_raw_stream().read() == data[10:20]
+    assert part["Content-Range"] == f"bytes 10-19/{len(data)}"
+
+
+def test_missing_object_is_404_no_such_key(client: Any) -> None:
+    error = service_error(client.get_object, Bucket=BUCKET, Key="missing.wav")
+
+    assert error.get_status_code() == 404
+    assert error.get_error_code() == "NoSuchKey"
+    assert "missing.wav" in error.get_error_msg()
+    assert error.get_request_id()
+
+
+@pytest.mark.parametrize(
+    ("secret_id", "secret_key", "code"),
+    [
+        ("sandbox-secret-id", "wrong-key", "SignatureDoesNotMatch"),
+        ("someone-else", "sandbox-secret-key", "InvalidAccessKeyId"),
+    ],
+)
+def test_bad_credentials_are_403(sandbox: Sandbox, secret_id: str, secret_key: str, code: str) -> None:
+    client = make_client(secret_id, secret_key, REGION, sandbox.endpoint)
+
+    for call, kwargs in (
+        (client.put_object, {"Bucket": BUCKET, "Key": "a.txt", "Body": b"x"}),
+        (client.ci_get_media_jobs, {"Bucket": BUCKET, "JobIDs": "j" + "0" * 32}),
+    ):
+        error = service_error(call, **kwargs)
+        assert (error.get_status_code(), error.get_error_code()) == (403, code)
+    assert not sandbox.object_path(BUCKET, "a.txt").exists()
+
+
+def test_bucket_without_the_appid_does_not_exist(client: Any) -> None:
+    error = service_error(client.put_object, Bucket="examplebucket", Key="a.txt", Body=b"x")
+
+    assert (error.get_status_code(), error.get_error_code()) == (404, "NoSuchBucket")
+
+
+def test_multipart_calls_are_refused_not_mistaken_for_put(client: Any) -> None:
+    error = service_error(client.create_multipart_upload, Bucket=BUCKET, Key="a.txt")
+
+    assert (error.get_status_code(), error.get_error_code()) == (501, "NotImplemented")
+
+
+def test_object_paths_stay_under_the_root(sandbox: Sandbox, client: Any) -> None:
+    for key in ("../../escape.txt", "a/../../../b", "..\\..\\c"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=key.encode())
+        path = sandbox.object_path(BUCKET, key)
+        assert path.resolve().is_relative_to(sandbox.root.resolve())
+        assert path.read_bytes() == key.encode()
+
+
+def test_an_object_named_like_a_job_query_is_still_an_object(client: Any) -> None:
+    client.put_object(Bucket=BUCKET, Key="jobs/report.txt", Body=b"not a job")
+
+    assert read_object(client, "jobs/report.txt") == b"not a job"
+
+
+# --- test audio ----------------------------------------------------------------------------
+
+
+def test_noisy_wav_is_deterministic_16_bit_mono(tmp_path: Path) -> None:
+    first = noisy_wav(tmp_path / "a.wav", 2.5, sample_rate=22050)
+    second = noisy_wav(tmp_path / "b.wav", 2.5, sample_rate=22050)
+
+    with wave.open(str(first)) as audio:
+        assert (audio.getnchannels(), audio.getsampwidth(), audio.getframerate()) == (1, 2, 22050)
+        assert audio.getnframes() == 55125
+    assert first.read_bytes() == second.read_bytes()
+
+
+# --- CI jobs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("callback_format", "content_type"), [("JSON", "application/json"), ("XML", "application/xml")]
+)
+def test_noise_reduction_job_calls_back(
+    sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path, callback_format: str, content_type: str
+) -> None:
+    upload_noisy_wav(client, tmp_path, "in/noisy.wav", seconds=2.0)
+
+    created = client.ci_create_media_jobs(
+        Bucket=BUCKET, Jobs=noise_reduction("in/noisy.wav", "out/clean.wav", receiver.url, callback_format)
+    )
+    submitted = created["JobsDetail"][0]
+    assert submitted["State"] == "Submitted"
+    assert re.fullmatch(r"j[0-9a-f]{32}", submitted["JobId"])
+
+    [sent] = sandbox.wait_for_callbacks(1, timeout=10)
+    assert (sent.status_code, sent.attempts, sent.format) == (200, 1, callback_format.lower())
+    assert receiver.requests == [(content_type, sent.body)]
+    callback = parse_callback(sent.body)
+    assert (callback.event_name, callback.body_format) == ("TaskFinish", callback_format.lower())
+    [job] = callback.jobs
+    assert (job.job_id, job.tag, job.state, job.code) == (submitted["JobId"], "NoiseReduction", "Success", "Success")
+    assert (job.format, job.sample_rate, job.queue_type, job.user_data) == ("wav", "16000", "Speeching", "test run")
+    assert job.input == ObjectLocation(BUCKET, REGION, "in/noisy.wav")
+    assert job.output == ObjectLocation(BUCKET, REGION, "out/clean.wav")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+0800", job.end_time)
+    with wave.open(io.BytesIO(read_object(client, "out/clean.wav"))) as audio:
+        assert (audio.getnchannels(), audio.getsampwidth(), audio.getframerate()) == (1, 2, 16000)
+        assert audio.getnframes() == 32000
+
+
+@pytest.mark.parametrize(
+    ("upload", "code"), [(None, "InputObjectNotExist"), (b"ID3 this is an mp3", "InvalidInputFile")]
+)
+def test_job_on_bad_input_fails_and_says_why(
+    sandbox: Sandbox, client: Any, receiver: Receiver, upload: bytes | None, code: str
+) -> None:
+    if upload is not None:
+        client.put_object(Bucket=BUCKET, Key="in/input.wav", Body=upload)
+
+    client.ci_create_media_jobs(Bucket=BUCKET, Jobs=noise_reduction("in/input.wav", "out/x.wav", receiver.url, "JSON"))
+
+    [sent] = sandbox.wait_for_callbacks(1, timeout=10)
+    detail = json.loads(sent.body)["JobsDetail"]
+    assert (detail["State"], detail["Code"]) == ("Failed", code)
+    assert detail["Message"]
+    assert service_error(client.head_object, Bucket=BUCKET, Key="out/x.wav").get_status_code() == 404
+
+
+def test_unsupported_output_format_is_rejected(client: Any) -> None:
+    error = service_error(
+        client.ci_create_media_jobs, Bucket=BUCKET, Jobs=noise_reduction("a.wav", "b.mp3", audio_format="mp3")
+    )
+
+    assert (error.get_status_code(), error.get_error_code()) == (400, "InvalidArgument")
+
+
+def test_describe_known_and_unknown_jobs(client: Any, tmp_path: Path) -> None:
+    job_id = start_job(client, tmp_path)
+    unknown = "j" + "0" * 32
+
+    detail = wait_for_state(client, job_id, "Success")
+    both = client.ci_get_media_jobs(Bucket=BUCKET, JobIDs=f"{job_id},{unknown}")
+    alone = client.ci_get_media_jobs(Bucket=BUCKET, JobIDs=unknown)
+
+    assert (detail["Tag"], detail["Input"]["Object"], detail["Operation"]["Output"]["Object"]) == (
+        "NoiseReduction",
+        "in.wav",
+        "out.wav",
+    )
+    assert [d["JobId"] for d in both["JobsDetail"]] == [job_id]
+    assert both["NonExistJobIds"] == unknown
+    assert alone == {"NonExistJobIds": unknown}
+
+
+def test_jobs_belong_to_their_bucket(client: Any, tmp_path: Path) -> None:
+    job_id = start_job(client, tmp_path)
+
+    assert client.ci_get_media_jobs(Bucket=OTHER_BUCKET, JobIDs=job_id)["NonExistJobIds"] == job_id
+
+
+def test_ci_host_is_served_too(sandbox: Sandbox, client: Any, tmp_path: Path) -> None:
+    # The SDK names the COS host even for CI calls when it is given an IP; tools that use the
+    # documented CI host must work as well.
+    job_id = start_job(client, tmp_path)
+    path = f"/jobs/{job_id}"
+
+    response = requests.get(
+        sandbox.url + path,
+        headers={"Host": f"{BUCKET}.ci.{REGION}.myqcloud.com"},
+        auth=CosS3Auth(client.get_conf(), path),
+        timeout=10,
+    )
+
+    assert response.status_code == 200
+    assert response.headers["x-ci-request-id"]
+    assert xmltodict.parse(response.content)["Response"]["JobsDetail"]["JobId"] == job_id
+
+
+def test_job_delay_reports_running_then_success(tmp_path: Path) -> None:
+    with Sandbox(job_delay=1.0).start() as slow:
+        slow_client = slow.client(REGION)
+        job_id = start_job(slow_client, tmp_path)
+
+        running = wait_for_state(slow_client, job_id, "Running", timeout=0.9)
+        done = wait_for_state(slow_client, job_id, "Success")
+
+    assert running["StartTime"] != "-"
+    assert running["EndTime"] == "-"
+    assert done["EndTime"] != "-"
+
+
+def test_failed_callback_is_retried(sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path) -> None:
+    receiver.failures = 2
+
+    start_job(client, tmp_path, receiver.url)
+
+    [sent] = sandbox.wait_for_callbacks(1, timeout=10)
+    assert (sent.status_code, sent.attempts) == (200, 3)
+    assert [body for _, body in receiver.requests] == [sent.body]
+
+
+# --- the CLI entry point -------------------------------------------------------------------
+
+
+def test_serve_prints_settings_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = f"import pathlib, webhook.sandbox as s; s.serve('127.0.0.1', {port}, pathlib.Path({str(tmp_path)!r}))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        banner = [process.stdout.readline() for _ in range(8)]
+        client = make_client("sandbox-secret-id", "sandbox-secret-key", REGION, CosEndpoint("http", "127.0.0.1", port))
+        client.put_object(Bucket=BUCKET, Key="a.txt", Body=b"x")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    assert f"  WEBHOOK_COS_ENDPOINT=http://127.0.0.1:{port}\n" in banner
+    assert (tmp_path / BUCKET).is_dir()

@@ -1,0 +1,376 @@
+"""The sandbox's HTTP front end: COS object calls and CI job calls, as the real SDK sends them.
+
+Point ``webhook.cos.make_client`` at :attr:`Sandbox.endpoint`: the SDK then connects here and
+names the bucket in ``Host`` (``<bucket>.cos.<region>.myqcloud.com``), which is how requests
+are routed. The CI API is also served on ``<bucket>.ci.<region>.myqcloud.com``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+import xmltodict
+from qcloud_cos import CosS3Client
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.http import http_date
+from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wrappers import Request, Response
+
+from webhook.config import CosEndpoint
+from webhook.cos import make_client
+from webhook.sandbox.jobs import JobRequestError, MediaJobs, SentCallback, new_job
+from webhook.sandbox.signing import SignatureError, verify_request
+from webhook.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+log = logging.getLogger(__name__)
+
+# Fixed, public credentials: the sandbox guards nothing, but it checks signatures like COS.
+SANDBOX_ID = "sandbox-secret-id"
+SANDBOX_KEY = "sandbox-secret-key"
+SANDBOX_APPID = "1250000000"
+DEFAULT_REGION = "ap-guangzhou"
+_HOST = re.compile(r"(?P<bucket>[^.]+)\.(?P<service>cos|ci)\.(?P<region>[^.]+)\.myqcloud\.com(?::\d+)?")
+_MAX_JOB_REQUEST = 64 * 1024
+
+
+class ApiError(Exception):
+    """An error answered as COS does: ``status`` and an ``<Error>`` XML body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Target:
+    bucket: str
+    region: str
+    key: str  # the URL-decoded path without its leading "/"
+    ci: bool  # a CI call rather than a COS object call
+
+
+class SandboxApp:
+    """The WSGI application: route by Host and path, check the signature, then serve COS or CI."""
+
+    def __init__(self, store: ObjectStore, jobs: MediaJobs, *, secret_id: str, secret_key: str, appid: str) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._secret_id = secret_id
+        self._secret_key = secret_key
+        self._appid = appid
+        self._queue_id = "p" + hashlib.sha256(appid.encode()).hexdigest()[:32]
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        request_id = uuid.uuid4().hex
+        try:
+            response = self._dispatch(request, request_id)
+        except ApiError as exc:
+            response = _error_response(exc, request, request_id)
+        except Exception as exc:  # answered as COS would, so the SDK reports it instead of a parse error
+            log.exception("sandbox request %s %s failed", request.method, request.path)
+            response = _error_response(ApiError(500, "InternalError", str(exc)), request, request_id)
+        response.headers["x-cos-request-id"] = request_id
+        return response(environ, start_response)
+
+    def _dispatch(self, request: Request, request_id: str) -> Response:
+        target = self._target(request)
+        try:
+            verify_request(
+                request.headers.get("Authorization", ""),
+                method=request.method,
+                path=_path(request),
+                params=request.args.items(multi=True),
+                headers={name.lower(): value for name, value in request.headers.items()},
+                secret_id=self._secret_id,
+                secret_key=self._secret_key,
+            )
+        except SignatureError as exc:
+            raise ApiError(403, exc.code, exc.message) from None
+        if target.ci:
+            response = self._ci(request, target)
+            response.headers["x-ci-request-id"] = request_id
+            return response
+        return self._object(request, target)
+
+    def _target(self, request: Request) -> _Target:
+        match = _HOST.fullmatch(request.host.lower())
+        if match is None:
+            raise ApiError(
+                400,
+                "InvalidURI",
+                f"Host {request.host!r} is not <bucket>.cos.<region>.myqcloud.com or <bucket>.ci.<region>.myqcloud.com",
+            )
+        bucket, key = match["bucket"], _path(request)[1:]
+        self._check_bucket(bucket)
+        ci = match["service"] == "ci" or self._is_ci_call(request.method, bucket, key)
+        return _Target(bucket, match["region"], key, ci)
+
+    def _check_bucket(self, bucket: str) -> None:
+        if not (BUCKET_NAME.fullmatch(bucket) and bucket.endswith(f"-{self._appid}")):
+            raise ApiError(
+                404, "NoSuchBucket", f"bucket {bucket!r} does not exist: sandbox buckets are <name>-{self._appid}"
+            )
+
+    def _is_ci_call(self, method: str, bucket: str, key: str) -> bool:
+        # With CosConfig(IP=...) the SDK sends CI calls with the bucket's *COS* host too (its
+        # get_host knows only the COS endpoint), so CI paths must be recognised there as well.
+        # An object that happens to be named jobs/<id> still wins over the job lookup.
+        if method == "POST":
+            return key == "jobs"
+        if method != "GET" or not key.startswith("jobs/") or "/" in key[len("jobs/") :]:
+            return False
+        try:
+            self._store.head(bucket, key)
+        except NoSuchKey:
+            return True
+        return False
+
+    def _object(self, request: Request, target: _Target) -> Response:
+        if not target.key:
+            raise ApiError(501, "NotImplemented", "the sandbox serves object calls only, not bucket calls")
+        if request.args:
+            # Refuse rather than ignore: ?uploadId&partNumber=1 ignored would overwrite the object.
+            names = ", ".join(sorted(request.args))
+            raise ApiError(501, "NotImplemented", f"the sandbox does not support the parameters {names}")
+        if request.method == "PUT":
+            return self._put(request, target)
+        if request.method == "GET":
+            return self._get(request, target)
+        if request.method == "HEAD":
+            return Response(status=200, headers=_object_headers(self._head(target)))
+        if request.method == "DELETE":
+            self._store.delete(target.bucket, target.key)
+            return Response(status=204)
+        raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on objects")
+
+    def _put(self, request: Request, target: _Target) -> Response:
+        content_type = request.headers.get("Content-Type") or "application/octet-stream"
+        try:
+            info = self._store.put(target.bucket, target.key, read_chunks(request.stream), content_type)
+        except ClientDisconnected:
+            raise ApiError(400, "IncompleteBody", "the body ended before Content-Length bytes") from None
+        return Response(status=200, headers={"ETag": f'"{info.md5}"', "x-cos-hash-crc64ecma": info.crc64})
+
+    def _get(self, request: Request, target: _Target) -> Response:
+        try:
+            info, file = self._store.open(target.bucket, target.key)
+        except NoSuchKey:
+            raise _no_such_key(target) from None
+        headers = _object_headers(info)
+        start, length, status = 0, info.size, 200
+        if request.range is not None:
+            span = request.range.range_for_length(info.size)
+            if span is None:
+                file.close()
+                raise ApiError(416, "InvalidRange", f"the range {request.headers['Range']!r} is not satisfiable")
+            start, stop = span
+            length, status = stop - start, 206
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{info.size}"
+            headers["Content-Length"] = str(length)
+        file.seek(start)
+        return Response(_stream(file, length), status=status, headers=headers, direct_passthrough=True)
+
+    def _head(self, target: _Target) -> ObjectInfo:
+        try:
+            return self._store.head(target.bucket, target.key)
+        except NoSuchKey:
+            raise _no_such_key(target) from None
+
+    def _ci(self, request: Request, target: _Target) -> Response:
+        if request.method == "POST" and target.key == "jobs":
+            body = request.stream.read(_MAX_JOB_REQUEST + 1)
+            if len(body) > _MAX_JOB_REQUEST:
+                raise ApiError(400, "InvalidArgument", f"the request body is larger than {_MAX_JOB_REQUEST} bytes")
+            try:
+                job = new_job(body, bucket=target.bucket, region=target.region, queue_id=self._queue_id)
+            except JobRequestError as exc:
+                raise ApiError(400, exc.code, exc.message) from None
+            self._check_bucket(job.output_bucket)
+            return _xml_response({"JobsDetail": self._jobs.submit(job)})
+        if request.method == "GET" and target.key.startswith("jobs/"):
+            job_ids = [job_id for job_id in target.key[len("jobs/") :].split(",") if job_id]
+            details, missing = self._jobs.describe(target.bucket, job_ids)
+            # As in CI, each element appears only when it has something in it.
+            found: dict[str, Any] = {"JobsDetail": details} if details else {}
+            return _xml_response(found | ({"NonExistJobIds": missing} if missing else {}))
+        raise ApiError(501, "NotImplemented", "the sandbox's CI API has POST /jobs and GET /jobs/<JobId> only")
+
+
+class Sandbox:
+    """A local COS + CI endpoint in a background thread, for tests, demos and development.
+
+    ``with Sandbox().start() as sandbox:`` runs one on a free port with objects in a temporary
+    directory; :meth:`client` returns an SDK client wired to it.
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        secret_id: str = SANDBOX_ID,
+        secret_key: str = SANDBOX_KEY,
+        appid: str = SANDBOX_APPID,
+        job_delay: float = 0.0,
+    ) -> None:
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        if root is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="cos-sandbox-")
+            root = Path(self._tempdir.name)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.secret_id = secret_id
+        self.secret_key = secret_key
+        self.appid = appid
+        self._store = ObjectStore(self.root)
+        self._jobs = MediaJobs(self._store, job_delay=job_delay)
+        self._app = SandboxApp(self._store, self._jobs, secret_id=secret_id, secret_key=secret_key, appid=appid)
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> Sandbox:
+        """Listen on ``host``:``port`` (0: any free port) and serve in a background thread."""
+        self._server = make_server(host, port, self._app, threaded=True)
+        # A short poll interval keeps stop() quick; tests start and stop many sandboxes.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="cos-sandbox", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, finish running jobs, and remove the temporary root if there is one."""
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
+        self._jobs.close()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._started().port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._started().host}:{self.port}"
+
+    @property
+    def endpoint(self) -> CosEndpoint:
+        """What ``webhook.cos.make_client`` (and ``WEBHOOK_COS_ENDPOINT``) needs to reach the sandbox."""
+        return CosEndpoint("http", self._started().host, self.port)
+
+    @property
+    def callbacks_sent(self) -> list[SentCallback]:
+        """Every callback delivered so far, oldest first."""
+        return self._jobs.callbacks_sent
+
+    def wait_for_callbacks(self, n: int, timeout: float) -> list[SentCallback]:
+        """Block until ``n`` callbacks were sent and return them all; raise TimeoutError after ``timeout`` s."""
+        return self._jobs.wait_for_callbacks(n, timeout)
+
+    def object_path(self, bucket: str, key: str) -> Path:
+        """Where the bytes of an object are stored."""
+        return self._store.object_path(bucket, key)
+
+    def client(self, region: str = DEFAULT_REGION) -> CosS3Client:
+        """An SDK client with the sandbox's credentials, exactly as the product builds one."""
+        return make_client(self.secret_id, self.secret_key, region, self.endpoint)
+
+    def _started(self) -> BaseWSGIServer:
+        if self._server is None:
+            raise RuntimeError("the sandbox is not running: call start() first")
+        return self._server
+
+
+def serve(
+    host: str,
+    port: int,
+    root: Path | None = None,
+    *,
+    secret_id: str = SANDBOX_ID,
+    secret_key: str = SANDBOX_KEY,
+    appid: str = SANDBOX_APPID,
+    job_delay: float = 0.0,
+) -> None:
+    """Run a sandbox in the foreground until Ctrl+C, after printing the settings that reach it."""
+    sandbox = Sandbox(root, secret_id=secret_id, secret_key=secret_key, appid=appid, job_delay=job_delay)
+    with sandbox.start(host, port), contextlib.suppress(KeyboardInterrupt):
+        print(f"COS/CI sandbox listening on {sandbox.url}, objects under {sandbox.root}")
+        print(f"Settings for cos-webhook (any region works, and any bucket named <name>-{appid}):")
+        print(f"  COS_SECRET_ID={secret_id}")
+        print(f"  COS_SECRET_KEY={secret_key}")
+        print(f"  COS_REGION={DEFAULT_REGION}")
+        print(f"  WEBHOOK_COS_ENDPOINT={sandbox.url}")
+        print(f"  WEBHOOK_ALLOWED_BUCKETS=examplebucket-{appid}")
+        print("Press Ctrl+C to stop.", flush=True)
+        threading.Event().wait()
+
+
+def _path(request: Request) -> str:
+    # PATH_INFO, not request.path: werkzeug collapses leading slashes, and "/a" and "//a" are
+    # different keys. WSGI carries it as latin-1 text holding the UTF-8 bytes.
+    path: str = request.environ["PATH_INFO"]
+    return path.encode("latin-1").decode("utf-8", "replace")
+
+
+def _object_headers(info: ObjectInfo) -> dict[str, str]:
+    return {
+        "Content-Type": info.content_type,
+        "Content-Length": str(info.size),
+        "ETag": f'"{info.md5}"',
+        "Last-Modified": http_date(info.last_modified),
+        "Accept-Ranges": "bytes",
+        "x-cos-hash-crc64ecma": info.crc64,
+    }
+
+
+def _stream(file: IO[bytes], length: int) -> Iterator[bytes]:
+    with file:
+        yield from read_chunks(file, length)
+
+
+def _no_such_key(target: _Target) -> ApiError:
+    return ApiError(404, "NoSuchKey", f"the object {target.key!r} does not exist in {target.bucket}")
+
+
+def _xml_response(body: dict[str, Any]) -> Response:
+    return Response(xmltodict.unparse({"Response": body}), content_type="application/xml")
+
+
+def _error_response(exc: ApiError, request: Request, request_id: str) -> Response:
+    error = {
+        "Code": exc.code,
+        "Message": exc.message,
+        # The SDK only understands an error body that has all of these.
+        "Resource": f"{request.host}{_path(request)}",
+        "RequestId": request_id,
+        "TraceId": request_id,
+    }
+    return Response(xmltodict.unparse({"Error": error}), status=exc.status, content_type="application/xml")
