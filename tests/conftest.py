@@ -16,9 +16,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from pipeline import Pipeline, pipeline_settings
+from receiver import Receiver
 from werkzeug.serving import make_server
 
+from webhook.app import create_app
 from webhook.ledger import Ledger
+from webhook.sandbox import Sandbox
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -78,3 +82,26 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._thread.join()
+
+
+@pytest.fixture
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
+    """The local COS/CI; parametrize indirectly with a number to delay every job that long."""
+    with Sandbox(tmp_path / "sandbox", job_delay=getattr(request, "param", 0.0)).start() as running:
+        yield running
+
+
+@pytest.fixture
+def http_sink() -> Iterator[Receiver]:
+    """The http sink's far end: records requests, answers 200 unless told otherwise."""
+    with Receiver() as running:
+        yield running
+
+
+@pytest.fixture
+def pipeline(database_url: str, sandbox: Sandbox, http_sink: Receiver, tmp_path: Path) -> Iterator[Pipeline]:
+    settings = pipeline_settings(database_url, sandbox, tmp_path / "delivered", http_sink.url + "hooks")
+    ledger = Ledger(database_url)
+    with LiveServer(create_app(settings, ledger)) as server:
+        yield Pipeline(settings, ledger, sandbox, server.url, http_sink, tmp_path / "delivered")
+    ledger.dispose()

@@ -73,12 +73,6 @@ class Receiver:
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox().start() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
 def client(sandbox: Sandbox) -> Any:
     return sandbox.client(REGION)
 

@@ -1,0 +1,144 @@
+"""A whole deployment in one test process: sandbox, receiver on a real socket, sinks, worker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import requests
+from receiver import ReceivedRequest, Receiver
+
+from webhook.config import RetryPolicy, Settings
+from webhook.ledger import Ledger, LedgerError
+from webhook.sandbox import Sandbox, noisy_wav
+from webhook.worker import Worker
+
+REGION = "ap-guangzhou"
+BUCKET = "audio-1250000000"
+TOKEN = "test-token-0123456789abcdef"
+HTTP_KEY = bytes(range(32))
+HTTP_SECRET = "whsec_" + base64.b64encode(HTTP_KEY).decode()
+FAST = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_cap=0.05)
+
+
+def pipeline_settings(database_url: str, sandbox: Sandbox, sink_dir: Path, http_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        callback_tokens=(TOKEN,),
+        allowed_buckets=frozenset({BUCKET}),
+        allowed_regions=frozenset({REGION}),
+        secret_id=sandbox.secret_id,
+        secret_key=sandbox.secret_key,
+        region=REGION,
+        cos_endpoint=sandbox.endpoint,
+        sink_dir=str(sink_dir),
+        http_sink_url=http_url,
+        http_sink_secret=HTTP_SECRET,
+        http_sink_timeout=5,
+        retry=FAST,
+        verify_retry=replace(FAST, max_attempts=50),
+        lease_seconds=60,
+        poll_interval=0.05,
+    )
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    ledger: Ledger
+    sandbox: Sandbox
+    receiver_url: str
+    http: Receiver
+    sink_dir: Path
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.receiver_url}/callback/{TOKEN}"
+
+    def worker(self) -> Worker:
+        return Worker.from_settings(self.settings, self.ledger)
+
+    def upload_input(self, key: str = "in/noisy.wav", seconds: float = 0.5) -> str:
+        path = self.sink_dir.parent / "input.wav"
+        noisy_wav(path, seconds)
+        with path.open("rb") as body:
+            self.sandbox.client(REGION).put_object(Bucket=BUCKET, Body=body, Key=key)
+        return key
+
+    def submit(
+        self,
+        input_key: str,
+        output_key: str = "out/denoised.wav",
+        callback_format: str = "JSON",
+        callback_url: str | None = None,
+        user_data: str = "order-42",
+    ) -> str:
+        """Submit a NoiseReduction job through the SDK; returns its JobId."""
+        answer = self.sandbox.client(REGION).ci_create_media_jobs(
+            Bucket=BUCKET,
+            Jobs={
+                "Tag": "NoiseReduction",
+                "Input": {"Object": input_key},
+                "Operation": {
+                    "NoiseReduction": {"Format": "wav", "SampleRate": "16000"},
+                    "Output": {"Region": REGION, "Bucket": BUCKET, "Object": output_key},
+                    "UserData": user_data,
+                },
+                "CallBack": callback_url or self.callback_url,
+                "CallBackFormat": callback_format,
+            },
+        )
+        job_id: str = answer["JobsDetail"][0]["JobId"]
+        return job_id
+
+    def post_callback(self, body: bytes | dict[str, Any]) -> requests.Response:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        return requests.post(self.callback_url, data=data, timeout=10)
+
+    def status(self, job_id: str) -> str:
+        try:
+            return self.ledger.show_job(job_id).status
+        except LedgerError:
+            return ""
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)
+
+    def drain(self, worker: Worker, job_id: str, until: set[str], timeout: float = 20) -> str:
+        """Run the worker until the job reaches one of ``until`` (retries become due on their own)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.status(job_id)) not in until:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} stuck at {status!r}: {self.ledger.show_job(job_id).to_dict()}")
+            if not worker.run_once():
+                time.sleep(0.01)
+        return status
+
+    def output_bytes(self, key: str = "out/denoised.wav") -> bytes:
+        return self.sandbox.object_path(BUCKET, key).read_bytes()
+
+
+def multipart_file(request: ReceivedRequest) -> tuple[dict[str, Any], bytes | None]:
+    """The metadata document and the decoded audio of an http-sink request."""
+    from werkzeug.formparser import parse_form_data
+
+    with request.open_body() as body:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "CONTENT_TYPE": request.headers["content-type"],
+            "CONTENT_LENGTH": str(request.size),
+            "wsgi.input": body,
+        }
+        _, form, files = parse_form_data(environ)
+        metadata = json.loads(form["metadata"])
+        audio = base64.b64decode(files["file"].read()) if "file" in files else None
+    return metadata, audio

@@ -1,0 +1,191 @@
+"""End to end through the real SDK and the sandbox: callback → ledger → verify → fetch → sinks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pipeline import BUCKET, HTTP_SECRET, REGION, Pipeline, multipart_file
+from receiver import Receiver, Reply
+from standardwebhooks.webhooks import Webhook
+
+from webhook.events import event_id
+
+DONE = {"delivered", "rejected", "dead", "ignored"}
+
+
+def stored(pipeline: Pipeline, job_id: str) -> None:
+    pipeline.wait_until(lambda: pipeline.status(job_id) == "received", what=f"callback for {job_id}")
+
+
+def forged(job_id: str, output_key: str = "out/denoised.wav", **changes: object) -> dict[str, object]:
+    detail: dict[str, object] = {
+        "JobId": job_id,
+        "Tag": "NoiseReduction",
+        "State": "Success",
+        "Code": "Success",
+        "Input": {"BucketId": BUCKET, "Object": "in/noisy.wav", "Region": REGION},
+        "Operation": {
+            "Output": {"Bucket": BUCKET, "Object": output_key, "Region": REGION},
+            "UserData": "order-42",
+        },
+    }
+    detail.update(changes)
+    return {"EventName": "TaskFinish", "JobsDetail": detail}
+
+
+@pytest.mark.parametrize("callback_format", ["JSON", "XML"])
+def test_round_trip_delivers_identical_bytes_to_every_sink(pipeline: Pipeline, callback_format: str) -> None:
+    job_id = pipeline.submit(pipeline.upload_input(), callback_format=callback_format)
+    sent = pipeline.sandbox.wait_for_callbacks(1, timeout=20)[0]
+    assert (sent.format.upper(), sent.status_code) == (callback_format, 200)
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+
+    expected = pipeline.output_bytes()
+    assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == expected
+    metadata = json.loads((pipeline.sink_dir / f"{job_id}.json").read_text())
+    assert metadata["type"] == "job.succeeded"
+    assert metadata["job"]["user_data"] == "order-42"
+    assert metadata["file"]["size"] == len(expected)
+
+    (request,) = pipeline.http.requests
+    with request.open_body() as body:
+        Webhook(HTTP_SECRET).verify(body.read(), request.headers, json_parse=False)
+    assert request.headers["webhook-id"] == event_id(job_id, "http")
+    http_metadata, audio = multipart_file(request)
+    assert audio == expected
+    assert http_metadata["event_id"] == event_id(job_id, "http")
+    assert http_metadata["job"] == metadata["job"]
+
+    view = pipeline.ledger.show_job(job_id).to_dict()
+    assert [(d["sink"], d["status"], d["attempts"]) for d in view["deliveries"]] == [
+        ("filesystem", "done", 1),
+        ("http", "done", 1),
+    ]
+
+
+def test_duplicate_callback_is_processed_once(pipeline: Pipeline) -> None:
+    job_id = pipeline.submit(pipeline.upload_input())
+    original = pipeline.sandbox.wait_for_callbacks(1, timeout=20)[0].body
+    again = pipeline.post_callback(original)
+    assert again.status_code == 200
+    assert again.json()["duplicate"] is True
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+    assert len(pipeline.http.requests) == 1
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json", f"{job_id}.wav"]
+
+
+def test_unknown_job_is_rejected_and_never_forwarded(pipeline: Pipeline) -> None:
+    job_id = "j" + uuid.uuid4().hex
+    assert pipeline.post_callback(forged(job_id)).status_code == 200
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "rejected"
+    assert pipeline.ledger.show_job(job_id).reason == f"CI does not know job {job_id} in bucket {BUCKET}"
+    assert pipeline.http.requests == []
+    assert not pipeline.sink_dir.exists() or list(pipeline.sink_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"output_key": "out/elsewhere.wav"},
+            f"output differs: callback says '{BUCKET}/out/elsewhere.wav in {REGION}', "
+            f"CI says '{BUCKET}/out/denoised.wav in {REGION}'",
+        ),
+        ({"State": "Failed"}, "state differs: callback says 'Failed', CI says 'Success'"),
+    ],
+    ids=["output-key", "state"],
+)
+def test_genuine_job_with_altered_fields_is_rejected(pipeline: Pipeline, change: dict[str, str], reason: str) -> None:
+    with Receiver() as elsewhere:
+        job_id = pipeline.submit(pipeline.upload_input(), callback_url=elsewhere.url)
+        pipeline.sandbox.wait_for_callbacks(1, timeout=20)
+    assert pipeline.post_callback(forged(job_id, **change)).status_code == 200
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "rejected"
+    assert pipeline.ledger.show_job(job_id).reason == reason
+    assert pipeline.http.requests == []
+
+
+def test_failed_job_is_forwarded_as_a_failure_event_without_fetching(pipeline: Pipeline) -> None:
+    job_id = pipeline.submit("in/missing.wav")
+    assert pipeline.drain(pipeline.worker(), job_id, DONE, timeout=30) == "delivered"
+
+    view = pipeline.ledger.show_job(job_id)
+    assert view.state == "Failed"
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json"]
+    metadata, audio = multipart_file(pipeline.http.requests[0])
+    assert (metadata["type"], metadata["file"], audio) == ("job.failed", None, None)
+    assert metadata["job"]["state"] == "Failed"
+
+
+@pytest.mark.parametrize("sandbox", [1.0], indirect=True)
+def test_job_ci_still_reports_running_is_checked_again(pipeline: Pipeline) -> None:
+    with Receiver() as elsewhere:
+        job_id = pipeline.submit(pipeline.upload_input(), callback_url=elsewhere.url)
+        # A callback that runs ahead of CI: verification must wait, not trust it.
+        assert pipeline.post_callback(forged(job_id)).status_code == 200
+        worker = pipeline.worker()
+        assert worker.run_once()
+        view = pipeline.ledger.show_job(job_id).to_dict()
+        assert view["status"] == "received"
+        assert view["verify"][0]["last_error"] == "CI reports the job Running"
+        assert pipeline.http.requests == []
+        pipeline.sandbox.wait_for_callbacks(1, timeout=20)
+
+    assert pipeline.drain(worker, job_id, DONE) == "delivered"
+    assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
+
+
+def test_sink_failures_are_retried_on_their_own(pipeline: Pipeline) -> None:
+    pipeline.http.reply(Reply(503, retry_after="0"), Reply(429, retry_after="0"), Reply(200))
+    job_id = pipeline.submit(pipeline.upload_input())
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+    view = pipeline.ledger.show_job(job_id).to_dict()
+    assert [(d["sink"], d["attempts"]) for d in view["deliveries"]] == [("filesystem", 1), ("http", 3)]
+    ids = {r.headers["webhook-id"] for r in pipeline.http.requests}
+    assert ids == {event_id(job_id, "http")}  # one idempotency key across all attempts
+
+
+def test_permanent_refusal_is_dead_then_replayed(pipeline: Pipeline) -> None:
+    pipeline.http.reply(Reply(400))
+    job_id = pipeline.submit(pipeline.upload_input())
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
+    view = pipeline.ledger.show_job(job_id).to_dict()
+    assert [(d["sink"], d["status"]) for d in view["deliveries"]] == [("filesystem", "done"), ("http", "dead")]
+    assert view["deliveries"][1]["last_error"].startswith("http: HTTP 400")
+    assert (pipeline.sink_dir / f"{job_id}.wav").exists()
+
+    pipeline.http.reply(Reply(200))
+    assert pipeline.ledger.replay(job_id, ["http"]) == ["http"]
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+    _, audio = multipart_file(pipeline.http.requests[-1])
+    assert audio == pipeline.output_bytes()
+
+
+def test_corrupt_object_is_retried_and_never_forwarded(pipeline: Pipeline) -> None:
+    job_id = pipeline.submit(pipeline.upload_input())
+    stored(pipeline, job_id)
+    on_disk = pipeline.sandbox.object_path(BUCKET, "out/denoised.wav")
+    good = on_disk.read_bytes()
+    # Same length, different bytes: only the CRC64 can tell.
+    on_disk.write_bytes(good[:100] + bytes(b ^ 0xFF for b in good[100:200]) + good[200:])
+
+    worker = pipeline.worker()
+    pipeline.drain(worker, job_id, {"verified"})
+    assert worker.run_once()
+    view = pipeline.ledger.show_job(job_id).to_dict()
+    assert view["status"] == "verified"
+    assert all("failed its CRC64 check" in d["last_error"] for d in view["deliveries"])
+    assert pipeline.http.requests == []
+    assert not (pipeline.sink_dir / f"{job_id}.wav").exists()
+
+    on_disk.write_bytes(good)
+    assert pipeline.drain(worker, job_id, DONE) == "delivered"
+    assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == good
