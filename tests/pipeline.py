@@ -142,3 +142,25 @@ def multipart_file(request: ReceivedRequest) -> tuple[dict[str, Any], bytes | No
         metadata = json.loads(form["metadata"])
         audio = base64.b64decode(files["file"].read()) if "file" in files else None
     return metadata, audio
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that configures a worker process like ``settings``."""
+    assert settings.cos_endpoint is not None
+    endpoint = settings.cos_endpoint
+    return {
+        "WEBHOOK_DATABASE_URL": settings.database_url,
+        "WEBHOOK_CALLBACK_TOKEN": settings.callback_tokens[0],
+        "WEBHOOK_ALLOWED_BUCKETS": ",".join(settings.allowed_buckets),
+        "COS_SECRET_ID": settings.secret_id,
+        "COS_SECRET_KEY": settings.secret_key,
+        "COS_REGION": settings.region,
+        "WEBHOOK_COS_ENDPOINT": f"{endpoint.scheme}://{endpoint.host}:{endpoint.port}",
+        "WEBHOOK_SINK_DIR": settings.sink_dir,
+        "WEBHOOK_HTTP_SINK_URL": settings.http_sink_url,
+        "WEBHOOK_HTTP_SINK_SECRET": settings.http_sink_secret,
+        "WEBHOOK_MAX_ATTEMPTS": str(settings.retry.max_attempts),
+        "WEBHOOK_BACKOFF_BASE": str(settings.retry.backoff_base),
+        "WEBHOOK_BACKOFF_CAP": str(settings.retry.backoff_cap),
+        "WEBHOOK_POLL_INTERVAL": str(settings.poll_interval),
+    }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from webhook.events import event_metadata
+from webhook.events import build_event, event_metadata
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.filesystem import FilesystemSink
@@ -133,3 +133,18 @@ def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path,
         FilesystemSink(root).deliver(event)
     assert not caught.value.permanent
     assert os.listdir(root) == []
+
+
+def test_temporary_file_left_by_a_killed_worker_is_cleared_on_retry(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    leftover = root / ".job-1.wav.abc123.tmp"
+    leftover.write_bytes(b"half an upload")
+    source = tmp_path / "a.wav"
+    source.write_bytes(b"RIFF complete")
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=ObjectLocation("b-1", "r", "o/a.wav"))
+    fetched = FetchedFile(path=str(source), size=13, crc64="0", content_type="audio/wav")
+
+    FilesystemSink(root).deliver(build_event(job, "filesystem", fetched))
+
+    assert sorted(p.name for p in root.iterdir()) == ["job-1.json", "job-1.wav"]

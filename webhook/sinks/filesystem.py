@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import posixpath
@@ -61,6 +62,10 @@ class FilesystemSink:
         # The name is already safe; this also refuses a symlink planted at the target that points elsewhere.
         if target.resolve().parent != root:
             raise DeliveryError(f"{self.name}: {name!r} resolves outside {root}", permanent=True)
+        # A worker killed mid-write leaves its temporary file behind; the retry clears it.
+        for stale in root.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         fd, temp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as dst:
