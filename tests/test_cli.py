@@ -1,0 +1,95 @@
+"""The operator's commands, run as a user would, against a ledger the pipeline filled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner, Result
+from pipeline import Pipeline, settings_env
+
+from webhook.cli import main
+
+DONE = {"delivered", "rejected", "dead"}
+
+
+def run(pipeline: Pipeline, *args: str, **env: str) -> Result:
+    return CliRunner().invoke(main, list(args), env=settings_env(pipeline.settings) | env)
+
+
+@pytest.fixture
+def delivered_job(pipeline: Pipeline) -> str:
+    job_id = pipeline.submit(pipeline.upload_input())
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+    return job_id
+
+
+def test_jobs_show_json(pipeline: Pipeline, delivered_job: str) -> None:
+    result = run(pipeline, "jobs", "show", delivered_job, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert {k: shown[k] for k in ("job_id", "tag", "state", "status", "reason")} == {
+        "job_id": delivered_job,
+        "tag": "NoiseReduction",
+        "state": "Success",
+        "status": "delivered",
+        "reason": "",
+    }
+    assert [(d["sink"], d["status"], d["attempts"], d["last_error"]) for d in shown["deliveries"]] == [
+        ("filesystem", "done", 1, ""),
+        ("http", "done", 1, ""),
+    ]
+
+
+def test_jobs_show_text(pipeline: Pipeline, delivered_job: str) -> None:
+    result = run(pipeline, "jobs", "show", delivered_job)
+    assert result.exit_code == 0, result.output
+    assert f"job_id:      {delivered_job}" in result.output
+    assert "status:      delivered" in result.output
+    assert "delivery:    http: done attempts=1" in result.output
+
+
+def test_jobs_list(pipeline: Pipeline, delivered_job: str) -> None:
+    table = run(pipeline, "jobs", "list")
+    assert table.exit_code == 0, table.output
+    assert delivered_job in table.output
+    lines = run(pipeline, "jobs", "list", "--json", "--status", "delivered").output.splitlines()
+    assert [json.loads(line)["job_id"] for line in lines] == [delivered_job]
+    assert run(pipeline, "jobs", "list", "--json", "--status", "dead").output == ""
+
+
+def test_replay_one_sink(pipeline: Pipeline, delivered_job: str) -> None:
+    result = run(pipeline, "replay", delivered_job, "--sink", "http")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"replay of {delivered_job} scheduled for: http\n"
+    assert pipeline.drain(pipeline.worker(), delivered_job, DONE) == "delivered"
+    assert len(pipeline.http.requests) == 2
+    assert pipeline.http.requests[0].headers["webhook-id"] == pipeline.http.requests[1].headers["webhook-id"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("replay", "JOB", "--sink", "nope"), "Error: unknown sink 'nope'; configured: filesystem, http"),
+        (("jobs", "show", "nope"), "Error: no job 'nope' in the ledger"),
+        (("replay", "nope"), "Error: no job 'nope' in the ledger"),
+    ],
+)
+def test_operator_errors(pipeline: Pipeline, delivered_job: str, args: tuple[str, ...], message: str) -> None:
+    result = run(pipeline, *(delivered_job if a == "JOB" else a for a in args))
+    assert result.exit_code == 1
+    assert result.output.strip() == message
+
+
+def test_worker_refuses_to_start_without_credentials(pipeline: Pipeline) -> None:
+    result = run(pipeline, "worker", "--burst", COS_SECRET_KEY="")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: configuration error: COS_SECRET_KEY is not set"
+
+
+def test_worker_burst_processes_then_exits(pipeline: Pipeline) -> None:
+    job_id = pipeline.submit(pipeline.upload_input())
+    pipeline.wait_until(lambda: pipeline.status(job_id) == "received", what="callback")
+    result = run(pipeline, "worker", "--burst")
+    assert result.exit_code == 0, result.output
+    assert pipeline.status(job_id) == "delivered"
