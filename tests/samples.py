@@ -278,4 +278,6 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
         json_doc([job(), job("j2", State="Done")]),
         f"JobsDetail[1].State must be one of {_STATES}, not 'Done'",
     ),
+    ("json-nul-in-tag", json_doc(job(Tag="Noise\u0000Reduction")), f"{_WHERE}.Tag contains a NUL character"),
+    ("json-nul-in-event", json_doc(job(), event="Task\u0000Finish"), "EventName contains a NUL character"),
 ]

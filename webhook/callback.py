@@ -165,6 +165,8 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
     text = str(value)
     if len(text) > MAX_FIELD_LENGTH:
         raise CallbackError(f"{name} is longer than {MAX_FIELD_LENGTH} characters")
+    if "\x00" in text:  # no CI field holds one, and PostgreSQL text columns cannot store it
+        raise CallbackError(f"{name} contains a NUL character")
     return text
 
 
