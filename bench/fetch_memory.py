@@ -53,8 +53,9 @@ from werkzeug.serving import make_server
 from webhook.app import create_app
 from webhook.config import Settings
 from webhook.ledger import Ledger, LedgerError
-from webhook.models import JobStatus
+from webhook.models import JobStatus, ObjectLocation
 from webhook.sandbox import Sandbox, noisy_wav
+from webhook.sandbox.submit import submit_noise_reduction
 
 MIB = 1024 * 1024
 REGION = "ap-guangzhou"
@@ -245,20 +246,7 @@ def measure(rig: Rig, size_mib: int) -> Result:
 
 def submit_job(rig: Rig, output_key: str) -> str:
     """Submit a NoiseReduction job through the SDK; return its id once its callback is in the ledger."""
-    answer = rig.client.ci_create_media_jobs(
-        Bucket=BUCKET,
-        Jobs={
-            "Tag": "NoiseReduction",
-            "Input": {"Object": INPUT_KEY},
-            "Operation": {
-                "NoiseReduction": {"Format": "wav", "SampleRate": "16000"},
-                "Output": {"Region": REGION, "Bucket": BUCKET, "Object": output_key},
-            },
-            "CallBack": rig.callback_url,
-            "CallBackFormat": "JSON",
-        },
-    )
-    job_id: str = answer["JobsDetail"][0]["JobId"]
+    job_id = submit_noise_reduction(rig.client, INPUT_KEY, ObjectLocation(BUCKET, REGION, output_key), rig.callback_url)
     deadline = time.monotonic() + CALLBACK_TIMEOUT
     while time.monotonic() < deadline:
         try:

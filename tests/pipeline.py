@@ -15,7 +15,9 @@ from receiver import ReceivedRequest, Receiver
 
 from webhook.config import RetryPolicy, Settings
 from webhook.ledger import Ledger, LedgerError
+from webhook.models import ObjectLocation
 from webhook.sandbox import Sandbox, noisy_wav
+from webhook.sandbox.submit import submit_noise_reduction
 from webhook.worker import Worker
 
 REGION = "ap-guangzhou"
@@ -79,22 +81,14 @@ class Pipeline:
         user_data: str = "order-42",
     ) -> str:
         """Submit a NoiseReduction job through the SDK; returns its JobId."""
-        answer = self.sandbox.client(REGION).ci_create_media_jobs(
-            Bucket=BUCKET,
-            Jobs={
-                "Tag": "NoiseReduction",
-                "Input": {"Object": input_key},
-                "Operation": {
-                    "NoiseReduction": {"Format": "wav", "SampleRate": "16000"},
-                    "Output": {"Region": REGION, "Bucket": BUCKET, "Object": output_key},
-                    "UserData": user_data,
-                },
-                "CallBack": callback_url or self.callback_url,
-                "CallBackFormat": callback_format,
-            },
+        return submit_noise_reduction(
+            self.sandbox.client(REGION),
+            input_key,
+            ObjectLocation(BUCKET, REGION, output_key),
+            callback_url or self.callback_url,
+            callback_format,
+            user_data,
         )
-        job_id: str = answer["JobsDetail"][0]["JobId"]
-        return job_id
 
     def post_callback(self, body: bytes | dict[str, Any]) -> requests.Response:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -129,19 +123,9 @@ class Pipeline:
 
 def multipart_file(request: ReceivedRequest) -> tuple[dict[str, Any], bytes | None]:
     """The metadata document and the decoded audio of an http-sink request."""
-    from werkzeug.formparser import parse_form_data
-
-    with request.open_body() as body:
-        environ = {
-            "REQUEST_METHOD": "POST",
-            "CONTENT_TYPE": request.headers["content-type"],
-            "CONTENT_LENGTH": str(request.size),
-            "wsgi.input": body,
-        }
-        _, form, files = parse_form_data(environ)
-        metadata = json.loads(form["metadata"])
-        audio = base64.b64decode(files["file"].read()) if "file" in files else None
-    return metadata, audio
+    form, files = request.form()
+    audio = base64.b64decode(files["file"].read()) if "file" in files else None
+    return json.loads(form["metadata"]), audio
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

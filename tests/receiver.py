@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from werkzeug.datastructures import FileStorage
+from werkzeug.formparser import parse_form_data
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import get_input_stream
@@ -51,6 +53,18 @@ class ReceivedRequest:
     sha256: str
     body: bytes | None
     body_path: Path | None
+
+    def form(self) -> tuple[dict[str, str], dict[str, FileStorage]]:
+        """The multipart form fields and files, parsed the way a Flask receiver would."""
+        with self.open_body() as body:
+            environ = {
+                "REQUEST_METHOD": "POST",
+                "CONTENT_TYPE": self.headers["content-type"],
+                "CONTENT_LENGTH": str(self.size),
+                "wsgi.input": body,
+            }
+            _, form, files = parse_form_data(environ)
+        return dict(form), dict(files)
 
     def open_body(self) -> IO[bytes]:
         """The body as a binary stream, whether it was kept in memory or spooled."""

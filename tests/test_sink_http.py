@@ -20,7 +20,6 @@ import pytest
 from receiver import ReceivedRequest, Receiver, Reply
 from standardwebhooks.webhooks import Webhook
 from werkzeug.datastructures import FileStorage
-from werkzeug.formparser import parse_form_data
 
 from webhook.config import ConfigError, Settings
 from webhook.events import build_event, event_metadata
@@ -48,19 +47,6 @@ def succeeded(tmp_path: Path, content: bytes = b"", *, size: int = 0, key: str =
 def failed() -> Event:
     job = Job(job_id="job-2", tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
     return build_event(job, "http", None)
-
-
-def parse(request: ReceivedRequest) -> tuple[dict[str, str], dict[str, FileStorage]]:
-    """The multipart form fields and files, parsed the way a Flask receiver would."""
-    with request.open_body() as body:
-        environ = {
-            "REQUEST_METHOD": "POST",
-            "CONTENT_TYPE": request.headers["content-type"],
-            "CONTENT_LENGTH": str(request.size),
-            "wsgi.input": body,
-        }
-        _, form, files = parse_form_data(environ)
-    return dict(form), dict(files)
 
 
 def signature_of(request: ReceivedRequest, key: bytes) -> str:
@@ -146,7 +132,7 @@ def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Rec
     (request,) = receiver.requests
     with request.open_body() as body:
         Webhook(SECRET).verify(body.read(), request.headers, json_parse=False)
-    form, files = parse(request)
+    form, files = request.form()
     assert list(form) == ["metadata"]
     assert json.loads(form["metadata"]) == event_metadata(event)
     assert list(files) == ["file"]
@@ -158,7 +144,7 @@ def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Rec
 def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> None:
     event = failed()
     sink.deliver(event)
-    form, files = parse(receiver.requests[0])
+    form, files = receiver.requests[0].form()
     assert files == {}
     assert json.loads(form["metadata"]) == event_metadata(event)
 
@@ -166,7 +152,7 @@ def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> N
 def test_awkward_file_name_cannot_break_the_part_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
     event = succeeded(tmp_path, b"audio", key='out/a"b\r\nContent-Type: text/html\r\n\r\nü.wav')
     sink.deliver(event)
-    form, files = parse(receiver.requests[0])
+    form, files = receiver.requests[0].form()
     assert json.loads(form["metadata"]) == event_metadata(event)
     assert list(files) == ["file"]
     assert files["file"].mimetype == "audio/wav"
@@ -298,7 +284,7 @@ def test_large_file_is_streamed(tmp_path: Path) -> None:
         assert request.body_path is not None  # spooled by the receiver, not kept in memory
         assert request.size == int(request.headers["content-length"]) > 50 * MiB * 4 // 3
         assert request.headers["webhook-signature"] == signature_of(request, KEY)
-        _, files = parse(request)
+        _, files = request.form()
         with files["file"].stream as received:
             assert sha256_of(received, base64_encoded=True) == expected
     # Sender and receiver share this process; either holding the body would show as a 50 MiB peak.

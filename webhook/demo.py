@@ -18,9 +18,10 @@ from webhook.app import create_app
 from webhook.config import Settings
 from webhook.cos import make_client
 from webhook.ledger import Ledger, LedgerError
-from webhook.models import JobStatus
+from webhook.models import JobStatus, ObjectLocation
 from webhook.sandbox import Sandbox
 from webhook.sandbox.audio import noisy_wav
+from webhook.sandbox.submit import submit_noise_reduction
 from webhook.worker import Worker
 
 REGION = "ap-guangzhou"
@@ -66,21 +67,14 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
             steps.append(("generate and upload noisy WAV", time.monotonic() - started))
 
             mark = time.monotonic()
-            answer = client.ci_create_media_jobs(
-                Bucket=BUCKET,
-                Jobs={
-                    "Tag": "NoiseReduction",
-                    "Input": {"Object": INPUT_KEY},
-                    "Operation": {
-                        "NoiseReduction": {"Format": "wav", "SampleRate": "16000"},
-                        "Output": {"Region": REGION, "Bucket": BUCKET, "Object": OUTPUT_KEY},
-                        "UserData": "cos-webhook demo",
-                    },
-                    "CallBack": f"{receiver_url}/callback/{settings.callback_tokens[0]}",
-                    "CallBackFormat": callback_format.upper(),
-                },
+            job_id = submit_noise_reduction(
+                client,
+                INPUT_KEY,
+                ObjectLocation(BUCKET, REGION, OUTPUT_KEY),
+                f"{receiver_url}/callback/{settings.callback_tokens[0]}",
+                callback_format,
+                user_data="cos-webhook demo",
             )
-            job_id = answer["JobsDetail"][0]["JobId"]
             steps.append((f"submit NoiseReduction job {job_id}", time.monotonic() - mark))
 
             mark = time.monotonic()
