@@ -20,7 +20,6 @@ def test_reads_a_complete_environment() -> None:
     assert settings.allowed_regions == {"ap-guangzhou"}
     assert settings.allowed_tags == {"NoiseReduction"}
     assert settings.cos_endpoint == CosEndpoint("http", "127.0.0.1", 9000)
-    assert settings.sink_names == ("filesystem",)
     assert settings.database_url == "sqlite:///var/cos-webhook.db"
 
 
@@ -66,7 +65,6 @@ def test_invalid_values_name_the_variable(env: dict[str, str], message: str) -> 
         ("COS_SECRET_KEY", "COS_SECRET_KEY is not set"),
         ("COS_REGION", "COS_REGION is not set"),
         ("WEBHOOK_ALLOWED_BUCKETS", "WEBHOOK_ALLOWED_BUCKETS is not set"),
-        ("WEBHOOK_SINK_DIR", "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL"),
     ],
 )
 def test_worker_settings_missing(missing: str, message: str) -> None:

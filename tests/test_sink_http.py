@@ -21,10 +21,9 @@ from receiver import ReceivedRequest, Receiver, Reply
 from standardwebhooks.webhooks import Webhook
 from werkzeug.datastructures import FileStorage
 
-from webhook.config import ConfigError, Settings
 from webhook.events import build_event, event_metadata
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sinks import DeliveryError, build_sinks
+from webhook.sinks import DeliveryError
 from webhook.sinks.http import HttpSink
 
 KEY = bytes(range(32))
@@ -289,14 +288,3 @@ def test_large_file_is_streamed(tmp_path: Path) -> None:
             assert sha256_of(received, base64_encoded=True) == expected
     # Sender and receiver share this process; either holding the body would show as a 50 MiB peak.
     assert peak < 16 * MiB
-
-
-def test_build_sinks(tmp_path: Path) -> None:
-    settings = Settings(sink_dir=str(tmp_path), http_sink_url="http://127.0.0.1:9/", http_sink_secret=SECRET)
-    sinks = build_sinks(settings)
-    assert {name: sink.name for name, sink in sinks.items()} == {"filesystem": "filesystem", "http": "http"}
-    assert build_sinks(Settings()) == {}
-    for built in sinks.values():
-        built.close()
-    with pytest.raises(ConfigError, match="WEBHOOK_HTTP_SINK_SECRET"):
-        build_sinks(Settings(http_sink_url="http://127.0.0.1:9/", http_sink_secret="whsec_%%%"))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
 from webhook.config import ConfigError, Settings
-from webhook.ledger import JobView, Ledger, LedgerError
+from webhook.ledger import JobView, Ledger, LedgerError, utcnow
 from webhook.logs import setup_logging
+from webhook.sinks import DeliveryError
+from webhook.sinks.config import SinkSpec, build_sinks, sink_specs
 
 
 def _settings() -> Settings:
@@ -25,6 +28,23 @@ def _ledger(settings: Settings) -> Ledger:
     ledger = Ledger(settings.database_url)
     ledger.create_schema()
     return ledger
+
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _since(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    """``2h``, ``30m``, ``3d`` ago, or an ISO date/time (UTC unless it names a zone)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text[:-1].isdigit() and text[-1:] in _UNITS:
+        return utcnow() - timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a duration like 2h or 3d nor an ISO date/time") from None
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
 @click.group()
@@ -138,20 +158,84 @@ def jobs_show(job_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("job_id")
-@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every configured sink.")
-def replay(job_id: str, sinks: tuple[str, ...]) -> None:
-    """Deliver a verified job again."""
+@click.argument("job_id", required=False)
+@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every sink that takes it.")
+@click.option("--dead", is_flag=True, help="Replay every dead delivery (optionally of --sink, since --since).")
+@click.option("--since", callback=_since, help="With --dead: only those that died after this (2h, 3d, ISO time).")
+def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, since: datetime | None) -> None:
+    """Deliver a verified job again, or every dead delivery with --dead."""
     settings = _settings()
-    configured = settings.sink_names
-    unknown = [s for s in sinks if s not in configured]
+    specs = _specs(settings)
+    unknown = [s for s in sinks if s not in specs]
     if unknown:
-        raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(configured) or 'none'}")
+        raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(specs) or 'none'}")
+    if dead == bool(job_id):
+        raise click.UsageError("give either a JOB_ID or --dead")
+    ledger = _ledger(settings)
+    if job_id:
+        try:
+            wanted = sinks or tuple(n for n, spec in specs.items() if spec.accepts(ledger.show_job(job_id).job))
+            scheduled = ledger.replay(job_id, wanted)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"replay of {job_id} scheduled for: {', '.join(scheduled) or 'no sink'}")
+        return
+    letters = [d for d in ledger.dead_deliveries(since=since) if not sinks or d.sink in sinks]
+    with click.progressbar(letters, label="replaying dead deliveries", show_pos=True, file=sys.stderr) as bar:
+        for letter in bar:
+            ledger.replay(letter.job_id, [letter.sink])
+    click.echo(f"{len(letters)} dead deliveries scheduled again")
+
+
+@main.group()
+def dead() -> None:
+    """Dead letters: deliveries that ran out of attempts."""
+
+
+@dead.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--sink", help="Only this sink.")
+@click.option("--since", callback=_since, help="Only deliveries that died after this (2h, 3d, or ISO time).")
+def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
+    """List dead deliveries with their last error."""
+    letters = _ledger(_settings()).dead_deliveries(sink=sink, since=since)
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(letter.to_dict()))
+        return
+    click.echo(f"{'JOB ID':<36} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR")
+    for letter in letters:
+        since_text = letter.dead_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{letter.job_id:<36} {letter.sink:<16} {letter.attempts:>8} {since_text:<20} {letter.last_error}")
+
+
+@main.command()
+def check() -> None:
+    """Validate the configuration and try the ledger and every sink; one verdict per line."""
+    settings = _settings()
+    specs = _specs(settings)
+    failures = 0
     try:
-        scheduled = _ledger(settings).replay(job_id, sinks or configured)
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"replay of {job_id} scheduled for: {', '.join(scheduled)}")
+        _ledger(settings).ping()
+        click.echo(f"ok    ledger: {settings.database_url.split('://', 1)[0]} is reachable")
+    except Exception as exc:
+        failures += 1
+        click.echo(f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    for name, spec in specs.items():
+        try:
+            sink = build_sinks([spec], settings)[name]
+            verdict = sink.check()
+            sink.close()
+        except (ConfigError, DeliveryError) as exc:
+            failures += 1
+            click.echo(f"FAIL  {name} ({spec.type}): {exc}")
+        else:
+            click.echo(f"ok    {name} ({spec.type}): {verdict}")
+    if not specs:
+        failures += 1
+        click.echo("FAIL  no sink is configured")
+    if failures:
+        raise SystemExit(1)
 
 
 @main.command("init-db")
@@ -160,6 +244,13 @@ def init_db() -> None:
     settings = _settings()
     _ledger(settings)
     click.echo("ledger ready")
+
+
+def _specs(settings: Settings) -> dict[str, SinkSpec]:
+    try:
+        return {spec.name: spec for spec in sink_specs(settings)}
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
 
 
 def _summary(view: JobView) -> dict[str, Any]:

@@ -15,6 +15,7 @@ class ConfigError(Exception):
 
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
+DEFAULT_CONFIG_PATH = "cos-webhook.toml"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class RetryPolicy:
     max_attempts: int = 8
     backoff_base: float = 2.0
     backoff_cap: float = 600.0
+    max_age: float | None = None  # seconds after the callback arrived; past it, no more retries
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class CosEndpoint:
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
+    config_path: str = DEFAULT_CONFIG_PATH
+    config_path_explicit: bool = False  # set by WEBHOOK_CONFIG: then the file must exist
     callback_tokens: tuple[str, ...] = ()
     allowed_buckets: frozenset[str] = frozenset()
     allowed_regions: frozenset[str] = frozenset()
@@ -66,6 +70,8 @@ class Settings:
         region = e.text("COS_REGION")
         return cls(
             database_url=e.database_url("WEBHOOK_DATABASE_URL"),
+            config_path=e.text("WEBHOOK_CONFIG", DEFAULT_CONFIG_PATH),
+            config_path_explicit=bool(e.text("WEBHOOK_CONFIG")),
             callback_tokens=e.tokens("WEBHOOK_CALLBACK_TOKEN"),
             allowed_buckets=e.names("WEBHOOK_ALLOWED_BUCKETS"),
             allowed_regions=e.names("WEBHOOK_ALLOWED_REGIONS") or frozenset({region} - {""}),
@@ -91,11 +97,6 @@ class Settings:
             log_level=e.choice("WEBHOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         )
 
-    @property
-    def sink_names(self) -> tuple[str, ...]:
-        """The sinks these settings configure, by name."""
-        return tuple(name for name, on in (("filesystem", self.sink_dir), ("http", self.http_sink_url)) if on)
-
     def check_receiver(self) -> None:
         """What the web process needs."""
         if not self.callback_tokens:
@@ -110,8 +111,6 @@ class Settings:
             raise ConfigError("COS_REGION is not set (for example ap-guangzhou)")
         if not self.allowed_buckets:
             raise ConfigError("WEBHOOK_ALLOWED_BUCKETS is not set (comma-separated BucketName-APPID list)")
-        if not self.sink_dir and not self.http_sink_url:
-            raise ConfigError("no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL")
         if self.http_sink_url and not self.http_sink_secret:
             raise ConfigError("WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is")
 

@@ -25,17 +25,22 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
       }
     }
 
-A failed job gives ``"type": "job.failed"`` and ``"file": null``. Receivers should dispatch on
-``schema``: a later version may add fields, and an incompatible change gets a new version.
+A failed job gives ``"type": "job.failed"`` and ``"file": null``. Notification sinks (redis,
+amqp) carry no bytes; their ``file`` also has a ``location``: where a storage sink put the file,
+or CI's output object itself, e.g. ``{"kind": "cos", "bucket": "archive-1250000000",
+"key": "denoised/je8f….wav", "region": "ap-guangzhou", "url": "<presigned, if configured>"}``.
+Receivers should dispatch on ``schema``: a later version may add fields, and an incompatible
+change gets a new version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
+from dataclasses import asdict
 from typing import Any
 
-from webhook.models import Event, FetchedFile, Job, JobState, job_to_dict
+from webhook.models import Event, FetchedFile, FileLocation, Job, JobState, job_to_dict
 
 SCHEMA = "cos-webhook.event/v1"
 SUCCEEDED = "job.succeeded"
@@ -48,7 +53,7 @@ def event_id(job_id: str, sink: str) -> str:
     return "evt_" + digest[:32]
 
 
-def build_event(job: Job, sink: str, file: FetchedFile | None) -> Event:
+def build_event(job: Job, sink: str, file: FetchedFile | None, location: FileLocation | None = None) -> Event:
     """The event for ``sink``: ``job.succeeded`` with the fetched output, or ``job.failed`` without a file.
 
     A canceled job is also ``job.failed`` (``job.state`` tells them apart): it finished without output.
@@ -56,7 +61,7 @@ def build_event(job: Job, sink: str, file: FetchedFile | None) -> Event:
     its output, a failure with a file): those are bugs upstream, not deliveries.
     """
     if job.state == JobState.SUCCESS and file is not None and job.output is not None:
-        return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, file=file)
+        return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, file=file, location=location)
     if job.state in (JobState.FAILED, JobState.CANCEL) and file is None:
         return Event(event_id=event_id(job.job_id, sink), type=FAILED, job=job)
     raise ValueError(
@@ -80,4 +85,6 @@ def event_metadata(event: Event) -> dict[str, Any]:
             "content_type": event.file.content_type,
             "etag": event.file.etag,
         }
+        if event.location is not None:
+            file["location"] = {k: v for k, v in asdict(event.location).items() if v}
     return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from qcloud_cos import CosS3Client
@@ -24,12 +26,8 @@ def fetch_object(client: CosS3Client, where: ObjectLocation, temp_dir: str | Non
 
     The caller owns the returned file and must remove it.
     """
-    try:
+    with _cos_errors(where):
         response: dict[str, Any] = client.get_object(Bucket=where.bucket, Key=where.key)
-    except CosServiceError as exc:
-        raise FetchError(f"COS answered {exc.get_status_code()} {exc.get_error_code()} for {where.key}") from None
-    except CosClientError as exc:
-        raise FetchError(f"COS unreachable: {str(exc)[:300]}") from None
     headers = {k.lower(): v for k, v in response.items() if k != "Body"}
     raw = response["Body"].get_raw_stream()
     fd, path = tempfile.mkstemp(prefix="cos-webhook-", suffix=".part", dir=temp_dir or None)
@@ -57,6 +55,16 @@ def fetch_object(client: CosS3Client, where: ObjectLocation, temp_dir: str | Non
     )
 
 
+@contextmanager
+def _cos_errors(where: ObjectLocation) -> Iterator[None]:
+    try:
+        yield
+    except CosServiceError as exc:
+        raise FetchError(f"COS answered {exc.get_status_code()} {exc.get_error_code()} for {where.key}") from None
+    except CosClientError as exc:
+        raise FetchError(f"COS unreachable: {str(exc)[:300]}") from None
+
+
 def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) -> None:
     expected_size = headers.get("content-length")
     if expected_size is not None and int(expected_size) != size:
@@ -64,3 +72,23 @@ def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) 
     expected_crc = headers.get("x-cos-hash-crc64ecma")
     if expected_crc is not None and expected_crc != str(crc):
         raise FetchError(f"{where.key} failed its CRC64 check: COS says {expected_crc}, got {crc}")
+
+
+def describe_object(client: CosS3Client, where: ObjectLocation) -> FetchedFile:
+    """The object's size, CRC64 and type from a HEAD, for sinks that need no bytes."""
+    with _cos_errors(where):
+        response: dict[str, Any] = client.head_object(Bucket=where.bucket, Key=where.key)
+    headers = {k.lower(): v for k, v in response.items()}
+    return FetchedFile(
+        path=None,
+        size=int(headers.get("content-length", 0)),
+        crc64=headers.get("x-cos-hash-crc64ecma", ""),
+        content_type=headers.get("content-type", "application/octet-stream"),
+        etag=headers.get("etag", "").strip('"'),
+    )
+
+
+def presigned_url(client: CosS3Client, where: ObjectLocation, seconds: int) -> str:
+    """A GET URL for ``where`` that works without credentials for ``seconds``."""
+    url: str = client.get_presigned_url(Bucket=where.bucket, Key=where.key, Method="GET", Expired=seconds)
+    return url

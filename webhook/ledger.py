@@ -125,6 +125,26 @@ class Claim:
     status: JobStatus
     kind: TaskKind
     tasks: tuple[Task, ...]
+    received_at: datetime  # when the callback was recorded (naive UTC)
+    delivered_to: frozenset[str] = frozenset()  # sinks that already have this job
+
+
+@dataclass(frozen=True)
+class DeadDelivery:
+    job_id: str
+    sink: str
+    attempts: int
+    last_error: str
+    dead_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "sink": self.sink,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "dead_at": self.dead_at.isoformat() + "Z",
+        }
 
 
 @dataclass(frozen=True)
@@ -309,13 +329,24 @@ class Ledger:
                 )
             )
             rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(ids)).order_by(tasks.c.sink)).all()
-            job = conn.execute(sa.select(jobs.c.detail, jobs.c.status).where(jobs.c.job_id == first.job_id)).one()
-        return Claim(
-            job=job_from_dict(json.loads(job.detail)),
-            status=JobStatus(job.status),
-            kind=TaskKind(first.kind),
-            tasks=tuple(Task(r.id, r.job_id, TaskKind(r.kind), r.sink, r.attempts) for r in rows),
-        )
+            job = conn.execute(
+                sa.select(jobs.c.detail, jobs.c.status, jobs.c.created_at).where(jobs.c.job_id == first.job_id)
+            ).one()
+            delivered_to = conn.execute(
+                sa.select(tasks.c.sink).where(
+                    tasks.c.job_id == first.job_id,
+                    tasks.c.kind == TaskKind.DELIVER,
+                    tasks.c.status == TaskStatus.DONE,
+                )
+            ).scalars()
+            return Claim(
+                job=job_from_dict(json.loads(job.detail)),
+                status=JobStatus(job.status),
+                kind=TaskKind(first.kind),
+                tasks=tuple(Task(r.id, r.job_id, TaskKind(r.kind), r.sink, r.attempts) for r in rows),
+                received_at=job.created_at,
+                delivered_to=frozenset(delivered_to),
+            )
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks are still ours."""
@@ -439,6 +470,20 @@ class Ledger:
                     _insert_task(conn, job_id, TaskKind.DELIVER, sink, now)
             _set_job(conn, job_id, JobStatus.VERIFIED, "", now)
         return list(sinks)
+
+    def dead_deliveries(self, sink: str | None = None, since: datetime | None = None) -> list[DeadDelivery]:
+        """Deliveries that ran out of attempts (the dead letters), oldest first."""
+        query = (
+            sa.select(tasks)
+            .where(tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DEAD)
+            .order_by(tasks.c.done_at, tasks.c.id)
+        )
+        if sink is not None:
+            query = query.where(tasks.c.sink == sink)
+        if since is not None:
+            query = query.where(tasks.c.done_at >= since)
+        with self.engine.connect() as conn:
+            return [DeadDelivery(r.job_id, r.sink, r.attempts, r.last_error, r.done_at) for r in conn.execute(query)]
 
     def counts(self) -> dict[str, int]:
         """Jobs per status and due tasks, for health and metrics."""

@@ -108,13 +108,28 @@ class Callback:
 
 @dataclass(frozen=True)
 class FetchedFile:
-    """An output object downloaded to a local file and checked."""
+    """A job's output object: downloaded to ``path`` and checked, or only described (``path`` None).
 
-    path: str
+    Only described when no due sink needs the bytes (a server-side copy, a notification).
+    """
+
+    path: str | None
     size: int
     crc64: str
     content_type: str
     etag: str = ""
+
+
+@dataclass(frozen=True)
+class FileLocation:
+    """Where a sink keeps (or will keep) a job's file, for notifications that point at it."""
+
+    kind: str  # "cos", "s3", "filesystem" or "source" (CI's output object itself)
+    bucket: str = ""
+    key: str = ""
+    region: str = ""
+    path: str = ""
+    url: str = ""  # a presigned URL, when one was asked for
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,7 @@ class Event:
     type: str  # "job.succeeded" or "job.failed"
     job: Job
     file: FetchedFile | None = None
+    location: FileLocation | None = None
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

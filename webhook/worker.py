@@ -14,14 +14,15 @@ from types import FrameType
 
 from qcloud_cos import CosS3Client
 
-from webhook.config import RetryPolicy, Settings
+from webhook.config import ConfigError, RetryPolicy, Settings
 from webhook.cos import make_client
 from webhook.events import build_event
-from webhook.fetch import FetchError, fetch_object
-from webhook.ledger import Claim, Ledger, Task
-from webhook.models import FetchedFile, TaskKind
+from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url
+from webhook.ledger import Claim, Ledger, Task, utcnow
+from webhook.models import FetchedFile, FileLocation, Job, TaskKind
 from webhook.retry import backoff_delay, exhausted
-from webhook.sinks import DeliveryError, Sink, build_sinks
+from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.config import NotifyOptions, SinkSpec, build_sinks, sink_specs
 from webhook.verify import Accept, Allowlist, Reject, Verdict, VerifyError, Wait, decide, describe_job, precheck
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,14 @@ class Worker:
         self,
         settings: Settings,
         ledger: Ledger,
+        specs: list[SinkSpec],
         sinks: dict[str, Sink],
         client_for_region: ClientFactory,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
+        self.specs = {spec.name: spec for spec in specs}
         self.sinks = sinks
         self.client_for_region = client_for_region
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -58,9 +61,16 @@ class Worker:
                 clients[region] = make_client(settings.secret_id, settings.secret_key, region, settings.cos_endpoint)
             return clients[region]
 
+        specs = sink_specs(settings)
+        if not specs:
+            raise ConfigError(
+                "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL, "
+                f"or declare sinks in {settings.config_path} (WEBHOOK_CONFIG)"
+            )
+        sinks = build_sinks(specs, settings)
         ledger = ledger or Ledger(settings.database_url)
         ledger.create_schema()
-        return cls(settings, ledger, build_sinks(settings), client_for_region)
+        return cls(settings, ledger, specs, sinks, client_for_region)
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -110,65 +120,107 @@ class Worker:
             try:
                 reported = describe_job(self.client_for_region(job.input.region), job.input.bucket, job.job_id)
             except VerifyError as exc:
-                self._failed(task, str(exc), self.settings.retry)
+                self._failed(task, str(exc), self.settings.retry, claim)
                 return
             verdict = decide(job, reported, self.allow)
         match verdict:
             case Accept():
-                sinks = sorted(self.sinks)
+                sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
                 self.ledger.accept(task, self.worker_id, sinks)
                 log.info("job=%s verified state=%s deliveries=%s", job.job_id, job.state, ",".join(sinks))
             case Reject(reason):
                 self.ledger.reject(task, self.worker_id, reason)
                 log.warning("job=%s rejected: %s", job.job_id, reason)
             case Wait(reason):
-                self._failed(task, reason, self.settings.verify_retry)
+                self._failed(task, reason, self.settings.verify_retry, claim)
 
     def _deliver(self, claim: Claim) -> None:
         job = claim.job
+        # Storage sinks first: a notification may point at the copy one of them makes.
+        tasks = sorted(claim.tasks, key=lambda t: self._is_notification(t.sink))
+        unknown = [t for t in tasks if t.sink not in self.sinks]
+        for task in unknown:
+            self._failed(task, f"sink {task.sink} is not configured in this worker", self.settings.retry, claim)
+        tasks = [t for t in tasks if t.sink in self.sinks]
         fetched: FetchedFile | None = None
-        if job.succeeded:
+        if job.succeeded and tasks:
             assert job.output is not None  # verification refuses a success without output
+            client = self.client_for_region(job.output.region)
             try:
-                fetched = fetch_object(self.client_for_region(job.output.region), job.output, self.settings.temp_dir)
+                if any(self.sinks[t.sink].needs_bytes(job) for t in tasks):
+                    fetched = fetch_object(client, job.output, self.settings.temp_dir)
+                else:
+                    fetched = describe_object(client, job.output)
             except FetchError as exc:
-                for task in claim.tasks:
-                    self._failed(task, str(exc), self.settings.retry)
+                for task in tasks:
+                    self._failed(task, str(exc), self._policy(task), claim)
                 return
-            log.info("job=%s fetched %s bytes=%d crc64=%s", job.job_id, job.output.key, fetched.size, fetched.crc64)
+            log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
+        delivered = set(claim.delivered_to)
         try:
-            for task in claim.tasks:
-                self._deliver_to(task, claim, fetched)
+            for task in tasks:
+                if self._deliver_to(task, claim, fetched, delivered):
+                    delivered.add(task.sink)
         finally:
-            if fetched is not None:
+            if fetched is not None and fetched.path is not None:
                 os.unlink(fetched.path)
 
-    def _deliver_to(self, task: Task, claim: Claim, fetched: FetchedFile | None) -> None:
-        sink = self.sinks.get(task.sink)
-        if sink is None:
-            self._failed(task, f"sink {task.sink} is not configured in this worker", self.settings.retry)
-            return
+    def _deliver_to(self, task: Task, claim: Claim, fetched: FetchedFile | None, delivered: set[str]) -> bool:
+        sink = self.sinks[task.sink]
         try:
-            sink.deliver(build_event(claim.job, task.sink, fetched))
+            location = self._location(task.sink, claim.job, delivered) if fetched else None
+            sink.deliver(build_event(claim.job, task.sink, fetched, location))
         except DeliveryError as exc:
-            self._failed(task, exc.message, self.settings.retry, exc.retry_after, permanent=exc.permanent)
-            return
+            self._failed(task, exc.message, self._policy(task), claim, exc.retry_after, permanent=exc.permanent)
+            return False
         if self.ledger.delivered(task, self.worker_id):
             log.info("job=%s sink=%s delivered attempt=%d", task.job_id, task.sink, task.attempts)
         else:
             log.warning("job=%s sink=%s delivered but the lease was lost", task.job_id, task.sink)
+        return True
+
+    def _is_notification(self, sink: str) -> bool:
+        spec = self.specs.get(sink)
+        return spec is not None and isinstance(spec.options, NotifyOptions)
+
+    def _location(self, sink: str, job: Job, delivered: set[str]) -> FileLocation | None:
+        """Where a notification sink's message says the file is."""
+        options = self.specs[sink].options
+        if not isinstance(options, NotifyOptions):
+            return None
+        if options.file_from is not None:
+            if options.file_from not in delivered:
+                raise DeliveryError(f"{sink}: waiting for sink {options.file_from} to store the file")
+            return self.sinks[options.file_from].location(job, options.presign_seconds)
+        assert job.output is not None
+        url = ""
+        if options.presign_seconds:
+            url = presigned_url(self.client_for_region(job.output.region), job.output, options.presign_seconds)
+        return FileLocation("source", job.output.bucket, job.output.key, job.output.region, url=url)
+
+    def _policy(self, task: Task) -> RetryPolicy:
+        spec = self.specs.get(task.sink)
+        return spec.retry.policy() if spec is not None else self.settings.retry
 
     def _failed(
         self,
         task: Task,
         error: str,
         policy: RetryPolicy,
+        claim: Claim | None = None,
         retry_after: float | None = None,
         permanent: bool = False,
     ) -> None:
         """Schedule the task again with backoff, or mark it dead once retrying cannot help."""
         where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if task.sink else "")
-        if permanent or exhausted(task.attempts, policy):
+        too_old = (
+            claim is not None
+            and policy.max_age is not None
+            and (utcnow() - claim.received_at).total_seconds() > policy.max_age
+        )
+        if too_old:
+            error = f"{error} (gave up: older than max_age {policy.max_age:g}s)"
+        if permanent or too_old or exhausted(task.attempts, policy):
             self.ledger.give_up(task, self.worker_id, error)
             log.error("%s dead after %d attempts: %s", where, task.attempts, error)
             return

@@ -1,12 +1,12 @@
-"""Sinks: where verified jobs go. Each receives :class:`~webhook.models.Event` objects."""
+"""Sinks: where verified jobs go. Each receives :class:`~webhook.models.Event` objects.
+
+A sink is declared in the configuration file (:mod:`webhook.sinks.config`) or, for the simple
+case, by environment variables; :func:`webhook.sinks.config.build_sinks` builds them.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
-
-from webhook.config import ConfigError, Settings
-from webhook.models import Event
+from webhook.models import Event, FileLocation, Job
 
 
 class DeliveryError(Exception):
@@ -23,30 +23,26 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
-class Sink(Protocol):
-    """A destination for events."""
+class Sink:
+    """A destination for events. Subclasses implement :meth:`deliver` and usually :meth:`check`."""
 
     name: str
 
     def deliver(self, event: Event) -> None:
         """Deliver ``event``; idempotent per ``event.event_id``; raise :class:`DeliveryError` on failure."""
+        raise NotImplementedError
+
+    def needs_bytes(self, job: Job) -> bool:
+        """Whether delivering ``job`` needs its output downloaded (``event.file.path`` set)."""
+        return True
+
+    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
+        """Where this sink puts ``job``'s file, for notifications that point at it; None if it keeps none."""
+        return None
+
+    def check(self) -> str:
+        """Try the connection; return what was checked, or raise :class:`DeliveryError` saying why not."""
+        return "nothing to check"
 
     def close(self) -> None:
         """Release connections and handles; the sink is not used afterwards."""
-
-
-def build_sinks(settings: Settings) -> dict[str, Sink]:
-    """Every configured sink, by name; :class:`ConfigError` if one cannot be built from its settings."""
-    # The sink modules import DeliveryError from this package, so they are imported here, not at the top.
-    from webhook.sinks.filesystem import FilesystemSink
-    from webhook.sinks.http import HttpSink
-
-    sinks: list[Sink] = []
-    if settings.sink_dir:
-        sinks.append(FilesystemSink(Path(settings.sink_dir)))
-    if settings.http_sink_url:
-        try:
-            sinks.append(HttpSink(settings.http_sink_url, settings.http_sink_secret, settings.http_sink_timeout))
-        except ValueError as exc:
-            raise ConfigError(f"WEBHOOK_HTTP_SINK_SECRET: {exc}") from None
-    return {sink.name: sink for sink in sinks}

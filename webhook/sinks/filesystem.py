@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import IO
 
 from webhook.events import event_metadata
-from webhook.models import Event
-from webhook.sinks import DeliveryError
+from webhook.models import Event, FileLocation, Job
+from webhook.sinks import DeliveryError, Sink
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
 _CHUNK = 1024 * 1024
 
 
-class FilesystemSink:
+class FilesystemSink(Sink):
     """Writes each event's audio, then its metadata, atomically into ``root``.
 
     A consumer can rely on this: once ``<job_id>.json`` exists, the audio it describes is complete.
@@ -43,7 +43,7 @@ class FilesystemSink:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             root = self.root.resolve()
-            if event.file is not None:
+            if event.file is not None and event.file.path is not None:
                 key = event.job.output.key if event.job.output else ""
                 with open(event.file.path, "rb") as src:
                     self._write(root, job_id + _extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
@@ -54,8 +54,18 @@ class FilesystemSink:
                 f"{self.name}: cannot write {exc.filename or self.root}: {exc.strerror or exc}"
             ) from exc
 
-    def close(self) -> None:
-        """Nothing to release."""
+    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation:
+        key = job.output.key if job.output else ""
+        return FileLocation(kind="filesystem", path=str(self.root.resolve() / (job.job_id + _extension(key))))
+
+    def check(self) -> str:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".check-"):
+                pass
+        except OSError as exc:
+            raise DeliveryError(f"{self.name}: cannot write in {self.root}: {exc.strerror or exc}") from exc
+        return f"directory {self.root.resolve()} is writable"
 
     def _write(self, root: Path, name: str, fill: Callable[[IO[bytes]], object]) -> None:
         target = root / name

@@ -18,7 +18,7 @@ import requests
 
 from webhook.events import event_metadata
 from webhook.models import Event, FetchedFile
-from webhook.sinks import DeliveryError
+from webhook.sinks import DeliveryError, Sink
 
 _CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
 # The distribution's version, as `cos-webhook --version` reports it.
@@ -28,7 +28,7 @@ _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
 
-class HttpSink:
+class HttpSink(Sink):
     """POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio) to ``url``.
 
     Each request carries ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
@@ -81,6 +81,16 @@ class HttpSink:
             # Not str(exc): it quotes the URL, whose query or userinfo may hold credentials.
             raise DeliveryError(f"{self.name}: request failed: {_os_reason(exc)}") from exc
 
+    def check(self) -> str:
+        """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
+        try:
+            with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
+                return f"receiver answered HEAD with {response.status_code}"
+        except requests.Timeout as exc:
+            raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
+        except requests.RequestException as exc:
+            raise DeliveryError(f"{self.name}: request failed: {_os_reason(exc)}") from exc
+
     def close(self) -> None:
         """Close pooled connections."""
         self._session.close()
@@ -119,8 +129,9 @@ class MultipartBody:
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         delimiter = f"--{self.boundary}\r\n".encode()
         head = delimiter + _part_headers('name="metadata"', "application/json") + metadata + b"\r\n"
+        # A failure event has no file; a success always arrives downloaded (needs_bytes).
         self._path = file.path if file else None
-        self._size = os.stat(file.path).st_size if file else 0
+        self._size = os.stat(self._path).st_size if self._path else 0
         if file:
             disposition = f'name="file"; filename="{_quote_filename(filename)}"'
             head += delimiter + _part_headers(disposition, _safe_content_type(file.content_type), base64_encoded=True)
