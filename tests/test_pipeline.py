@@ -189,3 +189,19 @@ def test_corrupt_object_is_retried_and_never_forwarded(pipeline: Pipeline) -> No
     on_disk.write_bytes(good)
     assert pipeline.drain(worker, job_id, DONE) == "delivered"
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == good
+
+
+def test_forgery_first_cannot_shadow_the_genuine_callback(pipeline: Pipeline) -> None:
+    with Receiver() as elsewhere:
+        job_id = pipeline.submit(pipeline.upload_input(), callback_url=elsewhere.url)
+        genuine = pipeline.sandbox.wait_for_callbacks(1, timeout=20)[0].body
+    assert pipeline.post_callback(forged(job_id, output_key="out/stolen.wav")).status_code == 200
+    worker = pipeline.worker()
+    assert pipeline.drain(worker, job_id, DONE) == "rejected"
+
+    answer = pipeline.post_callback(genuine)
+    assert answer.json()["jobs"] == [{"job_id": job_id, "duplicate": False}]
+    assert pipeline.drain(worker, job_id, DONE) == "delivered"
+    assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
+    # The same forgery again is now just a duplicate of a delivered job.
+    assert pipeline.post_callback(forged(job_id, output_key="out/stolen.wav")).json()["duplicate"] is True

@@ -275,7 +275,10 @@ class Ledger:
                     .returning(jobs.c.job_id)
                 ).first()
                 if inserted is None:
-                    duplicates.append(job.job_id)
+                    if forward and _reopen_rejected(conn, job, callback_id, now):
+                        new.append(job.job_id)
+                    else:
+                        duplicates.append(job.job_id)
                     continue
                 new.append(job.job_id)
                 if forward:
@@ -534,6 +537,34 @@ def _use_wal(dbapi_conn: Any) -> None:
             pass
         time.sleep(0.05)
     raise sqlite3.OperationalError("could not switch the SQLite ledger to WAL mode")
+
+
+def _reopen_rejected(conn: Connection, job: Job, callback_id: int, now: datetime) -> bool:
+    """A different claim about a job that verification rejected gets verified in its turn.
+
+    Otherwise a forged callback that arrives first would make the genuine one a duplicate,
+    and a real job would never be delivered.
+    """
+    detail = json.dumps(job_to_dict(job))
+    reopened = conn.execute(
+        jobs.update()
+        .where(jobs.c.job_id == job.job_id, jobs.c.status == JobStatus.REJECTED, jobs.c.detail != detail)
+        .values(
+            callback_id=callback_id,
+            state=job.state,
+            status=JobStatus.RECEIVED,
+            reason="",
+            detail=detail,
+            updated_at=now,
+        )
+    ).rowcount
+    if reopened:
+        conn.execute(
+            tasks.update()
+            .where(tasks.c.job_id == job.job_id, tasks.c.kind == TaskKind.VERIFY)
+            .values(status=TaskStatus.PENDING, attempts=0, run_after=now, last_error="", done_at=None, updated_at=now)
+        )
+    return bool(reopened)
 
 
 def _insert_task(conn: Connection, job_id: str, kind: TaskKind, sink: str, now: datetime) -> None:
