@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from webhook import receive
 from webhook.config import Settings
@@ -30,6 +32,19 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
     app.register_blueprint(receive.bp)
+    if settings.trusted_proxies:
+        # Behind N proxies the client is the N-th address from the right of X-Forwarded-For;
+        # anything further left was written by the client and is not trusted.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
+
+    @app.before_request
+    def _source_allowed() -> tuple[Response, int] | None:
+        if not settings.allowed_sources or not request.path.startswith("/callback/"):
+            return None
+        if _in_networks(request.remote_addr or "", settings.allowed_sources):
+            return None
+        log.warning("callback refused: source %s is not in WEBHOOK_ALLOWED_SOURCES", request.remote_addr)
+        return receive.error(403, f"source address {request.remote_addr} is not allowed")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -50,6 +65,14 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     if settings.run_worker_in_web:
         _start_worker_thread(settings, ledger)
     return app
+
+
+def _in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _start_worker_thread(settings: Settings, ledger: Ledger) -> None:

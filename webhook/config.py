@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -55,6 +56,8 @@ class Settings:
     http_sink_secret: str = field(default="", repr=False)
     http_sink_timeout: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    allowed_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any address
+    trusted_proxies: int = 0  # X-Forwarded-For hops set by proxies in front (the PaaS router)
     retry: RetryPolicy = RetryPolicy()
     verify_retry: RetryPolicy = RetryPolicy(max_attempts=30, backoff_base=5.0, backoff_cap=300.0)
     lease_seconds: float = 300.0
@@ -85,6 +88,8 @@ class Settings:
             http_sink_secret=e.text("WEBHOOK_HTTP_SINK_SECRET"),
             http_sink_timeout=e.number("WEBHOOK_HTTP_SINK_TIMEOUT", 30.0),
             max_body_bytes=int(e.number("WEBHOOK_MAX_BODY_BYTES", 1024 * 1024)),
+            allowed_sources=e.networks("WEBHOOK_ALLOWED_SOURCES"),
+            trusted_proxies=e.count("WEBHOOK_TRUSTED_PROXIES"),
             retry=RetryPolicy(
                 max_attempts=int(e.number("WEBHOOK_MAX_ATTEMPTS", 8)),
                 backoff_base=e.number("WEBHOOK_BACKOFF_BASE", 2.0),
@@ -145,6 +150,18 @@ class _Env:
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, not {raw!r}")
         return value
+
+    def count(self, name: str) -> int:
+        raw = self.text(name, "0")
+        if not raw.isdigit():
+            raise ConfigError(f"{name} must be a whole number (0 or more), not {raw!r}")
+        return int(raw)
+
+    def networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(part, strict=False) for part in self.names(name))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
 
     def flag(self, name: str) -> bool:
         raw = self.text(name).lower()

@@ -1,0 +1,90 @@
+"""Who may post callbacks: the token, two tokens during rotation, and a source-address allowlist
+that stays correct behind a PaaS proxy."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import LiveServer
+from samples import DOC_JSON
+
+from webhook.app import create_app
+from webhook.config import ConfigError, Settings
+from webhook.ledger import Ledger, callbacks
+
+OLD, NEW = "old-token-0123456789", "new-token-0123456789"
+
+
+@contextmanager
+def receiver(tmp_path: Path, **changes: object) -> Iterator[tuple[str, Ledger]]:
+    settings = replace(Settings(database_url=f"sqlite:///{tmp_path / 'ledger.db'}", callback_tokens=(OLD,)), **changes)
+    ledger = Ledger(settings.database_url)
+    with LiveServer(create_app(settings, ledger)) as server:
+        yield server.url, ledger
+    ledger.dispose()
+
+
+def post(url: str, token: str = OLD, **headers: str) -> requests.Response:
+    return requests.post(f"{url}/callback/{token}", data=DOC_JSON, headers=headers, timeout=10)
+
+
+def test_rotation_accepts_both_tokens_then_only_the_new_one(tmp_path: Path) -> None:
+    with receiver(tmp_path, callback_tokens=(OLD, NEW)) as (url, _):
+        assert post(url, OLD).status_code == 200
+        assert post(url, NEW).json()["duplicate"] is True
+    with receiver(tmp_path, callback_tokens=(NEW,)) as (url, _):
+        refused = post(url, OLD)
+        assert (refused.status_code, refused.json()["error"]) == (404, "unknown callback URL")
+        assert post(url, NEW).status_code == 200
+
+
+def test_source_outside_the_allowlist_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    with receiver(tmp_path, allowed_sources=(ipaddress.ip_network("10.0.0.0/8"),)) as (url, ledger):
+        refused = post(url)
+        assert (refused.status_code, refused.json()["error"]) == (403, "source address 127.0.0.1 is not allowed")
+        assert ledger.counts() == {"tasks_pending": 0}
+        # Without trusted proxies, a client's own X-Forwarded-For changes nothing.
+        assert post(url, **{"X-Forwarded-For": "10.1.2.3"}).status_code == 403
+
+
+def test_allowed_source_passes(tmp_path: Path) -> None:
+    with receiver(tmp_path, allowed_sources=(ipaddress.ip_network("127.0.0.0/8"),)) as (url, _):
+        assert post(url).status_code == 200
+
+
+def test_behind_one_proxy_the_client_is_the_last_forwarded_address(tmp_path: Path) -> None:
+    allow = (ipaddress.ip_network("203.0.113.0/24"),)
+    with receiver(tmp_path, allowed_sources=allow, trusted_proxies=1) as (url, ledger):
+        # The PaaS router appends the address it saw: that one is the client.
+        assert post(url, **{"X-Forwarded-For": "203.0.113.7"}).status_code == 200
+        # A client that writes an allowed address itself cannot pass: the router appends the real one.
+        spoofed = post(url, **{"X-Forwarded-For": "203.0.113.7, 198.51.100.9"})
+        assert (spoofed.status_code, spoofed.json()["error"]) == (403, "source address 198.51.100.9 is not allowed")
+        with ledger.engine.connect() as conn:
+            stored = conn.execute(callbacks.select()).all()
+        assert [row.remote_addr for row in stored] == ["203.0.113.7"]
+
+
+def test_health_is_not_behind_the_allowlist(tmp_path: Path) -> None:
+    with receiver(tmp_path, allowed_sources=(ipaddress.ip_network("10.0.0.0/8"),)) as (url, _):
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WEBHOOK_ALLOWED_SOURCES": "10.0.0.0/33"}, "WEBHOOK_ALLOWED_SOURCES: "),
+        ({"WEBHOOK_ALLOWED_SOURCES": "not-an-address"}, "WEBHOOK_ALLOWED_SOURCES: "),
+        ({"WEBHOOK_TRUSTED_PROXIES": "-1"}, "WEBHOOK_TRUSTED_PROXIES must be a whole number (0 or more), not '-1'"),
+    ],
+)
+def test_bad_access_settings(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert str(raised.value).startswith(message)
