@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from pipeline import Pipeline, settings_env
+from processes import start_worker
 from receiver import Reply
 
 from webhook.events import event_id
 
-COS_WEBHOOK = str(Path(sys.executable).with_name("cos-webhook"))
 LEASE = 2
 
 
-def start_worker(pipeline: Pipeline, log: Path) -> subprocess.Popen[bytes]:
-    env = os.environ | settings_env(pipeline.settings) | {"WEBHOOK_LEASE_SECONDS": str(LEASE)}
-    with log.open("ab") as out:
-        return subprocess.Popen([COS_WEBHOOK, "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
+def start(pipeline: Pipeline, log: Path) -> subprocess.Popen[bytes]:
+    return start_worker(settings_env(pipeline.settings) | {"WEBHOOK_LEASE_SECONDS": str(LEASE)}, log)
 
 
 def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -29,7 +25,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
     job_id = pipeline.submit(pipeline.upload_input())
     log = tmp_path / "worker.log"
 
-    first = start_worker(pipeline, log)
+    first = start(pipeline, log)
     try:
         pipeline.wait_until(lambda: len(pipeline.http.requests) == 1, what="the first http delivery attempt")
     finally:
@@ -43,7 +39,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
         ("http", "pending"),
     ]
 
-    second = start_worker(pipeline, log)
+    second = start(pipeline, log)
     try:
         # The killed worker's lease runs out, then the new one takes the delivery over.
         pipeline.wait_until(lambda: pipeline.status(job_id) == "delivered", timeout=LEASE + 20, what="redelivery")

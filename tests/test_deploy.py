@@ -2,63 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 from pipeline import TOKEN, Pipeline, settings_env
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = str(Path(sys.executable).parent)
-
-
-def procfile(process: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, _, command = line.partition(":")
-        if name == process:
-            return command.strip()
-    raise AssertionError(f"no {process}: line in the Procfile")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def web(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    full_env = os.environ | env | {"PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["bash", "-c", f"exec {procfile('web')}"], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not become healthy:\n{log.read_text()}")
+from processes import wait_healthy, web
 
 
 def test_gunicorn_serves_callbacks_and_runs_the_worker_in_process(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -27,7 +28,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     ledger = ledger or Ledger(settings.database_url)
     ledger.create_schema()
 
-    app = Flask(__name__)
+    app = _App(__name__)
     # Werkzeug refuses a larger declared body before reading it, and cuts a chunked one off.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
@@ -57,14 +58,23 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
 
     @app.after_request
     def _access_log(response: Response) -> Response:
-        # The token is a credential: never log the path that carries it.
-        path = "/callback/<token>" if request.path.startswith("/callback/") else request.path
-        log.info("%s %s %s %s", request.remote_addr, request.method, path, response.status_code)
+        log.info("%s %s %s %s", request.remote_addr, request.method, _redacted(request.path), response.status_code)
         return response
 
     if settings.run_worker_in_web:
         _start_worker_thread(settings, ledger)
     return app
+
+
+class _App(Flask):
+    def log_exception(self, exc_info: Any) -> None:
+        # Flask's own version logs request.path, which carries the callback token.
+        self.logger.error("Exception on %s [%s]", _redacted(request.path), request.method, exc_info=exc_info)
+
+
+def _redacted(path: str) -> str:
+    """The request path without the callback token, which is a credential."""
+    return "/callback/<token>" if path.startswith("/callback/") else path
 
 
 def _in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
