@@ -74,8 +74,8 @@ class NotifyOptions(_Strict):
 
     # A storage sink's name: point at its copy (delivered first). Unset: CI's output object.
     file_from: str | None = None
-    # With it, the location carries a presigned GET URL valid this many seconds.
-    presign_seconds: PositiveInt | None = None
+    # With it, the location carries a presigned GET URL valid this many seconds (S3 allows 7 days).
+    presign_seconds: Annotated[int, Field(gt=0, le=604_800)] | None = None
 
 
 class RedisOptions(NotifyOptions):
