@@ -6,8 +6,10 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# A callback body is at most WEBHOOK_MAX_BODY_BYTES; a client that cannot send it in this
-# long is cut off so slow senders cannot hold every thread.
+# How long a silent worker process may go before the arbiter restarts it. With gthread workers
+# this does NOT cut off a client that trickles its body slowly: that client keeps one thread for
+# as long as it keeps sending (tests/test_hostile.py shows it). Slow-client protection belongs
+# to the platform's router or a reverse proxy in front, which buffer request bodies.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30
 keepalive = 5

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import wave
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -236,6 +237,128 @@ def test_an_object_named_like_a_job_query_is_still_an_object(client: Any) -> Non
     client.put_object(Bucket=BUCKET, Key="jobs/report.txt", Body=b"not a job")
 
     assert read_object(client, "jobs/report.txt") == b"not a job"
+
+
+def test_metadata_headers_are_kept_with_the_object(client: Any) -> None:
+    client.put_object(
+        Bucket=BUCKET, Key="m.wav", Body=b"x", ContentType="audio/wav", Metadata={"x-cos-meta-Job-Id": "j1"}
+    )
+
+    for headers in (client.head_object(Bucket=BUCKET, Key="m.wav"), client.get_object(Bucket=BUCKET, Key="m.wav")):
+        assert headers["Content-Type"] == "audio/wav"
+        assert headers["x-cos-meta-job-id"] == "j1"
+
+
+@pytest.mark.parametrize(
+    ("directive", "content_type", "metadata"),
+    [("Copy", "text/plain", {"x-cos-meta-a": "1"}), ("Replaced", "audio/wav", {"x-cos-meta-b": "2"})],
+)
+def test_copy_object_keeps_or_replaces_the_metadata(
+    client: Any, directive: str, content_type: str, metadata: dict[str, str]
+) -> None:
+    data = b"copied server-side" * 1000
+    source_key = "src/a b+ü.txt"  # the SDK URL-encodes it in x-cos-copy-source
+    put = client.put_object(
+        Bucket=BUCKET, Key=source_key, Body=data, ContentType="text/plain", Metadata={"x-cos-meta-a": "1"}
+    )
+
+    copied = client.copy_object(
+        Bucket=OTHER_BUCKET,
+        Key="dst/c.txt",
+        CopySource={"Bucket": BUCKET, "Key": source_key, "Region": "ap-shanghai"},
+        CopyStatus=directive,
+        ContentType="audio/wav",
+        Metadata={"x-cos-meta-b": "2"},
+    )
+
+    assert (copied["ETag"], copied["CRC64"]) == (put["ETag"], put["x-cos-hash-crc64ecma"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", copied["LastModified"])
+    assert read_object(client, "dst/c.txt", OTHER_BUCKET) == data
+    head = client.head_object(Bucket=OTHER_BUCKET, Key="dst/c.txt")
+    assert head["Content-Type"] == content_type
+    assert {k: v for k, v in head.items() if k.startswith("x-cos-meta-")} == metadata
+
+
+def test_copy_streams_file_to_file(client: Any) -> None:
+    def copy_peak(size: int) -> int:
+        """Peak memory traced while the sandbox (in this process) copies an object of ``size`` bytes."""
+        client.put_object(Bucket=BUCKET, Key="big.bin", Body=b"\x01" * size)
+        tracemalloc.start()
+        try:
+            source = {"Bucket": BUCKET, "Key": "big.bin", "Region": REGION}
+            client.copy_object(Bucket=BUCKET, Key="big-copy.bin", CopySource=source)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = copy_peak(1024 * 1024), copy_peak(64 * 1024 * 1024)
+
+    assert client.head_object(Bucket=BUCKET, Key="big-copy.bin")["Content-Length"] == str(64 * 1024 * 1024)
+    assert large - small < 4 * 1024 * 1024  # 63 MiB more to copy, about nothing more in memory
+
+
+def test_copy_errors(client: Any) -> None:
+    missing = service_error(
+        client.copy_object,
+        Bucket=BUCKET,
+        Key="b.txt",
+        CopySource={"Bucket": BUCKET, "Key": "missing.txt", "Region": REGION},
+    )
+    client.put_object(Bucket=BUCKET, Key="a.txt", Body=b"x")
+    onto_itself = service_error(
+        client.copy_object, Bucket=BUCKET, Key="a.txt", CopySource={"Bucket": BUCKET, "Key": "a.txt", "Region": REGION}
+    )
+
+    assert (missing.get_status_code(), missing.get_error_code()) == (404, "NoSuchKey")
+    assert (onto_itself.get_status_code(), onto_itself.get_error_code()) == (400, "InvalidRequest")
+
+
+def test_head_bucket(client: Any) -> None:
+    assert client.head_bucket(Bucket=BUCKET)["x-cos-bucket-region"] == REGION
+    assert service_error(client.head_bucket, Bucket="examplebucket-1").get_status_code() == 404
+
+
+def test_presigned_get_through_request_target(sandbox: Sandbox, client: Any) -> None:
+    client.put_object(Bucket=BUCKET, Key="dir/p q.wav", Body=b"presigned bytes")
+    # Signed for the bucket's own host: a client aimed at the sandbox's IP would sign the IP.
+    signer = make_client(sandbox.secret_id, sandbox.secret_key, REGION)
+    url = signer.get_presigned_url(Bucket=BUCKET, Key="dir/p q.wav", Method="GET", Expired=60)
+
+    target, headers = sandbox.request_target(url)
+    response = requests.get(target, headers=headers, timeout=10)
+
+    assert url.startswith(f"https://{BUCKET}.cos.{REGION}.myqcloud.com/dir/p%20q.wav?q-sign-algorithm=sha1&")
+    assert target.startswith(f"{sandbox.url}/dir/p%20q.wav?q-sign-algorithm=sha1&")
+    assert headers == {"Host": f"{BUCKET}.cos.{REGION}.myqcloud.com"}
+    assert (response.status_code, response.content) == (200, b"presigned bytes")
+
+
+def test_presigned_urls_are_checked(sandbox: Sandbox, client: Any) -> None:
+    client.put_object(Bucket=BUCKET, Key="p.wav", Body=b"x")
+    signer = make_client(sandbox.secret_id, sandbox.secret_key, REGION)
+    url = signer.get_presigned_url(Bucket=BUCKET, Key="p.wav", Method="GET", Expired=60)
+
+    def get(presigned: str) -> tuple[int, str]:
+        target, headers = sandbox.request_target(presigned)
+        response = requests.get(target, headers=headers, timeout=10)
+        code = xmltodict.parse(response.content)["Error"]["Code"] if response.content else ""
+        return response.status_code, code
+
+    expired = signer.get_presigned_url(Bucket=BUCKET, Key="p.wav", Method="GET", Expired=-1)
+    assert get(expired) == (403, "AccessDenied")
+    # Only q-key-time is signed; a later q-sign-time alone must not revive an expired URL.
+    revived = re.sub(r"(q-sign-time=\d+%3B)\d+", lambda m: f"{m[1]}{int(time.time()) + 3600}", expired)
+    assert revived != expired
+    assert get(revived) == (403, "AccessDenied")
+    assert get(url.replace("p.wav?", "other.wav?")) == (403, "SignatureDoesNotMatch")
+    assert get(url[:-1] + ("0" if url[-1] != "0" else "1")) == (403, "SignatureDoesNotMatch")
+    assert get(url + "&uploads") == (501, "NotImplemented")
+    # What the SDK presigns with CosConfig(IP=...): the URL has the IP, so the bucket is lost.
+    ip_url = client.get_presigned_url(Bucket=BUCKET, Key="p.wav", Method="GET", Expired=60)
+    assert ip_url.startswith(f"{sandbox.url}/p.wav?")
+    response = requests.get(ip_url, timeout=10)
+    assert response.status_code == 400
+    assert xmltodict.parse(response.content)["Error"]["Code"] == "InvalidURI"
 
 
 # --- test audio ----------------------------------------------------------------------------

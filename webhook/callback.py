@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from xml.parsers import expat
 from xml.parsers.expat import ExpatError
 
 import xmltodict
@@ -18,11 +19,16 @@ from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, W
 TASK_FINISH = "TaskFinish"
 MAX_JOBS_PER_CALLBACK = 100
 MAX_FIELD_LENGTH = 4096
+# CI's deepest element is about 7 levels down (Response/JobsDetail/Operation/MediaResult/…).
+MAX_XML_DEPTH = 100
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _STATES = ", ".join(s.value for s in JobState)
 # Expat expands internal entities before any handler sees them; refusing the declaration
 # itself is the only way to rule out entity-expansion bombs and external entities.
 _DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_DTD_REFUSED = "XML with a DOCTYPE or entity declaration is not accepted"
+# Only a JSON escape ("\ud800") can produce one; no UTF-8 encoder, so neither database, accepts it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CallbackError(ValueError):
@@ -49,9 +55,14 @@ def _decode(body: bytes) -> str:
     if not body.strip():
         raise CallbackError("body is empty")
     try:
-        return body.decode("utf-8-sig")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CallbackError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    # Neither JSON nor XML allows a raw NUL, but expat reads "<\0R\0..." as UTF-16 whatever
+    # encoding it is told: a BOM-less UTF-16 body then slipped past the DOCTYPE check on the text.
+    if "\x00" in text:
+        raise CallbackError(f"body contains a NUL byte (byte {body.index(0)})")
+    return text
 
 
 def _load_json(text: str) -> dict[str, Any]:
@@ -70,20 +81,57 @@ def _load_json(text: str) -> dict[str, Any]:
 
 def _load_xml(text: str) -> dict[str, Any]:
     if _DTD.search(text):
-        raise CallbackError("XML with a DOCTYPE or entity declaration is not accepted")
+        raise CallbackError(_DTD_REFUSED)
+    _check_xml(text)
     try:
         doc = xmltodict.parse(text, disable_entities=True, force_list=("JobsDetail", "CosHeaders"))
     except ExpatError as exc:
         raise CallbackError(f"malformed XML: {exc}") from None
-    except RecursionError:
-        raise CallbackError("XML is nested too deeply") from None
     root = next(iter(doc))
     if root != "Response":
-        raise CallbackError(f"XML root element must be <Response>, not <{root}>")
+        # Clipped: an element name can be as long as the body, and the message is answered and logged.
+        raise CallbackError(f"XML root element must be <Response>, not <{_clip(root)}>")
     body = doc[root]
     if not isinstance(body, dict):
         raise CallbackError("<Response> is empty")
     return body
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_xml(text: str) -> None:
+    """Read the document once with expat alone, before xmltodict builds anything from it.
+
+    xmltodict keeps unknown elements, so 100,000 nested ``<a>`` inside ``JobsDetail`` used to
+    be accepted after building 100,000 nested dicts; the depth is refused here instead. A
+    DOCTYPE is refused again at the parser, in case the pattern above ever misses one:
+    xmltodict's own entity guard raises a plain ValueError (a 500) instead of a 400.
+    """
+    parser = expat.ParserCreate("utf-8")  # as xmltodict does for text: the declaration is not trusted
+    depth = 0
+
+    def start(_name: str, _attrs: Any) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_XML_DEPTH:
+            raise CallbackError(f"XML is nested more than {MAX_XML_DEPTH} elements deep")
+
+    def end(_name: str) -> None:
+        nonlocal depth
+        depth -= 1
+
+    def doctype(*_args: Any) -> None:
+        raise CallbackError(_DTD_REFUSED)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.StartDoctypeDeclHandler = doctype
+    try:
+        parser.Parse(text.encode(), True)
+    except ExpatError as exc:
+        raise CallbackError(f"malformed XML: {exc}") from None
 
 
 def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
@@ -167,6 +215,8 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
         raise CallbackError(f"{name} is longer than {MAX_FIELD_LENGTH} characters")
     if "\x00" in text:  # no CI field holds one, and PostgreSQL text columns cannot store it
         raise CallbackError(f"{name} contains a NUL character")
+    if _SURROGATE.search(text):  # stored as is, it made the ledger's INSERT fail: a 500, not a 400
+        raise CallbackError(f"{name} contains an unpaired surrogate")
     return text
 
 

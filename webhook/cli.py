@@ -82,7 +82,10 @@ def worker(burst: bool) -> None:
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
     w.install_signal_handlers()
-    w.run(burst=burst)
+    try:
+        w.run(burst=burst)
+    finally:
+        w.close()
 
 
 @main.command()

@@ -197,13 +197,18 @@ class _Env:
 
     def endpoint(self, name: str) -> CosEndpoint | None:
         url = self.http_url(name)
-        if not url:
-            return None
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(f"{name} has an invalid port") from None
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"{name} must be scheme://host[:port] with no path")
-        return CosEndpoint(scheme=parts.scheme, host=parts.hostname or "", port=port)
+        return parse_endpoint(url, name) if url else None
+
+
+def parse_endpoint(url: str, name: str) -> CosEndpoint:
+    """``scheme://host[:port]`` as the SDK needs it; :class:`ConfigError` names ``name`` otherwise."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name} has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL")
+    if parts.path not in ("", "/"):
+        raise ConfigError(f"{name} must be scheme://host[:port] with no path")
+    return CosEndpoint(scheme=parts.scheme, host=parts.hostname, port=port)

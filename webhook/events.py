@@ -36,6 +36,7 @@ change gets a new version.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import asdict
 from typing import Any
@@ -88,3 +89,8 @@ def event_metadata(event: Event) -> dict[str, Any]:
         if event.location is not None:
             file["location"] = {k: v for k, v in asdict(event.location).items() if v}
     return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}
+
+
+def event_document(event: Event) -> bytes:
+    """The metadata document as the ``<job_id>.json`` file that storage sinks write."""
+    return json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"

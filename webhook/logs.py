@@ -12,6 +12,8 @@ def setup_logging(level: str) -> None:
     # itself, redacted); the SDK logs every request URL and body at INFO.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("qcloud_cos").setLevel(logging.WARNING)
+    # pika logs every lost connection with a traceback; the sink reports it once, with context.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     root = logging.getLogger()
     if root.handlers:
         root.setLevel(level)

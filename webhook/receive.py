@@ -7,7 +7,7 @@ import logging
 
 import sqlalchemy.exc
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from webhook.callback import CallbackError, parse_callback
 from webhook.ledger import Ledger, RawRequest
@@ -27,8 +27,20 @@ def callback(token: str) -> tuple[Response, int]:
         return error(404, "unknown callback URL")
     body = request.get_data(cache=False)
     # A chunked body is cut off at the limit without an error; one more byte tells if it was.
-    if len(body) >= rt.settings.max_body_bytes and request.stream.read(1):
+    # That byte comes from the server's own (dechunked) stream: werkzeug's limited stream
+    # raises 413 on any read past the limit, which refused a chunked body of exactly the limit
+    # (and, under gunicorn, a Content-Length body of exactly the limit too). A body with a
+    # Content-Length was bounded by it and has nothing more to read.
+    if (
+        len(body) >= rt.settings.max_body_bytes
+        and request.content_length is None
+        and request.environ["wsgi.input"].read(1)
+    ):
         raise RequestEntityTooLarge()
+    # gunicorn hands over a body cut short by a disconnecting client as if it were whole
+    # (werkzeug's own server raises ClientDisconnected): refuse it the same way, with a 400.
+    if request.content_length is not None and len(body) < request.content_length:
+        raise ClientDisconnected()
     try:
         parsed = parse_callback(body)
     except CallbackError as exc:
@@ -36,7 +48,9 @@ def callback(token: str) -> tuple[Response, int]:
         return error(exc.status, exc.message)
     raw = RawRequest(
         body=body,
-        content_type=request.content_type or "",
+        # werkzeug's development server passes a NUL through, and PostgreSQL text cannot hold one
+        # (a 500); gunicorn refuses such a header itself.
+        content_type=(request.content_type or "").replace("\x00", "\ufffd"),
         headers={name: request.headers[name] for name in STORED_HEADERS if name in request.headers},
         remote_addr=request.remote_addr or "",
     )

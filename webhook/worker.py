@@ -88,6 +88,11 @@ class Worker:
         log.info("worker %s stopped after %d claims", self.worker_id, done)
         return done
 
+    def close(self) -> None:
+        """Release every sink's connections (queues and streams hold sockets open)."""
+        for sink in self.sinks.values():
+            sink.close()
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current claim, then stop (PaaS restarts send SIGTERM)."""
 
@@ -195,7 +200,10 @@ class Worker:
         assert job.output is not None
         url = ""
         if options.presign_seconds:
-            url = presigned_url(self.client_for_region(job.output.region), job.output, options.presign_seconds)
+            # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
+            # bucket name and carry a signature over that address.
+            public = make_client(self.settings.secret_id, self.settings.secret_key, job.output.region)
+            url = presigned_url(public, job.output, options.presign_seconds)
         return FileLocation("source", job.output.bucket, job.output.key, job.output.region, url=url)
 
     def _policy(self, task: Task) -> RetryPolicy:

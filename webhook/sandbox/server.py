@@ -3,6 +3,16 @@
 Point ``webhook.cos.make_client`` at :attr:`Sandbox.endpoint`: the SDK then connects here and
 names the bucket in ``Host`` (``<bucket>.cos.<region>.myqcloud.com``), which is how requests
 are routed. The CI API is also served on ``<bucket>.ci.<region>.myqcloud.com``.
+
+Served: PUT (also a server-side copy with ``x-cos-copy-source``), GET (with ``Range``), HEAD and
+DELETE Object, with ``Content-Type`` and ``x-cos-meta-*`` kept; HEAD Bucket (every bucket named
+``<name>-<appid>`` exists); the CI calls in :mod:`webhook.sandbox.jobs`. Requests are signed in the
+``Authorization`` header or, for presigned URLs, in the query string.
+
+A presigned URL names the bucket's host, and its signature covers that host. With
+``CosConfig(IP=...)`` the SDK would put the IP in the URL instead and lose the bucket, so sign
+with a client that has no IP (``make_client(id, key, region)``) and send the URL here with its
+host kept in ``Host``: :meth:`Sandbox.request_target` does the rewriting.
 """
 
 from __future__ import annotations
@@ -16,9 +26,11 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import xmltodict
 from qcloud_cos import CosS3Client
@@ -30,7 +42,7 @@ from werkzeug.wrappers import Request, Response
 from webhook.config import CosEndpoint
 from webhook.cos import make_client
 from webhook.sandbox.jobs import JobRequestError, MediaJobs, SentCallback, new_job
-from webhook.sandbox.signing import SignatureError, verify_request
+from webhook.sandbox.signing import FIELDS, SignatureError, verify_request
 from webhook.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
 
 if TYPE_CHECKING:
@@ -44,6 +56,9 @@ SANDBOX_KEY = "sandbox-secret-key"
 SANDBOX_APPID = "1250000000"
 DEFAULT_REGION = "ap-guangzhou"
 _HOST = re.compile(r"(?P<bucket>[^.]+)\.(?P<service>cos|ci)\.(?P<region>[^.]+)\.myqcloud\.com(?::\d+)?")
+# What cos-python-sdk-v5's copy_object sends: the source's host, then its URL-encoded key.
+_COPY_SOURCE = re.compile(r"(?P<bucket>[^./]+)\.cos\.(?P<region>[^./]+)\.myqcloud\.com/(?P<key>.+)")
+_META_PREFIX = "x-cos-meta-"
 _MAX_JOB_REQUEST = 64 * 1024
 
 
@@ -144,12 +159,18 @@ class SandboxApp:
 
     def _object(self, request: Request, target: _Target) -> Response:
         if not target.key:
-            raise ApiError(501, "NotImplemented", "the sandbox serves object calls only, not bucket calls")
-        if request.args:
-            # Refuse rather than ignore: ?uploadId&partNumber=1 ignored would overwrite the object.
-            names = ", ".join(sorted(request.args))
-            raise ApiError(501, "NotImplemented", f"the sandbox does not support the parameters {names}")
+            if request.method == "HEAD":
+                return Response(status=200, headers={"x-cos-bucket-region": target.region})
+            raise ApiError(501, "NotImplemented", "the sandbox serves object calls and HEAD Bucket only")
+        # A presigned URL's signature fields were checked already; any other parameter is refused
+        # rather than ignored: ?uploadId&partNumber=1 ignored would overwrite the object.
+        names = sorted(name for name in request.args if name not in FIELDS)
+        if names:
+            raise ApiError(501, "NotImplemented", f"the sandbox does not support the parameters {', '.join(names)}")
         if request.method == "PUT":
+            copy_source = request.headers.get("x-cos-copy-source")
+            if copy_source is not None:
+                return self._copy(request, target, copy_source)
             return self._put(request, target)
         if request.method == "GET":
             return self._get(request, target)
@@ -161,12 +182,49 @@ class SandboxApp:
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on objects")
 
     def _put(self, request: Request, target: _Target) -> Response:
-        content_type = request.headers.get("Content-Type") or "application/octet-stream"
         try:
-            info = self._store.put(target.bucket, target.key, read_chunks(request.stream), content_type)
+            info = self._store.put(
+                target.bucket, target.key, read_chunks(request.stream), _content_type(request), _metadata(request)
+            )
         except ClientDisconnected:
             raise ApiError(400, "IncompleteBody", "the body ended before Content-Length bytes") from None
         return Response(status=200, headers={"ETag": f'"{info.md5}"', "x-cos-hash-crc64ecma": info.crc64})
+
+    def _copy(self, request: Request, target: _Target, copy_source: str) -> Response:
+        """PUT Object - Copy: the bytes never leave the store; answered with ``CopyObjectResult``."""
+        match = _COPY_SOURCE.fullmatch(copy_source)
+        if match is None:
+            raise ApiError(
+                400,
+                "InvalidArgument",
+                f"x-cos-copy-source {copy_source!r} is not <bucket>.cos.<region>.myqcloud.com/<key>",
+            )
+        if "?" in match["key"]:
+            raise ApiError(501, "NotImplemented", "the sandbox keeps no object versions (?versionId=)")
+        bucket, key = match["bucket"], unquote(match["key"])
+        self._check_bucket(bucket)
+        directive = request.headers.get("x-cos-metadata-directive", "Copy")
+        if directive not in ("Copy", "Replaced"):
+            raise ApiError(
+                400, "InvalidArgument", f"x-cos-metadata-directive must be Copy or Replaced, not {directive!r}"
+            )
+        if directive == "Copy" and (bucket, key) == (target.bucket, target.key):
+            raise ApiError(400, "InvalidRequest", "copying an object onto itself must replace its metadata")
+        replaced = directive == "Replaced"
+        try:
+            info = self._store.copy(
+                bucket,
+                key,
+                target.bucket,
+                target.key,
+                _content_type(request) if replaced else None,
+                _metadata(request) if replaced else None,
+            )
+        except NoSuchKey:
+            raise ApiError(404, "NoSuchKey", f"the copy source {key!r} does not exist in {bucket}") from None
+        modified = datetime.fromtimestamp(info.last_modified, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        result = {"ETag": f'"{info.md5}"', "CRC64": info.crc64, "LastModified": modified}
+        return _xml_response(result, root="CopyObjectResult")
 
     def _get(self, request: Request, target: _Target) -> Response:
         try:
@@ -303,6 +361,18 @@ class Sandbox:
         """An SDK client with the sandbox's credentials, exactly as the product builds one."""
         return make_client(self.secret_id, self.secret_key, region, self.endpoint)
 
+    def request_target(self, url: str) -> tuple[str, dict[str, str]]:
+        """The sandbox URL and headers that send a request for the COS ``url`` here.
+
+        ``url`` is ``https://<bucket>.cos.<region>.myqcloud.com/<key>?...``, for example a presigned
+        URL: its host moves into ``Host``, which names the bucket and is covered by the signature::
+
+            target, headers = sandbox.request_target(presigned)
+            requests.get(target, headers=headers)
+        """
+        parts = urlsplit(url)
+        return self.url + urlunsplit(("", "", parts.path, parts.query, "")), {"Host": parts.netloc}
+
     def _started(self) -> BaseWSGIServer:
         if self._server is None:
             raise RuntimeError("the sandbox is not running: call start() first")
@@ -340,6 +410,15 @@ def _path(request: Request) -> str:
     return path.encode("latin-1").decode("utf-8", "replace")
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("Content-Type") or "application/octet-stream"
+
+
+def _metadata(request: Request) -> dict[str, str]:
+    """The request's ``x-cos-meta-*`` headers, stored with the object and returned on GET and HEAD."""
+    return {name.lower(): value for name, value in request.headers.items() if name.lower().startswith(_META_PREFIX)}
+
+
 def _object_headers(info: ObjectInfo) -> dict[str, str]:
     return {
         "Content-Type": info.content_type,
@@ -348,6 +427,7 @@ def _object_headers(info: ObjectInfo) -> dict[str, str]:
         "Last-Modified": http_date(info.last_modified),
         "Accept-Ranges": "bytes",
         "x-cos-hash-crc64ecma": info.crc64,
+        **info.metadata,
     }
 
 
@@ -360,8 +440,8 @@ def _no_such_key(target: _Target) -> ApiError:
     return ApiError(404, "NoSuchKey", f"the object {target.key!r} does not exist in {target.bucket}")
 
 
-def _xml_response(body: dict[str, Any]) -> Response:
-    return Response(xmltodict.unparse({"Response": body}), content_type="application/xml")
+def _xml_response(body: dict[str, Any], root: str = "Response") -> Response:
+    return Response(xmltodict.unparse({root: body}), content_type="application/xml")
 
 
 def _error_response(exc: ApiError, request: Request, request_id: str) -> Response:

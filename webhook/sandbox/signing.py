@@ -8,6 +8,9 @@ The algorithm is the one in Tencent's "Request Signature" document (COS XML API)
    written ``name=value`` with both URL-encoded (name lowercased), sorted and joined by ``&``;
 3. ``StringToSign = "sha1\\n" + KeyTime + "\\n" + SHA1(HttpString) + "\\n"``;
 4. ``Signature = HMAC-SHA1(SignKey, StringToSign)`` in lowercase hex.
+
+The same fields come either in the ``Authorization`` header or, in a presigned URL, as query
+parameters (``?q-sign-algorithm=sha1&q-ak=…&q-signature=…``); those are not themselves signed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote
 
-_FIELDS = ("q-sign-algorithm", "q-ak", "q-sign-time", "q-key-time", "q-header-list", "q-url-param-list", "q-signature")
+FIELDS = ("q-sign-algorithm", "q-ak", "q-sign-time", "q-key-time", "q-header-list", "q-url-param-list", "q-signature")
 
 
 class SignatureError(Exception):
@@ -41,16 +44,22 @@ def verify_request(
     secret_key: str,
     now: float | None = None,
 ) -> None:
-    """Raise :class:`SignatureError` unless ``authorization`` signs this request with ``secret_key``.
+    """Raise :class:`SignatureError` unless the request is signed with ``secret_key``.
 
-    ``path`` is the URL-decoded path (what the SDK signs); ``headers`` has lowercase names.
+    The signature is ``authorization`` or, when that is empty, the signature fields among ``params``
+    (a presigned URL). ``path`` is the URL-decoded path (what the SDK signs); ``headers`` has
+    lowercase names.
     """
-    fields = _parse(authorization)
+    params = list(params)
+    fields = _parse(authorization) if authorization else _from_query(params)
     if fields["q-sign-algorithm"] != "sha1":
         raise SignatureError("AccessDenied", f"q-sign-algorithm {fields['q-sign-algorithm']!r} is not supported")
     if fields["q-ak"] != secret_id:
         raise SignatureError("InvalidAccessKeyId", f"the SecretId {fields['q-ak']!r} is not known to this sandbox")
-    _check_time(fields["q-sign-time"], time.time() if now is None else now)
+    now = time.time() if now is None else now
+    # Only the key time is signed: checking it too keeps an edited q-sign-time from extending a URL's life.
+    for name in ("q-sign-time", "q-key-time"):
+        _check_time(name, fields[name], now)
     key_time = fields["q-key-time"]
     http_string = "\n".join(
         (
@@ -70,19 +79,27 @@ def verify_request(
 
 
 def _parse(authorization: str) -> dict[str, str]:
-    if not authorization:
-        raise SignatureError("AccessDenied", "the request has no Authorization header")
     fields = dict(part.partition("=")[::2] for part in authorization.split("&"))
-    missing = [name for name in _FIELDS if name not in fields]
+    missing = [name for name in FIELDS if name not in fields]
     if missing:
         raise SignatureError("AccessDenied", f"the Authorization header lacks {', '.join(missing)}")
     return fields
 
 
-def _check_time(sign_time: str, now: float) -> None:
+def _from_query(params: list[tuple[str, str]]) -> dict[str, str]:
+    fields = {name: value for name, value in params if name in FIELDS}
+    if not fields:
+        raise SignatureError("AccessDenied", "the request has no Authorization header and no signature parameters")
+    missing = [name for name in FIELDS if name not in fields]
+    if missing:
+        raise SignatureError("AccessDenied", f"the URL's signature lacks {', '.join(missing)}")
+    return fields
+
+
+def _check_time(name: str, sign_time: str, now: float) -> None:
     start, _, end = sign_time.partition(";")
     if not (start.isdigit() and end.isdigit()):
-        raise SignatureError("AccessDenied", f"q-sign-time {sign_time!r} is not <start>;<end>")
+        raise SignatureError("AccessDenied", f"{name} {sign_time!r} is not <start>;<end>")
     if now > int(end):
         raise SignatureError("AccessDenied", "Request has expired")
     if now < int(start):

@@ -1,4 +1,4 @@
-"""Objects on local disk, with the metadata COS reports (size, ETag, CRC64, Content-Type).
+"""Objects on local disk, with the metadata COS reports (size, ETag, CRC64, Content-Type, x-cos-meta-*).
 
 Each object is two files in ``<root>/<bucket>/``: its bytes, named by the SHA-256 of its key so no
 key can reach outside the root, and a JSON sidecar with its metadata. Bodies are streamed in and
@@ -15,7 +15,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +37,7 @@ class ObjectInfo:
     crc64: str  # decimal, as in x-cos-hash-crc64ecma
     content_type: str
     last_modified: float  # seconds since the epoch
+    metadata: dict[str, str] = field(default_factory=dict)  # x-cos-meta-* headers, names lowercased
 
 
 class ObjectStore:
@@ -54,7 +55,14 @@ class ObjectStore:
             raise ValueError(f"invalid bucket name {bucket!r}")
         return self.root / bucket / hashlib.sha256(key.encode()).hexdigest()
 
-    def put(self, bucket: str, key: str, chunks: Iterable[bytes], content_type: str) -> ObjectInfo:
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        chunks: Iterable[bytes],
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
         """Store the object from ``chunks``, replacing any previous version atomically."""
         path = self.object_path(bucket, key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +75,9 @@ class ObjectStore:
                     md5.update(chunk)
                     crc = crc64ecma(chunk, crc)
                     size += len(chunk)
-            info = ObjectInfo(key, size, md5.hexdigest(), str(crc), content_type, os.stat(tmp_name).st_mtime)
+            info = ObjectInfo(
+                key, size, md5.hexdigest(), str(crc), content_type, os.stat(tmp_name).st_mtime, dict(metadata or {})
+            )
             with self._lock:
                 os.replace(tmp_name, path)
                 _write_json(_meta_path(path), asdict(info))
@@ -75,6 +85,29 @@ class ObjectStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
         return info
+
+    def copy(
+        self,
+        source_bucket: str,
+        source_key: str,
+        bucket: str,
+        key: str,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Copy an object file to file; ``None`` keeps the source's content type or metadata.
+
+        Raise :class:`NoSuchKey` if the source does not exist.
+        """
+        info, source = self.open(source_bucket, source_key)
+        with source:
+            return self.put(
+                bucket,
+                key,
+                read_chunks(source),
+                info.content_type if content_type is None else content_type,
+                info.metadata if metadata is None else metadata,
+            )
 
     def head(self, bucket: str, key: str) -> ObjectInfo:
         """The object's metadata; raise :class:`NoSuchKey` if it does not exist."""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
-import posixpath
 import re
 import shutil
 import tempfile
@@ -14,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from webhook.events import event_metadata
+from webhook.events import event_document
 from webhook.models import Event, FileLocation, Job
 from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.common import file_extension
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
 _CHUNK = 1024 * 1024
 
 
@@ -46,8 +44,8 @@ class FilesystemSink(Sink):
             if event.file is not None and event.file.path is not None:
                 key = event.job.output.key if event.job.output else ""
                 with open(event.file.path, "rb") as src:
-                    self._write(root, job_id + _extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
-            document = json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"
+                    self._write(root, job_id + file_extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
+            document = event_document(event)
             self._write(root, job_id + ".json", lambda dst: dst.write(document))
         except OSError as exc:
             raise DeliveryError(
@@ -56,7 +54,7 @@ class FilesystemSink(Sink):
 
     def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation:
         key = job.output.key if job.output else ""
-        return FileLocation(kind="filesystem", path=str(self.root.resolve() / (job.job_id + _extension(key))))
+        return FileLocation(kind="filesystem", path=str(self.root.resolve() / (job.job_id + file_extension(key))))
 
     def check(self) -> str:
         try:
@@ -88,12 +86,6 @@ class FilesystemSink(Sink):
                 os.unlink(temp)
             raise
         _fsync_dir(root)
-
-
-def _extension(key: str) -> str:
-    """The object key's suffix if it is a plain one (``.wav``, ``.mp3``), else ``.bin``."""
-    _, extension = posixpath.splitext(posixpath.basename(key))
-    return extension if _EXTENSION.fullmatch(extension) else ".bin"
 
 
 def _fsync_dir(path: Path) -> None:

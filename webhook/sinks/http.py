@@ -10,8 +10,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from importlib.metadata import version
 
 import requests
@@ -19,6 +17,7 @@ import requests
 from webhook.events import event_metadata
 from webhook.models import Event, FetchedFile
 from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type
 
 _CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
 # The distribution's version, as `cos-webhook --version` reports it.
@@ -79,7 +78,7 @@ class HttpSink(Sink):
             raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
         except requests.RequestException as exc:
             # Not str(exc): it quotes the URL, whose query or userinfo may hold credentials.
-            raise DeliveryError(f"{self.name}: request failed: {_os_reason(exc)}") from exc
+            raise DeliveryError(f"{self.name}: request failed: {os_reason(exc)}") from exc
 
     def check(self) -> str:
         """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
@@ -89,7 +88,7 @@ class HttpSink(Sink):
         except requests.Timeout as exc:
             raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
         except requests.RequestException as exc:
-            raise DeliveryError(f"{self.name}: request failed: {_os_reason(exc)}") from exc
+            raise DeliveryError(f"{self.name}: request failed: {os_reason(exc)}") from exc
 
     def close(self) -> None:
         """Close pooled connections."""
@@ -97,9 +96,9 @@ class HttpSink(Sink):
 
     def _refused(self, response: requests.Response) -> DeliveryError:
         status = response.status_code
-        detail = _printable(response.reason or "")
+        detail = printable(response.reason or "")
         try:
-            snippet = _printable(next(response.iter_content(200), b"").decode("utf-8", "replace"))
+            snippet = printable(next(response.iter_content(200), b"").decode("utf-8", "replace"))
         except requests.RequestException:
             snippet = ""  # the status alone decides; a broken error body must not change that
         if snippet:
@@ -109,7 +108,7 @@ class HttpSink(Sink):
         retryable = status in _RETRYABLE_4XX or status >= 500
         return DeliveryError(
             f"{self.name}: HTTP {status} {detail}".rstrip(),
-            retry_after=_retry_after(response.headers.get("Retry-After")),
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
             permanent=not retryable,
         )
 
@@ -134,7 +133,7 @@ class MultipartBody:
         self._size = os.stat(self._path).st_size if self._path else 0
         if file:
             disposition = f'name="file"; filename="{_quote_filename(filename)}"'
-            head += delimiter + _part_headers(disposition, _safe_content_type(file.content_type), base64_encoded=True)
+            head += delimiter + _part_headers(disposition, safe_content_type(file.content_type), base64_encoded=True)
             self._tail = f"\r\n--{self.boundary}--\r\n".encode()
         else:
             self._tail = f"--{self.boundary}--\r\n".encode()
@@ -187,41 +186,3 @@ def _part_headers(disposition: str, content_type: str, base64_encoded: bool = Fa
 def _quote_filename(name: str) -> str:
     # The escaping browsers use (WHATWG HTML): a quote or line break in the name cannot end the header.
     return name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
-
-
-def _safe_content_type(value: str) -> str:
-    if value and value.isascii() and value.isprintable() and "/" in value:
-        return value
-    return "application/octet-stream"
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP-date); ``None`` if absent or invalid."""
-    value = (value or "").strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always UTC
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _os_reason(exc: BaseException) -> str:
-    """The innermost operating-system reason ("Connection refused"), else the exception's type."""
-    seen: set[int] = set()
-    node: BaseException | None = exc
-    reason = type(exc).__name__
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        if isinstance(node, OSError) and isinstance(node.strerror, str):
-            reason = node.strerror
-        nested = getattr(node, "reason", None)  # urllib3 keeps the cause here
-        node = nested if isinstance(nested, BaseException) else node.__cause__ or node.__context__
-    return reason
-
-
-def _printable(text: str) -> str:
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:200]

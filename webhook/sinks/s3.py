@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import string
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -24,11 +22,10 @@ from botocore.exceptions import (
 )
 
 from webhook.config import ConfigError
-from webhook.events import event_metadata
+from webhook.events import event_document
 from webhook.models import Event, FileLocation, Job
 from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.filesystem import _extension
-from webhook.sinks.http import _os_reason, _printable, _retry_after, _safe_content_type
+from webhook.sinks.common import object_key, os_reason, printable, retry_after_seconds, safe_content_type, user_metadata
 
 if TYPE_CHECKING:
     from webhook.sinks.config import S3Options
@@ -61,11 +58,6 @@ _RETRYABLE_CODES = frozenset(
 # Transport failures; any other BotoCoreError is a configuration problem (no credentials, bad
 # parameters) that a retry cannot fix.
 _RETRYABLE_LOCAL = (ConnectionError, HTTPClientError, ChecksumError, IncompleteReadError, CredentialRetrievalError)
-# User metadata travels as HTTP headers, so it must be printable ASCII. Percent-encoding "%", spaces
-# and everything non-ASCII keeps plain values readable and lets receivers always unquote().
-_METADATA_SAFE = "".join(c for c in string.punctuation if c != "%")
-# S3 allows 2 KiB of user metadata per object; user data longer than this is left to the JSON.
-_USER_DATA_BUDGET = 1024
 
 
 class S3Sink(Sink):
@@ -128,15 +120,12 @@ class S3Sink(Sink):
     def deliver(self, event: Event) -> None:
         """Upload the audio (multipart when large) and check its size, then upload the JSON."""
         job = event.job
-        metadata = {"job-id": job.job_id, "event-id": event.event_id}
-        user_data = quote(job.user_data, safe=_METADATA_SAFE)
-        if user_data and len(user_data) <= _USER_DATA_BUDGET:
-            metadata["user-data"] = user_data
+        metadata = user_metadata(event)
         if event.file is not None:
             if event.file.path is None:
                 raise DeliveryError(f"{self.name}: job {job.job_id}: the output was not downloaded", permanent=True)
-            key = self._audio_key(job)
-            extra = {"ContentType": _safe_content_type(event.file.content_type), "Metadata": metadata}
+            key = object_key(self.options.prefix, job)
+            extra = {"ContentType": safe_content_type(event.file.content_type), "Metadata": metadata}
             # What is checked: botocore sends a CRC32 of every request body (each part, or the
             # whole object) and the store refuses a mismatch, so the stored bytes are the bytes
             # read; the size check below proves they were all of the file. The file itself was
@@ -157,7 +146,7 @@ class S3Sink(Sink):
                     f"{self.name}: {self._url(key)} holds {head['ContentLength']} bytes, expected {event.file.size}"
                 )
         key = self.options.prefix + job.job_id + ".json"
-        document = json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"
+        document = event_document(event)
         self._call(
             "put_object",
             key,
@@ -173,7 +162,7 @@ class S3Sink(Sink):
         """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given."""
         if not job.succeeded:
             return None
-        key = self._audio_key(job)
+        key = object_key(self.options.prefix, job)
         url = ""
         if presign_seconds:
             params = {"Bucket": self.options.bucket, "Key": key}
@@ -198,9 +187,6 @@ class S3Sink(Sink):
         """Close pooled connections."""
         self._client.close()
 
-    def _audio_key(self, job: Job) -> str:
-        return self.options.prefix + job.job_id + _extension(job.output.key if job.output else "")
-
     def _url(self, key: str) -> str:
         return f"s3://{self.options.bucket}/{key}"
 
@@ -223,20 +209,20 @@ class S3Sink(Sink):
             status = int(response.get("HTTPStatusCode") or 0)
             code = str(error.get("Code") or status)
             reason = f"{code} (HTTP {status})"
-            if message := _printable(str(error.get("Message") or "")):
+            if message := printable(str(error.get("Message") or "")):
                 reason += f" {message}"
             retryable = code in _RETRYABLE_CODES or status in (408, 429) or status >= 500
-            retry_after = _retry_after(response.get("HTTPHeaders", {}).get("retry-after"))
+            retry_after = retry_after_seconds(response.get("HTTPHeaders", {}).get("retry-after"))
             return DeliveryError(self._scrub(f"{where}: {reason}"), retry_after=retry_after, permanent=not retryable)
         if isinstance(cause, ReadTimeoutError):
             return DeliveryError(f"{where}: no answer within {_READ_TIMEOUT:g}s")
         name = type(cause).__name__
         if isinstance(cause, _RETRYABLE_LOCAL):
             # Not str(cause): it quotes the request URL. The OS reason ("Connection refused") is enough.
-            reason = _os_reason(cause)
+            reason = os_reason(cause)
             return DeliveryError(f"{where}: {name}" + (f": {reason}" if reason != name else ""))
         # The rest say what to configure (NoCredentialsError, ParamValidationError…).
-        return DeliveryError(self._scrub(f"{where}: {name}: {_printable(str(cause))}"), permanent=True)
+        return DeliveryError(self._scrub(f"{where}: {name}: {printable(str(cause))}"), permanent=True)
 
     def _scrub(self, message: str) -> str:
         for credential in self._credentials:

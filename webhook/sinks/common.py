@@ -1,0 +1,77 @@
+"""Small helpers several sinks share: names, metadata and readable error reasons."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import string
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote
+
+from webhook.models import Event, Job
+
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
+# User metadata travels as HTTP headers, so it must be printable ASCII. Percent-encoding "%", spaces
+# and everything non-ASCII keeps plain values readable and lets receivers always unquote().
+_METADATA_SAFE = "".join(c for c in string.punctuation if c != "%")
+# COS and S3 allow 2 KB of user metadata per object; longer user data is left to the JSON.
+_USER_DATA_BUDGET = 1024
+
+
+def object_key(prefix: str, job: Job) -> str:
+    """``<prefix><job_id><ext>``: where object-store sinks put a job's audio."""
+    return prefix + job.job_id + file_extension(job.output.key if job.output else "")
+
+
+def user_metadata(event: Event) -> dict[str, str]:
+    """``job-id``, ``event-id`` and (if short enough) percent-encoded ``user-data`` for object metadata."""
+    metadata = {"job-id": event.job.job_id, "event-id": event.event_id}
+    user_data = quote(event.job.user_data, safe=_METADATA_SAFE)
+    if user_data and len(user_data) <= _USER_DATA_BUDGET:
+        metadata["user-data"] = user_data
+    return metadata
+
+
+def safe_content_type(value: str) -> str:
+    if value and value.isascii() and value.isprintable() and "/" in value:
+        return value
+    return "application/octet-stream"
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP-date); ``None`` if absent or invalid."""
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def os_reason(exc: BaseException) -> str:
+    """The innermost operating-system reason ("Connection refused"), else the exception's type."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    reason = type(exc).__name__
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and isinstance(node.strerror, str):
+            reason = node.strerror
+        nested = getattr(node, "reason", None)  # urllib3 keeps the cause here
+        node = nested if isinstance(nested, BaseException) else node.__cause__ or node.__context__
+    return reason
+
+
+def printable(text: str) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:200]
+
+
+def file_extension(key: str) -> str:
+    """The object key's suffix if it is a plain one (``.wav``, ``.mp3``), else ``.bin``."""
+    _, extension = posixpath.splitext(posixpath.basename(key))
+    return extension if _EXTENSION.fullmatch(extension) else ".bin"

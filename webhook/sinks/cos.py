@@ -1,0 +1,189 @@
+"""A sink that stores ``<prefix><job_id><ext>`` and ``<prefix><job_id>.json`` in a COS bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qcloud_cos.cos_exception import CosClientError, CosServiceError
+
+from webhook.config import ConfigError, CosEndpoint, parse_endpoint
+from webhook.cos import make_client
+from webhook.crc64 import crc64ecma
+from webhook.events import event_document
+from webhook.fetch import presigned_url
+from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.common import object_key, os_reason, printable, safe_content_type, user_metadata
+
+if TYPE_CHECKING:
+    from webhook.sinks.config import CosOptions
+
+# Worth another attempt besides 408, 429 and 5xx: COS answers these with 400 or 409 when a body
+# arrived late, short or damaged, or a concurrent write to the same key got in the way.
+_RETRYABLE_CODES = frozenset({"RequestTimeOut", "RequestTimeout", "IncompleteBody", "BadDigest", "OperationAborted"})
+
+
+class CosSink(Sink):
+    """Stores each event's audio, then its metadata document, in ``cos://<bucket>/<prefix>``.
+
+    Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
+    ``<prefix><job_id>.json``; the JSON is written last, so its presence means the audio is
+    complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Both
+    objects carry ``x-cos-meta-job-id``, ``-event-id`` and ``-user-data`` (percent-encoded).
+
+    With ``server_side_copy`` (the default) and the job's output in the bucket's region, COS
+    copies the object itself and no byte passes through the worker; the sink's credentials must
+    then be allowed to read the output bucket. Otherwise the downloaded file is uploaded with one
+    PUT (COS takes up to 5 GB that way). Either way the stored object's CRC64 must equal the one
+    COS reported for the output, or the delivery is retried.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: CosOptions,
+        *,
+        secret_id: str,
+        secret_key: str,
+        default_endpoint: CosEndpoint | None,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self._secret_key = secret_key  # only to scrub it from messages COS echoes back
+        endpoint = (
+            parse_endpoint(options.endpoint, f"sink {name}: options.endpoint") if options.endpoint else default_endpoint
+        )
+        try:
+            self._client = make_client(secret_id, secret_key, options.region, endpoint)
+            # Presigned URLs are for others, so they must name the bucket's own host, which their
+            # signature covers; a client aimed at an endpoint's IP would put that IP there instead.
+            self._signer = make_client(secret_id, secret_key, options.region)
+        except CosClientError as exc:
+            raise ConfigError(f"sink {name}: {exc}") from None
+
+    def needs_bytes(self, job: Job) -> bool:
+        """False when COS can copy the output into the bucket itself (same region, copy enabled)."""
+        return self._copy_source(job) is None
+
+    def deliver(self, event: Event) -> None:
+        """Copy or upload the audio and check its CRC64, then write the JSON and check it too."""
+        job = event.job
+        metadata = {f"x-cos-meta-{k}": v for k, v in user_metadata(event).items()}
+        if event.file is not None:
+            key = object_key(self.options.prefix, job)
+            source = self._copy_source(job)
+            if source is not None:
+                response = self._call(
+                    "copy_object",
+                    key,
+                    self._client.copy_object,
+                    Bucket=self.options.bucket,
+                    Key=key,
+                    CopySource={"Bucket": source.bucket, "Key": source.key, "Region": source.region},
+                    # Replaced, not Copy: the copy gets this event's metadata instead of the source's.
+                    CopyStatus="Replaced",
+                    ContentType=safe_content_type(event.file.content_type),
+                    Metadata=metadata,
+                )
+            else:
+                response = self._upload(key, event.file, metadata)
+            self._check_crc(key, response, event.file.crc64)
+        key = self.options.prefix + job.job_id + ".json"
+        document = event_document(event)
+        response = self._call(
+            "put_object",
+            key,
+            self._client.put_object,
+            Bucket=self.options.bucket,
+            Key=key,
+            Body=document,
+            ContentType="application/json",
+            Metadata=metadata,
+        )
+        self._check_crc(key, response, str(crc64ecma(document)))
+
+    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
+        """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given.
+
+        The URL names the bucket's public host (``https://<bucket>.cos.<region>.myqcloud.com``)
+        even with an endpoint override: against the sandbox, send it there with
+        ``Sandbox.request_target``.
+        """
+        if not job.succeeded:
+            return None
+        key = object_key(self.options.prefix, job)
+        where = ObjectLocation(self.options.bucket, self.options.region, key)
+        url = presigned_url(self._signer, where, presign_seconds) if presign_seconds else ""
+        return FileLocation(kind="cos", bucket=where.bucket, key=key, region=where.region, url=url)
+
+    def check(self) -> str:
+        """HEAD the bucket: proves the endpoint answers, the bucket exists and the credentials may use it."""
+        self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
+        return f"bucket {self.options.bucket} in {self.options.region} is reachable"
+
+    def _copy_source(self, job: Job) -> ObjectLocation | None:
+        output = job.output
+        if self.options.server_side_copy and output is not None and output.region == self.options.region:
+            return output
+        return None
+
+    def _upload(self, key: str, file: FetchedFile, metadata: dict[str, str]) -> dict[str, Any]:
+        if file.path is None:
+            raise DeliveryError(f"{self.name}: {self._url(key)}: the output was not downloaded", permanent=True)
+        try:
+            with open(file.path, "rb") as body:  # streamed by the SDK, never read whole
+                return self._call(
+                    "put_object",
+                    key,
+                    self._client.put_object,
+                    Bucket=self.options.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=safe_content_type(file.content_type),
+                    Metadata=metadata,
+                )
+        except OSError as exc:
+            raise DeliveryError(
+                f"{self.name}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}"
+            ) from exc
+
+    def _check_crc(self, key: str, response: dict[str, Any], expected: str) -> None:
+        """Compare the CRC64 COS computed for what it stored with ``expected`` (skipped if either is unknown)."""
+        # PUT answers with a header, a copy with <CRC64> in its body (merged into the dict by the SDK).
+        found = {name.lower(): value for name, value in response.items()}
+        actual = found.get("x-cos-hash-crc64ecma") or found.get("crc64")
+        if actual is None:
+            head = self._call("head_object", key, self._client.head_object, Bucket=self.options.bucket, Key=key)
+            actual = {name.lower(): value for name, value in head.items()}.get("x-cos-hash-crc64ecma")
+        if expected and actual and actual != expected:
+            # Left in place: the JSON is not written, and the next attempt overwrites the object.
+            raise DeliveryError(f"{self.name}: {self._url(key)} has CRC64 {actual}, expected {expected}")
+
+    def _url(self, key: str) -> str:
+        return f"cos://{self.options.bucket}/{key}"
+
+    def _call(self, operation: str, key: str, method: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        where = f"{self.name}: {operation} {self._url(key)}"
+        try:
+            response: dict[str, Any] = method(**kwargs)
+        except CosServiceError as exc:
+            raise self._refused(where, exc) from exc
+        except CosClientError as exc:
+            # Not str(exc): the SDK packs the whole request URL and retry log into it.
+            raise DeliveryError(f"{where}: COS unreachable: {os_reason(exc)}") from exc
+        return response
+
+    def _refused(self, where: str, exc: CosServiceError) -> DeliveryError:
+        status = exc.get_status_code()
+        # A HEAD has no body, so the SDK keeps the response headers there and has no code to report.
+        digest = exc.get_digest_msg()
+        code = str(digest.get("code", "")) if isinstance(digest, dict) else ""
+        reason = f"HTTP {status}" + (f" {code}" if code else "")
+        if message := printable(str(digest.get("message", "")) if isinstance(digest, dict) else ""):
+            reason += f": {message}"
+        if self._secret_key:
+            reason = reason.replace(self._secret_key, "[redacted]")
+        # Below 400: a copy that failed after COS had already answered 200 (the error is in the body).
+        retryable = code in _RETRYABLE_CODES or status in (408, 429) or status >= 500 or status < 400
+        return DeliveryError(f"{where}: {reason}", permanent=not retryable)
