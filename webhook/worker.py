@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
+import sqlalchemy.exc
 from qcloud_cos import CosS3Client
 
 from webhook.config import ConfigError, RetryPolicy, Settings
@@ -76,10 +77,23 @@ class Worker:
 
     def run(self, burst: bool = False) -> int:
         """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
-        done = 0
+        done = outage = 0
         log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
         while not self.stopping.is_set():
-            if self.run_once():
+            try:
+                worked = self.run_once()
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # The ledger is away (database restarting, network): nothing was lost — a claimed
+                # task's lease runs out and it becomes due again. Wait and try again.
+                outage += 1
+                delay = min(30.0, self.settings.poll_interval * 2.0 ** min(outage, 6))
+                log.error("ledger unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                self.stopping.wait(delay)
+                continue
+            if outage:
+                log.info("ledger reachable again after %d failed attempts", outage)
+                outage = 0
+            if worked:
                 done += 1
             elif burst:
                 break
