@@ -25,6 +25,7 @@ BUCKET = "audio-1250000000"
 TOKEN = "test-token-0123456789abcdef"
 HTTP_KEY = bytes(range(32))
 HTTP_SECRET = "whsec_" + base64.b64encode(HTTP_KEY).decode()
+DONE = {"delivered", "rejected", "dead", "ignored"}  # statuses a job ends in
 FAST = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_cap=0.05)
 
 
@@ -148,3 +149,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "WEBHOOK_BACKOFF_CAP": str(settings.retry.backoff_cap),
         "WEBHOOK_POLL_INTERVAL": str(settings.poll_interval),
     }
+
+
+def forged(job_id: str, output_key: str = "out/denoised.wav", **changes: object) -> dict[str, object]:
+    detail: dict[str, object] = {
+        "JobId": job_id,
+        "Tag": "NoiseReduction",
+        "State": "Success",
+        "Code": "Success",
+        "Input": {"BucketId": BUCKET, "Object": "in/noisy.wav", "Region": REGION},
+        "Operation": {
+            "Output": {"Bucket": BUCKET, "Object": output_key, "Region": REGION},
+            "UserData": "order-42",
+        },
+    }
+    detail.update(changes)
+    return {"EventName": "TaskFinish", "JobsDetail": detail}

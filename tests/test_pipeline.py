@@ -6,33 +6,15 @@ import json
 import uuid
 
 import pytest
-from pipeline import BUCKET, HTTP_SECRET, REGION, Pipeline, multipart_file
+from pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file
 from receiver import Receiver, Reply
 from standardwebhooks.webhooks import Webhook
 
 from webhook.events import event_id
 
-DONE = {"delivered", "rejected", "dead", "ignored"}
-
 
 def stored(pipeline: Pipeline, job_id: str) -> None:
     pipeline.wait_until(lambda: pipeline.status(job_id) == "received", what=f"callback for {job_id}")
-
-
-def forged(job_id: str, output_key: str = "out/denoised.wav", **changes: object) -> dict[str, object]:
-    detail: dict[str, object] = {
-        "JobId": job_id,
-        "Tag": "NoiseReduction",
-        "State": "Success",
-        "Code": "Success",
-        "Input": {"BucketId": BUCKET, "Object": "in/noisy.wav", "Region": REGION},
-        "Operation": {
-            "Output": {"Bucket": BUCKET, "Object": output_key, "Region": REGION},
-            "UserData": "order-42",
-        },
-    }
-    detail.update(changes)
-    return {"EventName": "TaskFinish", "JobsDetail": detail}
 
 
 @pytest.mark.parametrize("callback_format", ["JSON", "XML"])
