@@ -369,3 +369,30 @@ def test_json_integer_longer_than_4300_digits_is_refused_as_callback_error() -> 
         parse_callback(text)
 
     assert raised.value.status == 400
+
+
+def test_xml_keeps_whitespace_in_values_like_describe_media_job_does() -> None:
+    # The SDK parses DescribeMediaJob's XML without stripping; so must we, or verification
+    # would reject a genuine job whose user data starts or ends with a space.
+    doc = b"""<Response>
+  <EventName>TaskFinish</EventName>
+  <JobsDetail>
+    <JobId>j1</JobId><Tag>NoiseReduction</Tag><State>Success</State>
+    <Input>
+      <BucketId>b-1</BucketId>
+    </Input>
+    <Operation>
+      <UserData>  padded  </UserData>
+      <NoiseReduction>
+      </NoiseReduction>
+    </Operation>
+    <Message>
+    </Message>
+  </JobsDetail>
+</Response>"""
+    parsed = only_job(parse_callback(doc))
+    assert parsed.user_data == "  padded  "
+    assert parsed.input is not None
+    assert parsed.input.bucket == "b-1"
+    assert parsed.message == "\n    "
+    assert parsed.format == ""

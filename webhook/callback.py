@@ -84,7 +84,11 @@ def _load_xml(text: str) -> dict[str, Any]:
         raise CallbackError(_DTD_REFUSED)
     _check_xml(text)
     try:
-        doc = xmltodict.parse(text, disable_entities=True, force_list=("JobsDetail", "CosHeaders"))
+        # Whitespace is kept: DescribeMediaJob's answer keeps it too, and " x" != "x" would make
+        # verification reject a genuine job whose user data or key starts or ends with a space.
+        doc = xmltodict.parse(
+            text, disable_entities=True, strip_whitespace=False, force_list=("JobsDetail", "CosHeaders")
+        )
     except ExpatError as exc:
         raise CallbackError(f"malformed XML: {exc}") from None
     root = next(iter(doc))
@@ -145,7 +149,7 @@ def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
         # Other events (WorkflowFinish…) are recorded as they are and never forwarded.
         return Callback(event_name=event_name, jobs=(), body_format=body_format)
     # An empty element (<JobsDetail/>, <CosHeaders/>) arrives as None: it holds nothing.
-    items = [item for item in (details if isinstance(details, list) else [details]) if item is not None]
+    items = [item for item in (details if isinstance(details, list) else [details]) if not _blank(item)]
     if not items:
         if event_name != TASK_FINISH:
             return Callback(event_name=event_name, jobs=(), body_format=body_format)
@@ -220,9 +224,14 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
     return text
 
 
+def _blank(value: Any) -> bool:
+    """An empty element: None in JSON or for ``<X/>``, only whitespace for an indented ``<X>\n</X>``."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _container(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = container.get(key)
-    if value is None or value == "":
+    if _blank(value):
         return {}
     if not isinstance(value, dict):
         raise CallbackError(f"{where}.{key} must be an object")
@@ -243,9 +252,9 @@ def _location(container: dict[str, Any], key: str, bucket_key: str, where: str) 
 
 def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
     value = input_.get("CosHeaders")
-    if value is None or value == "":
+    if _blank(value):
         return ()
-    items = [item for item in (value if isinstance(value, list) else [value]) if item is not None]
+    items = [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
     headers = []
     for index, item in enumerate(items):
         inner = f"{where}.CosHeaders[{index}]"
