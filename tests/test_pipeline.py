@@ -187,4 +187,3 @@ def test_forgery_first_cannot_shadow_the_genuine_callback(pipeline: Pipeline) ->
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
     # The same forgery again is now just a duplicate of a delivered job.
     assert pipeline.post_callback(forged(job_id, output_key="out/stolen.wav")).json()["duplicate"] is True
-
