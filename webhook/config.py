@@ -51,6 +51,7 @@ class Settings:
     secret_key: str = field(default="", repr=False)
     region: str = ""
     cos_endpoint: CosEndpoint | None = None
+    cos_timeout: float = 30.0  # seconds per COS/CI connect or read
     sink_dir: str = ""
     http_sink_url: str = ""
     http_sink_secret: str = field(default="", repr=False)
@@ -83,6 +84,7 @@ class Settings:
             secret_key=e.text("COS_SECRET_KEY"),
             region=region,
             cos_endpoint=e.endpoint("WEBHOOK_COS_ENDPOINT"),
+            cos_timeout=e.number("WEBHOOK_COS_TIMEOUT", 30.0),
             sink_dir=e.text("WEBHOOK_SINK_DIR"),
             http_sink_url=e.http_url("WEBHOOK_HTTP_SINK_URL"),
             http_sink_secret=e.text("WEBHOOK_HTTP_SINK_SECRET"),

@@ -502,7 +502,22 @@ class Ledger:
 
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
+        # Bounded waits: a database that stalls (network partition, overloaded server) must turn
+        # into an error the caller answers (503, retry later), not a thread hung forever.
+        engine = sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_timeout=10,
+            connect_args={"connect_timeout": 5, "tcp_user_timeout": 30_000, "keepalives_idle": 30},
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute("SET statement_timeout = '30s'")
+            dbapi_conn.commit()
+
+        return engine
     path = url.split(":///", 1)[1] if ":///" in url else ""
     file_backed = bool(path) and path != ":memory:"
     if file_backed:

@@ -56,7 +56,7 @@ def callback(token: str) -> tuple[Response, int]:
     )
     try:
         recorded = rt.ledger.record_callback(raw, parsed, rt.settings.allowed_tags)
-    except sqlalchemy.exc.OperationalError:
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError):
         # Answering non-2xx makes CI send the callback again; losing it would be worse.
         log.exception("ledger unavailable; callback not stored")
         response, status = error(503, "ledger unavailable, retry later")

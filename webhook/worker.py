@@ -59,7 +59,9 @@ class Worker:
 
         def client_for_region(region: str) -> CosS3Client:
             if region not in clients:
-                clients[region] = make_client(settings.secret_id, settings.secret_key, region, settings.cos_endpoint)
+                clients[region] = make_client(
+                    settings.secret_id, settings.secret_key, region, settings.cos_endpoint, settings.cos_timeout
+                )
             return clients[region]
 
         specs = sink_specs(settings)
@@ -171,8 +173,10 @@ class Worker:
                 else:
                     fetched = describe_object(client, job.output)
             except FetchError as exc:
+                # One delay for all: the deliveries stay due together, so the next try fetches once.
+                together = max(backoff_delay(t.attempts, self._policy(t)) for t in tasks)
                 for task in tasks:
-                    self._failed(task, str(exc), self._policy(task), claim)
+                    self._failed(task, str(exc), self._policy(task), claim, delay=together)
                 return
             log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
         delivered = set(claim.delivered_to)
@@ -232,6 +236,7 @@ class Worker:
         claim: Claim | None = None,
         retry_after: float | None = None,
         permanent: bool = False,
+        delay: float | None = None,
     ) -> None:
         """Schedule the task again with backoff, or mark it dead once retrying cannot help."""
         where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if task.sink else "")
@@ -246,7 +251,8 @@ class Worker:
             self.ledger.give_up(task, self.worker_id, error)
             log.error("%s dead after %d attempts: %s", where, task.attempts, error)
             return
-        delay = backoff_delay(task.attempts, policy, retry_after)
+        if delay is None:
+            delay = backoff_delay(task.attempts, policy, retry_after)
         self.ledger.retry_later(task, self.worker_id, error, delay)
         log.warning("%s attempt %d failed, retry in %.1fs: %s", where, task.attempts, delay, error)
 

@@ -13,14 +13,34 @@ A presigned URL names the bucket's host, and its signature covers that host. Wit
 ``CosConfig(IP=...)`` the SDK would put the IP in the URL instead and lose the bucket, so sign
 with a client that has no IP (``make_client(id, key, region)``) and send the URL here with its
 host kept in ``Host``: :meth:`Sandbox.request_target` does the rewriting.
+
+Faults (:mod:`webhook.sandbox.faults`) make chosen requests fail: :attr:`Sandbox.faults` in a
+test, or ``/_sandbox/faults`` on any host for a running sandbox (so an object of that name is
+out of reach). Examples, to develop against a flaky COS::
+
+    sandbox.faults.add(Fault(kind="object GET", status=503, retry_after=5, times=2))
+    sandbox.faults.add(Fault(kind="object GET", path="/out/*", reset=4096, rate=0.3, seed=1))
+    sandbox.faults.clear()
+
+    curl -X POST http://127.0.0.1:9000/_sandbox/faults -d '{"kind": "CI describe", "delay": 3}'
+    curl http://127.0.0.1:9000/_sandbox/faults            # what is active, and how often it fired
+    curl -X DELETE http://127.0.0.1:9000/_sandbox/faults  # clear
+
+A fault is checked after the request is routed and its signature accepted. ``status`` answers
+with COS's ``<Error>`` body instead of serving the request (a CI submit creates no job).
+``reset`` and ``truncate`` send the headers with the full ``Content-Length``, then part of the
+body, then end the connection with a TCP reset or a clean close.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
+import socket
+import struct
 import tempfile
 import threading
 import uuid
@@ -36,11 +56,12 @@ import xmltodict
 from qcloud_cos import CosS3Client
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import http_date
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer
 from werkzeug.wrappers import Request, Response
 
 from webhook.config import CosEndpoint
 from webhook.cos import make_client
+from webhook.sandbox.faults import Fault, Faults
 from webhook.sandbox.jobs import JobRequestError, MediaJobs, SentCallback, new_job
 from webhook.sandbox.signing import FIELDS, SignatureError, verify_request
 from webhook.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
@@ -60,6 +81,8 @@ _HOST = re.compile(r"(?P<bucket>[^.]+)\.(?P<service>cos|ci)\.(?P<region>[^.]+)\.
 _COPY_SOURCE = re.compile(r"(?P<bucket>[^./]+)\.cos\.(?P<region>[^./]+)\.myqcloud\.com/(?P<key>.+)")
 _META_PREFIX = "x-cos-meta-"
 _MAX_JOB_REQUEST = 64 * 1024
+FAULTS_PATH = "/_sandbox/faults"
+_LINGER_ABORT = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 
 
 class ApiError(Exception):
@@ -83,9 +106,19 @@ class _Target:
 class SandboxApp:
     """The WSGI application: route by Host and path, check the signature, then serve COS or CI."""
 
-    def __init__(self, store: ObjectStore, jobs: MediaJobs, *, secret_id: str, secret_key: str, appid: str) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        jobs: MediaJobs,
+        *,
+        secret_id: str,
+        secret_key: str,
+        appid: str,
+        faults: Faults | None = None,
+    ) -> None:
         self._store = store
         self._jobs = jobs
+        self._faults = faults or Faults()
         self._secret_id = secret_id
         self._secret_key = secret_key
         self._appid = appid
@@ -93,19 +126,32 @@ class SandboxApp:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
+        if _path(request) == FAULTS_PATH:
+            return self._admin(request)(environ, start_response)
         request_id = uuid.uuid4().hex
+        fault: Fault | None = None
         try:
-            response = self._dispatch(request, request_id)
+            target = self._target(request)
+            self._authenticate(request)
+            fault = self._faults.pick(_kind(request.method, target), request.method, _path(request))
+            if fault is not None:
+                self._faults.sleep(fault.delay)
+                if fault.status is not None:
+                    raise ApiError(fault.status, fault.error_code(), "injected by a sandbox fault")
+            response = self._ci(request, target) if target.ci else self._object(request, target)
+            if target.ci:
+                response.headers["x-ci-request-id"] = request_id
         except ApiError as exc:
             response = _error_response(exc, request, request_id)
         except Exception as exc:  # answered as COS would, so the SDK reports it instead of a parse error
             log.exception("sandbox request %s %s failed", request.method, request.path)
             response = _error_response(ApiError(500, "InternalError", str(exc)), request, request_id)
         response.headers["x-cos-request-id"] = request_id
-        return response(environ, start_response)
+        if fault is None:
+            return response(environ, start_response)
+        return _faulty(fault, response, environ, start_response)
 
-    def _dispatch(self, request: Request, request_id: str) -> Response:
-        target = self._target(request)
+    def _authenticate(self, request: Request) -> None:
         try:
             verify_request(
                 request.headers.get("Authorization", ""),
@@ -118,11 +164,24 @@ class SandboxApp:
             )
         except SignatureError as exc:
             raise ApiError(403, exc.code, exc.message) from None
-        if target.ci:
-            response = self._ci(request, target)
-            response.headers["x-ci-request-id"] = request_id
+
+    def _admin(self, request: Request) -> Response:
+        """``/_sandbox/faults``: GET lists the faults, POST adds one (or a JSON list), DELETE clears."""
+        if request.method == "POST":
+            try:
+                data = json.loads(request.stream.read(_MAX_JOB_REQUEST))
+                faults = [Fault.from_dict(item) for item in (data if isinstance(data, list) else [data])]
+            except ValueError as exc:  # FaultError and JSONDecodeError both are
+                return _json_response({"error": str(exc)}, 400)
+            for fault in faults:
+                self._faults.add(fault)
+        elif request.method == "DELETE":
+            self._faults.clear()
+        elif request.method != "GET":
+            response = _json_response({"error": f"{request.method} is not allowed here"}, 405)
+            response.headers["Allow"] = "GET, POST, DELETE"
             return response
-        return self._object(request, target)
+        return _json_response({"faults": [active.to_dict() for active in self._faults.active]})
 
     def _target(self, request: Request) -> _Target:
         match = _HOST.fullmatch(request.host.lower())
@@ -298,13 +357,17 @@ class Sandbox:
         self.appid = appid
         self._store = ObjectStore(self.root)
         self._jobs = MediaJobs(self._store, job_delay=job_delay)
-        self._app = SandboxApp(self._store, self._jobs, secret_id=secret_id, secret_key=secret_key, appid=appid)
+        self.faults = Faults()
+        """The fault rules every request is checked against; see :mod:`webhook.sandbox.faults`."""
+        self._app = SandboxApp(
+            self._store, self._jobs, secret_id=secret_id, secret_key=secret_key, appid=appid, faults=self.faults
+        )
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> Sandbox:
         """Listen on ``host``:``port`` (0: any free port) and serve in a background thread."""
-        self._server = make_server(host, port, self._app, threaded=True)
+        self._server = _Server(host, port, self._app)
         # A short poll interval keeps stop() quick; tests start and stop many sandboxes.
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="cos-sandbox", daemon=True
@@ -314,6 +377,7 @@ class Sandbox:
 
     def stop(self) -> None:
         """Stop serving, finish running jobs, and remove the temporary root if there is one."""
+        self.faults.clear()  # ends delays in progress
         if self._server is not None and self._thread is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -399,6 +463,7 @@ def serve(
         print(f"  COS_REGION={DEFAULT_REGION}")
         print(f"  WEBHOOK_COS_ENDPOINT={sandbox.url}")
         print(f"  WEBHOOK_ALLOWED_BUCKETS=examplebucket-{appid}")
+        print(f"Inject faults with POST {sandbox.url}{FAULTS_PATH} (see webhook/sandbox/faults.py).")
         print("Press Ctrl+C to stop.", flush=True)
         threading.Event().wait()
 
@@ -431,6 +496,65 @@ def _object_headers(info: ObjectInfo) -> dict[str, str]:
     }
 
 
+def _kind(method: str, target: _Target) -> str:
+    """The request as fault rules name it (see ``faults.KINDS``)."""
+    if target.ci:
+        return {"POST": "CI submit", "GET": "CI describe"}.get(method, f"CI {method}")
+    return f"object {method}" if target.key else f"bucket {method}"
+
+
+def _faulty(
+    fault: Fault, response: Response, environ: WSGIEnvironment, start_response: StartResponse
+) -> Iterable[bytes]:
+    """Send ``response`` with the header and body faults of ``fault`` applied."""
+    if fault.bad_crc and "x-cos-hash-crc64ecma" in response.headers:
+        right = int(response.headers["x-cos-hash-crc64ecma"])
+        response.headers["x-cos-hash-crc64ecma"] = str(right ^ 1)
+    if fault.status is not None and fault.retry_after is not None:
+        response.headers["Retry-After"] = str(fault.retry_after)
+    body = response(environ, start_response)
+    keep = fault.reset if fault.reset is not None else fault.truncate
+    if keep is None:
+        return body
+    length = response.content_length or 0
+    sock = environ.get("werkzeug.socket")
+    return _cut(body, min(keep, max(length - 1, 0)), sock, reset=fault.reset is not None)
+
+
+def _cut(body: Iterable[bytes], keep: int, sock: socket.socket | None, *, reset: bool) -> Iterator[bytes]:
+    """The first ``keep`` bytes of ``body``, then the end of the connection."""
+    try:
+        yield b""  # has werkzeug send the status line and headers even when no body byte is kept
+        for chunk in body:
+            if keep <= 0:
+                break
+            yield chunk[:keep]
+            keep -= len(chunk[:keep])
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+    if reset and sock is not None:
+        # Linger 0 makes the close send a TCP reset; _Server then closes without a FIN first.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    # werkzeug takes a ConnectionError from the body for a client gone away: it writes nothing
+    # more (no error page glued to the body) and closes the connection.
+    raise ConnectionAbortedError("sandbox fault: the body is cut short")
+
+
+class _Server(ThreadedWSGIServer):
+    """werkzeug's threaded server, except that a connection set to linger 0 is reset, not shut down."""
+
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
+        if (
+            isinstance(request, socket.socket)
+            and request.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(_LINGER_ABORT)) == _LINGER_ABORT
+        ):
+            # shutdown(SHUT_WR) would send a FIN, and the client would see a clean end of stream.
+            self.close_request(request)
+        else:
+            super().shutdown_request(request)
+
+
 def _stream(file: IO[bytes], length: int) -> Iterator[bytes]:
     with file:
         yield from read_chunks(file, length)
@@ -438,6 +562,10 @@ def _stream(file: IO[bytes], length: int) -> Iterator[bytes]:
 
 def _no_such_key(target: _Target) -> ApiError:
     return ApiError(404, "NoSuchKey", f"the object {target.key!r} does not exist in {target.bucket}")
+
+
+def _json_response(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
 
 
 def _xml_response(body: dict[str, Any], root: str = "Response") -> Response:
