@@ -9,7 +9,7 @@ import crcmod
 import pytest
 
 from webhook.crc64 import crc64ecma
-from webhook.fetch import FetchError, fetch_object
+from webhook.fetch import FetchError, fetch_object, sweep_staging
 from webhook.models import ObjectLocation
 from webhook.sandbox import Sandbox
 
@@ -66,3 +66,13 @@ def test_unreachable_cos(tmp_path: Path) -> None:
     client = make_client("id", "key", REGION, CosEndpoint("http", "127.0.0.1", 9))
     with pytest.raises(FetchError, match=r"^COS unreachable: "):
         fetch_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), str(tmp_path))
+
+
+def test_sweep_removes_only_abandoned_downloads(tmp_path: Path) -> None:
+    abandoned, live, other = tmp_path / "cos-webhook-a.part", tmp_path / "cos-webhook-b.part", tmp_path / "x.part"
+    for path in (abandoned, live, other):
+        path.write_bytes(b"partial")
+    os.utime(abandoned, (0, 0))
+    os.utime(other, (0, 0))
+    assert sweep_staging(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cos-webhook-b.part", "x.part"]

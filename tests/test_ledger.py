@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from webhook.ledger import Claim, Ledger, LedgerError, RawRequest, tasks
+import webhook.ledger as ledger_module
+from webhook.ledger import Claim, Ledger, LedgerError, RawRequest, tasks, utcnow
 from webhook.models import Callback, Job, JobStatus, ObjectLocation, TaskKind
 
 TAGS = frozenset({"NoiseReduction"})
@@ -220,3 +223,42 @@ def test_schema_creation_is_idempotent(database_url: str) -> None:
     assert errors == []
     first.dispose()
     second.dispose()
+
+
+def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not ledger.is_postgres:
+        pytest.skip("SQLite serializes write transactions (BEGIN IMMEDIATE): this interleaving cannot happen")
+    record(ledger, job(1))
+    assert ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    # Two workers hold one delivery each, as SKIP LOCKED gives when they poll at the same instant.
+    with ledger.transaction() as conn:
+        conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow() + timedelta(hours=1)))
+    first = claim(ledger, "A")
+    with ledger.transaction() as conn:
+        conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow()))
+    second = claim(ledger, "B")
+    assert ([t.sink for t in first.tasks], [t.sink for t in second.tasks]) == (["filesystem"], ["http"])
+
+    # Hold both transactions after each closed its own task and before either settles the job.
+    both_closed = threading.Barrier(2, timeout=10)
+    settle = ledger_module._settle_job
+
+    def settle_together(conn: Connection, job_id: str, now: datetime) -> None:
+        both_closed.wait()
+        settle(conn, job_id, now)
+
+    monkeypatch.setattr(ledger_module, "_settle_job", settle_together)
+    results: dict[str, bool] = {}
+    threads = [
+        threading.Thread(target=lambda w=w, c=c: results.__setitem__(w, ledger.delivered(c.tasks[0], w)))
+        for w, c in (("A", first), ("B", second))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert results == {"A": True, "B": True}
+    assert ledger.show_job(job(1).job_id).status == "delivered"

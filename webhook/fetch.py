@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from qcloud_cos import CosS3Client
@@ -92,3 +95,20 @@ def presigned_url(client: CosS3Client, where: ObjectLocation, seconds: int) -> s
     """A GET URL for ``where`` that works without credentials for ``seconds``."""
     url: str = client.get_presigned_url(Bucket=where.bucket, Key=where.key, Method="GET", Expired=seconds)
     return url
+
+
+def sweep_staging(temp_dir: str | None, older_than: float = 600.0) -> int:
+    """Remove downloads left by killed workers; returns how many.
+
+    A live download writes every chunk, so a ``.part`` file untouched for ``older_than`` seconds
+    belongs to no running worker.
+    """
+    directory = Path(temp_dir or tempfile.gettempdir())
+    cutoff = time.time() - older_than
+    removed = 0
+    for stale in directory.glob("cos-webhook-*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+                removed += 1
+    return removed

@@ -615,6 +615,10 @@ def _set_job(conn: Connection, job_id: str, status: JobStatus, reason: str, now:
 
 def _settle_job(conn: Connection, job_id: str, now: datetime) -> None:
     """Derive the job's status from its deliveries once none is pending."""
+    # Two workers may each finish one of the job's deliveries at the same moment. Under READ
+    # COMMITTED neither would see the other's "done" and the job would stay verified forever;
+    # locking the job row makes the second wait for the first commit, then see it.
+    conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id).with_for_update())
     statuses = set(
         conn.execute(
             sa.select(tasks.c.status).where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)

@@ -18,7 +18,7 @@ from qcloud_cos import CosS3Client
 from webhook.config import ConfigError, RetryPolicy, Settings
 from webhook.cos import make_client
 from webhook.events import build_event
-from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url
+from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url, sweep_staging
 from webhook.ledger import Claim, Ledger, Task, utcnow
 from webhook.models import FetchedFile, FileLocation, Job, TaskKind
 from webhook.retry import backoff_delay, exhausted
@@ -81,6 +81,8 @@ class Worker:
         """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
         done = outage = 0
         log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
+        if removed := sweep_staging(self.settings.temp_dir):
+            log.info("removed %d downloads left by stopped workers", removed)
         while not self.stopping.is_set():
             try:
                 worked = self.run_once()

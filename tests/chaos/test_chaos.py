@@ -1,0 +1,430 @@
+"""The chaos run: many real callbacks through the real processes while things break, and nothing is lost.
+
+    .venv/bin/pytest tests/chaos -q -s                         # CI size: 200 callbacks, ~3 min guard
+    CHAOS_CALLBACKS=2000 .venv/bin/pytest tests/chaos -q -s    # the full run, ~10 min guard
+
+What runs: a PostgreSQL ledger (a private schema), the Procfile's gunicorn with two web
+processes, two ``cos-webhook worker`` processes, the sandbox running every NoiseReduction job
+and POSTing its callback, and two sinks: a directory and an http receiver that refuses 30% of
+requests with 503.
+
+What breaks: a random worker is SIGKILLed about every 2 s and replaced at once (its claim comes
+back when its 3 s lease runs out); gunicorn is stopped once halfway through the callbacks and
+stays down longer than the sandbox retries, so some callbacks fail for good and are POSTed again
+by the test, as CI would; 10% of delivered callbacks arrive a second time.
+
+What must hold at the end: every job is ``delivered`` with every task ``done``; the directory has
+exactly ``<job_id>.wav`` and ``<job_id>.json`` per job and nothing else; every file, on disk and
+in every accepted http request, is byte-identical to the sandbox's output object; every job's
+``webhook-id`` was accepted. A table of what was injected and what survived is printed (``-s``
+shows it) and saved as JSON in the test's ``tmp_path``. ``CHAOS_DEADLINE`` (seconds) overrides
+the time guard and ``CHAOS_SEED`` the randomness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import struct
+import threading
+import time
+import uuid
+import wave
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from chaos_harness import Background, CallbackPump, WebServer, WorkerFleet, kill_workers_now_and_then
+from chaos_sink import Attempt, FlakySink
+from conftest import POSTGRES_URL, require_service
+from pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
+from qcloud_cos import CosS3Client
+
+from webhook.config import RetryPolicy
+from webhook.crc64 import crc64ecma
+from webhook.events import event_id
+from webhook.ledger import Ledger, jobs, tasks
+from webhook.models import ObjectLocation
+from webhook.sandbox import Sandbox, noisy_wav
+from webhook.sandbox.submit import submit_noise_reduction
+
+CALLBACKS = int(os.environ.get("CHAOS_CALLBACKS", "200"))
+# A guard against a hung run, not a measurement: about 3 minutes for 200 callbacks on 2 cores,
+# 10 for 2000.
+DEADLINE = float(os.environ.get("CHAOS_DEADLINE", max(180.0, 0.3 * CALLBACKS)))
+SEED = int(os.environ.get("CHAOS_SEED", "20240501"))
+
+HTTP_FAILURE_RATE = 0.3
+DUPLICATE_SHARE = 0.1
+LEASE_SECONDS = 3  # a killed worker's claim is due again this soon
+KILL_EVERY = (1.5, 2.5)  # seconds between SIGKILLs, drawn uniformly: "about every 2 s"
+WEB_DOWN_SECONDS = 3.0  # longer than the sandbox's own callback retries (0.2 + 0.5 + 1.0 s)
+SUBMIT_THREADS = 4
+INPUT_SECONDS = 0.1  # tiny inputs: the run exercises delivery, not denoising
+# Fast retries, and enough of them that a 30% failure rate never exhausts a delivery (0.3^50).
+RETRY = RetryPolicy(max_attempts=50, backoff_base=0.2, backoff_cap=2.0)
+FILESYSTEM, HTTP = "filesystem", "http"
+CORRUPT = "corrupt"  # marks a sink-directory problem where a file is present but wrong
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL schema, as conftest's ``database_url`` makes; PostgreSQL only."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    schema = f"chaos_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@dataclass
+class Outcome:
+    """Everything observed at the end; :meth:`findings` lists what is wrong."""
+
+    job_ids: dict[str, str]  # job id -> output key
+    expected_sha256: dict[str, str]  # job id -> SHA-256 of the sandbox's output object
+    ledger_status: dict[str, str]
+    unfinished_tasks: list[str]
+    task_attempts: Counter[str]  # kind/sink -> attempts summed over the ledger
+    sink_files: list[str]
+    filesystem_problems: list[str]
+    attempts: list[Attempt]
+    problems: list[str] = field(default_factory=list)  # from the harness: callbacks, processes
+
+    @property
+    def accepted(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.status == 200]
+
+    def corrupt(self, attempts: list[Attempt]) -> list[Attempt]:
+        """Requests that are not exactly their job's output, signed, under that job's webhook-id."""
+        by_webhook_id = {event_id(job_id, HTTP): job_id for job_id in self.job_ids}
+        bad = []
+        for attempt in attempts:
+            job_id = by_webhook_id.get(attempt.webhook_id)
+            if (
+                job_id is None
+                or attempt.event_id != attempt.webhook_id
+                or attempt.job_id != job_id
+                or not attempt.consistent
+                or attempt.file_sha256 != self.expected_sha256[job_id]
+            ):
+                bad.append(attempt)
+        return bad
+
+    def in_both_sinks(self) -> set[str]:
+        """Jobs whose exact output reached the directory and was accepted by the http receiver."""
+        accepted_ids = {a.webhook_id for a in self.accepted if a not in self.corrupt(self.accepted)}
+        broken_on_disk = {p.split(":", 1)[0] for p in self.filesystem_problems}
+        return {
+            job_id for job_id in self.job_ids if event_id(job_id, HTTP) in accepted_ids and job_id not in broken_on_disk
+        }
+
+    def findings(self) -> list[str]:
+        found = list(self.problems)
+        undelivered = {j: s for j, s in self.ledger_status.items() if s != "delivered"}
+        missing = set(self.job_ids) - set(self.ledger_status)
+        if undelivered:
+            found.append(f"{len(undelivered)} jobs not delivered {dict(list(undelivered.items())[:5])}")
+        if missing:
+            found.append(f"{len(missing)} jobs missing from the ledger {sorted(missing)[:5]}")
+        if extra := set(self.ledger_status) - set(self.job_ids):
+            found.append(f"{len(extra)} jobs in the ledger that were never submitted {sorted(extra)[:5]}")
+        if self.unfinished_tasks:
+            found.append(f"{len(self.unfinished_tasks)} tasks not done: {self.unfinished_tasks[:5]}")
+        found += self.filesystem_problems[:20]
+        for attempt in self.corrupt([a for a in self.attempts if a.complete])[:20]:
+            found.append(f"corrupt http request: {attempt}")
+        accepted_ids = {a.webhook_id for a in self.accepted}
+        expected_ids = {event_id(job_id, HTTP) for job_id in self.job_ids}
+        if accepted_ids != expected_ids:
+            never, unknown = sorted(expected_ids - accepted_ids), sorted(accepted_ids - expected_ids)
+            found.append(f"{len(never)} webhook-ids never accepted {never[:5]}; unknown ones accepted {unknown[:5]}")
+        return found
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(DEADLINE + 180)  # the run stops itself at DEADLINE; then teardown
+@pytest.mark.parametrize("callbacks", [CALLBACKS])
+def test_nothing_is_lost_or_corrupted_under_chaos(
+    callbacks: int, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sandbox's server logs every request: thousands of lines that would bury a failure report.
+    caplog.set_level(logging.WARNING, logger="werkzeug")
+    started = time.monotonic()
+    deadline = started + DEADLINE
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sink_dir, staging = tmp_path / "delivered", tmp_path / "staging"
+    staging.mkdir()
+    stop = threading.Event()
+    rng = random.Random(SEED)
+
+    with (
+        Sandbox(tmp_path / "sandbox").start() as sandbox,
+        FlakySink(HTTP_KEY, failure_rate=HTTP_FAILURE_RATE, seed=rng.randrange(2**32)) as http_sink,
+    ):
+        settings = replace(
+            pipeline_settings(postgres_url, sandbox, sink_dir, http_sink.url + "hooks"),
+            retry=RETRY,
+            poll_interval=0.1,
+        )
+        env = settings_env(settings) | {
+            "WEBHOOK_LEASE_SECONDS": str(LEASE_SECONDS),
+            "WEBHOOK_HTTP_SINK_TIMEOUT": "10",
+            # A SIGKILLed worker cannot remove its staged download; keep those where we can count them.
+            "WEBHOOK_TEMP_DIR": str(staging),
+        }
+        ledger = Ledger(postgres_url)
+        ledger.create_schema()
+        web = WebServer(env | {"WEB_CONCURRENCY": "2"}, logs / "web.log")
+        fleet = WorkerFleet(env, logs, size=2)
+        pump = CallbackPump(
+            sandbox, f"{web.url}/callback/{TOKEN}", callbacks, DUPLICATE_SHARE, random.Random(rng.random()), deadline
+        )
+        threads = [
+            Background("callback-pump", lambda: pump.run(stop)),
+            Background(
+                "worker-killer",
+                lambda: kill_workers_now_and_then(
+                    fleet, random.Random(rng.random()), stop, KILL_EVERY, max_kills=int(DEADLINE / KILL_EVERY[0])
+                ),
+            ),
+            Background("web-restart", lambda: restart_web_halfway(web, sandbox, callbacks, stop)),
+        ]
+        worker_codes: list[int] = []
+        run_seconds = 0.0
+        try:
+            web.start()
+            fleet.start()
+            for thread in threads:
+                thread.start()
+            run_started = time.monotonic()
+            job_ids = submit_jobs(sandbox, f"{web.url}/callback/{TOKEN}", callbacks, tmp_path / "base.wav")
+            wait_until_settled(ledger, callbacks, pump, threads, deadline)
+            run_seconds = time.monotonic() - run_started
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+            worker_codes = fleet.stop()
+            web.stop()
+        for thread in threads:
+            thread.check()
+
+        outcome = observe(ledger, sandbox, job_ids, sink_dir, http_sink.attempts)
+        ledger.dispose()
+
+    outcome.problems += pump.failures + fleet.unexpected_exits
+    if any(code != 0 for code in worker_codes):
+        outcome.problems.append(f"workers stopped with SIGTERM exited with {worker_codes}")
+    if web.restarts != 1:
+        outcome.problems.append(f"the web server was restarted {web.restarts} times, not once")
+    rows = report_rows(outcome, pump, fleet, web, staging, logs, run_seconds)
+    findings = outcome.findings()
+    print_table(callbacks, rows)
+    summary = tmp_path / "chaos-summary.json"
+    summary.write_text(json.dumps({"callbacks": callbacks, "seed": SEED, "rows": rows, "findings": findings}, indent=2))
+    print(f"summary: {summary}")
+    assert not findings, "\n".join(findings)
+
+
+def restart_web_halfway(web: WebServer, sandbox: Sandbox, callbacks: int, stop: threading.Event) -> None:
+    """Restart gunicorn once half the callbacks are out, while the other half keeps coming."""
+    while len(sandbox.callbacks_sent) < callbacks // 2:
+        if stop.wait(0.1):
+            return
+    web.restart(WEB_DOWN_SECONDS)
+
+
+def marked_wav(frames: bytes, rate: int, index: int) -> bytes:
+    """The base recording with ``index`` stamped in as four loud blocks, one per hex digit.
+
+    Every job then has its own output, so a file delivered under the wrong job cannot pass for
+    the right one. Blocks of 8 samples, 400 apart, survive the sandbox's moving average.
+    """
+    pcm = bytearray(frames)
+    for digit in range(4):
+        value = ((index >> (4 * digit)) & 0xF) * 2000 - 15000
+        struct.pack_into("<8h", pcm, digit * 400 * 2, *([value] * 8))
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(bytes(pcm))
+    return out.getvalue()
+
+
+def submit_jobs(sandbox: Sandbox, callback_url: str, count: int, base: Path) -> dict[str, str]:
+    """Upload ``count`` inputs and submit a job for each through the SDK; returns job id -> output key."""
+    noisy_wav(base, INPUT_SECONDS)
+    with wave.open(str(base), "rb") as reader:
+        rate, frames = reader.getframerate(), reader.readframes(reader.getnframes())
+    clients = threading.local()  # one SDK client per thread
+
+    def submit(index: int) -> tuple[str, str]:
+        if not hasattr(clients, "client"):
+            clients.client = sandbox.client(REGION)
+        client: CosS3Client = clients.client
+        input_key, output_key = f"in/{index:05d}.wav", f"out/{index:05d}.wav"
+        client.put_object(Bucket=BUCKET, Body=marked_wav(frames, rate, index), Key=input_key)
+        output = ObjectLocation(BUCKET, REGION, output_key)
+        # Both callback formats CI can send.
+        callback_format = "JSON" if index % 2 else "XML"
+        job_id = submit_noise_reduction(client, input_key, output, callback_url, callback_format, f"chaos-{index}")
+        return job_id, output_key
+
+    with ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="submit") as pool:
+        return dict(pool.map(submit, range(count)))
+
+
+def wait_until_settled(
+    ledger: Ledger, callbacks: int, pump: CallbackPump, threads: list[Background], deadline: float
+) -> None:
+    """Until the ledger is quiescent (every job recorded, no task pending), a job is dead, or the deadline.
+
+    Quiescent is final: a job gets its next task in the transaction that closes the previous
+    one, so with nothing pending nothing will change any more, delivered or not.
+    """
+    next_progress = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for thread in threads:
+            thread.check()
+        counts = ledger.counts()
+        if counts.get("jobs_dead") or counts.get("jobs_rejected"):
+            return  # neither recovers by itself; the findings name them
+        recorded = sum(n for name, n in counts.items() if name.startswith("jobs_"))
+        if pump.finished and recorded == callbacks and counts["tasks_pending"] == 0:
+            return
+        if time.monotonic() >= next_progress:
+            print(f"  ... {counts} callbacks handled={pump.handled}", flush=True)
+            next_progress += 10
+        time.sleep(0.5)
+
+
+def observe(
+    ledger: Ledger, sandbox: Sandbox, job_ids: dict[str, str], sink_dir: Path, attempts: list[Attempt]
+) -> Outcome:
+    expected = {job_id: sandbox.object_path(BUCKET, key).read_bytes() for job_id, key in job_ids.items()}
+    with ledger.engine.connect() as conn:
+        status = {row.job_id: row.status for row in conn.execute(sa.select(jobs.c.job_id, jobs.c.status))}
+        task_rows = conn.execute(
+            sa.select(tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.status, tasks.c.attempts)
+        )
+        unfinished, task_attempts = [], Counter[str]()
+        kinds: dict[str, set[str]] = {job_id: set() for job_id in job_ids}
+        for row in task_rows:
+            name = f"{row.kind}/{row.sink}" if row.sink else row.kind
+            task_attempts[name] += row.attempts
+            kinds.setdefault(row.job_id, set()).add(name)
+            if row.status != "done":
+                unfinished.append(f"{row.job_id} {name} {row.status} attempts={row.attempts}")
+    # Every job needs its verification and one delivery per sink, all done.
+    wanted = {"verify", f"deliver/{FILESYSTEM}", f"deliver/{HTTP}"}
+    unfinished += [f"{job_id} lacks {sorted(wanted - names)}" for job_id, names in kinds.items() if names != wanted]
+    outcome = Outcome(
+        job_ids=job_ids,
+        expected_sha256={job_id: hashlib.sha256(data).hexdigest() for job_id, data in expected.items()},
+        ledger_status=status,
+        unfinished_tasks=unfinished,
+        task_attempts=task_attempts,
+        sink_files=sorted(p.name for p in sink_dir.iterdir()) if sink_dir.exists() else [],
+        filesystem_problems=check_directory(sink_dir, expected),
+        attempts=list(attempts),
+    )
+    if len(set(outcome.expected_sha256.values())) != len(job_ids):
+        outcome.problems.append("the sandbox made identical outputs for different jobs: mix-ups would go unseen")
+    return outcome
+
+
+def check_directory(sink_dir: Path, expected: dict[str, bytes]) -> list[str]:
+    """``<job_id>: problem`` for every job whose two files are not exactly right, and any stray file."""
+    names = {p.name for p in sink_dir.iterdir()} if sink_dir.exists() else set()
+    wanted = {f"{job_id}{ext}" for job_id in expected for ext in (".wav", ".json")}
+    problems = [f"{name}: unexpected file in the sink directory" for name in sorted(names - wanted)]
+    for job_id, data in expected.items():
+        wav, meta = sink_dir / f"{job_id}.wav", sink_dir / f"{job_id}.json"
+        if not (wav.name in names and meta.name in names):
+            problems.append(f"{job_id}: files missing ({sorted({wav.name, meta.name} - names)})")
+            continue
+        if wav.read_bytes() != data:
+            problems.append(f"{job_id}: {CORRUPT} .wav: differs from the sandbox's output")
+        document = json.loads(meta.read_text())
+        file = document["file"] or {}
+        described = (document["event_id"], document["job"]["job_id"], file.get("size"), file.get("crc64"))
+        if described != (event_id(job_id, FILESYSTEM), job_id, len(data), str(crc64ecma(data))):
+            problems.append(f"{job_id}: {CORRUPT} .json: describes {described}")
+    return problems
+
+
+def report_rows(
+    outcome: Outcome,
+    pump: CallbackPump,
+    fleet: WorkerFleet,
+    web: WebServer,
+    staging: Path,
+    logs: Path,
+    run_seconds: float,
+) -> list[tuple[str, str]]:
+    attempts, accepted = outcome.attempts, outcome.accepted
+    distinct = {a.webhook_id for a in accepted}
+    in_sinks = outcome.in_both_sinks()
+    wavs = sum(name.endswith(".wav") for name in outcome.sink_files)
+    jsons = sum(name.endswith(".json") for name in outcome.sink_files)
+    worker_log = "".join(path.read_text(errors="replace") for path in fleet.logs)
+    web_log = (logs / "web.log").read_text(errors="replace")
+    delivered = sum(status == "delivered" for status in outcome.ledger_status.values())
+    task_attempts = ", ".join(f"{name}={n}" for name, n in sorted(outcome.task_attempts.items()))
+    errors, leases_lost = worker_log.count(" ERROR "), worker_log.count("lease was lost")
+    corrupt_on_disk = sum(f": {CORRUPT} " in problem for problem in outcome.filesystem_problems)
+    return [
+        ("INJECTED", ""),
+        ("callbacks (jobs submitted via the SDK)", str(len(outcome.job_ids))),
+        ("  sandbox POST attempts (its own retries incl.)", str(pump.sandbox_attempts)),
+        ("  delivered by the sandbox", str(pump.delivered_by_sandbox)),
+        ("callbacks re-posted after the sandbox gave up", str(pump.reposted)),
+        ("  re-post attempts / found already stored", f"{pump.repost_attempts} / {pump.reposts_found_stored}"),
+        ("duplicate callbacks sent / answered duplicate", f"{pump.duplicates_sent} / {pump.duplicates_recognised}"),
+        ("worker SIGKILLs (replaced at once)", str(fleet.kills)),
+        ("web (gunicorn) restarts", f"{web.restarts} (down {WEB_DOWN_SECONDS:g} s)"),
+        ("http 503s injected", str(sum(a.status == 503 for a in attempts))),
+        ("http attempts (requests received)", str(len(attempts))),
+        ("  cut off mid-body by a kill", str(sum(not a.complete for a in attempts))),
+        ("SURVIVED", ""),
+        ("jobs delivered (ledger)", str(delivered)),
+        ("  ledger attempts per task", task_attempts),
+        ("filesystem deliveries (.wav / .json)", f"{wavs} / {jsons}"),
+        ("  other files in the sink directory", str(len(outcome.sink_files) - wavs - jsons)),
+        ("http deliveries accepted (200)", str(len(accepted))),
+        ("  distinct webhook-ids accepted", str(len(distinct))),
+        ("  redundant (same webhook-id accepted again)", str(len(accepted) - len(distinct))),
+        ("corrupt deliveries (http accepted / on disk)", f"{len(outcome.corrupt(accepted))} / {corrupt_on_disk}"),
+        ("jobs lost (missing or wrong in a sink)", str(len(outcome.job_ids) - len(in_sinks))),
+        ("jobs not 'delivered' in the ledger", str(len(outcome.job_ids) - delivered)),
+        ("staged downloads left by killed workers", str(sum(1 for _ in staging.iterdir()))),
+        ("worker log: ERROR lines / lease lost", f"{errors} / {leases_lost}"),
+        ("web log: tracebacks", str(web_log.count("Traceback"))),
+        ("wall time (submit -> ledger settled)", f"{run_seconds:.1f} s"),
+    ]
+
+
+def print_table(callbacks: int, rows: list[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"chaos run: CHAOS_CALLBACKS={callbacks} seed={SEED}", "-" * (width + 24)]
+    for label, value in rows:
+        lines.append(f"{label:<{width}}{value}" if value else f"{label}")
+    print("\n" + "\n".join(lines), flush=True)
