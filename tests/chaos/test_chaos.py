@@ -32,7 +32,6 @@ import random
 import struct
 import threading
 import time
-import uuid
 import wave
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ import pytest
 import sqlalchemy as sa
 from chaos_harness import Background, CallbackPump, WebServer, WorkerFleet, kill_workers_now_and_then
 from chaos_sink import Attempt, FlakySink
-from conftest import POSTGRES_URL, require_service
+from conftest import postgres_schema
 from pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
 from qcloud_cos import CosS3Client
 
@@ -77,18 +76,9 @@ CORRUPT = "corrupt"  # marks a sink-directory problem where a file is present bu
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A private PostgreSQL schema, as conftest's ``database_url`` makes; PostgreSQL only."""
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    schema = f"chaos_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    """A private PostgreSQL schema; the chaos run is PostgreSQL only."""
+    with postgres_schema("chaos") as url:
+        yield url
 
 
 @dataclass
