@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import postgres_schema
 from sqlalchemy.engine import Connection
 
 import webhook.ledger as ledger_module
@@ -225,11 +227,21 @@ def test_schema_creation_is_idempotent(database_url: str) -> None:
     second.dispose()
 
 
+@pytest.fixture
+def postgres_ledger() -> Iterator[Ledger]:
+    # PostgreSQL only: SQLite serializes write transactions (BEGIN IMMEDIATE), so the
+    # interleaving below cannot happen there.
+    with postgres_schema() as url:
+        ledger = Ledger(url)
+        ledger.create_schema()
+        yield ledger
+        ledger.dispose()
+
+
 def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    postgres_ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not ledger.is_postgres:
-        pytest.skip("SQLite serializes write transactions (BEGIN IMMEDIATE): this interleaving cannot happen")
+    ledger = postgres_ledger
     record(ledger, job(1))
     assert ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
     # Two workers hold one delivery each, as SKIP LOCKED gives when they poll at the same instant.
