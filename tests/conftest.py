@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -35,7 +36,11 @@ def require_service(name: str, host: str, port: int) -> None:
         with socket.create_connection((host, port), timeout=2):
             return
     except OSError as exc:
-        message = f"{name} is not reachable on {host}:{port} ({exc})"
+        unavailable(f"{name} is not reachable on {host}:{port} ({exc})")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Something a test needs is missing: fail when ``CI=true``, skip with the reason elsewhere."""
     if IN_CI:
         pytest.fail(f"{message}; CI=true requires it")
     pytest.skip(message)

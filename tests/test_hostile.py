@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,19 +45,16 @@ import psutil
 import pytest
 import requests
 import sqlalchemy as sa
-from conftest import LiveServer
+from endpoint import NOTHING, TOKEN, post, row_counts, serving
 from samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation
 
 import webhook.callback
-from webhook.app import create_app
 from webhook.callback import MAX_XML_DEPTH, CallbackError, parse_callback
 from webhook.config import Settings
-from webhook.ledger import Ledger, callbacks, jobs, tasks
+from webhook.ledger import Ledger, callbacks
 from webhook.models import Job
 
-TOKEN = "cb-hostile-0123456789abcdef"
 DEFAULT_LIMIT = Settings().max_body_bytes
-NOTHING = {"callbacks": 0, "jobs": 0, "tasks": 0}
 ONE_JOB = {"callbacks": 1, "jobs": 1, "tasks": 1}
 DTD_REFUSED = "XML with a DOCTYPE or entity declaration is not accepted"
 MiB = 1024 * 1024
@@ -68,30 +64,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- helpers --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def serving(ledger: Ledger, max_body_bytes: int = DEFAULT_LIMIT) -> Iterator[str]:
-    settings = Settings(database_url=ledger.url, callback_tokens=(TOKEN,), max_body_bytes=max_body_bytes)
-    with LiveServer(create_app(settings, ledger)) as server:
-        yield server.url
-
-
 @pytest.fixture
 def base_url(ledger: Ledger) -> Iterator[str]:
     with serving(ledger) as url:
         yield url
-
-
-def post(base: str, data: Any, content_type: str | None = None) -> requests.Response:
-    headers = {"Content-Type": content_type} if content_type else {}
-    return requests.post(f"{base}/callback/{TOKEN}", data=data, headers=headers, timeout=60)
-
-
-def row_counts(ledger: Ledger) -> dict[str, int]:
-    with ledger.engine.connect() as conn:
-        return {
-            table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-            for table in (callbacks, jobs, tasks)
-        }
 
 
 def stored(ledger: Ledger) -> tuple[bytes, str]:

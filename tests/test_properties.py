@@ -28,8 +28,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 import requests
-import sqlalchemy as sa
 from conftest import LiveServer
+from endpoint import row_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation, to_xml
@@ -37,7 +37,7 @@ from samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation, to_xml
 from webhook.app import create_app
 from webhook.callback import MAX_FIELD_LENGTH, MAX_JOBS_PER_CALLBACK, CallbackError, parse_callback
 from webhook.config import Settings
-from webhook.ledger import Ledger, callbacks, jobs, tasks
+from webhook.ledger import Ledger
 from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow, job_to_dict
 
 PARSER = settings(
@@ -499,14 +499,6 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     with LiveServer(create_app(settings, ledger)) as server, requests.Session() as session:
         yield Endpoint(f"{server.url}/callback/{TOKEN}", ledger, session)
     ledger.dispose()
-
-
-def row_counts(ledger: Ledger) -> dict[str, int]:
-    with ledger.engine.connect() as conn:
-        return {
-            table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-            for table in (callbacks, jobs, tasks)
-        }
 
 
 any_body = st.one_of(

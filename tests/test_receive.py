@@ -6,32 +6,20 @@ Every accepted callback is in the ledger before the 200; every refused one leave
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
-from conftest import LiveServer
+from endpoint import NOTHING, TOKEN, post, row_counts, serving
 from samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, FORMATS, JOB_ID, body, job
 
-from webhook.app import create_app
-from webhook.config import Settings
-from webhook.ledger import Ledger, callbacks, jobs, tasks
+from webhook.ledger import Ledger, callbacks
 from webhook.models import job_to_dict
 
-TOKEN = "cb-0123456789abcdef_ROTATE.1"
 OTHER_TOKEN = "cb-fedcba9876543210~next"
 SMALL_LIMIT = 2048
 OTHER_ID = "j0000000000000000000000000000000b"
-NOTHING = {"callbacks": 0, "jobs": 0, "tasks": 0}
-
-
-@contextmanager
-def serving(ledger: Ledger, tokens: tuple[str, ...] = (TOKEN,), max_body_bytes: int = 1024 * 1024) -> Iterator[str]:
-    settings = Settings(database_url=ledger.url, callback_tokens=tokens, max_body_bytes=max_body_bytes)
-    with LiveServer(create_app(settings, ledger)) as server:
-        yield server.url
 
 
 @pytest.fixture
@@ -45,19 +33,6 @@ def small_url(ledger: Ledger) -> Iterator[str]:
     """A server that accepts bodies of at most SMALL_LIMIT bytes."""
     with serving(ledger, max_body_bytes=SMALL_LIMIT) as url:
         yield url
-
-
-def post(base: str, data: Any, content_type: str | None = None, token: str = TOKEN) -> requests.Response:
-    headers = {"Content-Type": content_type} if content_type else {}
-    return requests.post(f"{base}/callback/{token}", data=data, headers=headers, timeout=30)
-
-
-def row_counts(ledger: Ledger) -> dict[str, int]:
-    with ledger.engine.connect() as conn:
-        return {
-            table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-            for table in (callbacks, jobs, tasks)
-        }
 
 
 def callback_rows(ledger: Ledger) -> list[Any]:

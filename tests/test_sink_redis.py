@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pytest
 import redis
-from conftest import IN_CI, require_service
+from conftest import require_service, unavailable
 from pipeline import Pipeline
 from tcp_proxy import TcpProxy
 
@@ -220,10 +220,7 @@ def private_redis(tmp_path: Path) -> Iterator[int]:
     """A redis-server of our own that requires the password ``s3cret``; yields its port."""
     server = shutil.which("redis-server")
     if server is None:
-        message = "redis-server is not installed"
-        if IN_CI:
-            pytest.fail(f"{message}; CI=true requires it")
-        pytest.skip(message)
+        unavailable("redis-server is not installed")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
