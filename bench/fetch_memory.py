@@ -48,7 +48,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 from qcloud_cos import CosS3Client
-from werkzeug.serving import make_server
 
 from webhook.app import create_app
 from webhook.config import Settings
@@ -56,6 +55,7 @@ from webhook.ledger import Ledger, LedgerError
 from webhook.models import JobStatus, ObjectLocation
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
+from webhook.serving import BackgroundServer
 
 MIB = 1024 * 1024
 REGION = "ap-guangzhou"
@@ -166,7 +166,11 @@ class Rig:
 
 @contextmanager
 def serving(server: HTTPServer) -> Iterator[str]:
-    """Serve in a background thread; yield the base URL."""
+    """Serve in a background thread; yield the base URL.
+
+    For the http sink receiver: a plain ``http.server``, which ``webhook.serving.BackgroundServer``
+    (for WSGI apps) cannot run.
+    """
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -189,7 +193,7 @@ def start_rig(work: Path) -> Iterator[Rig]:
         ledger = Ledger(database_url)
         stack.callback(ledger.dispose)
         app = create_app(Settings(database_url=database_url, callback_tokens=(token,), log_level="WARNING"), ledger)
-        receiver_url = stack.enter_context(serving(make_server("127.0.0.1", 0, app, threaded=True)))
+        receiver_url = stack.enter_context(BackgroundServer(app, name="bench-receiver")).url
         sink = SinkReceiver()
         sink_url = stack.enter_context(serving(sink))
 

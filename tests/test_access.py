@@ -6,26 +6,27 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import LiveServer
-from samples import DOC_JSON
+from support.samples import DOC_JSON
 
 from webhook.app import create_app
-from webhook.config import ConfigError, Settings
-from webhook.ledger import Ledger, callbacks
+from webhook.config import Settings
+from webhook.errors import ConfigError
+from webhook.ledger import Ledger
+from webhook.ledger.schema import callbacks
+from webhook.serving import BackgroundServer
 
 OLD, NEW = "old-token-0123456789", "new-token-0123456789"
 
 
 @contextmanager
 def receiver(tmp_path: Path, **changes: object) -> Iterator[tuple[str, Ledger]]:
-    settings = replace(Settings(database_url=f"sqlite:///{tmp_path / 'ledger.db'}", callback_tokens=(OLD,)), **changes)
+    settings = Settings(**{"database_url": f"sqlite:///{tmp_path / 'ledger.db'}", "callback_tokens": (OLD,)} | changes)
     ledger = Ledger(settings.database_url)
-    with LiveServer(create_app(settings, ledger)) as server:
+    with BackgroundServer(create_app(settings, ledger)) as server:
         yield server.url, ledger
     ledger.dispose()
 
@@ -48,7 +49,7 @@ def test_source_outside_the_allowlist_is_refused_before_anything_is_stored(tmp_p
     with receiver(tmp_path, allowed_sources=(ipaddress.ip_network("10.0.0.0/8"),)) as (url, ledger):
         refused = post(url)
         assert (refused.status_code, refused.json()["error"]) == (403, "source address 127.0.0.1 is not allowed")
-        assert ledger.counts() == {"tasks_pending": 0}
+        assert ledger.views.counts() == {"tasks_pending": 0}
         # Without trusted proxies, a client's own X-Forwarded-For changes nothing.
         assert post(url, **{"X-Forwarded-For": "10.1.2.3"}).status_code == 403
 

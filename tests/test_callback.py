@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, DROP, FORMATS, JOB_ID, body, job, operation
+from support.samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, DROP, FORMATS, JOB_ID, body, job, operation
 
 from webhook.callback import CallbackError, parse_callback
 from webhook.models import Callback, CosHeader, Job, Workflow

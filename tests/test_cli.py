@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner, Result
-from pipeline import Pipeline, settings_env
+from support.pipeline import Pipeline, settings_env
 
 from webhook.cli import main
 

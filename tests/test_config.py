@@ -1,6 +1,8 @@
 import pytest
 
-from webhook.config import ConfigError, CosEndpoint, Settings
+from webhook.config import Settings
+from webhook.cos import CosEndpoint
+from webhook.errors import ConfigError
 
 GOOD = {
     "WEBHOOK_CALLBACK_TOKEN": "a" * 24,

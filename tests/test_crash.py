@@ -6,11 +6,14 @@ import signal
 import subprocess
 from pathlib import Path
 
-from pipeline import Pipeline, settings_env
-from processes import start_worker
-from receiver import Reply
+import pytest
+from support.pipeline import Pipeline, settings_env
+from support.processes import start_worker
+from support.receiver import Reply
 
 from webhook.events import event_id
+
+pytestmark = pytest.mark.slow  # worker processes, SIGKILLed and restarted
 
 LEASE = 2
 
@@ -32,7 +35,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert first.returncode == -signal.SIGKILL
-    interrupted = pipeline.ledger.show_job(job_id).to_dict()
+    interrupted = pipeline.ledger.views.show_job(job_id).to_dict()
     assert interrupted["status"] == "verified"
     assert [(d["sink"], d["status"]) for d in interrupted["deliveries"]] == [
         ("filesystem", "done"),
@@ -48,7 +51,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
         second.wait(timeout=20)
     assert second.returncode == 0, log.read_text()
 
-    view = pipeline.ledger.show_job(job_id).to_dict()
+    view = pipeline.ledger.views.show_job(job_id).to_dict()
     assert [(d["sink"], d["status"], d["attempts"]) for d in view["deliveries"]] == [
         ("filesystem", "done", 1),
         ("http", "done", 2),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import requests
-from pipeline import TOKEN, Pipeline, settings_env
-from processes import wait_healthy, web
+from support.pipeline import TOKEN, Pipeline, settings_env
+from support.processes import wait_healthy, web
+
+pytestmark = pytest.mark.slow  # gunicorn processes
 
 
 def test_gunicorn_serves_callbacks_and_runs_the_worker_in_process(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import webhook.events
-from webhook.events import SCHEMA, build_event, event_id, event_metadata
+from webhook.events import SCHEMA, build_event, event_document, event_id
 from webhook.models import CosHeader, FetchedFile, Job, ObjectLocation
 
 # The job the module docstring's example describes.
@@ -53,7 +53,7 @@ def test_docstring_example_matches_the_metadata() -> None:
     doc = webhook.events.__doc__
     assert doc is not None
     example = doc[doc.index("::") + 2 : doc.index("A failed job")]
-    assert event_metadata(build_event(EXAMPLE_JOB, "filesystem", EXAMPLE_FILE)) == json.loads(example)
+    assert event_document(build_event(EXAMPLE_JOB, "filesystem", EXAMPLE_FILE)) == json.loads(example)
 
 
 def test_succeeded_event() -> None:
@@ -63,14 +63,14 @@ def test_succeeded_event() -> None:
         "job.succeeded",
         EXAMPLE_FILE,
     )
-    metadata = event_metadata(event)
+    metadata = event_document(event)
     assert metadata["schema"] == SCHEMA
     assert metadata["file"]["name"] == "a.wav"
     assert metadata == json.loads(json.dumps(metadata))
 
 
 def test_failed_event_has_no_file() -> None:
-    metadata = event_metadata(build_event(FAILED_JOB, "http", None))
+    metadata = event_document(build_event(FAILED_JOB, "http", None))
     assert metadata["type"] == "job.failed"
     assert metadata["file"] is None
     assert metadata["job"]["code"] == "InternalError"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from pipeline import DONE, TOKEN, Pipeline, multipart_file, settings_env
-from processes import start_worker, wait_healthy, web
 from sqlalchemy.engine import make_url
-from tcp_proxy import TcpProxy
+from support.pipeline import DONE, TOKEN, Pipeline, multipart_file, settings_env
+from support.processes import start_worker, wait_healthy, web
+from support.tcp_proxy import TcpProxy
 
 from webhook.cos import make_client
 from webhook.crc64 import crc64ecma
@@ -79,7 +79,8 @@ GET_FAULTS: dict[str, tuple[Fault, Callable[[int, int], str]]] = {
 }
 
 
-@pytest.mark.parametrize("case", GET_FAULTS)
+# The SDK pauses before retrying a 5xx itself, so the 503 case takes seconds.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "503" else c for c in GET_FAULTS])
 def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, case: str) -> None:
     job_id, worker = verified(pipeline)
     output = pipeline.output_bytes()
@@ -88,7 +89,7 @@ def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, cas
     active = pipeline.sandbox.faults.add(fault)
 
     attempt(pipeline, worker)  # one claim: both deliveries were due together, so one fetch for both
-    view = pipeline.ledger.show_job(job_id).to_dict()
+    view = pipeline.ledger.views.show_job(job_id).to_dict()
     assert view["status"] == "verified"
     for delivery in view["deliveries"]:
         assert (delivery["status"], delivery["attempts"]) == ("pending", 1)
@@ -99,7 +100,7 @@ def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, cas
     fired = active.fired
     attempt(pipeline, worker)
     assert active.fired > fired
-    for delivery in pipeline.ledger.show_job(job_id).to_dict()["deliveries"]:
+    for delivery in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]:
         assert delivery["status"] == "pending"
         assert re.match(expected, delivery["last_error"]), delivery["last_error"]
     assert_nothing_forwarded(pipeline)
@@ -109,6 +110,7 @@ def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, cas
     assert_delivered_intact(pipeline, job_id)
 
 
+@pytest.mark.slow
 def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipeline) -> None:
     job_id, worker = verified(pipeline)
     # The product's client waits 30 s (twice: the SDK retries a timeout); a shorter one keeps
@@ -120,7 +122,7 @@ def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipel
     pipeline.sandbox.faults.add(Fault(kind="object GET", delay=60))
 
     attempt(pipeline, worker)
-    view = pipeline.ledger.show_job(job_id).to_dict()
+    view = pipeline.ledger.views.show_job(job_id).to_dict()
     for delivery in view["deliveries"]:
         assert (delivery["status"], delivery["attempts"]) == ("pending", 1)
         assert delivery["last_error"].startswith("COS unreachable: ")
@@ -132,7 +134,7 @@ def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipel
     slow = pipeline.sandbox.faults.add(Fault(kind="object GET", delay=0.1))
     assert pipeline.drain(worker, job_id, DONE) == "delivered"
     assert slow.fired >= 1
-    assert [d["attempts"] for d in pipeline.ledger.show_job(job_id).to_dict()["deliveries"]] == [2, 2]
+    assert [d["attempts"] for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]] == [2, 2]
     assert_delivered_intact(pipeline, job_id)
 
 
@@ -142,7 +144,11 @@ def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipel
 @pytest.mark.parametrize(
     ("fault", "error"),
     [
-        (Fault(kind="CI describe", status=503), re.escape("CI answered 503 ServiceUnavailable")),
+        pytest.param(
+            Fault(kind="CI describe", status=503),
+            re.escape("CI answered 503 ServiceUnavailable"),
+            marks=pytest.mark.slow,
+        ),
         (
             Fault(kind="CI describe", reset=10),
             r"CI API unreachable: \(.Connection broken: ConnectionResetError\(104, ",
@@ -158,7 +164,7 @@ def test_describe_fault_retries_verification_until_it_clears(pipeline: Pipeline,
 
     for tries in (1, 2):
         attempt(pipeline, worker)
-        view = pipeline.ledger.show_job(job_id).to_dict()
+        view = pipeline.ledger.views.show_job(job_id).to_dict()
         assert view["status"] == "received"
         (verify,) = view["verify"]
         assert (verify["status"], verify["attempts"]) == ("pending", tries)
@@ -169,13 +175,14 @@ def test_describe_fault_retries_verification_until_it_clears(pipeline: Pipeline,
 
     pipeline.sandbox.faults.clear()
     assert pipeline.drain(worker, job_id, DONE) == "delivered"
-    assert pipeline.ledger.show_job(job_id).to_dict()["verify"][0]["attempts"] == 3
+    assert pipeline.ledger.views.show_job(job_id).to_dict()["verify"][0]["attempts"] == 3
     assert_delivered_intact(pipeline, job_id)
 
 
 # --- the ledger database -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_postgres_outage_is_answered_503_and_waited_out(pipeline: Pipeline, database_url: str, tmp_path: Path) -> None:

@@ -60,8 +60,7 @@ def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
 
 
 def test_unreachable_cos(tmp_path: Path) -> None:
-    from webhook.config import CosEndpoint
-    from webhook.cos import make_client
+    from webhook.cos import CosEndpoint, make_client
 
     client = make_client("id", "key", REGION, CosEndpoint("http", "127.0.0.1", 9))
     with pytest.raises(FetchError, match=r"^COS unreachable: "):

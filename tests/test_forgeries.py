@@ -6,8 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from pipeline import BUCKET, DONE, REGION, Pipeline, forged, settings_env
-from receiver import Receiver
+from support.pipeline import BUCKET, DONE, REGION, Pipeline, forged, settings_env
+from support.receiver import Receiver
 
 from webhook.cli import main
 

@@ -1,39 +1,15 @@
-"""Hostile callback bodies against the real endpoint: never a 5xx, never a half-stored job.
+"""Hostile callback bodies over real sockets: never a 5xx, never a half-stored job.
 
-Each case goes over a real socket to a LiveServer (werkzeug's threaded server, against SQLite and
-PostgreSQL ledgers) and asserts the exact status, the exact error text and that the ledger's
-``callbacks``, ``jobs`` and ``tasks`` tables are still empty. A few parser-level tests pin how
-(and how early) the parser refuses: before any entity is expanded, before any job is normalized.
-
-Slow clients, and what GUNICORN_TIMEOUT does about them
--------------------------------------------------------
-gunicorn.conf.py runs ``gthread`` workers. A worker's main thread accepts connections and sends
-the arbiter its heartbeat; each request is read and handled in a pool thread, which waits a few
-seconds for a new connection's first bytes (gunicorn's ``DEFAULT_WORKER_DATA_TIMEOUT``, 5 s,
-after which an idle connection goes back to the poller and is closed after ``keepalive``) and
-then reads the headers and the body on a blocking socket with no timeout. ``timeout``
-(GUNICORN_TIMEOUT) only restarts a worker whose main thread stops sending the heartbeat, which
-a slow request never causes.
-
-So, as ``test_gunicorn_timeout_does_not_cut_off_a_trickling_client`` shows with
-GUNICORN_TIMEOUT=2, a client that trickles its body for several times the timeout is neither
-cut off nor answered with an error: it holds one of the WEB_CONCURRENCY x GUNICORN_THREADS
-threads for as long as it keeps sending, and is then answered 200 and stored like any other
-callback. A client that gives up mid-body leaves nothing behind: the body is short of its
-Content-Length, werkzeug answers 400, nothing is stored. Protection against slow senders has to
-come from the platform's router or a reverse proxy in front of gunicorn; GUNICORN_TIMEOUT does
-not provide it, whatever the comment in gunicorn.conf.py says.
+GUNICORN_TIMEOUT only restarts a worker whose heartbeat stops, so it never cuts off a slow sender:
+that protection has to come from a proxy in front of gunicorn.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,20 +21,21 @@ import psutil
 import pytest
 import requests
 import sqlalchemy as sa
-from endpoint import NOTHING, TOKEN, post, row_counts, serving
-from samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation
+from support.endpoint import NOTHING, TOKEN, post, row_counts, serving
+from support.processes import wait_healthy, web
+from support.samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation
 
 import webhook.callback
 from webhook.callback import MAX_XML_DEPTH, CallbackError, parse_callback
 from webhook.config import Settings
-from webhook.ledger import Ledger, callbacks
+from webhook.ledger import Ledger
+from webhook.ledger.schema import callbacks
 from webhook.models import Job
 
 DEFAULT_LIMIT = Settings().max_body_bytes
 ONE_JOB = {"callbacks": 1, "jobs": 1, "tasks": 1}
 DTD_REFUSED = "XML with a DOCTYPE or entity declaration is not accepted"
 MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -229,8 +206,7 @@ def test_xml_bomb_is_refused_400_before_expansion(ledger: Ledger, base_url: str,
 def test_xml_bomb_is_refused_by_the_parser_even_if_the_text_check_misses_it(
     monkeypatch: pytest.MonkeyPatch, tripwire: int, name: str
 ) -> None:
-    # Belt and braces: with the pattern check disabled, expat's own DOCTYPE handler refuses it
-    # (xmltodict's entity guard would have raised a plain ValueError: a 500).
+    # Belt and braces: with the pattern check disabled, expat's own DOCTYPE handler still refuses it.
     monkeypatch.setattr(webhook.callback, "_DTD", re.compile(r"(?!)"))
     peak_before = peak_rss()
 
@@ -291,7 +267,7 @@ def test_xml_nested_exactly_to_the_limit_is_accepted(ledger: Ledger, base_url: s
     sent = _deep_xml_in_job(MAX_XML_DEPTH - 2)
 
     assert_stored_doc_job(post(base_url, sent), ledger)
-    assert ledger.show_job(JOB_ID).job == parse_callback(DOC_XML).jobs[0]
+    assert ledger.views.show_job(JOB_ID).job == parse_callback(DOC_XML).jobs[0]
 
 
 # -- 100,000 jobs in one callback -----------------------------------------------------------------------
@@ -375,7 +351,7 @@ _OPEN = b'{"EventName": "'  # 15 bytes: the bad sequence starts at byte 15
             id="json-utf16be-bom",
         ),
         pytest.param(DOC_XML.decode().encode("utf-32"), "body is not valid UTF-8 (byte 0)", id="xml-utf32-bom"),
-        # Expat reads "<\0R\0..." as UTF-16 whatever it is told, so these used to be parsed.
+        # Expat reads "<\0R\0..." as UTF-16 whatever it is told: only the NUL check stops these.
         pytest.param(DOC_XML.decode().encode("utf-16-le"), "body contains a NUL byte (byte 1)", id="xml-utf16le"),
         pytest.param(
             b'<!DOCTYPE Response SYSTEM "http://127.0.0.1:9/x"><Response><EventName>X</EventName></Response>'.decode().encode(
@@ -422,7 +398,7 @@ def test_declared_xml_encoding_is_ignored_the_body_is_read_as_utf8(
     sent = f'<?xml version="1.0" encoding="{declared}"?>'.encode() + body("xml", job(Message="降噪完成 é"))
 
     assert_stored_doc_job(post(base_url, sent), ledger)
-    assert ledger.show_job(JOB_ID).job.message == "降噪完成 é"
+    assert ledger.views.show_job(JOB_ID).job.message == "降噪完成 é"
 
 
 def ascii_json(detail: dict[str, Any], event: str = "TaskFinish") -> bytes:
@@ -461,7 +437,7 @@ def ascii_json(detail: dict[str, Any], event: str = "TaskFinish") -> bytes:
 def test_json_string_with_an_unpaired_surrogate_is_refused_400(
     ledger: Ledger, base_url: str, sent: bytes, message: str
 ) -> None:
-    # Before the parser refused them, the ledger's INSERT raised UnicodeEncodeError: a 500.
+    # The ledger cannot store a lone surrogate (no UTF-8 for it): the parser must refuse it first.
     assert_error(post(base_url, sent), 400, message)
     assert row_counts(ledger) == NOTHING
 
@@ -470,7 +446,7 @@ def test_json_surrogate_pair_is_one_character_and_accepted(ledger: Ledger, base_
     sent = DOC_JSON.replace(b'"SUCCESS"', b'"done \\ud83d\\ude00"')
 
     assert_stored_doc_job(post(base_url, sent), ledger)
-    assert ledger.show_job(JOB_ID).job.message == "done \U0001f600"
+    assert ledger.views.show_job(JOB_ID).job.message == "done \U0001f600"
 
 
 # -- Content-Type (test_receive covers absent, text/plain, JSON for XML and back, form, multipart) -------
@@ -496,8 +472,7 @@ def test_any_content_type_is_accepted_and_stored_up_to_256_characters(
 
 
 def test_content_type_with_a_nul_is_accepted_and_stored_without_it(ledger: Ledger, base_url: str) -> None:
-    # requests refuses to send a NUL in a header; werkzeug's server passes it to the app, and
-    # storing it raised psycopg.DataError on PostgreSQL: a 500. (gunicorn refuses it with 400.)
+    # A raw socket, as requests sends no NUL in a header; PostgreSQL cannot store one (gunicorn refuses it).
     with connect(base_url) as sock:
         sock.sendall(request_head(len(DOC_XML), extra=b"Content-Type: application/xml\x00evil\r\n") + DOC_XML)
         status, _, payload = read_response(sock)
@@ -547,8 +522,7 @@ def _chunks(data: bytes, size: int = 500) -> Iterator[bytes]:
 
 @pytest.mark.parametrize("extra", [-1, 0])
 def test_chunked_body_of_up_to_exactly_the_limit_is_accepted(ledger: Ledger, extra: int) -> None:
-    # A chunked body of exactly the limit used to be refused 413: werkzeug's limited stream
-    # raises on any read past the limit, and the endpoint read one more byte from it.
+    # werkzeug's limited stream raises on any read past the limit: the endpoint must not read one byte more.
     limit = 4096
     sent = DOC_JSON + b" " * (limit + extra - len(DOC_JSON))
     with serving(ledger, max_body_bytes=limit) as url:
@@ -598,34 +572,6 @@ def test_one_bad_job_after_valid_ones_stores_none_of_them(ledger: Ledger, base_u
 # -- gunicorn: slow clients (see the module docstring), bodies cut short, the limit -----------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _web_command() -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, _, command = line.partition(":")
-        if name == "web":
-            return command.strip()
-    raise AssertionError("no web: line in the Procfile")
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)  # start-up: there is nothing to wait on but the port
-    raise AssertionError(f"gunicorn did not become healthy:\n{log.read_text()}")
-
-
 GUNICORN_TIMEOUT = 2
 GUNICORN_LIMIT = 4096
 
@@ -647,10 +593,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     tmp = tmp_path_factory.mktemp("gunicorn")
     database_url = f"sqlite:///{tmp / 'ledger.db'}"
     log = tmp / "web.log"
-    port = _free_port()
-    env = os.environ | {
-        "PORT": str(port),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    env = {
         "WEBHOOK_DATABASE_URL": database_url,
         "WEBHOOK_CALLBACK_TOKEN": TOKEN,
         "WEBHOOK_MAX_BODY_BYTES": str(GUNICORN_LIMIT),
@@ -658,18 +601,12 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
         "WEB_CONCURRENCY": "1",
         "GUNICORN_THREADS": "1",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["bash", "-c", f"exec {_web_command()}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
     ledger = Ledger(database_url)
     try:
-        _wait_healthy(url, proc, log)
-        yield Gunicorn(url, ledger, log)
+        with web(env, log) as (url, proc):
+            wait_healthy(url, proc, log)
+            yield Gunicorn(url, ledger, log)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         ledger.dispose()
 
 
@@ -684,6 +621,7 @@ def _plus(counts: dict[str, int], n: int) -> dict[str, int]:
     return {table: count + n for table, count in counts.items()}
 
 
+@pytest.mark.slow
 def test_gunicorn_timeout_does_not_cut_off_a_trickling_client(gunicorn: Gunicorn) -> None:
     before = row_counts(gunicorn.ledger)
     sent = DOC_JSON.replace(JOB_ID.encode(), b"j-trickled")
@@ -702,9 +640,9 @@ def test_gunicorn_timeout_does_not_cut_off_a_trickling_client(gunicorn: Gunicorn
     assert logged.count("Booting worker") == 1, logged
 
 
+@pytest.mark.slow
 def test_gunicorn_body_cut_short_is_refused_400_even_if_what_came_is_valid(gunicorn: Gunicorn) -> None:
-    # gunicorn passes the short body on as if it were whole; before the endpoint compared it
-    # with the Content-Length, this valid JSON (its padding never sent) was stored with a 200.
+    # gunicorn passes a short body on as if it were whole: only the Content-Length shows it is not.
     before = row_counts(gunicorn.ledger)
     sent = DOC_JSON.replace(JOB_ID.encode(), b"j-gave-up")
 
@@ -717,10 +655,10 @@ def test_gunicorn_body_cut_short_is_refused_400_even_if_what_came_is_valid(gunic
     assert row_counts(gunicorn.ledger) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_gunicorn_accepts_exactly_the_limit_and_refuses_one_byte_more(gunicorn: Gunicorn, chunked: bool) -> None:
-    # A Content-Length body of exactly the limit used to be refused 413 under gunicorn (not
-    # under werkzeug's server): the endpoint's one-more-byte read hit werkzeug's limited stream.
+    # Under gunicorn a Content-Length body is a limited stream too, which raises on a read past the limit.
     before = row_counts(gunicorn.ledger)
     job_id = f"j-limit-{'chunked' if chunked else 'length'}"
     exact = DOC_JSON.replace(JOB_ID.encode(), job_id.encode())

@@ -9,12 +9,24 @@ from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from conftest import postgres_schema
 from sqlalchemy.engine import Connection
+from support.services import postgres_schema
 
-import webhook.ledger as ledger_module
-from webhook.ledger import Claim, Ledger, LedgerError, RawRequest, tasks, utcnow
-from webhook.models import Callback, Job, JobStatus, ObjectLocation, TaskKind
+import webhook.ledger.queue as queue_module
+from webhook.ledger import (
+    Claim,
+    Delivery,
+    DeliveryClaim,
+    Ledger,
+    LedgerError,
+    RawRequest,
+    Recorded,
+    VerifyClaim,
+    utcnow,
+)
+from webhook.ledger.schema import tasks
+from webhook.models import Callback, Job, JobStatus, ObjectLocation
+from webhook.triage import triage
 
 TAGS = frozenset({"NoiseReduction"})
 RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")
@@ -30,21 +42,28 @@ def job(n: int, tag: str = "NoiseReduction", state: str = "Success") -> Job:
     )
 
 
-def record(ledger: Ledger, *jobs: Job, event: str = "TaskFinish") -> None:
-    ledger.record_callback(RAW, Callback(event_name=event, jobs=jobs, body_format="xml"), TAGS)
+def record(ledger: Ledger, *jobs: Job, event: str = "TaskFinish") -> Recorded:
+    callback = Callback(event_name=event, jobs=jobs, body_format="xml")
+    return ledger.jobs.record(RAW, callback, triage(callback, TAGS))
 
 
 def claim(ledger: Ledger, worker: str = "w1", lease: float = 60) -> Claim:
-    got = ledger.claim(worker, lease)
+    got = ledger.queue.claim(worker, lease)
     assert got is not None
     return got
 
 
+def deliveries(ledger: Ledger, worker: str = "w1") -> tuple[Delivery, ...]:
+    got = claim(ledger, worker)
+    assert isinstance(got, DeliveryClaim)
+    return got.deliveries
+
+
 def test_callback_is_recorded_with_a_verify_task(ledger: Ledger) -> None:
-    recorded = ledger.record_callback(RAW, Callback("TaskFinish", (job(1), job(2)), "xml"), TAGS)
+    recorded = record(ledger, job(1), job(2))
     assert recorded.job_ids == (job(1).job_id, job(2).job_id)
     assert recorded.duplicates == ()
-    view = ledger.show_job(job(1).job_id).to_dict()
+    view = ledger.views.show_job(job(1).job_id).to_dict()
     assert view["status"] == "received"
     assert view["state"] == "Success"
     assert [v["status"] for v in view["verify"]] == ["pending"]
@@ -53,7 +72,7 @@ def test_callback_is_recorded_with_a_verify_task(ledger: Ledger) -> None:
 
 def test_duplicate_is_recorded_once(ledger: Ledger) -> None:
     record(ledger, job(1))
-    again = ledger.record_callback(RAW, Callback("TaskFinish", (job(1), job(3)), "xml"), TAGS)
+    again = record(ledger, job(1), job(3))
     assert again.duplicates == (job(1).job_id,)
     assert again.job_ids == (job(3).job_id,)
     with ledger.engine.connect() as conn:
@@ -63,19 +82,19 @@ def test_duplicate_is_recorded_once(ledger: Ledger) -> None:
 def test_other_tags_and_events_are_ignored_without_work(ledger: Ledger) -> None:
     record(ledger, job(1, tag="VoiceSeparate"))
     record(ledger, job(2), event="WorkflowFinish")
-    first, second = ledger.show_job(job(1).job_id), ledger.show_job(job(2).job_id)
+    first, second = ledger.views.show_job(job(1).job_id), ledger.views.show_job(job(2).job_id)
     assert (first.status, first.reason) == ("ignored", "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS")
     assert (second.status, second.reason) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
     assert first.tasks == second.tasks == ()
-    assert ledger.claim("w1", 60) is None
+    assert ledger.queue.claim("w1", 60) is None
 
 
 def test_a_leased_task_is_not_claimed_twice(ledger: Ledger) -> None:
     record(ledger, job(1))
     first = claim(ledger, "w1")
-    assert first.kind == TaskKind.VERIFY
+    assert isinstance(first, VerifyClaim)
     assert first.tasks[0].attempts == 1
-    assert ledger.claim("w2", 60) is None
+    assert ledger.queue.claim("w2", 60) is None
 
 
 def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
@@ -86,18 +105,18 @@ def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
     assert again.tasks[0].id == stale.tasks[0].id
     assert again.tasks[0].attempts == 2
     # The worker that lost its lease cannot overwrite the new owner's outcome.
-    assert not ledger.reject(stale.tasks[0], "w1", "late")
-    assert ledger.accept(again.tasks[0], "w2", ["filesystem"])
-    assert ledger.show_job(job(1).job_id).status == "verified"
+    assert not ledger.queue.reject(stale.tasks[0], "w1", "late")
+    assert ledger.queue.accept(again.tasks[0], "w2", ["filesystem"])
+    assert ledger.views.show_job(job(1).job_id).status == "verified"
 
 
 def test_extend_lease_keeps_the_task(ledger: Ledger) -> None:
     record(ledger, job(1))
     held = claim(ledger, "w1", lease=0.5)
     time.sleep(0.3)
-    assert ledger.extend_lease([held.tasks[0].id], "w1", 60) == 1
+    assert ledger.queue.extend_lease([held.tasks[0].id], "w1", 60) == 1
     time.sleep(0.3)
-    assert ledger.claim("w2", 60) is None
+    assert ledger.queue.claim("w2", 60) is None
 
 
 def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
@@ -106,7 +125,7 @@ def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
     lock = threading.Lock()
 
     def drain(name: str) -> None:
-        while (got := ledger.claim(name, 60)) is not None:
+        while (got := ledger.queue.claim(name, 60)) is not None:
             with lock:
                 seen.extend(t.id for t in got.tasks)
 
@@ -122,24 +141,25 @@ def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
 def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -> None:
     record(ledger, job(1))
     verify = claim(ledger)
-    assert ledger.accept(verify.tasks[0], "w1", ["filesystem", "http"])
+    assert ledger.queue.accept(verify.tasks[0], "w1", ["filesystem", "http"])
     deliver = claim(ledger)
-    assert deliver.kind == TaskKind.DELIVER
-    assert [t.sink for t in deliver.tasks] == ["filesystem", "http"]
-    assert deliver.status == JobStatus.VERIFIED
+    assert isinstance(deliver, DeliveryClaim)
+    assert [d.sink for d in deliver.deliveries] == ["filesystem", "http"]
+    assert ledger.views.show_job(job(1).job_id).status == JobStatus.VERIFIED
 
 
 def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
-    fs, http = claim(ledger).tasks
-    assert ledger.delivered(fs, "w1")
-    assert ledger.retry_later(http, "w1", "503 from sink", delay=0)
-    assert ledger.show_job(job(1).job_id).status == "verified"
+    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    fs, http = deliveries(ledger)
+    assert ledger.queue.complete(fs, "w1")
+    assert ledger.queue.retry_later(http, "w1", "503 from sink", delay=0)
+    assert ledger.views.show_job(job(1).job_id).status == "verified"
     retry = claim(ledger)
-    assert [t.sink for t in retry.tasks] == ["http"]
-    assert ledger.delivered(retry.tasks[0], "w1")
-    view = ledger.show_job(job(1).job_id).to_dict()
+    assert isinstance(retry, DeliveryClaim)
+    assert [d.sink for d in retry.deliveries] == ["http"]
+    assert ledger.queue.complete(retry.tasks[0], "w1")
+    view = ledger.views.show_job(job(1).job_id).to_dict()
     assert view["status"] == "delivered"
     assert [(d["sink"], d["status"], d["attempts"]) for d in view["deliveries"]] == [
         ("filesystem", "done", 1),
@@ -150,60 +170,60 @@ def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
 def test_retry_later_waits_for_its_delay(ledger: Ledger) -> None:
     record(ledger, job(1))
     task = claim(ledger).tasks[0]
-    ledger.retry_later(task, "w1", "CI API unreachable", delay=3600)
-    assert ledger.claim("w1", 60) is None
-    view = ledger.show_job(job(1).job_id).to_dict()
+    ledger.queue.retry_later(task, "w1", "CI API unreachable", delay=3600)
+    assert ledger.queue.claim("w1", 60) is None
+    view = ledger.views.show_job(job(1).job_id).to_dict()
     assert view["verify"][0]["last_error"] == "CI API unreachable"
     assert view["verify"][0]["next_attempt_at"] is not None
 
 
 def test_rejected_job_gets_no_deliveries_and_cannot_be_replayed(ledger: Ledger) -> None:
     record(ledger, job(1))
-    assert ledger.reject(claim(ledger).tasks[0], "w1", "output differs")
-    view = ledger.show_job(job(1).job_id)
+    assert ledger.queue.reject(claim(ledger).tasks[0], "w1", "output differs")
+    view = ledger.views.show_job(job(1).job_id)
     assert (view.status, view.reason) == ("rejected", "output differs")
-    assert ledger.claim("w1", 60) is None
+    assert ledger.queue.claim("w1", 60) is None
     with pytest.raises(LedgerError, match="is rejected; only verified jobs can be replayed"):
-        ledger.replay(job(1).job_id, ["filesystem"])
+        ledger.jobs.replay(job(1).job_id, ["filesystem"])
 
 
 def test_dead_delivery_makes_the_job_dead_and_replay_revives_it(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.accept(claim(ledger).tasks[0], "w1", ["http"])
-    assert ledger.give_up(claim(ledger).tasks[0], "w1", "sink answered 410")
-    assert ledger.show_job(job(1).job_id).status == "dead"
-    assert ledger.replay(job(1).job_id, ["http"]) == ["http"]
+    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["http"])
+    assert ledger.queue.give_up(claim(ledger).tasks[0], "w1", "sink answered 410")
+    assert ledger.views.show_job(job(1).job_id).status == "dead"
+    assert ledger.jobs.replay(job(1).job_id, ["http"]) == ["http"]
     again = claim(ledger)
     assert again.tasks[0].attempts == 1
-    assert ledger.delivered(again.tasks[0], "w1")
-    assert ledger.show_job(job(1).job_id).status == "delivered"
+    assert ledger.queue.complete(again.tasks[0], "w1")
+    assert ledger.views.show_job(job(1).job_id).status == "delivered"
 
 
 def test_dead_verification_cannot_be_replayed(ledger: Ledger) -> None:
     record(ledger, job(1))
-    assert ledger.give_up(claim(ledger).tasks[0], "w1", "CI API unreachable")
-    view = ledger.show_job(job(1).job_id)
+    assert ledger.queue.give_up(claim(ledger).tasks[0], "w1", "CI API unreachable")
+    view = ledger.views.show_job(job(1).job_id)
     assert (view.status, view.reason) == ("dead", "verification gave up: CI API unreachable")
     with pytest.raises(LedgerError, match="was never verified"):
-        ledger.replay(job(1).job_id, ["filesystem"])
+        ledger.jobs.replay(job(1).job_id, ["filesystem"])
 
 
 def test_replay_to_a_new_sink_adds_a_delivery(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem"])
-    ledger.delivered(claim(ledger).tasks[0], "w1")
-    ledger.replay(job(1).job_id, ["http"])
-    assert [t.sink for t in claim(ledger).tasks] == ["http"]
+    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem"])
+    ledger.queue.complete(claim(ledger).tasks[0], "w1")
+    ledger.jobs.replay(job(1).job_id, ["http"])
+    assert [d.sink for d in deliveries(ledger)] == ["http"]
 
 
 def test_unknown_job(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no job 'nope' in the ledger"):
-        ledger.show_job("nope")
+        ledger.views.show_job("nope")
 
 
 def test_counts(ledger: Ledger) -> None:
     record(ledger, job(1), job(2, tag="Other"))
-    assert ledger.counts() == {"jobs_received": 1, "jobs_ignored": 1, "tasks_pending": 1}
+    assert ledger.views.counts() == {"jobs_received": 1, "jobs_ignored": 1, "tasks_pending": 1}
 
 
 def test_schema_creation_is_idempotent(database_url: str) -> None:
@@ -243,28 +263,28 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
 ) -> None:
     ledger = postgres_ledger
     record(ledger, job(1))
-    assert ledger.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    assert ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
     # Two workers hold one delivery each, as SKIP LOCKED gives when they poll at the same instant.
-    with ledger.transaction() as conn:
+    with ledger.engine.begin() as conn:
         conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow() + timedelta(hours=1)))
-    first = claim(ledger, "A")
-    with ledger.transaction() as conn:
+    first = deliveries(ledger, "A")
+    with ledger.engine.begin() as conn:
         conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow()))
-    second = claim(ledger, "B")
-    assert ([t.sink for t in first.tasks], [t.sink for t in second.tasks]) == (["filesystem"], ["http"])
+    second = deliveries(ledger, "B")
+    assert ([d.sink for d in first], [d.sink for d in second]) == (["filesystem"], ["http"])
 
     # Hold both transactions after each closed its own task and before either settles the job.
     both_closed = threading.Barrier(2, timeout=10)
-    settle = ledger_module._settle_job
+    settle = queue_module.settle
 
     def settle_together(conn: Connection, job_id: str, now: datetime) -> None:
         both_closed.wait()
         settle(conn, job_id, now)
 
-    monkeypatch.setattr(ledger_module, "_settle_job", settle_together)
+    monkeypatch.setattr(queue_module, "settle", settle_together)
     results: dict[str, bool] = {}
     threads = [
-        threading.Thread(target=lambda w=w, c=c: results.__setitem__(w, ledger.delivered(c.tasks[0], w)))
+        threading.Thread(target=lambda w=w, c=c: results.__setitem__(w, ledger.queue.complete(c[0], w)))
         for w, c in (("A", first), ("B", second))
     ]
     for t in threads:
@@ -273,4 +293,4 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
         t.join()
 
     assert results == {"A": True, "B": True}
-    assert ledger.show_job(job(1).job_id).status == "delivered"
+    assert ledger.views.show_job(job(1).job_id).status == "delivered"

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-from endpoint import NOTHING, TOKEN, post, row_counts, serving
-from samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, FORMATS, JOB_ID, body, job
+from support.endpoint import NOTHING, TOKEN, post, row_counts, serving
+from support.samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, FORMATS, JOB_ID, body, job
 
-from webhook.ledger import Ledger, callbacks
+from webhook.ledger import Ledger
+from webhook.ledger.schema import callbacks
 from webhook.models import job_to_dict
 
 OTHER_TOKEN = "cb-fedcba9876543210~next"
@@ -76,7 +77,7 @@ def test_documented_callback_is_stored_then_answered(
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == answer(JOB_ID)
 
-    view = ledger.show_job(JOB_ID).to_dict()
+    view = ledger.views.show_job(JOB_ID).to_dict()
     assert (view["job_id"], view["tag"], view["event_name"]) == (JOB_ID, "NoiseReduction", "TaskFinish")
     assert (view["state"], view["status"], view["reason"]) == ("Success", "received", "")
     assert len(view["verify"]) == 1
@@ -101,7 +102,7 @@ def test_raw_body_with_bom_whitespace_and_non_ascii_is_stored_byte_for_byte(
 
     [row] = callback_rows(ledger)
     assert bytes(row.body) == sent
-    assert ledger.show_job(JOB_ID).job.message == "降噪完成 & <ok>"
+    assert ledger.views.show_job(JOB_ID).job.message == "降噪完成 & <ok>"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -111,7 +112,7 @@ def test_several_jobs_each_get_one_verify_task(ledger: Ledger, base_url: str, fm
     assert response.json() == answer(JOB_ID, OTHER_ID)
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "tasks": 2}
     for job_id in (JOB_ID, OTHER_ID):
-        view = ledger.show_job(job_id).to_dict()
+        view = ledger.views.show_job(job_id).to_dict()
         assert view["status"] == "received"
         assert [v["status"] for v in view["verify"]] == ["pending"]
 
@@ -122,7 +123,7 @@ def test_failed_job_is_received_with_one_verify_task(ledger: Ledger, base_url: s
 
     assert post(base_url, body(fmt, detail)).json() == answer(JOB_ID)
 
-    view = ledger.show_job(JOB_ID).to_dict()
+    view = ledger.views.show_job(JOB_ID).to_dict()
     assert (view["state"], view["status"]) == ("Failed", "received")
     assert (view["detail"]["code"], view["detail"]["message"]) == ("InvalidParameter", "The audio file is damaged")
     assert [v["status"] for v in view["verify"]] == ["pending"]
@@ -146,7 +147,7 @@ def test_duplicate_callback_is_answered_200_and_stored_once(
     }
     assert row_counts(ledger) == {"callbacks": 2, "jobs": 1, "tasks": 1}
     assert [row.body_format for row in callback_rows(ledger)] == [first, second]
-    assert [v["status"] for v in ledger.show_job(JOB_ID).to_dict()["verify"]] == ["pending"]
+    assert [v["status"] for v in ledger.views.show_job(JOB_ID).to_dict()["verify"]] == ["pending"]
 
 
 def test_callback_with_new_and_repeated_jobs_is_not_a_duplicate(ledger: Ledger, base_url: str) -> None:
@@ -168,7 +169,7 @@ def test_duplicate_job_ids_in_one_callback_store_one_job(ledger: Ledger, base_ur
 
     assert response.json() == answer(JOB_ID)
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 1}
-    assert ledger.show_job(JOB_ID).state == "Success"
+    assert ledger.views.show_job(JOB_ID).state == "Success"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -177,7 +178,7 @@ def test_other_tag_is_recorded_as_ignored_without_tasks(ledger: Ledger, base_url
 
     assert response.status_code == 200
     assert response.json() == answer(JOB_ID, ignored=(JOB_ID,))
-    view = ledger.show_job(JOB_ID).to_dict()
+    view = ledger.views.show_job(JOB_ID).to_dict()
     assert (view["tag"], view["status"]) == ("VoiceSeparate", "ignored")
     assert view["reason"] == "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS"
     assert (view["verify"], view["deliveries"]) == ([], [])
@@ -188,8 +189,8 @@ def test_mixed_tags_forward_only_the_allowed_one(ledger: Ledger, base_url: str) 
     response = post(base_url, body("xml", [job(), job(OTHER_ID, Tag="VoiceSeparate")]))
 
     assert response.json() == answer(JOB_ID, OTHER_ID, ignored=(OTHER_ID,))
-    assert ledger.show_job(JOB_ID).status == "received"
-    assert ledger.show_job(OTHER_ID).status == "ignored"
+    assert ledger.views.show_job(JOB_ID).status == "received"
+    assert ledger.views.show_job(OTHER_ID).status == "ignored"
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "tasks": 1}
 
 
@@ -210,7 +211,7 @@ def test_workflow_finish_with_jobsdetail_records_jobs_as_ignored(ledger: Ledger,
     response = post(base_url, body("json", job(), event="WorkflowFinish"))
 
     assert response.json() == answer(JOB_ID, ignored=(JOB_ID,), event="WorkflowFinish")
-    view = ledger.show_job(JOB_ID).to_dict()
+    view = ledger.views.show_job(JOB_ID).to_dict()
     assert (view["status"], view["reason"]) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 0}
 
@@ -278,8 +279,8 @@ def test_either_of_two_configured_tokens_is_accepted(ledger: Ledger) -> None:
 def test_bad_body_is_refused_400_with_parser_message_and_nothing_stored(
     ledger: Ledger, base_url: str, subtests: pytest.Subtests
 ) -> None:
-    # One server for the whole table (each LiveServer costs half a second to stop); a case that
-    # stored anything is the first subtest to fail, the rest then fail on the leftover rows.
+    # One server and ledger for the whole table, not one per case; a case that stored anything is
+    # the first subtest to fail, the rest then fail on the leftover rows.
     for case_id, sent, message in BAD_INPUTS:
         with subtests.test(case_id):
             response = post(base_url, sent, "application/json")

@@ -1,5 +1,4 @@
-from webhook.config import RetryPolicy
-from webhook.retry import backoff_delay, exhausted
+from webhook.retry import RetryPolicy, backoff_delay, exhausted
 
 POLICY = RetryPolicy(max_attempts=5, backoff_base=2.0, backoff_cap=60.0)
 

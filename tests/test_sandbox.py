@@ -15,66 +15,29 @@ import threading
 import time
 import tracemalloc
 import wave
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 import requests
 import xmltodict
 from qcloud_cos import CosClientError, CosServiceError
 from qcloud_cos.cos_auth import CosS3Auth
+from support.receiver import Receiver, Reply
 from urllib3.exceptions import ProtocolError
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from webhook.callback import parse_callback
-from webhook.config import CosEndpoint
-from webhook.cos import make_client
+from webhook.cos import CosEndpoint, make_client
 from webhook.crc64 import crc64ecma
 from webhook.models import ObjectLocation
 from webhook.sandbox import Fault, Sandbox, noisy_wav
 from webhook.sandbox.server import FAULTS_PATH
 
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
-
 BUCKET = "examplebucket-1250000000"
 OTHER_BUCKET = "otherbucket-1250000000"
 REGION = "ap-guangzhou"
-
-
-class Receiver:
-    """A tiny HTTP endpoint that records what is POSTed to it; it fails the first ``failures`` requests."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, bytes]] = []  # (Content-Type, body)
-        self.failures = 0
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.port}/callback"
-
-    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request = Request(environ)
-        if self.failures > 0:
-            self.failures -= 1
-            response = Response("try again", status=503)
-        else:
-            self.requests.append((request.content_type or "", request.get_data()))
-            response = Response("ok")
-        return response(environ, start_response)
-
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
@@ -84,6 +47,7 @@ def client(sandbox: Sandbox) -> Any:
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
+    """Where the sandbox POSTs job callbacks (to ``receiver.url + "callback"``)."""
     with Receiver() as receiver:
         yield receiver
 
@@ -442,6 +406,7 @@ def test_bad_crc_fault_keeps_the_body(sandbox: Sandbox, client: Any) -> None:
     assert client.head_object(Bucket=BUCKET, Key="a.bin")["x-cos-hash-crc64ecma"] == str(crc64ecma(data))
 
 
+@pytest.mark.slow
 def test_delay_holds_the_answer_until_cleared(sandbox: Sandbox, client: Any, tmp_path: Path) -> None:
     job_id = start_job(client, tmp_path)
     active = sandbox.faults.add(Fault(kind="CI describe", delay=600))
@@ -531,7 +496,7 @@ def test_noise_reduction_job_calls_back(
     upload_noisy_wav(client, tmp_path, "in/noisy.wav", seconds=2.0)
 
     created = client.ci_create_media_jobs(
-        Bucket=BUCKET, Jobs=noise_reduction("in/noisy.wav", "out/clean.wav", receiver.url, callback_format)
+        Bucket=BUCKET, Jobs=noise_reduction("in/noisy.wav", "out/clean.wav", receiver.url + "callback", callback_format)
     )
     submitted = created["JobsDetail"][0]
     assert submitted["State"] == "Submitted"
@@ -539,7 +504,9 @@ def test_noise_reduction_job_calls_back(
 
     [sent] = sandbox.wait_for_callbacks(1, timeout=10)
     assert (sent.status_code, sent.attempts, sent.format) == (200, 1, callback_format.lower())
-    assert receiver.requests == [(content_type, sent.body)]
+    assert [(r.path, r.headers["content-type"], r.body) for r in receiver.requests] == [
+        ("/callback", content_type, sent.body)
+    ]
     callback = parse_callback(sent.body)
     assert (callback.event_name, callback.body_format) == ("TaskFinish", callback_format.lower())
     [job] = callback.jobs
@@ -562,7 +529,9 @@ def test_job_on_bad_input_fails_and_says_why(
     if upload is not None:
         client.put_object(Bucket=BUCKET, Key="in/input.wav", Body=upload)
 
-    client.ci_create_media_jobs(Bucket=BUCKET, Jobs=noise_reduction("in/input.wav", "out/x.wav", receiver.url, "JSON"))
+    client.ci_create_media_jobs(
+        Bucket=BUCKET, Jobs=noise_reduction("in/input.wav", "out/x.wav", receiver.url + "callback", "JSON")
+    )
 
     [sent] = sandbox.wait_for_callbacks(1, timeout=10)
     detail = json.loads(sent.body)["JobsDetail"]
@@ -621,6 +590,7 @@ def test_ci_host_is_served_too(sandbox: Sandbox, client: Any, tmp_path: Path) ->
     assert xmltodict.parse(response.content)["Response"]["JobsDetail"]["JobId"] == job_id
 
 
+@pytest.mark.slow
 def test_job_delay_reports_running_then_success(tmp_path: Path) -> None:
     with Sandbox(job_delay=1.0).start() as slow:
         slow_client = slow.client(REGION)
@@ -635,13 +605,13 @@ def test_job_delay_reports_running_then_success(tmp_path: Path) -> None:
 
 
 def test_failed_callback_is_retried(sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path) -> None:
-    receiver.failures = 2
+    receiver.reply(Reply(503), Reply(503), Reply(200))
 
-    start_job(client, tmp_path, receiver.url)
+    start_job(client, tmp_path, receiver.url + "callback")
 
     [sent] = sandbox.wait_for_callbacks(1, timeout=10)
     assert (sent.status_code, sent.attempts) == (200, 3)
-    assert [body for _, body in receiver.requests] == [sent.body]
+    assert [request.body for request in receiver.requests] == [sent.body] * 3
 
 
 # --- the CLI entry point -------------------------------------------------------------------

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from pipeline import Pipeline, pipeline_settings, settings_env
-from processes import start_worker, wait_healthy, web
-from receiver import Receiver, Reply
+from support.pipeline import Pipeline, pipeline_settings, settings_env
+from support.processes import start_worker, wait_healthy, web
+from support.receiver import Receiver, Reply
 
 from webhook.cli import main
-from webhook.ledger import Ledger, metadata
+from webhook.ledger import Ledger
+from webhook.ledger.schema import metadata
 from webhook.sandbox import Sandbox
 
 SECRET_ID = "AKIDdistinctSecretId4711"
@@ -37,6 +38,7 @@ def everything_written(ledger: Ledger, texts: list[str], *dirs: Path) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow  # gunicorn and worker processes
 def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -45,8 +47,7 @@ def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path) -> Non
         Sandbox(tmp_path / "sandbox", secret_id=SECRET_ID, secret_key=SECRET_KEY).start() as sandbox,
         Receiver(Reply(401, body=f"bad signature, expected {SINK_SECRET}".encode()), Reply(200)) as http,
     ):
-        settings = replace(
-            pipeline_settings(database_url, sandbox, tmp_path / "delivered", http.url + "hooks"),
+        settings = pipeline_settings(database_url, sandbox, tmp_path / "delivered", http.url + "hooks").replace(
             callback_tokens=(TOKEN,),
             http_sink_secret=SINK_SECRET,
         )
@@ -62,7 +63,7 @@ def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path) -> Non
             assert worker.wait(timeout=60) == 0
             # The 401 killed the http delivery; replay it to see a success too.
             assert pipeline.status(delivered) == "dead"
-            ledger.replay(delivered, ["http"])
+            ledger.jobs.replay(delivered, ["http"])
             assert start_worker(env, logs / "worker.log", "--burst").wait(timeout=60) == 0
             assert pipeline.status(delivered) == "delivered"
 

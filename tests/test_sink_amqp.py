@@ -7,42 +7,41 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
-from conftest import require_service
-from pipeline import Pipeline
-from tcp_proxy import TcpProxy
+from support.events import PRESIGNED, notified
+from support.events import failed as failed_event
+from support.pipeline import Pipeline
+from support.services import require_service
+from support.tcp_proxy import TcpProxy
 
-from webhook.config import ConfigError, Settings
-from webhook.events import SCHEMA, build_event, event_id, event_metadata
-from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.config import Settings
+from webhook.errors import ConfigError
+from webhook.events import SCHEMA, event_document, event_id
+from webhook.models import Event, FileLocation
 from webhook.sinks import DeliveryError
 from webhook.sinks.amqp import AmqpSink
-from webhook.sinks.config import AmqpOptions, build_sinks, load_file
+from webhook.sinks.config import build_sinks
+from webhook.sinks.options import AmqpOptions
 
 HOST, PORT = "127.0.0.1", 5672
 URL = f"amqp://{HOST}:{PORT}/%2F"
 ROUTING_KEY = "cos-webhook.job"
-OUTPUT = ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a.wav")
-PRESIGNED = "https://audio-1250000000.cos.ap-guangzhou.myqcloud.com/out/a.wav?sign=abc"
 
 SinkFactory = Callable[..., AmqpSink]
 
 
 def succeeded(job_id: str = "job-1", sink: str = "amqp") -> Event:
-    job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=OUTPUT, user_data="order-42")
-    fetched = FetchedFile(path=None, size=1024, crc64="6230416154291387364", content_type="audio/wav", etag='"e1"')
-    location = FileLocation("cos", "archive-1250000000", "denoised/job-1.wav", "ap-guangzhou", url=PRESIGNED)
-    return build_event(job, sink, fetched, location)
+    return notified(
+        FileLocation("cos", "archive-1250000000", "denoised/job-1.wav", "ap-guangzhou", url=PRESIGNED), job_id, sink
+    )
 
 
 def failed(job_id: str = "job-2") -> Event:
-    job = Job(job_id=job_id, tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
-    return build_event(job, "amqp", None)
+    return failed_event("amqp", job_id)
 
 
 @pytest.fixture
@@ -113,7 +112,7 @@ def test_message_is_persistent_json_with_ids(broker: Any, exchange: str, make_si
     assert properties.type == "job.succeeded"
     assert properties.headers == {"job_id": "job-1", "schema": SCHEMA}
     document = json.loads(body)
-    assert document == event_metadata(event)
+    assert document == event_document(event)
     assert document["file"]["location"]["url"] == PRESIGNED
 
 
@@ -157,29 +156,6 @@ def test_nack_is_retryable(broker: Any, exchange: str, make_sink: SinkFactory) -
     assert "nacked" in caught.value.message
 
 
-def test_broker_down_is_retryable_and_delivery_resumes_when_it_is_back(
-    broker: Any, exchange: str, make_sink: SinkFactory
-) -> None:
-    with TcpProxy((HOST, PORT)) as proxy:
-        sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F")
-        sink.check()
-        queue = bound_queue(broker, exchange)
-        sink.deliver(succeeded("job-a"))
-
-        proxy.down()
-        with pytest.raises(DeliveryError) as caught:
-            sink.deliver(succeeded("job-b"))
-        assert not caught.value.permanent
-        assert "Connection refused" in caught.value.message
-        with pytest.raises(DeliveryError):
-            sink.check()
-
-        proxy.up()
-        sink.deliver(succeeded("job-b"))
-
-    assert [json.loads(body)["job"]["job_id"] for _, _, body in received(broker, queue)] == ["job-a", "job-b"]
-
-
 def test_restart_while_idle_reconnects_without_a_failed_attempt(
     broker: Any, exchange: str, make_sink: SinkFactory
 ) -> None:
@@ -195,6 +171,7 @@ def test_restart_while_idle_reconnects_without_a_failed_attempt(
     assert len(received(broker, queue)) == 2
 
 
+@pytest.mark.slow
 def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
     broker: Any, exchange: str, make_sink: SinkFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,6 +192,7 @@ def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.slow
 def test_confirm_that_never_comes_times_out(broker: Any, exchange: str, make_sink: SinkFactory) -> None:
     with TcpProxy((HOST, PORT)) as proxy:
         sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F", confirm_timeout=0.5)
@@ -310,7 +288,7 @@ options = {{ url = "{URL}", exchange = "{exchange}", username_env = "AMQP_USER",
 """
     )
     environ = {"AMQP_USER": "guest", "AMQP_PASSWORD": "guest"}
-    (sink,) = build_sinks(load_file(config), Settings(), environ).values()
+    (sink,) = build_sinks(Settings(config_path=str(config)).sinks, Settings().build_context(environ)).values()
     try:
         assert isinstance(sink, AmqpSink)
         assert sink.check() == f"exchange {exchange} on {HOST}:{PORT} accepts messages"
@@ -334,18 +312,8 @@ type = "amqp"
 options = {{ url = "amqp://guest:guest@{HOST}:{PORT}/%2F", exchange = "{exchange}", file_from = "filesystem" }}
 """
     )
-    pipeline = replace(
-        pipeline, settings=replace(pipeline.settings, config_path=str(config), config_path_explicit=True)
-    )
-    job_id = pipeline.submit(pipeline.upload_input())
-    pipeline.sandbox.wait_for_callbacks(1, timeout=20)
-
-    worker = pipeline.worker()
-    try:
-        assert pipeline.drain(worker, job_id, {"delivered", "dead"}) == "delivered"
-    finally:
-        for sink in worker.sinks.values():
-            sink.close()
+    job_id, status = pipeline.run_job(config)
+    assert status == "delivered"
 
     ((_, properties, body),) = received(broker, queue)
     assert (properties.message_id, properties.headers["job_id"]) == (event_id(job_id, "events"), job_id)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from pipeline import Pipeline, settings_env
-from receiver import Receiver, Reply
+from support.pipeline import Pipeline, settings_env
+from support.receiver import Receiver, Reply
 
 from webhook.cli import main
-from webhook.config import ConfigError, Settings
+from webhook.config import Settings
+from webhook.errors import ConfigError
 from webhook.models import Job
-from webhook.sinks.config import build_sinks, load_file, sink_specs
+from webhook.sinks.config import build_sinks
 from webhook.worker import Worker
 
 DONE = {"delivered", "rejected", "dead"}
@@ -66,7 +66,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_bad_file_names_the_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as raised:
-        load_file(path)
+        Settings(config_path=str(path))
     assert str(raised.value).startswith(f"{path}: {message}")
 
 
@@ -75,18 +75,21 @@ def test_references_and_names_are_checked(tmp_path: Path) -> None:
         tmp_path,
         '[[sinks]]\nname = "events"\ntype = "redis"\noptions = {stream = "s", file_from = "events"}\n',
     )
-    settings = Settings(config_path=str(path), config_path_explicit=True)
     with pytest.raises(ConfigError, match=r"options\.file_from 'events' is not a filesystem, cos or s3 sink"):
-        sink_specs(settings)
+        Settings(config_path=str(path))
     path.write_text('[[sinks]]\nname = "filesystem"\ntype = "filesystem"\noptions = {dir = "/tmp"}\n')
+    settings = Settings(config_path=str(path))
     with pytest.raises(ConfigError, match="sink name 'filesystem' is used twice"):
-        sink_specs(replace(settings, sink_dir="/tmp/x"))
+        settings.replace(sink_dir="/tmp/x")
 
 
-def test_missing_file_only_matters_when_named(tmp_path: Path) -> None:
-    assert sink_specs(Settings(config_path=str(tmp_path / "none.toml"))) == []
+def test_missing_file_only_matters_when_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./cos-webhook.toml here
+    assert Settings.from_env({}).sink_specs() == []
     with pytest.raises(ConfigError, match=r"^WEBHOOK_CONFIG: .*none\.toml does not exist$"):
-        sink_specs(Settings(config_path=str(tmp_path / "none.toml"), config_path_explicit=True))
+        Settings.from_env({"WEBHOOK_CONFIG": str(tmp_path / "none.toml")})
+    (tmp_path / "cos-webhook.toml").write_text('[[sinks]]\nname = "a"\ntype = "filesystem"\noptions = {dir = "x"}\n')
+    assert [spec.name for spec in Settings.from_env({}).sink_specs()] == ["a"]
 
 
 def test_environment_and_file_sinks_together(tmp_path: Path) -> None:
@@ -95,11 +98,11 @@ def test_environment_and_file_sinks_together(tmp_path: Path) -> None:
         '[[sinks]]\nname = "archive"\ntype = "filesystem"\nevents = ["success"]\ntags = ["NoiseReduction"]\n'
         '[sinks.options]\ndir = "/tmp/archive"\n[sinks.retry]\nmax_attempts = 3\nmax_age = 3600\n',
     )
-    specs = sink_specs(Settings(sink_dir="/tmp/env", config_path=str(path)))
+    specs = Settings(sink_dir="/tmp/env", config_path=str(path)).sink_specs()
     assert [(s.name, s.type) for s in specs] == [("filesystem", "filesystem"), ("archive", "filesystem")]
     archive = specs[1]
-    assert archive.retry.policy().max_attempts == 3
-    assert archive.retry.policy().max_age == 3600
+    assert archive.retry.max_attempts == 3
+    assert archive.retry.max_age == 3600
     assert archive.accepts(Job(job_id="j", tag="NoiseReduction", state="Success"))
     assert not archive.accepts(Job(job_id="j", tag="NoiseReduction", state="Failed"))
     assert not archive.accepts(Job(job_id="j", tag="Other", state="Success"))
@@ -111,10 +114,10 @@ def test_secret_comes_from_the_named_variable(tmp_path: Path) -> None:
         '[[sinks]]\nname = "hook"\ntype = "http"\n'
         'options = {url = "http://127.0.0.1:9/", secret_env = "HOOK_SECRET"}\n',
     )
-    specs = sink_specs(Settings(config_path=str(path)))
+    specs = Settings(config_path=str(path)).sink_specs()
     with pytest.raises(ConfigError, match=r"^sink hook: environment variable HOOK_SECRET is not set$"):
-        build_sinks(specs, Settings(), environ={})
-    sinks = build_sinks(specs, Settings(), environ={"HOOK_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="})
+        build_sinks(specs, Settings().build_context({}))
+    sinks = build_sinks(specs, Settings().build_context({"HOOK_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="}))
     assert sinks["hook"].name == "hook"
 
 
@@ -126,7 +129,7 @@ def test_missing_extra_names_the_install_command(tmp_path: Path, monkeypatch: py
     with pytest.raises(
         ConfigError, match=r"^sink q \(type redis\) needs the redis extra: pip install 'cos-webhook\[redis\]'$"
     ):
-        build_sinks(sink_specs(Settings(config_path=str(path))), Settings(), environ={})
+        build_sinks(Settings(config_path=str(path)).sink_specs(), Settings().build_context({}))
 
 
 # -- in the worker ------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def test_missing_extra_names_the_install_command(tmp_path: Path, monkeypatch: py
 
 def with_file(pipeline: Pipeline, tmp_path: Path, text: str) -> Pipeline:
     path = write(tmp_path, text)
-    pipeline.settings = replace(pipeline.settings, config_path=str(path), config_path_explicit=True)
+    pipeline.settings = pipeline.settings.replace(config_path=str(path))
     return pipeline
 
 
@@ -150,7 +153,9 @@ def test_filters_choose_the_sinks_of_each_job(pipeline: Pipeline, tmp_path: Path
     worker = pipeline.worker()
     assert pipeline.drain(worker, ok, DONE) == "delivered"
     assert pipeline.drain(worker, broken, DONE) == "delivered"
-    sinks_of = {job: [d["sink"] for d in pipeline.ledger.show_job(job).to_dict()["deliveries"]] for job in (ok, broken)}
+    sinks_of = {
+        job: [d["sink"] for d in pipeline.ledger.views.show_job(job).to_dict()["deliveries"]] for job in (ok, broken)
+    }
     assert sinks_of == {ok: ["filesystem", "http"], broken: ["failures", "filesystem", "http"]}
     assert sorted(p.name for p in failures.iterdir()) == [f"{broken}.json"]
 
@@ -166,7 +171,7 @@ def test_each_sink_has_its_own_retry_budget(pipeline: Pipeline, tmp_path: Path) 
         job_id = pipeline.submit(pipeline.upload_input())
         assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
         assert len(failing.requests) == 2
-    deliveries = {d["sink"]: d for d in pipeline.ledger.show_job(job_id).to_dict()["deliveries"]}
+    deliveries = {d["sink"]: d for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]}
     assert (deliveries["impatient"]["status"], deliveries["impatient"]["attempts"]) == ("dead", 2)
     assert deliveries["impatient"]["last_error"].startswith("impatient: HTTP 503")
     # The job's other sinks are delivered regardless.
@@ -185,7 +190,7 @@ def test_max_age_ends_retries(pipeline: Pipeline, tmp_path: Path) -> None:
     worker = pipeline.worker()
     pipeline.drain(worker, job_id, {"verified"})
     worker.run_once()
-    deliveries = {d["sink"]: d for d in pipeline.ledger.show_job(job_id).to_dict()["deliveries"]}
+    deliveries = {d["sink"]: d for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]}
     assert deliveries["fresh-only"]["status"] == "dead"
     assert deliveries["fresh-only"]["attempts"] == 1
     assert deliveries["fresh-only"]["last_error"].endswith("(gave up: older than max_age 0.001s)")
@@ -254,6 +259,6 @@ def test_bad_since(pipeline: Pipeline) -> None:
 
 
 def test_worker_without_any_sink_refuses_to_start(pipeline: Pipeline) -> None:
-    settings = replace(pipeline.settings, sink_dir="", http_sink_url="")
+    settings = pipeline.settings.replace(sink_dir="", http_sink_url="")
     with pytest.raises(ConfigError, match=r"^no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL"):
         Worker.from_settings(settings, pipeline.ledger)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from webhook.events import build_event, event_metadata
+from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.filesystem import FilesystemSink
@@ -41,7 +41,7 @@ def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
     sink.deliver(event)
     assert sorted(os.listdir(root)) == ["job-1.json", "job-1.wav"]  # no temporary files left behind
     assert (root / "job-1.wav").read_bytes() == AUDIO
-    assert json.loads((root / "job-1.json").read_text()) == event_metadata(event)
+    assert json.loads((root / "job-1.json").read_text()) == event_document(event)
 
 
 def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
@@ -115,14 +115,6 @@ def test_refuses_a_symlink_planted_at_the_target(tmp_path: Path, root: Path) -> 
         FilesystemSink(root).deliver(make_event(tmp_path))
     assert caught.value.permanent
     assert outside.read_bytes() == b"precious"
-
-
-def test_io_errors_are_retryable(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_bytes(b"")
-    with pytest.raises(DeliveryError, match="filesystem: cannot write") as caught:
-        FilesystemSink(blocker / "out").deliver(make_event(tmp_path))
-    assert not caught.value.permanent
 
 
 def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path, root: Path) -> None:

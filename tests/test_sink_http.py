@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from receiver import ReceivedRequest, Receiver, Reply
 from standardwebhooks.webhooks import Webhook
+from support.receiver import ReceivedRequest, Receiver, Reply
 from werkzeug.datastructures import FileStorage
 
-from webhook.events import build_event, event_metadata
+from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError
 from webhook.sinks.http import HttpSink
@@ -133,7 +133,7 @@ def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Rec
         Webhook(SECRET).verify(body.read(), request.headers, json_parse=False)
     form, files = request.form()
     assert list(form) == ["metadata"]
-    assert json.loads(form["metadata"]) == event_metadata(event)
+    assert json.loads(form["metadata"]) == event_document(event)
     assert list(files) == ["file"]
     assert files["file"].filename == "a.wav"
     assert files["file"].mimetype == "audio/wav"
@@ -145,14 +145,14 @@ def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> N
     sink.deliver(event)
     form, files = receiver.requests[0].form()
     assert files == {}
-    assert json.loads(form["metadata"]) == event_metadata(event)
+    assert json.loads(form["metadata"]) == event_document(event)
 
 
 def test_awkward_file_name_cannot_break_the_part_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
     event = succeeded(tmp_path, b"audio", key='out/a"b\r\nContent-Type: text/html\r\n\r\nü.wav')
     sink.deliver(event)
     form, files = receiver.requests[0].form()
-    assert json.loads(form["metadata"]) == event_metadata(event)
+    assert json.loads(form["metadata"]) == event_document(event)
     assert list(files) == ["file"]
     assert files["file"].mimetype == "audio/wav"
     assert file_bytes(files["file"]) == b"audio"
@@ -265,6 +265,7 @@ def test_bad_secrets_are_refused_without_echo(secret: str) -> None:
     assert "base64!" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_large_file_is_streamed(tmp_path: Path) -> None:
     event = succeeded(tmp_path, size=50 * MiB)
     assert event.file is not None

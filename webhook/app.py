@@ -11,11 +11,11 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from webhook import receive
+from webhook import health, receive
 from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.logs import setup_logging
-from webhook.runtime import EXTENSION, Runtime
+from webhook.web import EXTENSION, Runtime, error
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
     app.register_blueprint(receive.bp)
+    app.register_blueprint(health.bp)
     if settings.trusted_proxies:
         # Behind N proxies the client is the N-th address from the right of X-Forwarded-For;
         # anything further left was written by the client and is not trusted.
@@ -45,13 +46,13 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
         if _in_networks(request.remote_addr or "", settings.allowed_sources):
             return None
         log.warning("callback refused: source %s is not in WEBHOOK_ALLOWED_SOURCES", request.remote_addr)
-        return receive.error(403, f"source address {request.remote_addr} is not allowed")
+        return error(403, f"source address {request.remote_addr} is not allowed")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         status = exc.code or 500
         messages = {413: f"body is larger than {settings.max_body_bytes} bytes"}
-        response, status = receive.error(status, messages.get(status, exc.description or exc.name))
+        response, status = error(status, messages.get(status, exc.description or exc.name))
         if "Allow" in (headers := dict(exc.get_headers())):
             response.headers["Allow"] = headers["Allow"]
         return response, status

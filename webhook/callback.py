@@ -108,10 +108,9 @@ def _clip(text: str, limit: int = 64) -> str:
 def _check_xml(text: str) -> None:
     """Read the document once with expat alone, before xmltodict builds anything from it.
 
-    xmltodict keeps unknown elements, so 100,000 nested ``<a>`` inside ``JobsDetail`` used to
-    be accepted after building 100,000 nested dicts; the depth is refused here instead. A
-    DOCTYPE is refused again at the parser, in case the pattern above ever misses one:
-    xmltodict's own entity guard raises a plain ValueError (a 500) instead of a 400.
+    xmltodict keeps unknown elements and would build one dict per nested element, so the depth
+    is bounded here. A DOCTYPE is refused again at the parser, in case the pattern above ever
+    misses one, because xmltodict's own entity guard raises a plain ValueError, not a 400.
     """
     parser = expat.ParserCreate("utf-8")  # as xmltodict does for text: the declaration is not trusted
     depth = 0

@@ -10,11 +10,12 @@ from typing import Any
 
 import click
 
-from webhook.config import ConfigError, Settings
+from webhook.config import Settings
+from webhook.errors import ConfigError
 from webhook.ledger import JobView, Ledger, LedgerError, utcnow
 from webhook.logs import setup_logging
 from webhook.sinks import DeliveryError
-from webhook.sinks.config import SinkSpec, build_sinks, sink_specs
+from webhook.sinks.config import SinkSpec, build_sinks
 
 
 def _settings() -> Settings:
@@ -123,7 +124,7 @@ def jobs() -> None:
 @click.option("--limit", default=50, show_default=True)
 def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
     """List the most recent jobs."""
-    views = _ledger(_settings()).list_jobs(limit=limit, status=status)
+    views = _ledger(_settings()).views.list_jobs(limit=limit, status=status)
     if as_json:
         for view in views:
             click.echo(json.dumps(_summary(view)))
@@ -142,7 +143,7 @@ def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
 def jobs_show(job_id: str, as_json: bool) -> None:
     """Show one job, its verification and its deliveries."""
     try:
-        view = _ledger(_settings()).show_job(job_id)
+        view = _ledger(_settings()).views.show_job(job_id)
     except LedgerError as exc:
         raise click.ClickException(str(exc)) from None
     data = view.to_dict()
@@ -177,16 +178,16 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, since: dateti
     ledger = _ledger(settings)
     if job_id:
         try:
-            wanted = sinks or tuple(n for n, spec in specs.items() if spec.accepts(ledger.show_job(job_id).job))
-            scheduled = ledger.replay(job_id, wanted)
+            wanted = sinks or tuple(n for n, spec in specs.items() if spec.accepts(ledger.views.show_job(job_id).job))
+            scheduled = ledger.jobs.replay(job_id, wanted)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"replay of {job_id} scheduled for: {', '.join(scheduled) or 'no sink'}")
         return
-    letters = [d for d in ledger.dead_deliveries(since=since) if not sinks or d.sink in sinks]
+    letters = [d for d in ledger.views.dead_deliveries(since=since) if not sinks or d.sink in sinks]
     with click.progressbar(letters, label="replaying dead deliveries", show_pos=True, file=sys.stderr) as bar:
         for letter in bar:
-            ledger.replay(letter.job_id, [letter.sink])
+            ledger.jobs.replay(letter.job_id, [letter.sink])
     click.echo(f"{len(letters)} dead deliveries scheduled again")
 
 
@@ -201,7 +202,7 @@ def dead() -> None:
 @click.option("--since", callback=_since, help="Only deliveries that died after this (2h, 3d, or ISO time).")
 def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
     """List dead deliveries with their last error."""
-    letters = _ledger(_settings()).dead_deliveries(sink=sink, since=since)
+    letters = _ledger(_settings()).views.dead_deliveries(sink=sink, since=since)
     if as_json:
         for letter in letters:
             click.echo(json.dumps(letter.to_dict()))
@@ -226,7 +227,7 @@ def check() -> None:
         click.echo(f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     for name, spec in specs.items():
         try:
-            sink = build_sinks([spec], settings)[name]
+            sink = build_sinks([spec], settings.build_context())[name]
             verdict = sink.check()
             sink.close()
         except (ConfigError, DeliveryError) as exc:
@@ -250,10 +251,7 @@ def init_db() -> None:
 
 
 def _specs(settings: Settings) -> dict[str, SinkSpec]:
-    try:
-        return {spec.name: spec for spec in sink_specs(settings)}
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
+    return {spec.name: spec for spec in settings.sink_specs()}
 
 
 def _summary(view: JobView) -> dict[str, Any]:

@@ -1,108 +1,237 @@
-"""Settings, read from environment variables and checked once at start-up."""
+"""Settings: one pydantic-settings model, read from environment variables and the sink file.
+
+:meth:`Settings.from_env` reads the variables in :data:`ENVIRONMENT` and the TOML file that
+``WEBHOOK_CONFIG`` names (default ``./cos-webhook.toml``, ignored when absent). Built directly,
+``Settings(...)`` takes only what it is given (and the file, if ``config_path`` is). Every
+problem raises :class:`ConfigError` naming the variable, or the file and its key.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    BeforeValidator,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-class ConfigError(Exception):
-    """A missing or invalid setting; the message names the variable."""
+from webhook.cos import CosEndpoint, parse_endpoint
+from webhook.errors import ConfigError
+from webhook.retry import RetryPolicy
+from webhook.sinks import BuildContext
+from webhook.sinks.config import AnySinkSpec, SinkSpec, environment_sinks, load_sinks, reference_problem
 
+__all__ = ["ConfigError", "CosEndpoint", "Settings"]
 
-_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
 DEFAULT_CONFIG_PATH = "cos-webhook.toml"
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "WEBHOOK_DATABASE_URL": ("database_url",),
+    "WEBHOOK_CONFIG": ("config_path",),
+    "WEBHOOK_CALLBACK_TOKEN": ("callback_tokens",),
+    "WEBHOOK_ALLOWED_BUCKETS": ("allowed_buckets",),
+    "WEBHOOK_ALLOWED_REGIONS": ("allowed_regions",),
+    "WEBHOOK_ALLOWED_TAGS": ("allowed_tags",),
+    "COS_SECRET_ID": ("secret_id",),
+    "COS_SECRET_KEY": ("secret_key",),
+    "COS_REGION": ("region",),
+    "WEBHOOK_COS_ENDPOINT": ("cos_endpoint",),
+    "WEBHOOK_COS_TIMEOUT": ("cos_timeout",),
+    "WEBHOOK_SINK_DIR": ("sink_dir",),
+    "WEBHOOK_HTTP_SINK_URL": ("http_sink_url",),
+    "WEBHOOK_HTTP_SINK_SECRET": ("http_sink_secret",),
+    "WEBHOOK_HTTP_SINK_TIMEOUT": ("http_sink_timeout",),
+    "WEBHOOK_MAX_BODY_BYTES": ("max_body_bytes",),
+    "WEBHOOK_ALLOWED_SOURCES": ("allowed_sources",),
+    "WEBHOOK_TRUSTED_PROXIES": ("trusted_proxies",),
+    "WEBHOOK_MAX_ATTEMPTS": ("retry", "max_attempts"),
+    "WEBHOOK_BACKOFF_BASE": ("retry", "backoff_base"),
+    "WEBHOOK_BACKOFF_CAP": ("retry", "backoff_cap"),
+    "WEBHOOK_LEASE_SECONDS": ("lease_seconds",),
+    "WEBHOOK_POLL_INTERVAL": ("poll_interval",),
+    "WEBHOOK_RUN_WORKER": ("run_worker_in_web",),
+    "WEBHOOK_TEMP_DIR": ("temp_dir",),
+    "WEBHOOK_LOG_LEVEL": ("log_level",),
+}
+"""Every environment variable and the setting it fills (a path into nested settings)."""
+
+_VARIABLE = {path: name for name, path in ENVIRONMENT.items()}
+# The environment that Settings() reads: none unless from_env() says which.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("environ", default=None)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a failing step is retried."""
-
-    max_attempts: int = 8
-    backoff_base: float = 2.0
-    backoff_cap: float = 600.0
-    max_age: float | None = None  # seconds after the callback arrived; past it, no more retries
+def _names(value: Any) -> Any:
+    """A comma-separated list, as environment variables write one."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
-class CosEndpoint:
-    """Where the SDK sends requests instead of the public endpoints (sandbox, private link)."""
-
-    scheme: str
-    host: str
-    port: int | None
+def _tokens(value: Any) -> Any:
+    tokens = _names(value)
+    if any(not _TOKEN.fullmatch(str(token)) for token in tokens):
+        raise ValueError("must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ -")
+    return tokens
 
 
-@dataclass(frozen=True)
-class Settings:
-    database_url: str = DEFAULT_DATABASE_URL
+def _database_url(value: Any) -> Any:
+    url = str(value)
+    scheme = url.split(":", 1)[0]
+    if scheme in ("postgres", "postgresql"):
+        # PaaS add-ons hand out postgres:// URLs; SQLAlchemy needs the driver named.
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if scheme not in ("sqlite", "postgresql+psycopg"):
+        raise ValueError(f"must be a sqlite:/// or postgresql:// URL, not {scheme!r}")
+    return url
+
+
+def _http_url(value: Any) -> Any:
+    if value and not re.match(r"https?://[^/\s:]", str(value)):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _endpoint(value: Any) -> Any:
+    return parse_endpoint(value) if isinstance(value, str) else value
+
+
+def _networks(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return [ipaddress.ip_network(part, strict=False) for part in _names(value)]
+
+
+def _count(value: Any) -> Any:
+    if isinstance(value, str) and not value.isdigit():
+        raise ValueError(f"must be a whole number (0 or more), not {value!r}")
+    return value
+
+
+def _flag(value: Any) -> Any:
+    if isinstance(value, str):
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ValueError(f"must be true or false, not {value!r}")
+    return value
+
+
+def _level(value: Any) -> Any:
+    level = str(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, not {level!r}")
+    return level
+
+
+Names = Annotated[frozenset[str], BeforeValidator(_names)]
+HttpUrl = Annotated[str, BeforeValidator(_http_url)]
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+class Settings(BaseSettings):
+    """Everything the processes are configured with; see the README's table for each variable."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    database_url: Annotated[str, BeforeValidator(_database_url)] = DEFAULT_DATABASE_URL
     config_path: str = DEFAULT_CONFIG_PATH
-    config_path_explicit: bool = False  # set by WEBHOOK_CONFIG: then the file must exist
-    callback_tokens: tuple[str, ...] = ()
-    allowed_buckets: frozenset[str] = frozenset()
-    allowed_regions: frozenset[str] = frozenset()
-    allowed_tags: frozenset[str] = frozenset({"NoiseReduction"})
+    callback_tokens: Annotated[tuple[str, ...], BeforeValidator(_tokens)] = ()
+    allowed_buckets: Names = frozenset()
+    allowed_regions: Names = frozenset()  # empty: COS_REGION
+    allowed_tags: Names = frozenset({"NoiseReduction"})
     secret_id: str = ""
-    secret_key: str = field(default="", repr=False)
+    secret_key: str = Field("", repr=False)
     region: str = ""
-    cos_endpoint: CosEndpoint | None = None
-    cos_timeout: float = 30.0  # seconds per COS/CI connect or read
+    cos_endpoint: Annotated[CosEndpoint | None, BeforeValidator(_endpoint)] = None
+    cos_timeout: PositiveFloat = 30.0  # seconds per COS/CI connect or read
     sink_dir: str = ""
-    http_sink_url: str = ""
-    http_sink_secret: str = field(default="", repr=False)
-    http_sink_timeout: float = 30.0
-    max_body_bytes: int = 1024 * 1024
-    allowed_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any address
-    trusted_proxies: int = 0  # X-Forwarded-For hops set by proxies in front (the PaaS router)
+    http_sink_url: HttpUrl = ""
+    http_sink_secret: str = Field("", repr=False)
+    http_sink_timeout: PositiveFloat = 30.0
+    max_body_bytes: PositiveInt = 1024 * 1024
+    allowed_sources: Annotated[Networks, BeforeValidator(_networks)] = ()  # empty: any address
+    # X-Forwarded-For hops set by proxies in front (the PaaS router).
+    trusted_proxies: Annotated[NonNegativeInt, BeforeValidator(_count)] = 0
     retry: RetryPolicy = RetryPolicy()
     verify_retry: RetryPolicy = RetryPolicy(max_attempts=30, backoff_base=5.0, backoff_cap=300.0)
-    lease_seconds: float = 300.0
-    poll_interval: float = 1.0
-    run_worker_in_web: bool = False
+    lease_seconds: PositiveFloat = 300.0
+    poll_interval: PositiveFloat = 1.0
+    run_worker_in_web: Annotated[bool, BeforeValidator(_flag)] = False
     temp_dir: str = ""
-    log_level: str = "INFO"
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_level)] = "INFO"
+    sinks: list[AnySinkSpec] = []  # declared in the file; see sink_specs() for all of them
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc.errors()[0])) from None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read every setting; raise :class:`ConfigError` naming the first bad one."""
-        e = _Env(os.environ if env is None else env)
-        region = e.text("COS_REGION")
-        return cls(
-            database_url=e.database_url("WEBHOOK_DATABASE_URL"),
-            config_path=e.text("WEBHOOK_CONFIG", DEFAULT_CONFIG_PATH),
-            config_path_explicit=bool(e.text("WEBHOOK_CONFIG")),
-            callback_tokens=e.tokens("WEBHOOK_CALLBACK_TOKEN"),
-            allowed_buckets=e.names("WEBHOOK_ALLOWED_BUCKETS"),
-            allowed_regions=e.names("WEBHOOK_ALLOWED_REGIONS") or frozenset({region} - {""}),
-            allowed_tags=e.names("WEBHOOK_ALLOWED_TAGS") or frozenset({"NoiseReduction"}),
-            secret_id=e.text("COS_SECRET_ID"),
-            secret_key=e.text("COS_SECRET_KEY"),
-            region=region,
-            cos_endpoint=e.endpoint("WEBHOOK_COS_ENDPOINT"),
-            cos_timeout=e.number("WEBHOOK_COS_TIMEOUT", 30.0),
-            sink_dir=e.text("WEBHOOK_SINK_DIR"),
-            http_sink_url=e.http_url("WEBHOOK_HTTP_SINK_URL"),
-            http_sink_secret=e.text("WEBHOOK_HTTP_SINK_SECRET"),
-            http_sink_timeout=e.number("WEBHOOK_HTTP_SINK_TIMEOUT", 30.0),
-            max_body_bytes=int(e.number("WEBHOOK_MAX_BODY_BYTES", 1024 * 1024)),
-            allowed_sources=e.networks("WEBHOOK_ALLOWED_SOURCES"),
-            trusted_proxies=e.count("WEBHOOK_TRUSTED_PROXIES"),
-            retry=RetryPolicy(
-                max_attempts=int(e.number("WEBHOOK_MAX_ATTEMPTS", 8)),
-                backoff_base=e.number("WEBHOOK_BACKOFF_BASE", 2.0),
-                backoff_cap=e.number("WEBHOOK_BACKOFF_CAP", 600.0),
-            ),
-            lease_seconds=e.number("WEBHOOK_LEASE_SECONDS", 300.0),
-            poll_interval=e.number("WEBHOOK_POLL_INTERVAL", 1.0),
-            run_worker_in_web=e.flag("WEBHOOK_RUN_WORKER"),
-            temp_dir=e.text("WEBHOOK_TEMP_DIR"),
-            log_level=e.choice("WEBHOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``environ`` (default: the process environment) and the sink file."""
+        token = _ENVIRON.set(os.environ if environ is None else environ)
+        try:
+            return cls()
+        finally:
+            _ENVIRON.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = _ENVIRON.get() or {}
+        assert isinstance(init_settings, InitSettingsSource)
+        return init_settings, _EnvironSource(settings_cls, environ), _SinkFile(settings_cls, init_settings, environ)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not self.allowed_regions and self.region:
+            object.__setattr__(self, "allowed_regions", frozenset({self.region}))
+        if problem := reference_problem(self.sink_specs()):
+            raise ValueError(f"{self.config_path}: {problem}")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``, validated again (and the sink file read again)."""
+        return Settings(**(self.model_dump(exclude={"sinks"}, exclude_unset=True) | changes))
+
+    def sink_specs(self) -> list[SinkSpec]:
+        """Every configured sink: the environment's simple ones, then the file's."""
+        return [
+            *environment_sinks(self.sink_dir, self.http_sink_url, self.http_sink_timeout, self.retry),
+            *self.sinks,
+        ]
+
+    def build_context(self, environ: Mapping[str, str] | None = None) -> BuildContext:
+        """What building sinks needs: secrets by variable name (these settings win), the COS endpoint."""
+        env = dict(os.environ if environ is None else environ)
+        known = {
+            "WEBHOOK_HTTP_SINK_SECRET": self.http_sink_secret,
+            "COS_SECRET_ID": self.secret_id,
+            "COS_SECRET_KEY": self.secret_key,
+        }
+        return BuildContext(env | {name: value for name, value in known.items() if value}, self.cos_endpoint)
 
     def check_receiver(self) -> None:
         """What the web process needs."""
@@ -122,95 +251,71 @@ class Settings:
             raise ConfigError("WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is")
 
 
-class _Env:
-    """Typed readers that name the variable in every error."""
+class _EnvironSource(PydanticBaseSettingsSource):
+    """The variables of :data:`ENVIRONMENT` that are set and not blank, placed where they belong."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
 
-    def text(self, name: str, default: str = "") -> str:
-        return self._env.get(name, "").strip() or default
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads every variable at once
 
-    def names(self, name: str) -> frozenset[str]:
-        return frozenset(part.strip() for part in self.text(name).split(",") if part.strip())
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, path in ENVIRONMENT.items():
+            if raw := self._environ.get(name, "").strip():
+                *parents, leaf = path
+                node = values
+                for parent in parents:
+                    node = node.setdefault(parent, {})
+                node[leaf] = raw
+        return values
 
-    def tokens(self, name: str) -> tuple[str, ...]:
-        tokens = tuple(part.strip() for part in self.text(name).split(",") if part.strip())
-        for token in tokens:
-            if not _TOKEN.fullmatch(token):
-                raise ConfigError(f"{name} must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ -")
-        return tokens
 
-    def number(self, name: str, default: float) -> float:
-        raw = self.text(name)
-        if not raw:
-            return default
+class _SinkFile(PydanticBaseSettingsSource):
+    """The ``sinks`` of the TOML file: ``config_path`` if given, else ``WEBHOOK_CONFIG``, else the default."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: InitSettingsSource, environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        named = init.init_kwargs.get("config_path") or environ.get("WEBHOOK_CONFIG", "").strip()
+        self._path = Path(named or DEFAULT_CONFIG_PATH)
+        self._required = bool(named)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._required and not self._path.exists():
+            return {}
         try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-        if value <= 0:
-            raise ConfigError(f"{name} must be greater than 0, not {raw!r}")
-        return value
-
-    def count(self, name: str) -> int:
-        raw = self.text(name, "0")
-        if not raw.isdigit():
-            raise ConfigError(f"{name} must be a whole number (0 or more), not {raw!r}")
-        return int(raw)
-
-    def networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        try:
-            return tuple(ipaddress.ip_network(part, strict=False) for part in self.names(name))
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-
-    def flag(self, name: str) -> bool:
-        raw = self.text(name).lower()
-        if raw in ("", "0", "false", "no", "off"):
-            return False
-        if raw in ("1", "true", "yes", "on"):
-            return True
-        raise ConfigError(f"{name} must be true or false, not {raw!r}")
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        raw = self.text(name, default).upper()
-        if raw not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
-        return raw
-
-    def database_url(self, name: str) -> str:
-        url = self.text(name, DEFAULT_DATABASE_URL)
-        scheme = url.split(":", 1)[0]
-        if scheme in ("postgres", "postgresql"):
-            # PaaS add-ons hand out postgres:// URLs; SQLAlchemy needs the driver named.
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        elif scheme not in ("sqlite", "postgresql+psycopg"):
-            raise ConfigError(f"{name} must be a sqlite:/// or postgresql:// URL, not {scheme!r}")
-        return url
-
-    def http_url(self, name: str) -> str:
-        url = self.text(name)
-        if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"{name} must be an http:// or https:// URL")
-        return url
-
-    def endpoint(self, name: str) -> CosEndpoint | None:
-        url = self.http_url(name)
-        return parse_endpoint(url, name) if url else None
+            data = tomllib.loads(self._path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"WEBHOOK_CONFIG: {self._path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"WEBHOOK_CONFIG: cannot read {self._path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{self._path}: not valid TOML: {exc}") from None
+        return {"sinks": load_sinks(self._path, data)}
 
 
-def parse_endpoint(url: str, name: str) -> CosEndpoint:
-    """``scheme://host[:port]`` as the SDK needs it; :class:`ConfigError` names ``name`` otherwise."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{name} has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL")
-    if parts.path not in ("", "/"):
-        raise ConfigError(f"{name} must be scheme://host[:port] with no path")
-    return CosEndpoint(scheme=parts.scheme, host=parts.hostname, port=port)
+def _explain(error: Any) -> str:
+    """``WEBHOOK_X must be …, not '…'``: the variable (or setting) and what is wrong with its value."""
+    path = tuple(str(part) for part in error["loc"])
+    where = _VARIABLE.get(path, ".".join(path))
+    kind, context = error["type"], error.get("ctx", {})
+    if kind == "value_error":
+        reason = str(context.get("error", error["msg"]))
+        if not where:
+            return reason
+        # Our validators say what the value "must be"; a library's own message follows a colon.
+        return f"{where} {reason}" if reason.startswith(("must ", "has ")) else f"{where}: {reason}"
+    if kind in ("int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
+        reason = "must be a number"
+    elif kind == "greater_than":
+        reason = f"must be greater than {context['gt']}"
+    elif kind == "greater_than_equal":
+        reason = f"must be {context['ge']} or more"
+    else:
+        reason = str(error["msg"])
+    return f"{where} {reason}, not {error['input']!r}"

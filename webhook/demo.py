@@ -12,16 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from werkzeug.serving import make_server
 
 from webhook.app import create_app
-from webhook.config import Settings
 from webhook.cos import make_client
 from webhook.ledger import Ledger, LedgerError
 from webhook.models import JobStatus, ObjectLocation
 from webhook.sandbox import Sandbox
 from webhook.sandbox.audio import noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
+from webhook.serving import BackgroundServer
 from webhook.worker import Worker
 
 REGION = "ap-guangzhou"
@@ -39,24 +38,20 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
     with tempfile.TemporaryDirectory(prefix="cos-webhook-demo-") as tmp:
         work = Path(tmp)
         sandbox = Sandbox(work / "sandbox").start()
-        settings = Settings(
+        settings = sandbox.settings(
+            BUCKET,
+            REGION,
             database_url=f"sqlite:///{work / 'ledger.db'}",
             callback_tokens=(secrets.token_urlsafe(24),),
-            allowed_buckets=frozenset({BUCKET}),
-            allowed_regions=frozenset({REGION}),
-            secret_id=sandbox.secret_id,
-            secret_key=sandbox.secret_key,
-            region=REGION,
-            cos_endpoint=sandbox.endpoint,
             sink_dir=str(output),
             poll_interval=0.1,
             log_level="WARNING",
         )
         ledger = Ledger(settings.database_url)
         worker = Worker.from_settings(settings, ledger)
-        with _serving(create_app(settings, ledger)) as receiver_url, _running(worker):
+        with BackgroundServer(create_app(settings, ledger), name="demo-receiver") as receiver, _running(worker):
             click.echo(f"sandbox   {sandbox.url} (COS and CI APIs)")
-            click.echo(f"receiver  {receiver_url}/callback/<token>")
+            click.echo(f"receiver  {receiver.url}/callback/<token>")
             client = make_client(settings.secret_id, settings.secret_key, REGION, settings.cos_endpoint)
 
             started = time.monotonic()
@@ -71,7 +66,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
                 client,
                 INPUT_KEY,
                 ObjectLocation(BUCKET, REGION, OUTPUT_KEY),
-                f"{receiver_url}/callback/{settings.callback_tokens[0]}",
+                f"{receiver.url}/callback/{settings.callback_tokens[0]}",
                 callback_format,
                 user_data="cos-webhook demo",
             )
@@ -84,7 +79,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
             status = _wait_for(ledger, job_id, FINAL, timeout)
             steps.append(("verify with CI, fetch from COS, deliver", time.monotonic() - mark))
 
-        view = ledger.show_job(job_id)
+        view = ledger.views.show_job(job_id)
         audio, meta = output / f"{job_id}.wav", output / f"{job_id}.json"
         same = audio.exists() and filecmp.cmp(audio, sandbox.object_path(BUCKET, OUTPUT_KEY), shallow=False)
         sandbox.stop()
@@ -107,25 +102,13 @@ def _wait_for(ledger: Ledger, job_id: str, wanted: set[JobStatus], timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            status = ledger.show_job(job_id).status
+            status = ledger.views.show_job(job_id).status
         except LedgerError:
             status = ""
         if status in wanted:
             return status
         time.sleep(0.05)
     raise click.ClickException(f"job {job_id} did not reach {sorted(wanted)} within {timeout:.0f}s")
-
-
-@contextmanager
-def _serving(app: object) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
 
 
 @contextmanager

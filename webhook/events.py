@@ -71,7 +71,7 @@ def build_event(job: Job, sink: str, file: FetchedFile | None, location: FileLoc
     )
 
 
-def event_metadata(event: Event) -> dict[str, Any]:
+def event_document(event: Event) -> dict[str, Any]:
     """The JSON document for ``event`` (see the module docstring); equal to its own JSON round trip."""
     job = job_to_dict(event.job)
     # asdict keeps tuples; a list makes the document compare equal to what a receiver parses.
@@ -91,6 +91,6 @@ def event_metadata(event: Event) -> dict[str, Any]:
     return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}
 
 
-def event_document(event: Event) -> bytes:
+def document_bytes(event: Event) -> bytes:
     """The metadata document as the ``<job_id>.json`` file that storage sinks write."""
-    return json.dumps(event_metadata(event), indent=2, ensure_ascii=False).encode() + b"\n"
+    return json.dumps(event_document(event), indent=2, ensure_ascii=False).encode() + b"\n"

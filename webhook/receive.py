@@ -10,8 +10,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from webhook.callback import CallbackError, parse_callback
-from webhook.ledger import Ledger, RawRequest
-from webhook.runtime import runtime
+from webhook.ledger import RawRequest
+from webhook.triage import triage
+from webhook.web import error, runtime
 
 log = logging.getLogger(__name__)
 bp = Blueprint("receive", __name__)
@@ -55,7 +56,7 @@ def callback(token: str) -> tuple[Response, int]:
         remote_addr=request.remote_addr or "",
     )
     try:
-        recorded = rt.ledger.record_callback(raw, parsed, rt.settings.allowed_tags)
+        recorded = rt.ledger.jobs.record(raw, parsed, triage(parsed, rt.settings.allowed_tags))
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError):
         # Answering non-2xx makes CI send the callback again; losing it would be worse.
         log.exception("ledger unavailable; callback not stored")
@@ -79,37 +80,6 @@ def callback(token: str) -> tuple[Response, int]:
         duplicate=bool(recorded.duplicates) and not recorded.job_ids,
         ignored=list(recorded.ignored),
     ), 200
-
-
-@bp.get("/healthz")
-def healthz() -> tuple[Response, int]:
-    ledger: Ledger = runtime(current_app).ledger
-    try:
-        ledger.ping()
-    except sqlalchemy.exc.SQLAlchemyError:
-        return jsonify(status="unavailable", ledger="unreachable"), 503
-    return jsonify(status="ok", ledger="ok"), 200
-
-
-@bp.get("/metrics")
-def metrics() -> tuple[Response, int]:
-    """Prometheus text format, read from the ledger so every process reports the same."""
-    try:
-        counts = runtime(current_app).ledger.counts()
-    except sqlalchemy.exc.SQLAlchemyError:
-        return error(503, "ledger unavailable")
-    lines = ["# TYPE cos_webhook_jobs gauge"]
-    lines += [
-        f'cos_webhook_jobs{{status="{key.removeprefix("jobs_")}"}} {value}'
-        for key, value in sorted(counts.items())
-        if key.startswith("jobs_")
-    ]
-    lines += ["# TYPE cos_webhook_tasks_pending gauge", f"cos_webhook_tasks_pending {counts['tasks_pending']}"]
-    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4"), 200
-
-
-def error(status: int, message: str) -> tuple[Response, int]:
-    return jsonify(error=message, status=status), status
 
 
 def _token_ok(given: str, tokens: tuple[str, ...]) -> bool:

@@ -1,11 +1,22 @@
-"""When to try a failed step again, and when to stop: exponential backoff with jitter."""
+"""When to try a failed step again, and when to stop: exponential backoff with jitter (pure)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 
-from webhook.config import RetryPolicy
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
+
+
+class RetryPolicy(BaseModel):
+    """How often and how patiently a failing step is retried (also a sink's ``retry`` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: PositiveInt = 8
+    backoff_base: PositiveFloat = 2.0
+    backoff_cap: PositiveFloat = 600.0
+    max_age: PositiveFloat | None = None  # seconds after the callback arrived; past it, no more retries
 
 
 def backoff_delay(

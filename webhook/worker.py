@@ -15,15 +15,16 @@ from types import FrameType
 import sqlalchemy.exc
 from qcloud_cos import CosS3Client
 
-from webhook.config import ConfigError, RetryPolicy, Settings
+from webhook.config import Settings
 from webhook.cos import make_client
+from webhook.errors import ConfigError
 from webhook.events import build_event
 from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url, sweep_staging
-from webhook.ledger import Claim, Ledger, Task, utcnow
-from webhook.models import FetchedFile, FileLocation, Job, TaskKind
-from webhook.retry import backoff_delay, exhausted
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.config import NotifyOptions, SinkSpec, build_sinks, sink_specs
+from webhook.ledger import Claim, Delivery, DeliveryClaim, Ledger, Task, VerifyClaim, utcnow
+from webhook.models import FetchedFile, ObjectLocation
+from webhook.retry import RetryPolicy, backoff_delay, exhausted
+from webhook.sinks import DeliveryError, NotificationSink, Sink
+from webhook.sinks.config import SinkSpec, build_sinks
 from webhook.verify import Accept, Allowlist, Reject, Verdict, VerifyError, Wait, decide, describe_job, precheck
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,13 @@ class Worker:
                 )
             return clients[region]
 
-        specs = sink_specs(settings)
+        specs = settings.sink_specs()
         if not specs:
             raise ConfigError(
                 "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL, "
                 f"or declare sinks in {settings.config_path} (WEBHOOK_CONFIG)"
             )
-        sinks = build_sinks(specs, settings)
+        sinks = build_sinks(specs, settings.build_context())
         ledger = ledger or Ledger(settings.database_url)
         ledger.create_schema()
         return cls(settings, ledger, specs, sinks, client_for_region)
@@ -80,6 +81,8 @@ class Worker:
     def run(self, burst: bool = False) -> int:
         """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
         done = outage = 0
+        # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
+        patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
         log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
         if removed := sweep_staging(self.settings.temp_dir):
             log.info("removed %d downloads left by stopped workers", removed)
@@ -90,7 +93,7 @@ class Worker:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
                 # task's lease runs out and it becomes due again. Wait and try again.
                 outage += 1
-                delay = min(30.0, self.settings.poll_interval * 2.0 ** min(outage, 6))
+                delay = backoff_delay(outage, patience)
                 log.error("ledger unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
                 self.stopping.wait(delay)
                 continue
@@ -123,139 +126,127 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one unit of work; False when nothing is due."""
-        claim = self.ledger.claim(self.worker_id, self.settings.lease_seconds)
+        claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
         if claim is None:
             return False
         with self._lease_kept([t.id for t in claim.tasks]):
-            if claim.kind == TaskKind.VERIFY:
-                self._verify(claim, claim.tasks[0])
-            else:
-                self._deliver(claim)
+            match claim:
+                case VerifyClaim():
+                    self._verify(claim)
+                case DeliveryClaim():
+                    self._deliver(claim)
         return True
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _verify(self, claim: Claim, task: Task) -> None:
-        job = claim.job
+    def _verify(self, claim: VerifyClaim) -> None:
+        job, task = claim.job, claim.task
         verdict: Verdict | None = precheck(job, self.allow)
         if verdict is None:
             assert job.input is not None  # precheck guarantees it
             try:
                 reported = describe_job(self.client_for_region(job.input.region), job.input.bucket, job.job_id)
             except VerifyError as exc:
-                self._failed(task, str(exc), self.settings.retry, claim)
+                self._failed(task, claim, str(exc), self.settings.retry)
                 return
             verdict = decide(job, reported, self.allow)
         match verdict:
             case Accept():
                 sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
-                self.ledger.accept(task, self.worker_id, sinks)
+                self.ledger.queue.accept(task, self.worker_id, sinks)
                 log.info("job=%s verified state=%s deliveries=%s", job.job_id, job.state, ",".join(sinks))
             case Reject(reason):
-                self.ledger.reject(task, self.worker_id, reason)
+                self.ledger.queue.reject(task, self.worker_id, reason)
                 log.warning("job=%s rejected: %s", job.job_id, reason)
             case Wait(reason):
-                self._failed(task, reason, self.settings.verify_retry, claim)
+                self._failed(task, claim, reason, self.settings.verify_retry)
 
-    def _deliver(self, claim: Claim) -> None:
+    def _deliver(self, claim: DeliveryClaim) -> None:
         job = claim.job
+        for unknown in (d for d in claim.deliveries if d.sink not in self.sinks):
+            self._failed(unknown, claim, f"sink {unknown.sink} is not configured in this worker", self.settings.retry)
         # Storage sinks first: a notification may point at the copy one of them makes.
-        tasks = sorted(claim.tasks, key=lambda t: self._is_notification(t.sink))
-        unknown = [t for t in tasks if t.sink not in self.sinks]
-        for task in unknown:
-            self._failed(task, f"sink {task.sink} is not configured in this worker", self.settings.retry, claim)
-        tasks = [t for t in tasks if t.sink in self.sinks]
+        deliveries = sorted(
+            (d for d in claim.deliveries if d.sink in self.sinks),
+            key=lambda d: isinstance(self.sinks[d.sink], NotificationSink),
+        )
         fetched: FetchedFile | None = None
-        if job.succeeded and tasks:
+        if job.succeeded and deliveries:
             assert job.output is not None  # verification refuses a success without output
             client = self.client_for_region(job.output.region)
             try:
-                if any(self.sinks[t.sink].needs_bytes(job) for t in tasks):
+                if any(self.sinks[d.sink].needs_bytes(job) for d in deliveries):
                     fetched = fetch_object(client, job.output, self.settings.temp_dir)
                 else:
                     fetched = describe_object(client, job.output)
             except FetchError as exc:
                 # One delay for all: the deliveries stay due together, so the next try fetches once.
-                together = max(backoff_delay(t.attempts, self._policy(t)) for t in tasks)
-                for task in tasks:
-                    self._failed(task, str(exc), self._policy(task), claim, delay=together)
+                together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
+                for delivery in deliveries:
+                    self._failed(delivery, claim, str(exc), self._policy(delivery), delay=together)
                 return
             log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
-        delivered = set(claim.delivered_to)
+        stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
         try:
-            for task in tasks:
-                if self._deliver_to(task, claim, fetched, delivered):
-                    delivered.add(task.sink)
+            for delivery in deliveries:
+                if self._deliver_to(delivery, claim, fetched, stored):
+                    stored[delivery.sink] = self.sinks[delivery.sink]
         finally:
             if fetched is not None and fetched.path is not None:
                 os.unlink(fetched.path)
 
-    def _deliver_to(self, task: Task, claim: Claim, fetched: FetchedFile | None, delivered: set[str]) -> bool:
-        sink = self.sinks[task.sink]
+    def _deliver_to(
+        self, delivery: Delivery, claim: DeliveryClaim, fetched: FetchedFile | None, stored: dict[str, Sink]
+    ) -> bool:
+        """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
+        sink = self.sinks[delivery.sink]
         try:
-            location = self._location(task.sink, claim.job, delivered) if fetched else None
-            sink.deliver(build_event(claim.job, task.sink, fetched, location))
+            location = None
+            if fetched and isinstance(sink, NotificationSink):
+                location = sink.locate(claim.job, stored, self._presign_source)
+            sink.deliver(build_event(claim.job, delivery.sink, fetched, location))
         except DeliveryError as exc:
-            self._failed(task, exc.message, self._policy(task), claim, exc.retry_after, permanent=exc.permanent)
+            self._failed(delivery, claim, exc.message, self._policy(delivery), exc.retry_after, exc.permanent)
             return False
-        if self.ledger.delivered(task, self.worker_id):
-            log.info("job=%s sink=%s delivered attempt=%d", task.job_id, task.sink, task.attempts)
+        if self.ledger.queue.complete(delivery, self.worker_id):
+            log.info("job=%s sink=%s delivered attempt=%d", delivery.job_id, delivery.sink, delivery.attempts)
         else:
-            log.warning("job=%s sink=%s delivered but the lease was lost", task.job_id, task.sink)
+            log.warning("job=%s sink=%s delivered but the lease was lost", delivery.job_id, delivery.sink)
         return True
 
-    def _is_notification(self, sink: str) -> bool:
-        spec = self.specs.get(sink)
-        return spec is not None and isinstance(spec.options, NotifyOptions)
+    def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
+        # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
+        # bucket name and carry a signature over that address.
+        public = make_client(self.settings.secret_id, self.settings.secret_key, where.region)
+        return presigned_url(public, where, seconds)
 
-    def _location(self, sink: str, job: Job, delivered: set[str]) -> FileLocation | None:
-        """Where a notification sink's message says the file is."""
-        options = self.specs[sink].options
-        if not isinstance(options, NotifyOptions):
-            return None
-        if options.file_from is not None:
-            if options.file_from not in delivered:
-                raise DeliveryError(f"{sink}: waiting for sink {options.file_from} to store the file")
-            return self.sinks[options.file_from].location(job, options.presign_seconds)
-        assert job.output is not None
-        url = ""
-        if options.presign_seconds:
-            # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
-            # bucket name and carry a signature over that address.
-            public = make_client(self.settings.secret_id, self.settings.secret_key, job.output.region)
-            url = presigned_url(public, job.output, options.presign_seconds)
-        return FileLocation("source", job.output.bucket, job.output.key, job.output.region, url=url)
-
-    def _policy(self, task: Task) -> RetryPolicy:
-        spec = self.specs.get(task.sink)
-        return spec.retry.policy() if spec is not None else self.settings.retry
+    def _policy(self, delivery: Delivery) -> RetryPolicy:
+        spec = self.specs.get(delivery.sink)
+        return spec.retry if spec is not None else self.settings.retry
 
     def _failed(
         self,
         task: Task,
+        claim: Claim,
         error: str,
         policy: RetryPolicy,
-        claim: Claim | None = None,
         retry_after: float | None = None,
         permanent: bool = False,
         delay: float | None = None,
     ) -> None:
         """Schedule the task again with backoff, or mark it dead once retrying cannot help."""
-        where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if task.sink else "")
-        too_old = (
-            claim is not None
-            and policy.max_age is not None
-            and (utcnow() - claim.received_at).total_seconds() > policy.max_age
-        )
+        where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if isinstance(task, Delivery) else "")
+        age = (utcnow() - claim.received_at).total_seconds()
+        too_old = policy.max_age is not None and age > policy.max_age
         if too_old:
             error = f"{error} (gave up: older than max_age {policy.max_age:g}s)"
         if permanent or too_old or exhausted(task.attempts, policy):
-            self.ledger.give_up(task, self.worker_id, error)
+            self.ledger.queue.give_up(task, self.worker_id, error)
             log.error("%s dead after %d attempts: %s", where, task.attempts, error)
             return
         if delay is None:
             delay = backoff_delay(task.attempts, policy, retry_after)
-        self.ledger.retry_later(task, self.worker_id, error, delay)
+        self.ledger.queue.retry_later(task, self.worker_id, error, delay)
         log.warning("%s attempt %d failed, retry in %.1fs: %s", where, task.attempts, delay, error)
 
     @contextmanager
@@ -267,7 +258,7 @@ class Worker:
         def renew() -> None:
             while not finished.wait(interval):
                 try:
-                    self.ledger.extend_lease(task_ids, self.worker_id, self.settings.lease_seconds)
+                    self.ledger.queue.extend_lease(task_ids, self.worker_id, self.settings.lease_seconds)
                 except Exception:
                     log.exception("could not renew lease on tasks %s", list(task_ids))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from processes import free_port, start_worker, wait_healthy, web
+from support.processes import free_port, start_worker, wait_healthy, web
 
 from webhook.sandbox import Sandbox, SentCallback
 

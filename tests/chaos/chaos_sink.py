@@ -1,6 +1,6 @@
 """The http sink's far end for the chaos run: refuses a seeded share of requests and records them all.
 
-A threaded WSGI server. Every request body is read in chunks and parsed while it streams
+A threaded WSGI server (``BackgroundServer``). Every request body is read in chunks and parsed while it streams
 (werkzeug's sans-io multipart decoder): the ``file`` part is base64-decoded on the fly and only
 its size, CRC64 and SHA-256 are kept, and the Standard Webhooks signature is computed over the
 same chunks, so memory stays flat however many deliveries arrive. Only then is the answer
@@ -26,14 +26,15 @@ from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from support.receiver import QuietHandler
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import get_input_stream
 
 from webhook.crc64 import crc64ecma
+from webhook.serving import BackgroundServer
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -81,29 +82,19 @@ class FlakySink:
         self._failure_rate = failure_rate
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = BackgroundServer(self._app, name="flaky-sink", request_handler=QuietHandler)
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>/``."""
-        assert self._server is not None, "the sink is not started"
-        return f"http://127.0.0.1:{self._server.server_port}/"
+        return self._server.url + "/"
 
     def __enter__(self) -> FlakySink:
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True, request_handler=_QuietHandler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="flaky-sink", daemon=True
-        )
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-        self._server = self._thread = None
+        self._server.stop()
 
     def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         parsed = _Request(environ, self._key)
@@ -225,10 +216,3 @@ class _Request:
         expected = base64.b64encode(self._mac.digest()).decode()
         signatures = self.headers.get("webhook-signature", "").split()
         return any(hmac.compare_digest(s.partition(",")[2], expected) for s in signatures if s.startswith("v1,"))
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Keeps thousands of access-log lines out of the test output."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass

@@ -36,24 +36,27 @@ import wave
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from chaos_harness import Background, CallbackPump, WebServer, WorkerFleet, kill_workers_now_and_then
 from chaos_sink import Attempt, FlakySink
-from conftest import postgres_schema
-from pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
 from qcloud_cos import CosS3Client
+from support.pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
+from support.services import postgres_schema
 
-from webhook.config import RetryPolicy
 from webhook.crc64 import crc64ecma
 from webhook.events import event_id
-from webhook.ledger import Ledger, jobs, tasks
+from webhook.ledger import Ledger
+from webhook.ledger.schema import jobs, tasks
 from webhook.models import ObjectLocation
+from webhook.retry import RetryPolicy
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
+
+pytestmark = pytest.mark.slow  # minutes of real processes being killed
 
 CALLBACKS = int(os.environ.get("CHAOS_CALLBACKS", "200"))
 # A guard against a hung run, not a measurement: about 3 minutes for 200 callbacks on 2 cores,
@@ -167,8 +170,7 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
         Sandbox(tmp_path / "sandbox").start() as sandbox,
         FlakySink(HTTP_KEY, failure_rate=HTTP_FAILURE_RATE, seed=rng.randrange(2**32)) as http_sink,
     ):
-        settings = replace(
-            pipeline_settings(postgres_url, sandbox, sink_dir, http_sink.url + "hooks"),
+        settings = pipeline_settings(postgres_url, sandbox, sink_dir, http_sink.url + "hooks").replace(
             retry=RETRY,
             poll_interval=0.1,
         )
@@ -294,7 +296,7 @@ def wait_until_settled(
     while time.monotonic() < deadline:
         for thread in threads:
             thread.check()
-        counts = ledger.counts()
+        counts = ledger.views.counts()
         if counts.get("jobs_dead") or counts.get("jobs_rejected"):
             return  # neither recovers by itself; the findings name them
         recorded = sum(n for name, n in counts.items() if name.startswith("jobs_"))

@@ -1,12 +1,23 @@
 """Sinks: where verified jobs go. Each receives :class:`~webhook.models.Event` objects.
 
-A sink is declared in the configuration file (:mod:`webhook.sinks.config`) or, for the simple
-case, by environment variables; :func:`webhook.sinks.config.build_sinks` builds them.
+:class:`Sink` is the interface; :class:`NotificationSink` the base of sinks that send a message
+saying where the file is instead of the file. Which types exist, and how one is built from its
+``[[sinks]]`` table, is in :mod:`webhook.sinks.registry`.
 """
 
 from __future__ import annotations
 
-from webhook.models import Event, FileLocation, Job
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook.cos import CosEndpoint
+from webhook.errors import ConfigError
+from webhook.models import Event, FileLocation, Job, ObjectLocation
+from webhook.sinks.options import NotifyOptions
+
+PresignSource = Callable[[ObjectLocation, int], str]
+"""Presigns a GET of CI's output object for this many seconds, with the service's own credentials."""
 
 
 class DeliveryError(Exception):
@@ -23,10 +34,32 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What building a sink may need beyond its options: secrets by variable name, the COS endpoint."""
+
+    environ: Mapping[str, str] = field(repr=False)
+    cos_endpoint: CosEndpoint | None = None
+
+    def secret(self, sink: str, variable: str | None, required: bool = True) -> str | None:
+        """The value of ``variable`` (None when unnamed, or unset and not ``required``)."""
+        if variable is None:
+            return None
+        value = self.environ.get(variable, "")
+        if not value and required:
+            raise ConfigError(f"sink {sink}: environment variable {variable} is not set")
+        return value or None
+
+
 class Sink:
-    """A destination for events. Subclasses implement :meth:`deliver` and usually :meth:`check`."""
+    """A destination for events. Subclasses implement :meth:`from_options`, :meth:`deliver`, usually :meth:`check`."""
 
     name: str
+
+    @classmethod
+    def from_options(cls, name: str, options: Any, context: BuildContext) -> Sink:
+        """The sink declared as ``name`` with ``options`` (its type's model in :mod:`webhook.sinks.options`)."""
+        raise NotImplementedError
 
     def deliver(self, event: Event) -> None:
         """Deliver ``event``; idempotent per ``event.event_id``; raise :class:`DeliveryError` on failure."""
@@ -46,3 +79,29 @@ class Sink:
 
     def close(self) -> None:
         """Release connections and handles; the sink is not used afterwards."""
+
+
+class NotificationSink(Sink):
+    """A sink that sends a message saying where the file is (``file.location``), never the bytes."""
+
+    options: NotifyOptions
+
+    def needs_bytes(self, job: Job) -> bool:
+        return False
+
+    def locate(self, job: Job, stored: Mapping[str, Sink], presign_source: PresignSource) -> FileLocation | None:
+        """Where the message says ``job``'s file is.
+
+        With ``file_from``, the copy that storage sink made (it must be among ``stored``, the sinks
+        that already have the job: otherwise this delivery waits for it); else CI's output object.
+        """
+        presign = self.options.presign_seconds
+        if self.options.file_from is not None:
+            store = stored.get(self.options.file_from)
+            if store is None:
+                raise DeliveryError(f"{self.name}: waiting for sink {self.options.file_from} to store the file")
+            return store.location(job, presign)
+        if job.output is None:
+            return None
+        url = presign_source(job.output, presign) if presign else ""
+        return FileLocation("source", job.output.bucket, job.output.key, job.output.region, url=url)

@@ -19,11 +19,11 @@ from pika.exceptions import (
     ProbableAuthenticationError,
 )
 
-from webhook.config import ConfigError
-from webhook.events import SCHEMA, event_metadata
-from webhook.models import Event, Job
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.config import AmqpOptions
+from webhook.errors import ConfigError
+from webhook.events import SCHEMA, event_document
+from webhook.models import Event
+from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.options import AmqpOptions
 
 TIMEOUT = 10.0  # seconds for connecting and for each broker reply other than the publisher confirm
 # Seconds; the client's value wins the negotiation. It lets the broker drop connections of clients
@@ -35,7 +35,7 @@ _PERMANENT_CODES = frozenset({403, 406, 530})
 _CLOSE_WAIT = 1.0  # seconds: a broker that answers at all answers a close at once
 
 
-class AmqpSink(Sink):
+class AmqpSink(NotificationSink):
     """Publishes the event's JSON document to ``exchange`` with ``routing_key``, persistent and confirmed.
 
     Properties: ``message_id`` is the ``event_id``, ``type`` the event type, ``content_type``
@@ -47,6 +47,8 @@ class AmqpSink(Sink):
     One connection per sink, opened on first use, reused, and opened again after a failure or a
     long idle spell; like every pika connection it must be used from one thread at a time.
     """
+
+    options: AmqpOptions
 
     def __init__(
         self,
@@ -67,13 +69,18 @@ class AmqpSink(Sink):
         self.endpoint = f"{self._parameters.host}:{self._parameters.port}"
         self._link: _Link | None = None
 
-    def needs_bytes(self, job: Job) -> bool:
-        """Never: the message says where the file is."""
-        return False
+    @classmethod
+    def from_options(cls, name: str, options: AmqpOptions, context: BuildContext) -> AmqpSink:
+        return cls(
+            name,
+            options,
+            username=context.secret(name, options.username_env),
+            password=context.secret(name, options.password_env),
+        )
 
     def deliver(self, event: Event) -> None:
         """Publish once and wait for the broker's confirm; :class:`DeliveryError` says whether retrying can help."""
-        body = json.dumps(event_metadata(event), ensure_ascii=False).encode()
+        body = json.dumps(event_document(event), ensure_ascii=False).encode()
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent.value,

@@ -1,15 +1,20 @@
-"""Small helpers several sinks share: names, metadata and readable error reasons."""
+"""What several sinks share: object names, metadata, readable error reasons, the bucket sinks' base."""
 
 from __future__ import annotations
 
 import posixpath
 import re
 import string
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import quote
 
+from webhook.events import document_bytes
 from webhook.models import Event, Job
+from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.options import CosOptions, S3Options
 
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
 # User metadata travels as HTTP headers, so it must be printable ASCII. Percent-encoding "%", spaces
@@ -75,3 +80,47 @@ def file_extension(key: str) -> str:
     """The object key's suffix if it is a plain one (``.wav``, ``.mp3``), else ``.bin``."""
     _, extension = posixpath.splitext(posixpath.basename(key))
     return extension if _EXTENSION.fullmatch(extension) else ".bin"
+
+
+def unreadable(sink: str, exc: OSError) -> DeliveryError:
+    """The staged file could not be read (removed, disk error): worth another attempt."""
+    return DeliveryError(f"{sink}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}")
+
+
+class BucketSink(Sink):
+    """The object-store sinks (cos, s3): ``<prefix><job_id><ext>`` and ``<prefix><job_id>.json`` in a bucket.
+
+    Both SDKs take the same arguments for these calls; each subclass turns its SDK's errors
+    into :class:`DeliveryError` in :meth:`_call`.
+    """
+
+    scheme: str  # of the URLs in messages: "cos" or "s3"
+    options: CosOptions | S3Options
+    _client: Any
+
+    def _call(self, operation: str, key: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _url(self, key: str) -> str:
+        return f"{self.scheme}://{self.options.bucket}/{key}"
+
+    def _put(self, key: str, body: Any, content_type: str, metadata: dict[str, str]) -> Any:
+        return self._call(
+            "put_object",
+            key,
+            self._client.put_object,
+            Bucket=self.options.bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            Metadata=metadata,
+        )
+
+    def _head(self, key: str) -> Any:
+        return self._call("head_object", key, self._client.head_object, Bucket=self.options.bucket, Key=key)
+
+    def _put_document(self, event: Event, metadata: dict[str, str]) -> tuple[str, bytes, Any]:
+        """Write the metadata document (last: its presence means the audio is complete)."""
+        key = self.options.prefix + event.job.job_id + ".json"
+        document = document_bytes(event)
+        return key, document, self._put(key, document, "application/json", metadata)

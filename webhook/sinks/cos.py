@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.config import ConfigError, CosEndpoint, parse_endpoint
-from webhook.cos import make_client
+from webhook.cos import CosEndpoint, make_client, parse_endpoint
 from webhook.crc64 import crc64ecma
-from webhook.events import event_document
+from webhook.errors import ConfigError
 from webhook.fetch import presigned_url
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.common import object_key, os_reason, printable, safe_content_type, user_metadata
-
-if TYPE_CHECKING:
-    from webhook.sinks.config import CosOptions
+from webhook.sinks import BuildContext, DeliveryError
+from webhook.sinks.common import (
+    BucketSink,
+    object_key,
+    os_reason,
+    printable,
+    safe_content_type,
+    unreadable,
+    user_metadata,
+)
+from webhook.sinks.options import CosOptions
 
 # Worth another attempt besides 408, 429 and 5xx: COS answers these with 400 or 409 when a body
 # arrived late, short or damaged, or a concurrent write to the same key got in the way.
 _RETRYABLE_CODES = frozenset({"RequestTimeOut", "RequestTimeout", "IncompleteBody", "BadDigest", "OperationAborted"})
 
 
-class CosSink(Sink):
+class CosSink(BucketSink):
     """Stores each event's audio, then its metadata document, in ``cos://<bucket>/<prefix>``.
 
     Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
@@ -39,6 +44,9 @@ class CosSink(Sink):
     COS reported for the output, or the delivery is retried.
     """
 
+    scheme = "cos"
+    options: CosOptions
+
     def __init__(
         self,
         name: str,
@@ -51,9 +59,10 @@ class CosSink(Sink):
         self.name = name
         self.options = options
         self._secret_key = secret_key  # only to scrub it from messages COS echoes back
-        endpoint = (
-            parse_endpoint(options.endpoint, f"sink {name}: options.endpoint") if options.endpoint else default_endpoint
-        )
+        try:
+            endpoint = parse_endpoint(options.endpoint) if options.endpoint else default_endpoint
+        except ValueError as exc:
+            raise ConfigError(f"sink {name}: options.endpoint {exc}") from None
         try:
             self._client = make_client(secret_id, secret_key, options.region, endpoint)
             # Presigned URLs are for others, so they must name the bucket's own host, which their
@@ -61,6 +70,16 @@ class CosSink(Sink):
             self._signer = make_client(secret_id, secret_key, options.region)
         except CosClientError as exc:
             raise ConfigError(f"sink {name}: {exc}") from None
+
+    @classmethod
+    def from_options(cls, name: str, options: CosOptions, context: BuildContext) -> CosSink:
+        return cls(
+            name,
+            options,
+            secret_id=context.secret(name, options.secret_id_env) or "",
+            secret_key=context.secret(name, options.secret_key_env) or "",
+            default_endpoint=context.cos_endpoint,
+        )
 
     def needs_bytes(self, job: Job) -> bool:
         """False when COS can copy the output into the bucket itself (same region, copy enabled)."""
@@ -89,18 +108,7 @@ class CosSink(Sink):
             else:
                 response = self._upload(key, event.file, metadata)
             self._check_crc(key, response, event.file.crc64)
-        key = self.options.prefix + job.job_id + ".json"
-        document = event_document(event)
-        response = self._call(
-            "put_object",
-            key,
-            self._client.put_object,
-            Bucket=self.options.bucket,
-            Key=key,
-            Body=document,
-            ContentType="application/json",
-            Metadata=metadata,
-        )
+        key, document, response = self._put_document(event, metadata)
         self._check_crc(key, response, str(crc64ecma(document)))
 
     def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
@@ -133,20 +141,10 @@ class CosSink(Sink):
             raise DeliveryError(f"{self.name}: {self._url(key)}: the output was not downloaded", permanent=True)
         try:
             with open(file.path, "rb") as body:  # streamed by the SDK, never read whole
-                return self._call(
-                    "put_object",
-                    key,
-                    self._client.put_object,
-                    Bucket=self.options.bucket,
-                    Key=key,
-                    Body=body,
-                    ContentType=safe_content_type(file.content_type),
-                    Metadata=metadata,
-                )
+                response: dict[str, Any] = self._put(key, body, safe_content_type(file.content_type), metadata)
         except OSError as exc:
-            raise DeliveryError(
-                f"{self.name}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}"
-            ) from exc
+            raise unreadable(self.name, exc) from exc
+        return response
 
     def _check_crc(self, key: str, response: dict[str, Any], expected: str) -> None:
         """Compare the CRC64 COS computed for what it stored with ``expected`` (skipped if either is unknown)."""
@@ -154,19 +152,16 @@ class CosSink(Sink):
         found = {name.lower(): value for name, value in response.items()}
         actual = found.get("x-cos-hash-crc64ecma") or found.get("crc64")
         if actual is None:
-            head = self._call("head_object", key, self._client.head_object, Bucket=self.options.bucket, Key=key)
+            head = self._head(key)
             actual = {name.lower(): value for name, value in head.items()}.get("x-cos-hash-crc64ecma")
         if expected and actual and actual != expected:
             # Left in place: the JSON is not written, and the next attempt overwrites the object.
             raise DeliveryError(f"{self.name}: {self._url(key)} has CRC64 {actual}, expected {expected}")
 
-    def _url(self, key: str) -> str:
-        return f"cos://{self.options.bucket}/{key}"
-
-    def _call(self, operation: str, key: str, method: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    def _call(self, operation: str, key: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         where = f"{self.name}: {operation} {self._url(key)}"
         try:
-            response: dict[str, Any] = method(**kwargs)
+            response: dict[str, Any] = method(*args, **kwargs)
         except CosServiceError as exc:
             raise self._refused(where, exc) from exc
         except CosClientError as exc:

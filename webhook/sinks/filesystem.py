@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from webhook.events import event_document
+from webhook.events import document_bytes
 from webhook.models import Event, FileLocation, Job
-from webhook.sinks import DeliveryError, Sink
+from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.common import file_extension
+from webhook.sinks.options import FilesystemOptions
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CHUNK = 1024 * 1024
@@ -33,6 +34,10 @@ class FilesystemSink(Sink):
         self.name = name
         self.root = root
 
+    @classmethod
+    def from_options(cls, name: str, options: FilesystemOptions, context: BuildContext) -> FilesystemSink:
+        return cls(Path(options.dir), name=name)
+
     def deliver(self, event: Event) -> None:
         """Write the files; delivering the same event again replaces them with identical ones."""
         job_id = event.job.job_id
@@ -45,7 +50,7 @@ class FilesystemSink(Sink):
                 key = event.job.output.key if event.job.output else ""
                 with open(event.file.path, "rb") as src:
                     self._write(root, job_id + file_extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
-            document = event_document(event)
+            document = document_bytes(event)
             self._write(root, job_id + ".json", lambda dst: dst.write(document))
         except OSError as exc:
             raise DeliveryError(

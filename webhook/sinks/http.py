@@ -14,10 +14,12 @@ from importlib.metadata import version
 
 import requests
 
-from webhook.events import event_metadata
+from webhook.errors import ConfigError
+from webhook.events import event_document
 from webhook.models import Event, FetchedFile
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type
+from webhook.sinks import BuildContext, DeliveryError, Sink
+from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type, unreadable
+from webhook.sinks.options import HttpOptions
 
 _CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
 # The distribution's version, as `cos-webhook --version` reports it.
@@ -48,17 +50,23 @@ class HttpSink(Sink):
         self._session = requests.Session()
         self._session.headers["User-Agent"] = _USER_AGENT
 
+    @classmethod
+    def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpSink:
+        try:
+            return cls(options.url, context.secret(name, options.secret_env) or "", options.timeout, name=name)
+        except ValueError as exc:
+            raise ConfigError(f"sink {name}: {options.secret_env}: {exc}") from None
+
     def deliver(self, event: Event) -> None:
         """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
-        metadata = event_metadata(event)
+        metadata = event_document(event)
         try:
             filename = metadata["file"]["name"] if metadata["file"] else ""
             body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), event.file, filename)
             timestamp = str(int(time.time()))
             signature = _sign(self._key, event.event_id, timestamp, body)
         except OSError as exc:
-            source = exc.filename or "the file"
-            raise DeliveryError(f"{self.name}: cannot read {source}: {exc.strerror or exc}") from exc
+            raise unreadable(self.name, exc) from exc
         headers = {
             "Content-Type": body.content_type,
             "webhook-id": event.event_id,

@@ -10,29 +10,32 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from webhook.config import ConfigError
-from webhook.events import SCHEMA, event_metadata
-from webhook.models import Event, Job
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.config import RedisOptions
+from webhook.errors import ConfigError
+from webhook.events import SCHEMA, event_document
+from webhook.models import Event
+from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.options import RedisOptions
 
 TIMEOUT = 10.0  # seconds for connecting and for each command's answer
 # Retrying cannot help until someone changes the credentials, the ACL or the key.
 _PERMANENT = (AuthenticationError, AuthorizationError, NoPermissionError)
 
 
-class RedisSink(Sink):
+class RedisSink(NotificationSink):
     """``XADD <stream> MAXLEN ~ <maxlen> *`` with ``event_id``, ``type``, ``job_id``, ``schema`` and ``data``.
 
-    ``data`` is the event's JSON document (:func:`webhook.events.event_metadata`), whose ``file``
+    ``data`` is the event's JSON document (:func:`webhook.events.event_document`), whose ``file``
     says where the audio is. Delivery is at least once: an entry whose reply was lost (a timeout
     after the command was sent) is added again on the next attempt, with the same ``event_id``,
     so consumers deduplicate on it. ``password`` (from ``password_env``) is used unless the URL
     carries its own.
     """
 
+    options: RedisOptions
+
     def __init__(self, name: str, options: RedisOptions, *, password: str | None, timeout: float = TIMEOUT) -> None:
         self.name = name
+        self.options = options
         self.stream = options.stream
         self.maxlen = options.maxlen
         try:
@@ -52,9 +55,9 @@ class RedisSink(Sink):
         kwargs = self._client.connection_pool.connection_kwargs
         self.endpoint = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
-    def needs_bytes(self, job: Job) -> bool:
-        """Never: the message says where the file is."""
-        return False
+    @classmethod
+    def from_options(cls, name: str, options: RedisOptions, context: BuildContext) -> RedisSink:
+        return cls(name, options, password=context.secret(name, options.password_env))
 
     def deliver(self, event: Event) -> None:
         """Add one stream entry; :class:`DeliveryError` says whether retrying can help."""
@@ -63,7 +66,7 @@ class RedisSink(Sink):
             "type": event.type,
             "job_id": event.job.job_id,
             "schema": SCHEMA,
-            "data": json.dumps(event_metadata(event), ensure_ascii=False),
+            "data": json.dumps(event_document(event), ensure_ascii=False),
         }
         try:
             self._client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
@@ -21,14 +21,20 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from webhook.config import ConfigError
-from webhook.events import event_document
+from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation, Job
-from webhook.sinks import DeliveryError, Sink
-from webhook.sinks.common import object_key, os_reason, printable, retry_after_seconds, safe_content_type, user_metadata
-
-if TYPE_CHECKING:
-    from webhook.sinks.config import S3Options
+from webhook.sinks import BuildContext, DeliveryError
+from webhook.sinks.common import (
+    BucketSink,
+    object_key,
+    os_reason,
+    printable,
+    retry_after_seconds,
+    safe_content_type,
+    unreadable,
+    user_metadata,
+)
+from webhook.sinks.options import S3Options
 
 _MiB = 1024 * 1024
 _CONNECT_TIMEOUT = 10.0
@@ -60,7 +66,7 @@ _RETRYABLE_CODES = frozenset(
 _RETRYABLE_LOCAL = (ConnectionError, HTTPClientError, ChecksumError, IncompleteReadError, CredentialRetrievalError)
 
 
-class S3Sink(Sink):
+class S3Sink(BucketSink):
     """Uploads each event's audio, then its metadata document, to ``s3://<bucket>/<prefix><job_id>``.
 
     Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
@@ -70,6 +76,9 @@ class S3Sink(Sink):
     Works with any S3-compatible store (``endpoint_url``: MinIO, R2, Ceph…); without credentials
     boto3's default chain (environment, profile, instance role) is used.
     """
+
+    scheme = "s3"
+    options: S3Options
 
     def __init__(
         self, name: str, options: S3Options, *, access_key_id: str | None, secret_access_key: str | None
@@ -117,6 +126,15 @@ class S3Sink(Sink):
             preferred_transfer_client="classic",
         )
 
+    @classmethod
+    def from_options(cls, name: str, options: S3Options, context: BuildContext) -> S3Sink:
+        return cls(
+            name,
+            options,
+            access_key_id=context.secret(name, options.access_key_id_env, required=False),
+            secret_access_key=context.secret(name, options.secret_access_key_env, required=False),
+        )
+
     def deliver(self, event: Event) -> None:
         """Upload the audio (multipart when large) and check its size, then upload the JSON."""
         job = event.job
@@ -140,23 +158,12 @@ class S3Sink(Sink):
                 ExtraArgs=extra,
                 Config=self._transfer,
             )
-            head = self._call("head_object", key, self._client.head_object, Bucket=self.options.bucket, Key=key)
+            head = self._head(key)
             if head["ContentLength"] != event.file.size:
                 raise DeliveryError(
                     f"{self.name}: {self._url(key)} holds {head['ContentLength']} bytes, expected {event.file.size}"
                 )
-        key = self.options.prefix + job.job_id + ".json"
-        document = event_document(event)
-        self._call(
-            "put_object",
-            key,
-            self._client.put_object,
-            Bucket=self.options.bucket,
-            Key=key,
-            Body=document,
-            ContentType="application/json",
-            Metadata=metadata,
-        )
+        self._put_document(event, metadata)
 
     def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
         """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given."""
@@ -187,18 +194,13 @@ class S3Sink(Sink):
         """Close pooled connections."""
         self._client.close()
 
-    def _url(self, key: str) -> str:
-        return f"s3://{self.options.bucket}/{key}"
-
     def _call(self, operation: str, key: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error(f"{self.name}: {operation} {self._url(key)}", exc) from exc
         except OSError as exc:  # reading the local file
-            raise DeliveryError(
-                f"{self.name}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}"
-            ) from exc
+            raise unreadable(self.name, exc) from exc
 
     def _error(self, where: str, exc: Exception) -> DeliveryError:
         # upload_file turns a ClientError into S3UploadFailedError, raised while handling it.

@@ -6,16 +6,17 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
-from receiver import ReceivedRequest, Receiver
 
-from webhook.config import RetryPolicy, Settings
+from support.receiver import ReceivedRequest, Receiver
+from webhook.config import Settings
 from webhook.ledger import Ledger, LedgerError
 from webhook.models import ObjectLocation
+from webhook.retry import RetryPolicy
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
 from webhook.worker import Worker
@@ -30,21 +31,17 @@ FAST = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_cap=0.05)
 
 
 def pipeline_settings(database_url: str, sandbox: Sandbox, sink_dir: Path, http_url: str) -> Settings:
-    return Settings(
+    return sandbox.settings(
+        BUCKET,
+        REGION,
         database_url=database_url,
         callback_tokens=(TOKEN,),
-        allowed_buckets=frozenset({BUCKET}),
-        allowed_regions=frozenset({REGION}),
-        secret_id=sandbox.secret_id,
-        secret_key=sandbox.secret_key,
-        region=REGION,
-        cos_endpoint=sandbox.endpoint,
         sink_dir=str(sink_dir),
         http_sink_url=http_url,
         http_sink_secret=HTTP_SECRET,
         http_sink_timeout=5,
         retry=FAST,
-        verify_retry=replace(FAST, max_attempts=50),
+        verify_retry=FAST.model_copy(update={"max_attempts": 50}),
         lease_seconds=60,
         poll_interval=0.05,
     )
@@ -65,6 +62,20 @@ class Pipeline:
 
     def worker(self) -> Worker:
         return Worker.from_settings(self.settings, self.ledger)
+
+    def run_job(self, config: Path, user_data: str = "order-42") -> tuple[str, str]:
+        """With the sinks the file ``config`` declares too: submit a job and work it to its end.
+
+        Returns the JobId and the status it ended in; the worker's sinks are closed afterwards.
+        """
+        settings = self.settings.replace(config_path=str(config))
+        job_id = self.submit(self.upload_input(), user_data=user_data)
+        self.sandbox.wait_for_callbacks(1, timeout=20)
+        worker = Worker.from_settings(settings, self.ledger)
+        try:
+            return job_id, self.drain(worker, job_id, DONE)
+        finally:
+            worker.close()
 
     def upload_input(self, key: str = "in/noisy.wav", seconds: float = 0.5) -> str:
         path = self.sink_dir.parent / "input.wav"
@@ -97,7 +108,7 @@ class Pipeline:
 
     def status(self, job_id: str) -> str:
         try:
-            return self.ledger.show_job(job_id).status
+            return self.ledger.views.show_job(job_id).status
         except LedgerError:
             return ""
 
@@ -113,7 +124,9 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         while (status := self.status(job_id)) not in until:
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} stuck at {status!r}: {self.ledger.show_job(job_id).to_dict()}")
+                raise AssertionError(
+                    f"job {job_id} stuck at {status!r}: {self.ledger.views.show_job(job_id).to_dict()}"
+                )
             if not worker.run_once():
                 time.sleep(0.01)
         return status

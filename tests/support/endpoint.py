@@ -8,11 +8,12 @@ from typing import Any
 
 import requests
 import sqlalchemy as sa
-from conftest import LiveServer
 
 from webhook.app import create_app
 from webhook.config import Settings
-from webhook.ledger import Ledger, callbacks, jobs, tasks
+from webhook.ledger import Ledger
+from webhook.ledger.schema import callbacks, jobs, tasks
+from webhook.serving import BackgroundServer
 
 TOKEN = "cb-0123456789abcdef_ROTATE.1"
 NOTHING = {"callbacks": 0, "jobs": 0, "tasks": 0}
@@ -21,7 +22,7 @@ NOTHING = {"callbacks": 0, "jobs": 0, "tasks": 0}
 @contextmanager
 def serving(ledger: Ledger, tokens: tuple[str, ...] = (TOKEN,), max_body_bytes: int = 1024 * 1024) -> Iterator[str]:
     settings = Settings(database_url=ledger.url, callback_tokens=tokens, max_body_bytes=max_body_bytes)
-    with LiveServer(create_app(settings, ledger)) as server:
+    with BackgroundServer(create_app(settings, ledger), name="endpoint") as server:
         yield server.url
 
 

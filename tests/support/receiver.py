@@ -5,7 +5,8 @@
         receiver.requests[0].headers["webhook-id"]
 
 Bodies are read in chunks as they arrive; one larger than ``memory_limit`` is spooled to a file
-(``body_path``) that :meth:`Receiver.stop` deletes, so big uploads stay out of memory.
+(``body_path``) that :meth:`Receiver.stop` deletes, so big uploads stay out of memory. A stopped
+receiver can be started again, on the same port: the far end of an http sink having an outage.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import IO, Any
 from werkzeug.datastructures import FileStorage
 from werkzeug.formparser import parse_form_data
 from werkzeug.http import HTTP_STATUS_CODES
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wsgi import get_input_stream
+
+from webhook.serving import BackgroundServer
 
 _CHUNK = 1024 * 1024
 
@@ -83,43 +86,40 @@ class Receiver:
         self._replies: list[Reply] = list(replies) or [Reply()]
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
+        self._port = 0  # chosen by the first start, kept by the next ones
         self._spool: Path | None = None
 
     @property
     def url(self) -> str:
         """The receiver's base URL, ``http://127.0.0.1:<port>/``."""
         assert self._server is not None, "the receiver is not started"
-        return f"http://127.0.0.1:{self._server.server_port}/"
+        return self._server.url + "/"
 
     def reply(self, *replies: Reply) -> None:
         """Script the next answers (replacing any not yet used)."""
         with self._lock:
             self._replies = list(replies) or [Reply()]
 
-    def start(self) -> None:
+    def start(self) -> Receiver:
+        """Serve on a free port, or after :meth:`stop` again on the port it had."""
         self._stopping.clear()
         self._spool = Path(tempfile.mkdtemp(prefix="receiver-"))
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True, request_handler=_QuietHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        self._server = BackgroundServer(self._app, port=self._port, name="receiver", request_handler=QuietHandler)
+        self._port = self._server.start().port
+        return self
 
     def stop(self) -> None:
-        """Stop serving, wake any delayed answer and delete spooled bodies."""
+        """Stop serving (the port refuses connections), wake any delayed answer and delete spooled bodies."""
         self._stopping.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
+            self._server.stop()
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
-        self._server = self._thread = self._spool = None
+        self._spool = None
 
     def __enter__(self) -> Receiver:
-        self.start()
-        return self
+        return self.start()
 
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
@@ -171,7 +171,7 @@ class Receiver:
             self.requests.append(recorded)
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
     """Keeps the access log out of test output."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:

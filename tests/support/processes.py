@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/support/processes.py
 BIN = str(Path(sys.executable).parent)
 COS_WEBHOOK = str(Path(BIN) / "cos-webhook")
 

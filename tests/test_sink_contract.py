@@ -1,0 +1,357 @@
+"""The promise every sink type keeps against its real server, checked the same way for all six.
+
+What arrives is what was sent. While the server is away a delivery (and a check) fails with a
+retryable DeliveryError; once it is back the next delivery succeeds and the event is there
+exactly once, since the failed attempt never reached the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import boto3
+import pika
+import pytest
+import redis
+from support.moto_server import MotoServer
+from support.pipeline import HTTP_SECRET, multipart_file
+from support.receiver import Receiver
+from support.services import require_service
+from support.tcp_proxy import TcpProxy
+
+from webhook.crc64 import crc64ecma
+from webhook.events import SCHEMA, build_event, event_document
+from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.sandbox import Sandbox
+from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.amqp import AmqpSink
+from webhook.sinks.cos import CosSink
+from webhook.sinks.filesystem import FilesystemSink
+from webhook.sinks.http import HttpSink
+from webhook.sinks.options import AmqpOptions, CosOptions, RedisOptions, S3Options
+from webhook.sinks.redis import RedisSink
+from webhook.sinks.s3 import S3Sink
+
+AUDIO = bytes(range(256)) * 64 + b"tail"
+OUTPUT = ObjectLocation("audio-1250000000", "ap-guangzhou", "out/denoised.wav")
+PREFIX = "denoised/"
+REDIS = ("127.0.0.1", 6379)
+RABBITMQ = ("127.0.0.1", 5672)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One copy of an event as the server holds it.
+
+    ``document`` is the event document, ``audio`` the file's bytes for a sink that carries them,
+    ``ids`` what names it there: the objects or files for a storage sink, the ids and type a
+    message carries for the others.
+    """
+
+    document: dict[str, Any]
+    audio: bytes | None
+    ids: tuple[str, ...]
+
+
+class Harness:
+    """A sink pointed at its real server, and the means to read that server and to take it away."""
+
+    sink: Sink
+    restart_forgets = False  # the server comes back empty: only what arrives afterwards is there
+    # What a delivery and a check say while the server is away: {h} is the harness, {key} the audio's key.
+    delivery_refused = check_refused = ""
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        self.tmp_path = tmp_path
+        self.stack = stack  # closed after the test, or as soon as building the harness fails
+
+    def event(self, job_id: str) -> Event:
+        """A succeeded job's event with its output fetched to disk, as the worker hands it over."""
+        path = self.tmp_path / f"{job_id}.part"
+        path.write_bytes(AUDIO)
+        job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=OUTPUT, user_data="order-42")
+        return build_event(job, self.sink.name, FetchedFile(str(path), len(AUDIO), str(crc64ecma(AUDIO)), "audio/wav"))
+
+    def expected(self, event: Event) -> Arrival:
+        """What the server holds once ``event`` was delivered (a storage sink's default)."""
+        job_id = event.job.job_id
+        return Arrival(event_document(event), AUDIO, (f"{job_id}.json", f"{job_id}.wav"))
+
+    def arrivals(self) -> list[Arrival]:
+        raise NotImplementedError
+
+    def refused(self, event: Event) -> tuple[str, str]:
+        """The messages of delivering ``event`` and of a check while the server is away."""
+        check = self.check_refused or self.delivery_refused
+        return self.delivery_refused.format(h=self, key=f"{PREFIX}{event.job.job_id}.wav"), check.format(h=self)
+
+    def away(self) -> None:
+        raise NotImplementedError
+
+    def back(self) -> None:
+        raise NotImplementedError
+
+
+def stored(names: Iterable[str], read: Callable[[str], bytes], prefix: str = "") -> list[Arrival]:
+    """A storage sink's arrivals: ``<job>.json`` and ``<job>.<ext>`` under ``prefix``; a stray stands alone."""
+    objects = {name.removeprefix(prefix): read(name) for name in names}
+    arrivals, claimed = [], set()
+    for name in sorted(n for n in objects if n.endswith(".json")):
+        job_id = name.removesuffix(".json")
+        group = tuple(sorted(n for n in objects if n.split(".", 1)[0] == job_id))
+        audio = [objects[n] for n in group if n != name]
+        arrivals.append(Arrival(json.loads(objects[name]), audio[0] if len(audio) == 1 else None, group))
+        claimed.update(group)
+    return arrivals + [Arrival({}, objects[n], (n,)) for n in sorted(objects.keys() - claimed)]
+
+
+class FilesystemHarness(Harness):
+    """A directory; away, a regular file stands where it should be (root ignores permissions, not that)."""
+
+    delivery_refused = "filesystem: cannot write {h.root}: File exists"
+    check_refused = "filesystem: cannot write in {h.root}: File exists"
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        super().__init__(tmp_path, stack)
+        self.root = tmp_path / "sink" / "out"
+        self.aside = tmp_path / "sink" / "out.away"
+        self.sink = FilesystemSink(self.root)
+
+    def arrivals(self) -> list[Arrival]:
+        return stored(os.listdir(self.root), lambda name: (self.root / name).read_bytes())
+
+    def away(self) -> None:
+        self.root.rename(self.aside)
+        self.root.write_bytes(b"")
+
+    def back(self) -> None:
+        self.root.unlink()
+        self.aside.rename(self.root)
+
+
+class HttpHarness(Harness):
+    """A recording receiver; away, it is stopped, and back on the same port."""
+
+    delivery_refused = "http: request failed: Connection refused"
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        super().__init__(tmp_path, stack)
+        self.receiver = self.stack.enter_context(Receiver())
+        self.sink = HttpSink(self.receiver.url + "hooks", HTTP_SECRET, timeout=5)
+        self.stack.callback(self.sink.close)
+
+    def expected(self, event: Event) -> Arrival:
+        return Arrival(event_document(event), AUDIO, (event.event_id,))
+
+    def arrivals(self) -> list[Arrival]:
+        return [Arrival(*multipart_file(r), (r.headers["webhook-id"],)) for r in self.receiver.requests]
+
+    def away(self) -> None:
+        self.receiver.stop()
+
+    def back(self) -> None:
+        self.receiver.start()
+
+
+class CosHarness(Harness):
+    """The COS sandbox (the upload path, from the file on disk); away, it is stopped, and back on the same port."""
+
+    bucket = "archive-1250000000"
+    delivery_refused = "archive: put_object cos://{h.bucket}/{key}: COS unreachable: Connection refused"
+    check_refused = "archive: head_bucket cos://{h.bucket}/: COS unreachable: Connection refused"
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        super().__init__(tmp_path, stack)
+        self.sandbox = self.stack.enter_context(Sandbox(tmp_path / "sandbox").start())
+        self.port = self.sandbox.port
+        options = CosOptions(bucket=self.bucket, region=OUTPUT.region, prefix=PREFIX, server_side_copy=False)
+        self.sink = CosSink(
+            "archive",
+            options,
+            secret_id=self.sandbox.secret_id,
+            secret_key=self.sandbox.secret_key,
+            default_endpoint=self.sandbox.endpoint,
+        )
+        self.stack.callback(self.sink.close)
+
+    def arrivals(self) -> list[Arrival]:
+        # Keys from the sandbox's own sidecar files (its store has no listing), bytes through the SDK.
+        keys = [json.loads(p.read_text())["key"] for p in (self.sandbox.root / self.bucket).glob("*.json")]
+        client = self.sandbox.client(OUTPUT.region)
+        return stored(
+            keys, lambda key: client.get_object(Bucket=self.bucket, Key=key)["Body"].get_raw_stream().read(), PREFIX
+        )
+
+    def away(self) -> None:
+        self.sandbox.stop()
+
+    def back(self) -> None:
+        self.sandbox.start(port=self.port)
+
+
+class S3Harness(Harness):
+    """A bucket on moto's S3 server; away, the server is stopped, and back on the same port, empty."""
+
+    restart_forgets = True
+    delivery_refused = "archive: upload s3://{h.bucket}/{key}: EndpointConnectionError: Connection refused"
+    check_refused = "archive: head_bucket s3://{h.bucket}/: EndpointConnectionError: Connection refused"
+
+    def __init__(self, tmp_path: Path, stack: ExitStack, moto: MotoServer) -> None:
+        super().__init__(tmp_path, stack)
+        self.moto = moto
+        self.bucket = f"sink-{uuid.uuid4().hex[:12]}"
+        self.client = boto3.client(
+            "s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+        )
+        self.client.create_bucket(Bucket=self.bucket)
+        options = S3Options(bucket=self.bucket, prefix=PREFIX, endpoint_url=moto.url)
+        self.sink = S3Sink("archive", options, access_key_id="k", secret_access_key="s")
+        stack.callback(self.sink.close)
+
+    def arrivals(self) -> list[Arrival]:
+        keys = [item["Key"] for item in self.client.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+        return stored(keys, lambda key: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), PREFIX)
+
+    def away(self) -> None:
+        self.moto.stop()
+
+    def back(self) -> None:
+        self.moto.start()
+        self.client.create_bucket(Bucket=self.bucket)  # a restarted moto has lost its buckets
+
+
+class MessageHarness(Harness):
+    """A broker sink: the event document without the file, reached through a TCP proxy that goes down and up."""
+
+    proxy: TcpProxy
+
+    def expected(self, event: Event) -> Arrival:
+        return Arrival(event_document(event), None, (event.event_id, event.type, event.job.job_id, SCHEMA))
+
+    def away(self) -> None:
+        self.proxy.down()
+
+    def back(self) -> None:
+        self.proxy.up()
+
+
+class RedisHarness(MessageHarness):
+    """A stream of the test's own on the shared Redis."""
+
+    delivery_refused = (
+        "redis: redis 127.0.0.1:{h.proxy.port}: Error 111 connecting to 127.0.0.1:{h.proxy.port}. Connection refused."
+    )
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        super().__init__(tmp_path, stack)
+        require_service("Redis", *REDIS)
+        self.stream = f"test:cos-webhook:{uuid.uuid4().hex}"
+        self.client = self.stack.enter_context(redis.Redis(*REDIS, decode_responses=True))
+        self.stack.callback(self.client.delete, self.stream)
+        self.proxy = self.stack.enter_context(TcpProxy(REDIS))
+        options = RedisOptions(url=f"redis://127.0.0.1:{self.proxy.port}/0", stream=self.stream)
+        self.sink = RedisSink("redis", options, password=None, timeout=5)
+        self.stack.callback(self.sink.close)
+
+    def arrivals(self) -> list[Arrival]:
+        entries = cast(list[tuple[str, dict[str, str]]], self.client.xrange(self.stream))
+        return [
+            Arrival(json.loads(e["data"]), None, (e["event_id"], e["type"], e["job_id"], e["schema"]))
+            for _, e in entries
+        ]
+
+
+class AmqpHarness(MessageHarness):
+    """An exchange of the test's own on the shared RabbitMQ, and a queue bound to it."""
+
+    delivery_refused = "amqp: amqp 127.0.0.1:{h.proxy.port}: Connection refused"
+
+    def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
+        super().__init__(tmp_path, stack)
+        require_service("RabbitMQ", *RABBITMQ)
+        exchange = f"test.cos-webhook.{uuid.uuid4().hex}"
+        connection = pika.BlockingConnection(pika.ConnectionParameters(*RABBITMQ))
+        self.stack.callback(connection.close)
+        self.channel = connection.channel()
+        self.stack.callback(self.channel.exchange_delete, exchange)
+        self.proxy = self.stack.enter_context(TcpProxy(RABBITMQ))
+        options = AmqpOptions(url=f"amqp://127.0.0.1:{self.proxy.port}/%2F", exchange=exchange)
+        self.sink = AmqpSink("amqp", options, username="guest", password="guest", timeout=5)
+        self.stack.callback(self.sink.close)
+        self.sink.check()  # declares the exchange, so that a queue can be bound to it
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, exchange, routing_key=options.routing_key)
+        self.messages: list[Arrival] = []
+
+    def arrivals(self) -> list[Arrival]:
+        while True:  # taking a message off the queue consumes it: keep every one read so far
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return list(self.messages)
+            ids = (properties.message_id, properties.type, properties.headers["job_id"], properties.headers["schema"])
+            self.messages.append(Arrival(json.loads(body), None, ids))
+
+
+HARNESSES: dict[str, type[Harness]] = {
+    "filesystem": FilesystemHarness,
+    "http": HttpHarness,
+    "cos": CosHarness,
+    "s3": S3Harness,
+    "redis": RedisHarness,
+    "amqp": AmqpHarness,
+}
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    """One S3 server for the module: each harness has a bucket of its own on it."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """The harness of the sink type the test is parametrized with."""
+    with ExitStack() as stack:
+        if request.param == "s3":
+            yield S3Harness(tmp_path, stack, request.getfixturevalue("moto"))
+        else:
+            yield HARNESSES[request.param](tmp_path, stack)
+
+
+@pytest.mark.parametrize("harness", list(HARNESSES), indirect=True)
+def test_what_arrives_is_what_was_sent(harness: Harness) -> None:
+    event = harness.event("job-a")
+
+    harness.sink.deliver(event)
+
+    assert harness.arrivals() == [harness.expected(event)]
+
+
+# The COS SDK pauses before retrying a refused connection: its case takes about two seconds.
+@pytest.mark.parametrize(
+    "harness", [pytest.param(k, marks=pytest.mark.slow) if k == "cos" else k for k in HARNESSES], indirect=True
+)
+def test_server_away_is_retryable_and_the_event_lands_once_when_it_is_back(harness: Harness) -> None:
+    first, second = harness.event("job-a"), harness.event("job-b")
+    harness.sink.deliver(first)  # connected, with a connection to lose
+
+    harness.away()
+    with pytest.raises(DeliveryError) as delivering:
+        harness.sink.deliver(second)
+    with pytest.raises(DeliveryError) as checking:
+        harness.sink.check()
+    harness.back()
+    harness.sink.deliver(second)
+
+    assert (delivering.value.permanent, checking.value.permanent) == (False, False)
+    assert (delivering.value.message, checking.value.message) == harness.refused(second)
+    kept = [] if harness.restart_forgets else [harness.expected(first)]
+    assert harness.arrivals() == [*kept, harness.expected(second)]

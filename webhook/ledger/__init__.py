@@ -1,0 +1,54 @@
+"""The ledger: every callback, job and task, in SQLite or PostgreSQL.
+
+``Ledger(url)`` holds the engine and three views of it: :attr:`~Ledger.jobs` (record callbacks,
+replay), :attr:`~Ledger.queue` (claim, lease, outcomes) and :attr:`~Ledger.views` (what
+operators read). The tables are in :mod:`webhook.ledger.schema`.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from webhook.ledger.jobs import Jobs, RawRequest, Recorded
+from webhook.ledger.queue import Claim, Delivery, DeliveryClaim, Queue, Task, VerifyClaim
+from webhook.ledger.schema import LedgerError, create_schema, make_engine, utcnow
+from webhook.ledger.views import DeadDelivery, JobView, TaskView, Views
+
+__all__ = [
+    "Claim",
+    "DeadDelivery",
+    "Delivery",
+    "DeliveryClaim",
+    "JobView",
+    "Ledger",
+    "LedgerError",
+    "RawRequest",
+    "Recorded",
+    "Task",
+    "TaskView",
+    "VerifyClaim",
+    "utcnow",
+]
+
+
+class Ledger:
+    """The service's durable state, at ``url`` (``sqlite:///…`` or ``postgresql+psycopg://…``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.jobs = Jobs(self.engine)
+        self.queue = Queue(self.engine)
+        self.views = Views(self.engine)
+
+    def create_schema(self) -> None:
+        """Create missing tables; safe when several processes start at once."""
+        create_schema(self.engine)
+
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,205 @@
+"""The work queue: tasks are claimed with a lease, then closed with their outcome.
+
+A claim leases one verify task, or every due delivery of one job (one fetch serves them all).
+A crashed worker's lease runs out and its tasks become due again. Every outcome is recorded
+only if the worker still holds the lease, so a worker that lost it cannot overwrite the new
+owner's result. On PostgreSQL claims skip rows other workers hold (``FOR UPDATE SKIP LOCKED``);
+on SQLite the write lock is taken when the transaction begins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from webhook.ledger.jobs import schedule, set_status, settle
+from webhook.ledger.schema import jobs, tasks, utcnow
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_dict
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    job_id: str
+    kind: TaskKind
+    attempts: int  # including the one this claim started
+
+
+@dataclass(frozen=True)
+class Delivery(Task):
+    sink: str
+
+
+@dataclass(frozen=True)
+class VerifyClaim:
+    """A job's verify task, leased to one worker."""
+
+    job: Job
+    task: Task
+    received_at: datetime  # when the callback was recorded (naive UTC)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return (self.task,)
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """Every due delivery of one job, leased to one worker: one fetch serves them all."""
+
+    job: Job
+    deliveries: tuple[Delivery, ...]
+    received_at: datetime
+    delivered_to: frozenset[str] = frozenset()  # sinks that already have this job
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.deliveries
+
+
+Claim = VerifyClaim | DeliveryClaim
+
+
+class Queue:
+    """Claiming due tasks, keeping their leases, and recording what became of them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def claim(self, worker_id: str, lease_seconds: float) -> Claim | None:
+        """Lease the next due work: a verify task, or every due delivery of one job."""
+        now = utcnow()
+        due = sa.and_(
+            tasks.c.status == TaskStatus.PENDING,
+            tasks.c.run_after <= now,
+            sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < now),
+        )
+        with self._engine.begin() as conn:
+            first = conn.execute(
+                sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind)
+                .where(due)
+                .order_by(tasks.c.run_after, tasks.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if first is None:
+                return None
+            ids = [first.id]
+            if first.kind == TaskKind.DELIVER:
+                ids = list(
+                    conn.execute(
+                        sa.select(tasks.c.id)
+                        .where(due, tasks.c.job_id == first.job_id, tasks.c.kind == TaskKind.DELIVER)
+                        .with_for_update(skip_locked=True)
+                    ).scalars()
+                )
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(ids))
+                .values(
+                    locked_by=worker_id,
+                    locked_until=now + timedelta(seconds=lease_seconds),
+                    attempts=tasks.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(ids)).order_by(tasks.c.sink)).all()
+            job = conn.execute(sa.select(jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id == first.job_id)).one()
+            detail = job_from_dict(json.loads(job.detail))
+            if first.kind == TaskKind.VERIFY:
+                task = Task(first.id, first.job_id, TaskKind.VERIFY, rows[0].attempts)
+                return VerifyClaim(detail, task, job.created_at)
+            delivered_to = conn.execute(
+                sa.select(tasks.c.sink).where(
+                    tasks.c.job_id == first.job_id,
+                    tasks.c.kind == TaskKind.DELIVER,
+                    tasks.c.status == TaskStatus.DONE,
+                )
+            ).scalars()
+            deliveries = tuple(Delivery(r.id, r.job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
+            return DeliveryClaim(detail, deliveries, job.created_at, frozenset(delivered_to))
+
+    def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
+        """Keep a long step's lease alive; returns how many tasks are still ours."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            return conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(task_ids), tasks.c.locked_by == worker_id)
+                .values(locked_until=now + timedelta(seconds=lease_seconds))
+            ).rowcount
+
+    def accept(self, task: Task, worker_id: str, sinks: Sequence[str]) -> bool:
+        """Verification passed: the job is verified and one delivery per sink is due."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now):
+                return False
+            set_status(conn, task.job_id, JobStatus.VERIFIED, "", now)
+            for sink in sinks:
+                schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
+            if not sinks:
+                set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
+        return True
+
+    def reject(self, task: Task, worker_id: str, reason: str) -> bool:
+        """Verification refused the job: it is never fetched nor forwarded."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now):
+                return False
+            set_status(conn, task.job_id, JobStatus.REJECTED, reason, now)
+        return True
+
+    def complete(self, task: Task, worker_id: str) -> bool:
+        """The delivery happened; the job is delivered once none of its deliveries is pending."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now):
+                return False
+            settle(conn, task.job_id, now)
+        return True
+
+    def retry_later(self, task: Task, worker_id: str, error: str, delay: float) -> bool:
+        """The step failed but may succeed later: due again after ``delay`` seconds."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            updated = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id)
+                .values(
+                    last_error=error,
+                    run_after=now + timedelta(seconds=delay),
+                    locked_by=None,
+                    locked_until=None,
+                    updated_at=now,
+                )
+            ).rowcount
+        return updated == 1
+
+    def give_up(self, task: Task, worker_id: str, error: str) -> bool:
+        """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if not _close(conn, task, worker_id, TaskStatus.DEAD, error, now):
+                return False
+            if task.kind == TaskKind.VERIFY:
+                set_status(conn, task.job_id, JobStatus.DEAD, f"verification gave up: {error}", now)
+            else:
+                settle(conn, task.job_id, now)
+        return True
+
+
+def _close(conn: Connection, task: Task, worker_id: str, status: TaskStatus, error: str, now: datetime) -> bool:
+    """Close a task only if this worker still holds its lease."""
+    closed = conn.execute(
+        tasks.update()
+        .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id, tasks.c.status == TaskStatus.PENDING)
+        .values(status=status, last_error=error, locked_by=None, locked_until=None, done_at=now, updated_at=now)
+    ).rowcount
+    return closed == 1

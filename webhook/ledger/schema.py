@@ -1,0 +1,148 @@
+"""The ledger's tables and its engine: one SQLAlchemy Core schema for SQLite and PostgreSQL.
+
+Times are naive UTC (:func:`utcnow`), the one representation both databases compare
+correctly. On PostgreSQL every wait is bounded; on SQLite every write transaction takes the
+write lock up front (``BEGIN IMMEDIATE``), which is what makes claims exclusive there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+
+callbacks = sa.Table(
+    "callbacks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.DateTime, nullable=False),
+    sa.Column("remote_addr", sa.String(64), nullable=False),
+    sa.Column("content_type", sa.String(256), nullable=False),
+    sa.Column("headers", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("body_format", sa.String(8), nullable=False),
+    sa.Column("event_name", sa.String(64), nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("job_id", sa.String(128), primary_key=True),
+    sa.Column("callback_id", sa.Integer, sa.ForeignKey("callbacks.id"), nullable=False),
+    sa.Column("event_name", sa.String(64), nullable=False),
+    sa.Column("tag", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(128), sa.ForeignKey("jobs.job_id"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("sink", sa.String(64), nullable=False),  # JOB_WIDE for a verify task
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("run_after", sa.DateTime, nullable=False),
+    sa.Column("locked_until", sa.DateTime, nullable=True),
+    sa.Column("locked_by", sa.String(128), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("done_at", sa.DateTime, nullable=True),
+    sa.UniqueConstraint("job_id", "kind", "sink"),
+    sa.Index("ix_tasks_due", "status", "run_after"),
+)
+# The sink column of a task that belongs to the job (verification), not to one sink. Kept out of
+# the ledger's interface: a verify Task has no sink. (NULL would need a schema migration.)
+JOB_WIDE = ""
+
+
+class LedgerError(Exception):
+    """A ledger operation that cannot be carried out as asked (unknown job, bad replay)."""
+
+
+def utcnow() -> datetime:
+    """Naive UTC: one representation that both SQLite and PostgreSQL compare correctly."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables; safe when several processes start at once."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Concurrent CREATE TABLE races on PostgreSQL's catalog; serialize start-ups.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7305513)"))
+        metadata.create_all(conn)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for the ledger's database: bounded waits, or SQLite's write lock up front."""
+    return _postgres_engine(url) if not url.startswith("sqlite") else _sqlite_engine(url)
+
+
+def _postgres_engine(url: str) -> Engine:
+    # Bounded waits: a database that stalls (network partition, overloaded server) must turn
+    # into an error the caller answers (503, retry later), not a thread hung forever.
+    engine = sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 5, "tcp_user_timeout": 30_000, "keepalives_idle": 30},
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '30s'")
+        dbapi_conn.commit()
+
+    return engine
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    file_backed = bool(path) and path != ":memory:"
+    if file_backed:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see below).
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA busy_timeout=30000")
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+        if file_backed:
+            _use_wal(dbapi_conn)
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Take the write lock up front: two workers can then never claim the same task.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _use_wal(dbapi_conn: Any) -> None:
+    """WAL lets readers run beside the writer. Switching needs an exclusive lock and does not
+    wait on the busy handler, so processes opening a new database together retry here."""
+    for _ in range(200):
+        try:
+            if dbapi_conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise sqlite3.OperationalError("could not switch the SQLite ledger to WAL mode")

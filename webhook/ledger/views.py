@@ -1,0 +1,148 @@
+"""What operators read: jobs with their tasks, dead letters and counts (``jobs``, ``dead``, metrics)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from webhook.ledger.schema import LedgerError, jobs, tasks
+from webhook.models import Job, TaskKind, TaskStatus, job_from_dict, job_to_dict
+
+
+@dataclass(frozen=True)
+class DeadDelivery:
+    job_id: str
+    sink: str
+    attempts: int
+    last_error: str
+    dead_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"dead_at": _iso(self.dead_at)}
+
+
+@dataclass(frozen=True)
+class TaskView:
+    kind: str
+    sink: str | None  # None for a verify task
+    status: str
+    attempts: int
+    last_error: str
+    run_after: datetime
+    done_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sink": self.sink} if self.kind == TaskKind.DELIVER else {}
+        return out | {
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "next_attempt_at": _iso(self.run_after) if self.status == TaskStatus.PENDING else None,
+            "done_at": _iso(self.done_at) if self.done_at else None,
+        }
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: str
+    tag: str
+    event_name: str
+    state: str
+    status: str
+    reason: str
+    created_at: datetime
+    updated_at: datetime
+    job: Job
+    tasks: tuple[TaskView, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "tag": self.tag,
+            "event_name": self.event_name,
+            "state": self.state,
+            "status": self.status,
+            "reason": self.reason,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "verify": [t.to_dict() for t in self.tasks if t.kind == TaskKind.VERIFY],
+            "deliveries": [t.to_dict() for t in self.tasks if t.kind == TaskKind.DELIVER],
+            "detail": job_to_dict(self.job),
+        }
+
+
+class Views:
+    """Read-only queries; none takes a write lock."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def list_jobs(self, limit: int = 50, status: str | None = None) -> list[JobView]:
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.job_id).limit(limit)
+        if status:
+            query = query.where(jobs.c.status == status)
+        with self._engine.connect() as conn:
+            return [_job_view(row, ()) for row in conn.execute(query)]
+
+    def show_job(self, job_id: str) -> JobView:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+            if row is None:
+                raise LedgerError(f"no job {job_id!r} in the ledger")
+            task_rows = conn.execute(
+                sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.kind.desc(), tasks.c.sink)
+            ).all()
+        views = tuple(
+            TaskView(t.kind, t.sink or None, t.status, t.attempts, t.last_error, t.run_after, t.done_at)
+            for t in task_rows
+        )
+        return _job_view(row, views)
+
+    def dead_deliveries(self, sink: str | None = None, since: datetime | None = None) -> list[DeadDelivery]:
+        """Deliveries that ran out of attempts (the dead letters), oldest first."""
+        query = (
+            sa.select(tasks)
+            .where(tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DEAD)
+            .order_by(tasks.c.done_at, tasks.c.id)
+        )
+        if sink is not None:
+            query = query.where(tasks.c.sink == sink)
+        if since is not None:
+            query = query.where(tasks.c.done_at >= since)
+        with self._engine.connect() as conn:
+            return [DeadDelivery(r.job_id, r.sink, r.attempts, r.last_error, r.done_at) for r in conn.execute(query)]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status and due tasks, for health and metrics."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+            pending = conn.execute(
+                sa.select(sa.func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.PENDING)
+            ).scalar_one()
+        out = {f"jobs_{status}": int(n) for status, n in rows}
+        out["tasks_pending"] = int(pending)
+        return out
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat() + "Z"
+
+
+def _job_view(row: Any, task_views: tuple[TaskView, ...]) -> JobView:
+    return JobView(
+        job_id=row.job_id,
+        tag=row.tag,
+        event_name=row.event_name,
+        state=row.state,
+        status=row.status,
+        reason=row.reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        job=job_from_dict(json.loads(row.detail)),
+        tasks=task_views,
+    )

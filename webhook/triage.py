@@ -1,0 +1,31 @@
+"""Which jobs of a received callback are verified and forwarded, and which are only recorded (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from webhook.models import Callback, Job
+
+FORWARDED_EVENT = "TaskFinish"
+
+
+@dataclass(frozen=True)
+class Triaged:
+    """One job of a callback and what becomes of it: ``forward``, or recorded only for ``reason``."""
+
+    job: Job
+    forward: bool
+    reason: str = ""
+
+
+def triage(callback: Callback, allowed_tags: frozenset[str]) -> tuple[Triaged, ...]:
+    """Forward finished tasks with an allowed tag; record everything else as ignored, saying why."""
+    if callback.event_name != FORWARDED_EVENT:
+        reason = f"event {callback.event_name} is recorded, not forwarded"
+        return tuple(Triaged(job, forward=False, reason=reason) for job in callback.jobs)
+    return tuple(
+        Triaged(job, forward=True)
+        if job.tag in allowed_tags
+        else Triaged(job, forward=False, reason=f"tag {job.tag} is not in WEBHOOK_ALLOWED_TAGS")
+        for job in callback.jobs
+    )
