@@ -2,6 +2,10 @@
 
 import os
 
+from gunicorn.glogging import Logger
+
+from webhook.logs import OneLineFormatter
+
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
@@ -18,3 +22,16 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+class OneLineLogger(Logger):
+    """gunicorn's own error log (worker boots and timeouts, tracebacks, bad requests) in the app's
+    format, one record per line like the app's logs (see webhook/logs.py)."""
+
+    def setup(self, cfg: object) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(OneLineFormatter())
+
+
+logger_class = OneLineLogger

@@ -227,7 +227,7 @@ def measure(rig: Rig, size_mib: int) -> Result:
     rig.sink.posts.clear()
     peak_rss_bytes, wall_seconds = run_worker(rig)
 
-    view = rig.ledger.show_job(job_id)
+    view = rig.ledger.views.show_job(job_id)
     if view.status != JobStatus.DELIVERED:
         errors = "; ".join(f"{task.kind} {task.sink}: {task.last_error}" for task in view.tasks if task.last_error)
         raise BenchError(f"job {job_id} is {view.status}, not delivered: {view.reason or errors}")
@@ -243,7 +243,7 @@ def measure(rig: Rig, size_mib: int) -> Result:
         raise BenchError(f"the http sink received {post.size} bytes whose file part differs from the uploaded object")
 
     delivered.unlink()
-    delivered.with_suffix(".json").unlink()
+    (rig.sink_dir / f"{job_id}.event.json").unlink()
     rig.client.delete_object(Bucket=BUCKET, Key=output_key)
     return Result(size_mib, peak_rss_bytes / MIB, wall_seconds, size_mib / wall_seconds)
 
@@ -254,7 +254,7 @@ def submit_job(rig: Rig, output_key: str) -> str:
     deadline = time.monotonic() + CALLBACK_TIMEOUT
     while time.monotonic() < deadline:
         try:
-            status = rig.ledger.show_job(job_id).status
+            status = rig.ledger.views.show_job(job_id).status
         except LedgerError:
             time.sleep(0.05)  # the callback has not arrived yet
             continue

@@ -6,9 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner, Result
+from support.endpoint import post, serving
 from support.pipeline import Pipeline, settings_env
+from support.samples import job, json_doc
 
 from webhook.cli import main
+from webhook.ledger import Ledger
 
 DONE = {"delivered", "rejected", "dead"}
 
@@ -93,3 +96,55 @@ def test_worker_burst_processes_then_exits(pipeline: Pipeline) -> None:
     result = run(pipeline, "worker", "--burst")
     assert result.exit_code == 0, result.output
     assert pipeline.status(job_id) == "delivered"
+
+
+# Cursor and colour escapes, and a line break that would start a row of its own.
+HOSTILE = "\x1b[2J\x1b[31m\r\nj-forged    NoiseReduction   Success   delivered"
+
+
+def test_text_output_shows_control_characters_escaped(ledger: Ledger) -> None:
+    with serving(ledger) as url:
+        assert post(url, json_doc(job("j-hostile-tag", Tag="Noise" + HOSTILE))).status_code == 200
+        assert post(url, json_doc(job("j-dead"))).status_code == 200
+    verification = ledger.queue.claim("w1", 60)
+    assert verification is not None
+    assert ledger.queue.give_up(verification.tasks[0], "w1", "CI answered" + HOSTILE)
+    env = {"WEBHOOK_DATABASE_URL": ledger.url}
+    shown = HOSTILE.encode("unicode_escape").decode()
+
+    def lines(*args: str) -> list[str]:
+        result = CliRunner().invoke(main, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        assert all(line.isprintable() for line in result.output.splitlines()), repr(result.output)
+        assert shown in result.output
+        return result.output.splitlines()
+
+    assert len(lines("jobs", "list")) == 3  # the header and one row per job
+    for job_id in ("j-hostile-tag", "j-dead"):
+        assert all(line.split(":")[0].isidentifier() for line in lines("jobs", "show", job_id))
+    # JSON escapes control characters itself, and gives the values back exactly.
+    listed = CliRunner().invoke(main, ["jobs", "list", "--json"], env=env).output.splitlines()
+    assert {json.loads(line)["tag"] for line in listed} == {"Noise" + HOSTILE, "NoiseReduction"}
+    assert len(lines("dead", "list")) == 2  # the header and the verification that gave up
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["jobs", "list"], ["jobs", "show", "j1"], ["dead", "list", "--json"], ["replay", "--dead"], ["worker", "--burst"]],
+    ids=lambda args: " ".join(args),
+)
+def test_an_unreachable_ledger_is_one_line_naming_it_without_the_password(args: list[str]) -> None:
+    # Port 1 on loopback: nothing listens, so the connection is refused at once.
+    env = {
+        "WEBHOOK_DATABASE_URL": "postgresql://hook:s3cret-pw@127.0.0.1:1/ledger",
+        "COS_SECRET_ID": "id",
+        "COS_SECRET_KEY": "key",
+        "COS_REGION": "ap-guangzhou",
+        "WEBHOOK_ALLOWED_BUCKETS": "audio-1250000000",
+        "WEBHOOK_SINK_DIR": "/tmp/unused",
+    }
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 2
+    assert result.output == (
+        "Error: the ledger at postgresql+psycopg://hook:***@127.0.0.1:1/ledger is unreachable (OperationalError)\n"
+    )

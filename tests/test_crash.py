@@ -56,7 +56,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
         ("filesystem", "done", 1),
         ("http", "done", 2),
     ]
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json", f"{job_id}.wav"]
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
     # At least once on the wire, exactly once for a receiver that deduplicates on webhook-id.
     assert len(pipeline.http.requests) == 2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support.logs import records
 from support.pipeline import TOKEN, Pipeline, settings_env
 from support.processes import wait_healthy, web
 
@@ -23,6 +24,7 @@ def test_gunicorn_serves_callbacks_and_runs_the_worker_in_process(pipeline: Pipe
     assert 'cos_webhook_jobs{status="delivered"} 1' in metrics
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
     logged = log.read_text()
+    records(logged)  # gunicorn's own lines and the app's alike
     assert "POST /callback/<token> 200" in logged
     assert TOKEN not in logged
     assert pipeline.settings.secret_key not in logged
@@ -33,4 +35,7 @@ def test_gunicorn_refuses_to_start_with_a_bad_setting(tmp_path: Path) -> None:
     env = {"WEBHOOK_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}", "WEBHOOK_CALLBACK_TOKEN": "short"}
     with web(env, log) as (_, proc):
         assert proc.wait(timeout=30) != 0
-    assert "WEBHOOK_CALLBACK_TOKEN must be 16 to 256 characters" in log.read_text()
+    logged = log.read_text()
+    assert "WEBHOOK_CALLBACK_TOKEN must be 16 to 256 characters" in logged
+    # gunicorn's error log keeps the worker's traceback on the line of its record.
+    assert " ERROR gunicorn.error Exception in worker process\\nTraceback (most recent call last):\\n" in logged

@@ -14,6 +14,7 @@ from webhook.models import ObjectLocation
 from webhook.sandbox import Sandbox
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
+REQUEST_ID = r"\(request_id=[0-9a-f]{32}\)$"  # the sandbox's, as COS names each answer
 
 
 def test_crcmod_uses_its_c_extension() -> None:
@@ -46,7 +47,7 @@ def test_fetch_streams_the_object_and_reports_its_checksums(sandbox: Sandbox, tm
 def test_missing_object_leaves_no_temp_file(sandbox: Sandbox, tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()
-    with pytest.raises(FetchError, match=r"^COS answered 404 NoSuchKey for out/none\.wav$"):
+    with pytest.raises(FetchError, match=r"^COS answered 404 NoSuchKey for out/none\.wav: .+ " + REQUEST_ID):
         fetch_object(sandbox.client(REGION), ObjectLocation(BUCKET, REGION, "out/none.wav"), str(staging))
     assert list(staging.iterdir()) == []
 
@@ -55,7 +56,7 @@ def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
     from webhook.cos import make_client
 
     client = make_client(sandbox.secret_id, "not-the-key", REGION, sandbox.endpoint)
-    with pytest.raises(FetchError, match=r"^COS answered 403 SignatureDoesNotMatch for out/a\.wav$"):
+    with pytest.raises(FetchError, match=r"^COS answered 403 SignatureDoesNotMatch for out/a\.wav: .+ " + REQUEST_ID):
         fetch_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), str(tmp_path))
 
 

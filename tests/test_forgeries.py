@@ -89,6 +89,6 @@ def test_hostile_output_key_cannot_escape_the_sink_directory(pipeline: Pipeline)
     key = "../../escape/../../etc/passwd.wav"
     job_id = pipeline.submit(pipeline.upload_input(), output_key=key)
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json", f"{job_id}.wav"]
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes(key)
     assert not (pipeline.sink_dir.parent / "escape").exists()

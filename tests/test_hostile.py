@@ -33,7 +33,7 @@ from webhook.ledger.schema import callbacks
 from webhook.models import Job
 
 DEFAULT_LIMIT = Settings().max_body_bytes
-ONE_JOB = {"callbacks": 1, "jobs": 1, "tasks": 1}
+ONE_JOB = {"callbacks": 1, "jobs": 1, "job_versions": 1, "tasks": 1}
 DTD_REFUSED = "XML with a DOCTYPE or entity declaration is not accepted"
 MiB = 1024 * 1024
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,11 +22,12 @@ from webhook.ledger import (
     LedgerError,
     RawRequest,
     Recorded,
+    Replayed,
     VerifyClaim,
     utcnow,
 )
 from webhook.ledger.schema import tasks
-from webhook.models import Callback, Job, JobStatus, ObjectLocation
+from webhook.models import Callback, Job, JobStatus, ObjectLocation, job_from_json, job_to_dict
 from webhook.triage import triage
 
 TAGS = frozenset({"NoiseReduction"})
@@ -42,6 +44,10 @@ def job(n: int, tag: str = "NoiseReduction", state: str = "Success") -> Job:
     )
 
 
+def job_json(n: int) -> str:
+    return json.dumps(job_to_dict(job(n)))
+
+
 def record(ledger: Ledger, *jobs: Job, event: str = "TaskFinish") -> Recorded:
     callback = Callback(event_name=event, jobs=jobs, body_format="xml")
     return ledger.jobs.record(RAW, callback, triage(callback, TAGS))
@@ -51,6 +57,18 @@ def claim(ledger: Ledger, worker: str = "w1", lease: float = 60) -> Claim:
     got = ledger.queue.claim(worker, lease)
     assert got is not None
     return got
+
+
+def accept(ledger: Ledger, got: Claim, sinks: list[str], worker: str = "w1") -> bool:
+    """Verification passed for the claim's first version, as the worker records it."""
+    assert isinstance(got, VerifyClaim)
+    version = got.versions[0]
+    return ledger.queue.accept(got.task, worker, sinks, version, job_from_json(version.detail), {})
+
+
+def reject(ledger: Ledger, got: Claim, reason: str, worker: str = "w1") -> bool:
+    assert isinstance(got, VerifyClaim)
+    return ledger.queue.reject(got.task, worker, reason, {v.id: reason for v in got.versions})
 
 
 def deliveries(ledger: Ledger, worker: str = "w1") -> tuple[Delivery, ...]:
@@ -105,8 +123,8 @@ def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
     assert again.tasks[0].id == stale.tasks[0].id
     assert again.tasks[0].attempts == 2
     # The worker that lost its lease cannot overwrite the new owner's outcome.
-    assert not ledger.queue.reject(stale.tasks[0], "w1", "late")
-    assert ledger.queue.accept(again.tasks[0], "w2", ["filesystem"])
+    assert not reject(ledger, stale, "late", "w1")
+    assert accept(ledger, again, ["filesystem"], "w2")
     assert ledger.views.show_job(job(1).job_id).status == "verified"
 
 
@@ -141,7 +159,7 @@ def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
 def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -> None:
     record(ledger, job(1))
     verify = claim(ledger)
-    assert ledger.queue.accept(verify.tasks[0], "w1", ["filesystem", "http"])
+    assert accept(ledger, verify, ["filesystem", "http"])
     deliver = claim(ledger)
     assert isinstance(deliver, DeliveryClaim)
     assert [d.sink for d in deliver.deliveries] == ["filesystem", "http"]
@@ -150,7 +168,7 @@ def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -
 
 def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    accept(ledger, claim(ledger), ["filesystem", "http"])
     fs, http = deliveries(ledger)
     assert ledger.queue.complete(fs, "w1")
     assert ledger.queue.retry_later(http, "w1", "503 from sink", delay=0)
@@ -177,40 +195,60 @@ def test_retry_later_waits_for_its_delay(ledger: Ledger) -> None:
     assert view["verify"][0]["next_attempt_at"] is not None
 
 
-def test_rejected_job_gets_no_deliveries_and_cannot_be_replayed(ledger: Ledger) -> None:
+def test_rejected_job_gets_no_deliveries_until_replayed_then_is_verified_again(ledger: Ledger) -> None:
     record(ledger, job(1))
-    assert ledger.queue.reject(claim(ledger).tasks[0], "w1", "output differs")
+    assert reject(ledger, claim(ledger), "output differs")
     view = ledger.views.show_job(job(1).job_id)
     assert (view.status, view.reason) == ("rejected", "output differs")
+    assert [v.status for v in view.versions] == ["rejected"]
     assert ledger.queue.claim("w1", 60) is None
-    with pytest.raises(LedgerError, match="is rejected; only verified jobs can be replayed"):
-        ledger.jobs.replay(job(1).job_id, ["filesystem"])
+    assert ledger.jobs.replay(job(1).job_id, ["filesystem"]) == Replayed(job(1).job_id, verify=True, sinks=())
+    again = claim(ledger)
+    assert isinstance(again, VerifyClaim)
+    assert (again.task.attempts, [v.detail for v in again.versions]) == (1, [job_json(1)])
+    assert ledger.views.show_job(job(1).job_id).status == "received"
 
 
 def test_dead_delivery_makes_the_job_dead_and_replay_revives_it(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["http"])
+    accept(ledger, claim(ledger), ["http"])
     assert ledger.queue.give_up(claim(ledger).tasks[0], "w1", "sink answered 410")
     assert ledger.views.show_job(job(1).job_id).status == "dead"
-    assert ledger.jobs.replay(job(1).job_id, ["http"]) == ["http"]
+    assert ledger.jobs.replay(job(1).job_id, ["http"]) == Replayed(job(1).job_id, verify=False, sinks=("http",))
     again = claim(ledger)
     assert again.tasks[0].attempts == 1
     assert ledger.queue.complete(again.tasks[0], "w1")
     assert ledger.views.show_job(job(1).job_id).status == "delivered"
 
 
-def test_dead_verification_cannot_be_replayed(ledger: Ledger) -> None:
+def test_dead_verification_is_listed_and_replayed(ledger: Ledger) -> None:
     record(ledger, job(1))
     assert ledger.queue.give_up(claim(ledger).tasks[0], "w1", "CI API unreachable")
     view = ledger.views.show_job(job(1).job_id)
     assert (view.status, view.reason) == ("dead", "verification gave up: CI API unreachable")
-    with pytest.raises(LedgerError, match="was never verified"):
+    (letter,) = ledger.views.dead_letters()
+    assert (letter.kind, letter.job_id, letter.sink, letter.last_error) == (
+        "verify",
+        job(1).job_id,
+        None,
+        "CI API unreachable",
+    )
+    assert ledger.views.dead_letters(sink="filesystem") == []
+    assert ledger.jobs.replay(job(1).job_id, ["filesystem"]).verify
+    assert ledger.views.dead_letters() == []
+    assert accept(ledger, claim(ledger), ["filesystem"])
+    assert ledger.views.show_job(job(1).job_id).status == "verified"
+
+
+def test_a_waiting_job_has_nothing_to_replay(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    with pytest.raises(LedgerError, match="is received: it is waiting for verification, nothing to replay"):
         ledger.jobs.replay(job(1).job_id, ["filesystem"])
 
 
 def test_replay_to_a_new_sink_adds_a_delivery(ledger: Ledger) -> None:
     record(ledger, job(1))
-    ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem"])
+    accept(ledger, claim(ledger), ["filesystem"])
     ledger.queue.complete(claim(ledger).tasks[0], "w1")
     ledger.jobs.replay(job(1).job_id, ["http"])
     assert [d.sink for d in deliveries(ledger)] == ["http"]
@@ -263,7 +301,7 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
 ) -> None:
     ledger = postgres_ledger
     record(ledger, job(1))
-    assert ledger.queue.accept(claim(ledger).tasks[0], "w1", ["filesystem", "http"])
+    assert accept(ledger, claim(ledger), ["filesystem", "http"])
     # Two workers hold one delivery each, as SKIP LOCKED gives when they poll at the same instant.
     with ledger.engine.begin() as conn:
         conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow() + timedelta(hours=1)))
@@ -294,3 +332,24 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
 
     assert results == {"A": True, "B": True}
     assert ledger.views.show_job(job(1).job_id).status == "delivered"
+
+
+def test_a_claim_skips_a_row_another_transaction_holds(postgres_ledger: Ledger) -> None:
+    ledger = postgres_ledger
+    record(ledger, job(1), job(2))
+    with ledger.engine.connect() as other:
+        held = other.execute(
+            sa.select(tasks.c.id, tasks.c.job_id).order_by(tasks.c.run_after, tasks.c.id).limit(1).with_for_update()
+        ).one()
+        claimed: list[Claim | None] = []
+        claimer = threading.Thread(target=lambda: claimed.append(ledger.queue.claim("w1", 60)))
+        claimer.start()
+        # A claim that waited on the held row would still be waiting when this transaction ends.
+        claimer.join(timeout=20)
+        finished_while_held = not claimer.is_alive()
+        other.rollback()
+    claimer.join()
+    assert finished_while_held
+    (got,) = claimed
+    assert got is not None
+    assert got.tasks[0].job_id != held.job_id

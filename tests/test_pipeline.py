@@ -27,7 +27,7 @@ def test_round_trip_delivers_identical_bytes_to_every_sink(pipeline: Pipeline, c
 
     expected = pipeline.output_bytes()
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == expected
-    metadata = json.loads((pipeline.sink_dir / f"{job_id}.json").read_text())
+    metadata = json.loads((pipeline.sink_dir / f"{job_id}.event.json").read_text())
     assert metadata["type"] == "job.succeeded"
     assert metadata["job"]["user_data"] == "order-42"
     assert metadata["file"]["size"] == len(expected)
@@ -48,6 +48,20 @@ def test_round_trip_delivers_identical_bytes_to_every_sink(pipeline: Pipeline, c
     ]
 
 
+def test_output_key_ending_in_json_is_delivered_beside_its_metadata(pipeline: Pipeline) -> None:
+    key = "out/denoised.json"
+    job_id = pipeline.submit(pipeline.upload_input(), output_key=key)
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.json"]
+    audio = (pipeline.sink_dir / f"{job_id}.json").read_bytes()
+    assert audio == pipeline.output_bytes(key)
+    metadata = json.loads((pipeline.sink_dir / f"{job_id}.event.json").read_text())
+    assert (metadata["type"], metadata["job"]["output"]["key"]) == ("job.succeeded", key)
+    assert metadata["file"]["size"] == len(audio)
+
+
 def test_duplicate_callback_is_processed_once(pipeline: Pipeline) -> None:
     job_id = pipeline.submit(pipeline.upload_input())
     original = pipeline.sandbox.wait_for_callbacks(1, timeout=20)[0].body
@@ -57,7 +71,7 @@ def test_duplicate_callback_is_processed_once(pipeline: Pipeline) -> None:
 
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
     assert len(pipeline.http.requests) == 1
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json", f"{job_id}.wav"]
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
 
 
 def test_unknown_job_is_rejected_and_never_forwarded(pipeline: Pipeline) -> None:
@@ -99,7 +113,7 @@ def test_failed_job_is_forwarded_as_a_failure_event_without_fetching(pipeline: P
 
     view = pipeline.ledger.views.show_job(job_id)
     assert view.state == "Failed"
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.json"]
+    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json"]
     metadata, audio = multipart_file(pipeline.http.requests[0])
     assert (metadata["type"], metadata["file"], audio) == ("job.failed", None, None)
     assert metadata["job"]["state"] == "Failed"
@@ -142,11 +156,12 @@ def test_permanent_refusal_is_dead_then_replayed(pipeline: Pipeline) -> None:
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
     view = pipeline.ledger.views.show_job(job_id).to_dict()
     assert [(d["sink"], d["status"]) for d in view["deliveries"]] == [("filesystem", "done"), ("http", "dead")]
-    assert view["deliveries"][1]["last_error"].startswith("http: HTTP 400")
+    assert view["deliveries"][1]["last_error"] == "http: HTTP 400 Bad Request (refused permanently)"
+    assert view["reason"] == "dead deliveries: http: HTTP 400 Bad Request (refused permanently)"
     assert (pipeline.sink_dir / f"{job_id}.wav").exists()
 
     pipeline.http.reply(Reply(200))
-    assert pipeline.ledger.jobs.replay(job_id, ["http"]) == ["http"]
+    assert pipeline.ledger.jobs.replay(job_id, ["http"]).sinks == ("http",)
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
     _, audio = multipart_file(pipeline.http.requests[-1])
     assert audio == pipeline.output_bytes()

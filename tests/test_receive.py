@@ -89,7 +89,7 @@ def test_documented_callback_is_stored_then_answered(
     [row] = callback_rows(ledger)
     assert bytes(row.body) == sample
     assert (row.body_format, row.event_name, row.content_type) == (fmt, "TaskFinish", content_type)
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 1}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 1, "tasks": 1}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -110,7 +110,7 @@ def test_several_jobs_each_get_one_verify_task(ledger: Ledger, base_url: str, fm
     response = post(base_url, body(fmt, [job(), job(OTHER_ID, State="Failed")]))
 
     assert response.json() == answer(JOB_ID, OTHER_ID)
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "tasks": 2}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "job_versions": 2, "tasks": 2}
     for job_id in (JOB_ID, OTHER_ID):
         view = ledger.views.show_job(job_id).to_dict()
         assert view["status"] == "received"
@@ -145,7 +145,7 @@ def test_duplicate_callback_is_answered_200_and_stored_once(
         "duplicate": True,
         "ignored": [],
     }
-    assert row_counts(ledger) == {"callbacks": 2, "jobs": 1, "tasks": 1}
+    assert row_counts(ledger) == {"callbacks": 2, "jobs": 1, "job_versions": 1, "tasks": 1}
     assert [row.body_format for row in callback_rows(ledger)] == [first, second]
     assert [v["status"] for v in ledger.views.show_job(JOB_ID).to_dict()["verify"]] == ["pending"]
 
@@ -161,14 +161,14 @@ def test_callback_with_new_and_repeated_jobs_is_not_a_duplicate(ledger: Ledger, 
         "duplicate": False,
         "ignored": [],
     }
-    assert row_counts(ledger) == {"callbacks": 2, "jobs": 2, "tasks": 2}
+    assert row_counts(ledger) == {"callbacks": 2, "jobs": 2, "job_versions": 2, "tasks": 2}
 
 
 def test_duplicate_job_ids_in_one_callback_store_one_job(ledger: Ledger, base_url: str) -> None:
     response = post(base_url, body("json", [job(), job(State="Failed")]))
 
     assert response.json() == answer(JOB_ID)
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 1}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 1, "tasks": 1}
     assert ledger.views.show_job(JOB_ID).state == "Success"
 
 
@@ -182,7 +182,7 @@ def test_other_tag_is_recorded_as_ignored_without_tasks(ledger: Ledger, base_url
     assert (view["tag"], view["status"]) == ("VoiceSeparate", "ignored")
     assert view["reason"] == "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS"
     assert (view["verify"], view["deliveries"]) == ([], [])
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 0}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 0, "tasks": 0}
 
 
 def test_mixed_tags_forward_only_the_allowed_one(ledger: Ledger, base_url: str) -> None:
@@ -191,7 +191,7 @@ def test_mixed_tags_forward_only_the_allowed_one(ledger: Ledger, base_url: str) 
     assert response.json() == answer(JOB_ID, OTHER_ID, ignored=(OTHER_ID,))
     assert ledger.views.show_job(JOB_ID).status == "received"
     assert ledger.views.show_job(OTHER_ID).status == "ignored"
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "tasks": 1}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 2, "job_versions": 1, "tasks": 1}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -204,7 +204,7 @@ def test_workflow_finish_is_recorded_without_jobs(ledger: Ledger, base_url: str,
     assert response.json() == answer(event="WorkflowFinish")
     [row] = callback_rows(ledger)
     assert (bytes(row.body), row.event_name, row.body_format) == (sent, "WorkflowFinish", fmt)
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 0, "tasks": 0}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 0, "job_versions": 0, "tasks": 0}
 
 
 def test_workflow_finish_with_jobsdetail_records_jobs_as_ignored(ledger: Ledger, base_url: str) -> None:
@@ -213,7 +213,7 @@ def test_workflow_finish_with_jobsdetail_records_jobs_as_ignored(ledger: Ledger,
     assert response.json() == answer(JOB_ID, ignored=(JOB_ID,), event="WorkflowFinish")
     view = ledger.views.show_job(JOB_ID).to_dict()
     assert (view["status"], view["reason"]) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
-    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "tasks": 0}
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 0, "tasks": 0}
 
 
 @pytest.mark.parametrize(
@@ -270,7 +270,7 @@ def test_either_of_two_configured_tokens_is_accepted(ledger: Ledger) -> None:
     assert old.json() == answer(JOB_ID)
     assert new.json() == answer(OTHER_ID)
     assert_error(unknown, 404, "unknown callback URL")
-    assert row_counts(ledger) == {"callbacks": 2, "jobs": 2, "tasks": 2}
+    assert row_counts(ledger) == {"callbacks": 2, "jobs": 2, "job_versions": 2, "tasks": 2}
 
 
 # -- refused requests -------------------------------------------------------------------------------
@@ -384,3 +384,15 @@ def test_metrics_do_not_count_refused_callbacks(base_url: str) -> None:
 
     assert not any(line.startswith("cos_webhook_jobs{") for line in lines)
     assert "cos_webhook_tasks_pending 0" in lines
+
+
+def test_a_ledger_that_cannot_be_written_answers_503_and_keeps_nothing(ledger: Ledger, base_url: str) -> None:
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE job_versions"))  # every callback now fails to commit
+
+    response = post(base_url, body("json", job()))
+
+    assert_error(response, 503, "ledger unavailable, retry later")
+    assert response.headers["Retry-After"] == "30"
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(callbacks)).scalar_one() == 0

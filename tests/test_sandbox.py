@@ -633,3 +633,130 @@ def test_serve_prints_settings_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert process.wait(timeout=10) == 0
     assert f"  WEBHOOK_COS_ENDPOINT=http://127.0.0.1:{port}\n" in banner
     assert (tmp_path / BUCKET).is_dir()
+
+
+# --- the CI job list (DescribeMediaJobs) ---------------------------------------------------
+
+
+def ci_time(seconds_from_now: float) -> str:
+    """A time as DescribeMediaJobs takes it, in UTC (CI writes UTC+8, but any offset is a time)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(time.time() + seconds_from_now))
+
+
+def list_jobs(client: Any, **query: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = client.ci_list_media_jobs(**({"Bucket": BUCKET, "Tag": "NoiseReduction"} | query))
+    return answer
+
+
+def listed_ids(client: Any, **query: Any) -> list[str]:
+    return [detail["JobId"] for detail in list_jobs(client, **query).get("JobsDetail", [])]
+
+
+def pages(client: Any, token: str = "", **query: Any) -> list[list[str]]:
+    """Every page of the listing from ``token`` on, following NextToken until it is empty."""
+    found: list[list[str]] = []
+    while True:
+        answer = list_jobs(client, NextToken=token, **query)
+        found.append([detail["JobId"] for detail in answer.get("JobsDetail", [])])
+        token = answer["NextToken"] or ""
+        if not token:
+            return found
+
+
+def submit_quiet(client: Any, input_key: str, output_key: str) -> str:
+    """Submit a job with no callback; its JobId."""
+    response = client.ci_create_media_jobs(Bucket=BUCKET, Jobs=noise_reduction(input_key, output_key))
+    job_id: str = response["JobsDetail"][0]["JobId"]
+    return job_id
+
+
+def finished_jobs(client: Any, tmp_path: Path, succeeded: int, failed: int = 0) -> list[str]:
+    """Submit that many jobs (the failed ones lack their input), wait until all have finished; their ids in order."""
+    upload_noisy_wav(client, tmp_path, "in.wav", seconds=0.2)
+    ids = [submit_quiet(client, "in.wav", f"out/{n}.wav") for n in range(succeeded)]
+    ids += [submit_quiet(client, "missing.wav", f"out/f{n}.wav") for n in range(failed)]
+    deadline = time.monotonic() + 20
+    while len(listed_ids(client, States="Success,Failed", Size=100)) < len(ids):
+        assert time.monotonic() < deadline, "the jobs did not finish"
+        time.sleep(0.05)
+    return ids
+
+
+def test_list_pages_through_every_job_by_next_token_in_creation_order(client: Any, tmp_path: Path) -> None:
+    ids = finished_jobs(client, tmp_path, 7)
+
+    assert pages(client, Size=3, OrderByTime="Asc") == [ids[0:3], ids[3:6], ids[6:]]
+    assert pages(client, Size=3) == [ids[:3:-1], ids[3:0:-1], ids[:1]]  # Desc, newest first, is the default
+    assert pages(client, Size=7, OrderByTime="Asc") == [ids]
+    assert listed_ids(client) == ids[::-1]  # ten at most by default
+    assert listed_ids(client, Size=5) == ids[:1:-1]
+
+
+def test_list_a_job_submitted_between_pages_neither_shifts_nor_repeats_them(client: Any, tmp_path: Path) -> None:
+    ids = finished_jobs(client, tmp_path, 5)
+    first = list_jobs(client, Size=2)
+
+    newer = submit_quiet(client, "in.wav", "out/newer.wav")
+    rest = pages(client, first["NextToken"], Size=2)
+
+    assert [d["JobId"] for d in first["JobsDetail"]] + [job_id for page in rest for job_id in page] == ids[::-1]
+    assert listed_ids(client, Size=1) == [newer]
+
+
+def test_list_filters_by_state_tag_queue_and_creation_time(client: Any, tmp_path: Path) -> None:
+    ids = finished_jobs(client, tmp_path, 3, failed=1)
+    succeeded, failed = ids[:3], ids[3:]
+    queue_id = client.ci_get_media_jobs(Bucket=BUCKET, JobIDs=ids[0])["JobsDetail"][0]["QueueId"]
+
+    assert listed_ids(client, States="Success", OrderByTime="Asc") == succeeded
+    assert listed_ids(client, States="Failed") == failed
+    assert listed_ids(client, States="Success,Failed,Cancel", OrderByTime="Asc") == ids
+    assert listed_ids(client, States="Submitted,Running") == []
+    assert listed_ids(client, Tag="VoiceSeparate") == []
+    assert listed_ids(client, QueueId=queue_id, OrderByTime="Asc") == ids
+    assert listed_ids(client, QueueId="p" + "0" * 32) == []
+    assert listed_ids(client, StartCreationTime=ci_time(-300), OrderByTime="Asc") == ids
+    assert listed_ids(client, StartCreationTime=ci_time(-300), EndCreationTime=ci_time(300), OrderByTime="Asc") == ids
+    assert listed_ids(client, StartCreationTime=ci_time(300)) == []
+    assert listed_ids(client, EndCreationTime=ci_time(-300)) == []
+    assert list_jobs(client, Bucket=OTHER_BUCKET) == {"NextToken": None}
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ({"Size": 101}, "size must be a whole number from 1 to 100"),
+        ({"Size": 0}, "size must be"),
+        ({"States": "Success,Done"}, "'Done': not a job state"),
+        ({"StartCreationTime": "2024-05-01 10:00:00"}, "startCreationTime must be written like"),
+        ({"EndCreationTime": "2024-05-01T10:00:00Z"}, "endCreationTime must be written like"),
+        ({"StartCreationTime": "2024-13-01T10:00:00+0800"}, "is not a valid time"),
+        ({"OrderByTime": "Sideways"}, "orderByTime must be Desc or Asc"),
+        ({"NextToken": "not-a-token"}, "nextToken is not one this API returned"),
+        ({"NextToken": "000000ff"}, "nextToken is not one this API returned"),
+        ({"Tag": ""}, "tag is required"),
+    ],
+)
+def test_list_refuses_a_bad_query_with_invalid_argument(client: Any, query: dict[str, Any], says: str) -> None:
+    error = service_error(list_jobs, client=client, **query)
+
+    assert (error.get_status_code(), error.get_error_code()) == (400, "InvalidArgument")
+    assert says in error.get_error_msg()
+
+
+def test_list_is_signature_checked_and_can_be_faulted(sandbox: Sandbox, client: Any) -> None:
+    wrong_key = make_client(sandbox.secret_id, "not-the-key", REGION, sandbox.endpoint)
+    error = service_error(list_jobs, client=wrong_key)
+    assert (error.get_status_code(), error.get_error_code()) == (403, "SignatureDoesNotMatch")
+
+    sandbox.faults.add(Fault(kind="CI list", status=429, times=1))  # not a 5xx, which the SDK would retry
+    assert service_error(list_jobs, client=client).get_error_code() == "TooManyRequests"
+    assert listed_ids(client) == []
+
+
+@pytest.mark.slow  # the SDK retries a 501 after a second
+def test_list_refuses_an_unsupported_parameter_rather_than_ignore_it(client: Any) -> None:
+    # The SDK sends its response* keyword arguments as URL parameters.
+    error = service_error(list_jobs, client=client, ResponseContentType="text/plain")
+
+    assert (error.get_status_code(), error.get_error_code()) == (501, "NotImplemented")

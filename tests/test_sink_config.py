@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.pipeline import Pipeline, settings_env
 from support.receiver import Receiver, Reply
 
 from webhook.cli import main
 from webhook.config import Settings
 from webhook.errors import ConfigError
+from webhook.events import build_event
 from webhook.models import Job
 from webhook.sinks.config import build_sinks
 from webhook.worker import Worker
@@ -109,16 +112,27 @@ def test_environment_and_file_sinks_together(tmp_path: Path) -> None:
 
 
 def test_secret_comes_from_the_named_variable(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        '[[sinks]]\nname = "hook"\ntype = "http"\n'
-        'options = {url = "http://127.0.0.1:9/", secret_env = "HOOK_SECRET"}\n',
-    )
-    specs = Settings(config_path=str(path)).sink_specs()
-    with pytest.raises(ConfigError, match=r"^sink hook: environment variable HOOK_SECRET is not set$"):
-        build_sinks(specs, Settings().build_context({}))
-    sinks = build_sinks(specs, Settings().build_context({"HOOK_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="}))
-    assert sinks["hook"].name == "hook"
+    secret = "whsec_" + base64.b64encode(b"the hook's own signing key").decode()
+    with Receiver() as receiver:
+        path = write(
+            tmp_path,
+            '[[sinks]]\nname = "hook"\ntype = "http"\n'
+            f'options = {{url = "{receiver.url}", secret_env = "HOOK_SECRET"}}\n',
+        )
+        specs = Settings(config_path=str(path)).sink_specs()
+        with pytest.raises(ConfigError, match=r"^sink hook: environment variable HOOK_SECRET is not set$"):
+            build_sinks(specs, Settings().build_context({}))
+        context = Settings(http_sink_secret="whsec_b3RoZXI=").build_context({"HOOK_SECRET": secret})
+        hook = build_sinks(specs, context)["hook"]
+        failed = Job(job_id="j1", tag="NoiseReduction", state="Failed")
+        hook.deliver(build_event(failed, "hook", None))
+        hook.close()
+    (request,) = receiver.requests
+    assert request.body is not None
+    # Signed with the named variable's key, not with the service's own WEBHOOK_HTTP_SINK_SECRET.
+    Webhook(secret).verify(request.body, request.headers, json_parse=False)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_b3RoZXI=").verify(request.body, request.headers, json_parse=False)
 
 
 def test_missing_extra_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,7 +171,7 @@ def test_filters_choose_the_sinks_of_each_job(pipeline: Pipeline, tmp_path: Path
         job: [d["sink"] for d in pipeline.ledger.views.show_job(job).to_dict()["deliveries"]] for job in (ok, broken)
     }
     assert sinks_of == {ok: ["filesystem", "http"], broken: ["failures", "filesystem", "http"]}
-    assert sorted(p.name for p in failures.iterdir()) == [f"{broken}.json"]
+    assert sorted(p.name for p in failures.iterdir()) == [f"{broken}.event.json"]
 
 
 def test_each_sink_has_its_own_retry_budget(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -174,6 +188,7 @@ def test_each_sink_has_its_own_retry_budget(pipeline: Pipeline, tmp_path: Path) 
     deliveries = {d["sink"]: d for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]}
     assert (deliveries["impatient"]["status"], deliveries["impatient"]["attempts"]) == ("dead", 2)
     assert deliveries["impatient"]["last_error"].startswith("impatient: HTTP 503")
+    assert deliveries["impatient"]["last_error"].endswith(" (ran out of 2 attempts)")
     # The job's other sinks are delivered regardless.
     assert (deliveries["http"]["status"], deliveries["filesystem"]["status"]) == ("done", "done")
 
@@ -240,7 +255,7 @@ def test_dead_letters_listed_and_replayed(pipeline: Pipeline) -> None:
     pipeline.http.reply(Reply(200))
     replayed = CliRunner().invoke(main, ["replay", "--dead", "--sink", "http", "--since", "1d"], env=env)
     assert replayed.exit_code == 0, replayed.output
-    assert replayed.output.endswith("3 dead deliveries scheduled again\n")
+    assert replayed.output.endswith("3 dead letters scheduled again\n")
     for job_id in jobs:
         assert pipeline.drain(worker, job_id, DONE) == "delivered"
     assert CliRunner().invoke(main, ["dead", "list"], env=env).output.splitlines()[1:] == []
@@ -249,7 +264,7 @@ def test_dead_letters_listed_and_replayed(pipeline: Pipeline) -> None:
 def test_replay_needs_a_job_or_dead(pipeline: Pipeline) -> None:
     result = CliRunner().invoke(main, ["replay"], env=settings_env(pipeline.settings))
     assert result.exit_code == 2
-    assert "give either a JOB_ID or --dead" in result.output
+    assert "give a JOB_ID, --dead or --rejected" in result.output
 
 
 def test_bad_since(pipeline: Pipeline) -> None:

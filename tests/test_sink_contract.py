@@ -82,7 +82,7 @@ class Harness:
     def expected(self, event: Event) -> Arrival:
         """What the server holds once ``event`` was delivered (a storage sink's default)."""
         job_id = event.job.job_id
-        return Arrival(event_document(event), AUDIO, (f"{job_id}.json", f"{job_id}.wav"))
+        return Arrival(event_document(event), AUDIO, (f"{job_id}.event.json", f"{job_id}.wav"))
 
     def arrivals(self) -> list[Arrival]:
         raise NotImplementedError
@@ -100,11 +100,11 @@ class Harness:
 
 
 def stored(names: Iterable[str], read: Callable[[str], bytes], prefix: str = "") -> list[Arrival]:
-    """A storage sink's arrivals: ``<job>.json`` and ``<job>.<ext>`` under ``prefix``; a stray stands alone."""
+    """A storage sink's arrivals: ``<job>.event.json`` and ``<job>.<ext>`` under ``prefix``; a stray stands alone."""
     objects = {name.removeprefix(prefix): read(name) for name in names}
     arrivals, claimed = [], set()
-    for name in sorted(n for n in objects if n.endswith(".json")):
-        job_id = name.removesuffix(".json")
+    for name in sorted(n for n in objects if n.endswith(".event.json")):
+        job_id = name.removesuffix(".event.json")
         group = tuple(sorted(n for n in objects if n.split(".", 1)[0] == job_id))
         audio = [objects[n] for n in group if n != name]
         arrivals.append(Arrival(json.loads(objects[name]), audio[0] if len(audio) == 1 else None, group))

@@ -29,7 +29,7 @@ REGION, OTHER_REGION = "ap-guangzhou", "ap-shanghai"
 OUTPUT_KEY = "out/meeting.wav"
 AUDIO = bytes(range(256)) * 4096 + b"tail"
 USER_DATA = "订单 42 / ok?"  # non-ASCII, a space and punctuation: all must survive the header
-AUDIO_KEY, JSON_KEY = "denoised/j1.wav", "denoised/j1.json"
+AUDIO_KEY, JSON_KEY = "denoised/j1.wav", "denoised/j1.event.json"
 
 
 def make_sink(sandbox: Sandbox, secret_key: str | None = None, **options: Any) -> CosSink:
@@ -42,16 +42,18 @@ def make_sink(sandbox: Sandbox, secret_key: str | None = None, **options: Any) -
     )
 
 
-def succeeded(sandbox: Sandbox, tmp_path: Path, *, downloaded: bool, crc64: str | None = None) -> Event:
+def succeeded(
+    sandbox: Sandbox, tmp_path: Path, *, downloaded: bool, crc64: str | None = None, output_key: str = OUTPUT_KEY
+) -> Event:
     """A succeeded job whose output is in the sandbox; its file downloaded to disk or only described."""
-    sandbox.client(REGION).put_object(Bucket=SOURCE, Key=OUTPUT_KEY, Body=AUDIO, ContentType="audio/wav")
+    sandbox.client(REGION).put_object(Bucket=SOURCE, Key=output_key, Body=AUDIO, ContentType="audio/wav")
     path = tmp_path / "download.part"
     path.write_bytes(AUDIO)
     job = Job(
         job_id="j1",
         tag="NoiseReduction",
         state="Success",
-        output=ObjectLocation(SOURCE, REGION, OUTPUT_KEY),
+        output=ObjectLocation(SOURCE, REGION, output_key),
         user_data=USER_DATA,
     )
     crc = crc64 or str(crc64ecma(AUDIO))
@@ -124,6 +126,26 @@ def test_same_region_is_copied_by_cos_without_the_bytes(
     assert (headers["x-cos-meta-job-id"], headers["x-cos-meta-event-id"]) == ("j1", event.event_id)
     assert unquote(headers["x-cos-meta-user-data"]) == USER_DATA
     assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event)
+
+
+@pytest.mark.parametrize(("downloaded", "verb"), [(True, "put"), (False, "copy")], ids=["upload", "copy"])
+def test_output_key_ending_in_json_keeps_audio_and_document_apart(
+    sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture, downloaded: bool, verb: str
+) -> None:
+    sink = make_sink(sandbox, server_side_copy=not downloaded)
+    event = succeeded(sandbox, tmp_path, downloaded=downloaded, output_key="out/meeting.json")
+    caplog.clear()  # only the sink's own writes from here
+
+    sink.deliver(event)
+
+    assert writes(caplog) == [(verb, "denoised/j1.json"), ("put", JSON_KEY)]
+    audio, headers = read(sandbox, "denoised/j1.json")
+    assert audio == sandbox.object_path(SOURCE, "out/meeting.json").read_bytes()
+    assert headers["Content-Type"] == "audio/wav"
+    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event)
+    location = sink.location(event.job)
+    assert location is not None
+    assert location.key == "denoised/j1.json"
 
 
 def test_failed_job_gets_only_the_json(sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
@@ -289,5 +311,5 @@ def test_callback_through_the_worker_to_the_bucket(
     audio, headers = read(pipeline.sandbox, f"denoised/{job_id}.wav")
     assert audio == pipeline.output_bytes()
     assert headers["x-cos-meta-job-id"] == job_id
-    document = json.loads(read(pipeline.sandbox, f"denoised/{job_id}.json")[0])
+    document = json.loads(read(pipeline.sandbox, f"denoised/{job_id}.event.json")[0])
     assert (document["type"], document["file"]["size"]) == ("job.succeeded", len(audio))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,9 @@ def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
     event = make_event(tmp_path)
     sink: Sink = FilesystemSink(root)
     sink.deliver(event)
-    assert sorted(os.listdir(root)) == ["job-1.json", "job-1.wav"]  # no temporary files left behind
+    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]  # no temporary files left behind
     assert (root / "job-1.wav").read_bytes() == AUDIO
-    assert json.loads((root / "job-1.json").read_text()) == event_document(event)
+    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
 
 
 def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
@@ -49,7 +50,7 @@ def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
     sink.deliver(make_event(tmp_path, content=b"first"))
     sink.deliver(make_event(tmp_path))
     sink.deliver(make_event(tmp_path))
-    assert sorted(os.listdir(root)) == ["job-1.json", "job-1.wav"]
+    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO
 
 
@@ -57,8 +58,8 @@ def test_failed_job_writes_only_metadata(root: Path) -> None:
     job = Job(job_id="job-2", tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
     event = Event(event_id="evt_failed", type="job.failed", job=job)
     FilesystemSink(root).deliver(event)
-    assert os.listdir(root) == ["job-2.json"]
-    assert json.loads((root / "job-2.json").read_text())["job"]["message"] == "bad audio"
+    assert os.listdir(root) == ["job-2.event.json"]
+    assert json.loads((root / "job-2.event.json").read_text())["job"]["message"] == "bad audio"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,26 @@ def test_failed_job_writes_only_metadata(root: Path) -> None:
 )
 def test_extension_comes_from_the_key_sanitized(tmp_path: Path, root: Path, key: str, name: str) -> None:
     FilesystemSink(root).deliver(make_event(tmp_path, key=key))
-    assert sorted(os.listdir(root)) == sorted([name, "job-1.json"])
+    assert sorted(os.listdir(root)) == sorted([name, "job-1.event.json"])
+
+
+@pytest.mark.parametrize(
+    ("key", "audio"),
+    [
+        ("out/denoised.json", "job-1.json"),
+        ("out/denoised.JSON", "job-1.JSON"),
+        ("out/denoised.event", "job-1.event"),
+        ("out/denoised.event.json", "job-1.json"),
+    ],
+)
+def test_audio_named_like_metadata_is_kept_apart_from_it(tmp_path: Path, root: Path, key: str, audio: str) -> None:
+    event = make_event(tmp_path, key=key)
+    sink = FilesystemSink(root)
+    sink.deliver(event)
+    assert sorted(os.listdir(root)) == sorted([audio, "job-1.event.json"])
+    assert (root / audio).read_bytes() == AUDIO
+    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
+    assert sink.location(event.job).path == str(root.resolve() / audio)
 
 
 @pytest.mark.parametrize(
@@ -139,4 +159,43 @@ def test_temporary_file_left_by_a_killed_worker_is_cleared_on_retry(tmp_path: Pa
 
     FilesystemSink(root).deliver(build_event(job, "filesystem", fetched))
 
-    assert sorted(p.name for p in root.iterdir()) == ["job-1.json", "job-1.wav"]
+    assert sorted(p.name for p in root.iterdir()) == ["job-1.event.json", "job-1.wav"]
+
+
+@pytest.mark.slow  # 200 deliveries of 1 MiB, each fsynced
+def test_a_reader_never_sees_a_final_name_before_its_file_is_complete(tmp_path: Path, root: Path) -> None:
+    """What the docstring promises readers: a final name holds a whole file, and once
+    ``<job_id>.event.json`` exists the audio beside it is complete."""
+    sink = FilesystemSink(root)
+    root.mkdir(parents=True)
+    done = threading.Event()
+    seen: list[tuple[str, int]] = []
+    wrong: list[str] = []
+
+    def read_along() -> None:
+        while not done.is_set():
+            for entry in os.scandir(root):
+                if entry.name.startswith("."):
+                    continue  # temporary files: not promised to anyone
+                try:
+                    data = Path(entry.path).read_bytes()
+                except FileNotFoundError:
+                    continue
+                if entry.name.endswith(".event.json"):
+                    audio = root / entry.name.replace(".event.json", ".wav")
+                    if json.loads(data)["file"]["size"] != len(audio.read_bytes()):
+                        wrong.append(f"{entry.name} before its audio was whole")
+                elif data != AUDIO:
+                    wrong.append(f"{entry.name} with {len(data)} of {len(AUDIO)} bytes")
+                seen.append((entry.name, len(data)))
+
+    reader = threading.Thread(target=read_along)
+    reader.start()
+    try:
+        for n in range(200):
+            sink.deliver(make_event(tmp_path, job_id=f"job-{n}"))
+    finally:
+        done.set()
+        reader.join()
+    assert wrong == []
+    assert len({name for name, _ in seen}) > 50  # the reader really read along, not only at the end

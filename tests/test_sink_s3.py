@@ -122,26 +122,42 @@ def test_uploads_audio_then_metadata(tmp_path: Path, sink: S3Sink, client: Any, 
     )
     sink.deliver(event)
 
-    assert keys(client, bucket) == ["denoised/job-1.json", "denoised/job-1.wav"]
+    assert keys(client, bucket) == ["denoised/job-1.event.json", "denoised/job-1.wav"]
     audio = client.get_object(Bucket=bucket, Key="denoised/job-1.wav")
     assert audio["Body"].read() == AUDIO
     assert audio["ContentType"] == "audio/wav"
     assert audio["Metadata"] == {"job-id": "job-1", "event-id": event.event_id, "user-data": "order-42"}
-    document = client.get_object(Bucket=bucket, Key="denoised/job-1.json")
+    document = client.get_object(Bucket=bucket, Key="denoised/job-1.event.json")
     assert document["ContentType"] == "application/json"
     assert json.loads(document["Body"].read()) == event_document(event)
     # The JSON is written last, after the audio's size was checked: its presence means the audio is complete.
     assert calls == [
         ("PutObject", "denoised/job-1.wav"),
         ("HeadObject", "denoised/job-1.wav"),
-        ("PutObject", "denoised/job-1.json"),
+        ("PutObject", "denoised/job-1.event.json"),
     ]
 
 
 def test_extension_comes_from_the_output_key(tmp_path: Path, sink: S3Sink, client: Any, bucket: str) -> None:
     sink.deliver(succeeded(tmp_path, key="out/meeting.denoised.mp3"))
     sink.deliver(succeeded(tmp_path, key="out/no-extension"))
-    assert keys(client, bucket) == ["denoised/job-1.bin", "denoised/job-1.json", "denoised/job-1.mp3"]
+    assert keys(client, bucket) == ["denoised/job-1.bin", "denoised/job-1.event.json", "denoised/job-1.mp3"]
+
+
+def test_output_key_ending_in_json_keeps_audio_and_document_apart(
+    tmp_path: Path, sink: S3Sink, client: Any, bucket: str
+) -> None:
+    event = succeeded(tmp_path, key="out/denoised.json")
+    sink.deliver(event)
+    assert keys(client, bucket) == ["denoised/job-1.event.json", "denoised/job-1.json"]
+    audio = client.get_object(Bucket=bucket, Key="denoised/job-1.json")
+    assert audio["Body"].read() == AUDIO
+    assert audio["ContentType"] == "audio/wav"
+    document = client.get_object(Bucket=bucket, Key="denoised/job-1.event.json")["Body"].read()
+    assert json.loads(document) == event_document(event)
+    location = sink.location(event.job)
+    assert location is not None
+    assert location.key == "denoised/job-1.json"
 
 
 def test_non_ascii_user_data_is_percent_encoded(tmp_path: Path, sink: S3Sink, client: Any, bucket: str) -> None:
@@ -157,7 +173,7 @@ def test_user_data_too_long_for_metadata_is_left_to_the_json(
 ) -> None:
     sink.deliver(succeeded(tmp_path, user_data="数据" * 200))  # 2 400 characters once encoded
     assert "user-data" not in client.head_object(Bucket=bucket, Key="denoised/job-1.wav")["Metadata"]
-    document = json.loads(client.get_object(Bucket=bucket, Key="denoised/job-1.json")["Body"].read())
+    document = json.loads(client.get_object(Bucket=bucket, Key="denoised/job-1.event.json")["Body"].read())
     assert document["job"]["user_data"] == "数据" * 200
 
 
@@ -187,8 +203,8 @@ def test_large_file_goes_multipart_with_flat_memory(tmp_path: Path, moto: MotoSe
 def test_failed_job_writes_only_metadata(sink: S3Sink, client: Any, bucket: str) -> None:
     event = failed()
     sink.deliver(event)
-    assert keys(client, bucket) == ["denoised/job-2.json"]
-    document = json.loads(client.get_object(Bucket=bucket, Key="denoised/job-2.json")["Body"].read())
+    assert keys(client, bucket) == ["denoised/job-2.event.json"]
+    document = json.loads(client.get_object(Bucket=bucket, Key="denoised/job-2.event.json")["Body"].read())
     assert document == event_document(event)
     assert document["file"] is None
 
@@ -197,7 +213,7 @@ def test_redelivery_overwrites_the_same_keys(tmp_path: Path, sink: S3Sink, clien
     sink.deliver(succeeded(tmp_path, b"first attempt"))
     sink.deliver(succeeded(tmp_path))
     sink.deliver(succeeded(tmp_path))
-    assert keys(client, bucket) == ["denoised/job-1.json", "denoised/job-1.wav"]
+    assert keys(client, bucket) == ["denoised/job-1.event.json", "denoised/job-1.wav"]
     assert client.get_object(Bucket=bucket, Key="denoised/job-1.wav")["Body"].read() == AUDIO
 
 
@@ -211,7 +227,7 @@ def test_size_mismatch_is_retryable_and_writes_no_json(tmp_path: Path, sink: S3S
         sink.deliver(event)
     assert not caught.value.permanent
     assert f"holds 1000 bytes, expected {len(AUDIO)}" in caught.value.message
-    assert "denoised/job-1.json" not in keys(client, bucket)
+    assert "denoised/job-1.event.json" not in keys(client, bucket)
 
 
 def test_missing_bucket_is_permanent(tmp_path: Path, moto: MotoServer) -> None:
@@ -353,7 +369,7 @@ def test_callback_to_s3_end_to_end(
     assert audio["Body"].read() == expected
     assert audio["Metadata"]["event-id"] == event_id(job_id, "archive")
     assert unquote(audio["Metadata"]["user-data"]) == "订单-42"
-    document = json.loads(client.get_object(Bucket=bucket, Key=f"denoised/{job_id}.json")["Body"].read())
+    document = json.loads(client.get_object(Bucket=bucket, Key=f"denoised/{job_id}.event.json")["Body"].read())
     assert document["event_id"] == event_id(job_id, "archive")
     assert document["job"]["user_data"] == "订单-42"
     assert document["file"]["size"] == len(expected)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+import sqlalchemy.engine
+import sqlalchemy.exc
 
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.ledger import JobView, Ledger, LedgerError, utcnow
-from webhook.logs import setup_logging
+from webhook.ledger import DeadLetter, JobView, Ledger, LedgerError, utcnow
+from webhook.logs import escape, setup_logging
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import SinkSpec, build_sinks
 
@@ -31,6 +34,7 @@ def _ledger(settings: Settings) -> Ledger:
     return ledger
 
 
+Row = TypeVar("Row")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -48,7 +52,20 @@ def _since(_ctx: click.Context, _param: click.Parameter, value: str | None) -> d
     return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command: a ledger that cannot be reached is one line naming it, exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            url = sqlalchemy.engine.make_url(Settings.from_env().database_url)
+            where = url.render_as_string(hide_password=True)
+            click.echo(f"Error: the ledger at {where} is unreachable ({type(exc).__name__})", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="cos-webhook")
 def main() -> None:
     """Receive, verify, fetch and forward Tencent Cloud Infinite noise-reduction results."""
@@ -124,17 +141,16 @@ def jobs() -> None:
 @click.option("--limit", default=50, show_default=True)
 def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
     """List the most recent jobs."""
-    views = _ledger(_settings()).views.list_jobs(limit=limit, status=status)
-    if as_json:
-        for view in views:
-            click.echo(json.dumps(_summary(view)))
-        return
-    click.echo(f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON")
-    for view in views:
-        updated = view.updated_at.strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(
-            f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} {updated:<20} {view.reason}"
-        )
+    _print_rows(
+        _ledger(_settings()).views.list_jobs(limit=limit, status=status),
+        as_json,
+        _summary,
+        f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON",
+        lambda view: (
+            f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} "
+            f"{view.updated_at:%Y-%m-%d %H:%M:%S}  {view.reason}"
+        ),
+    )
 
 
 @jobs.command("show")
@@ -151,66 +167,109 @@ def jobs_show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     for key in ("job_id", "tag", "event_name", "state", "status", "reason", "created_at", "updated_at"):
-        click.echo(f"{key + ':':<12} {data[key]}")
-    output = view.job.output
-    if output is not None:
-        click.echo(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+        _echo_text(f"{key + ':':<12} {data[key]}")
+    if view.job is None:
+        _echo_text(f"{'detail:':<12} {view.unreadable}")
+    elif (output := view.job.output) is not None:
+        _echo_text(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+    for version in data["callbacks"]:
+        outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
+        _echo_text(f"{'callback:':<12} #{version['callback_id']} at {version['received_at']}: {outcome}")
     for step in data["verify"]:
-        click.echo(f"{'verify:':<12} {_step(step)}")
+        _echo_text(f"{'verify:':<12} {_step(step)}")
     for delivery in data["deliveries"]:
-        click.echo(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
+        _echo_text(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
 
 
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every sink that takes it.")
-@click.option("--dead", is_flag=True, help="Replay every dead delivery (optionally of --sink, since --since).")
-@click.option("--since", callback=_since, help="With --dead: only those that died after this (2h, 3d, ISO time).")
-def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, since: datetime | None) -> None:
-    """Deliver a verified job again, or every dead delivery with --dead."""
+@click.option("--dead", is_flag=True, help="Replay every dead letter: verify again, or deliver again to its sink.")
+@click.option("--rejected", is_flag=True, help="Verify every rejected job again.")
+@click.option("--since", callback=_since, help="With --dead or --rejected: only those since then (2h, 3d, ISO time).")
+def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: bool, since: datetime | None) -> None:
+    """Give a job another chance: verify it again if it was rejected or its verification died,
+    else deliver it again; or do so for every dead letter (--dead) or rejected job (--rejected)."""
     settings = _settings()
     specs = _specs(settings)
     unknown = [s for s in sinks if s not in specs]
     if unknown:
         raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(specs) or 'none'}")
-    if dead == bool(job_id):
-        raise click.UsageError("give either a JOB_ID or --dead")
+    if [bool(job_id), dead, rejected].count(True) != 1:
+        raise click.UsageError("give a JOB_ID, --dead or --rejected")
     ledger = _ledger(settings)
     if job_id:
         try:
-            wanted = sinks or tuple(n for n, spec in specs.items() if spec.accepts(ledger.views.show_job(job_id).job))
-            scheduled = ledger.jobs.replay(job_id, wanted)
+            job = ledger.views.show_job(job_id).job
+            wanted = sinks or tuple(n for n, spec in specs.items() if job is not None and spec.accepts(job))
+            replayed = ledger.jobs.replay(job_id, wanted)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(f"replay of {job_id} scheduled for: {', '.join(scheduled) or 'no sink'}")
+        if replayed.verify:
+            click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
+        else:
+            click.echo(f"replay of {job_id} scheduled for: {', '.join(replayed.sinks) or 'no sink'}")
         return
-    letters = [d for d in ledger.views.dead_deliveries(since=since) if not sinks or d.sink in sinks]
-    with click.progressbar(letters, label="replaying dead deliveries", show_pos=True, file=sys.stderr) as bar:
-        for letter in bar:
-            ledger.jobs.replay(letter.job_id, [letter.sink])
-    click.echo(f"{len(letters)} dead deliveries scheduled again")
+    if dead:
+        letters = [d for d in ledger.views.dead_letters(since=since) if not sinks or d.sink in sinks]
+        todo = [(letter.job_id, [letter.sink] if letter.sink else []) for letter in letters]
+        what = "dead letters"
+    else:
+        todo = [(rejected_id, []) for rejected_id in ledger.views.rejected_jobs(since=since)]
+        what = "rejected jobs"
+    with click.progressbar(todo, label=f"replaying {what}", show_pos=True, file=sys.stderr) as bar:
+        for replay_id, replay_sinks in bar:
+            ledger.jobs.replay(replay_id, replay_sinks)
+    click.echo(f"{len(todo)} {what} scheduled again")
+
+
+@main.command()
+@click.option("--since", default="24h", show_default=True, callback=_since, help="Jobs created since (2h, ISO time).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def reconcile(since: datetime, as_json: bool) -> None:
+    """Find finished jobs whose callback never came (CI's job list) and record them for the worker."""
+    from webhook.reconcile import ReconcileError
+    from webhook.reconcile import reconcile as run_reconcile
+
+    settings = _settings()
+    try:
+        settings.check_worker()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    try:
+        summary = run_reconcile(settings, _ledger(settings), since)
+    except ReconcileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    for bucket in summary.buckets:
+        for job_id in bucket.recorded:
+            _echo_text(f"recorded {job_id} ({bucket.bucket})")
+    _echo_text(summary.line())
 
 
 @main.group()
 def dead() -> None:
-    """Dead letters: deliveries that ran out of attempts."""
+    """Dead letters: verifications and deliveries that ran out of attempts or were refused for good."""
 
 
 @dead.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-@click.option("--sink", help="Only this sink.")
-@click.option("--since", callback=_since, help="Only deliveries that died after this (2h, 3d, or ISO time).")
+@click.option("--sink", help="Only this sink's deliveries.")
+@click.option("--since", callback=_since, help="Only those that died after this (2h, 3d, or ISO time).")
 def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
-    """List dead deliveries with their last error."""
-    letters = _ledger(_settings()).views.dead_deliveries(sink=sink, since=since)
-    if as_json:
-        for letter in letters:
-            click.echo(json.dumps(letter.to_dict()))
-        return
-    click.echo(f"{'JOB ID':<36} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR")
-    for letter in letters:
-        since_text = letter.dead_at.strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{letter.job_id:<36} {letter.sink:<16} {letter.attempts:>8} {since_text:<20} {letter.last_error}")
+    """List dead verifications and deliveries with their last error."""
+    _print_rows(
+        _ledger(_settings()).views.dead_letters(sink=sink, since=since),
+        as_json,
+        DeadLetter.to_dict,
+        f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
+        lambda letter: (
+            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts:>8} "
+            f"{letter.dead_at:%Y-%m-%d %H:%M:%S}  {letter.last_error}"
+        ),
+    )
 
 
 @main.command()
@@ -254,9 +313,32 @@ def _specs(settings: Settings) -> dict[str, SinkSpec]:
     return {spec.name: spec for spec in settings.sink_specs()}
 
 
+def _print_rows(
+    rows: Sequence[Row],
+    as_json: bool,
+    as_dict: Callable[[Row], dict[str, Any]],
+    header: str,
+    line: Callable[[Row], str],
+) -> None:
+    """JSON lines, or a table: the header, then one escaped line per row."""
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(as_dict(row)))
+        return
+    click.echo(header)
+    for row in rows:
+        _echo_text(line(row))
+
+
 def _summary(view: JobView) -> dict[str, Any]:
     data = view.to_dict()
     return {k: data[k] for k in ("job_id", "tag", "state", "status", "reason", "created_at", "updated_at")}
+
+
+def _echo_text(line: str) -> None:
+    # Ledger values come from callbacks and remote answers: with their control characters escaped
+    # they cannot add a line, move the cursor or recolour the terminal (--json escapes them itself).
+    click.echo(escape(line))
 
 
 def _step(step: dict[str, Any]) -> str:

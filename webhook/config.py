@@ -24,6 +24,8 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -63,8 +65,12 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_MAX_ATTEMPTS": ("retry", "max_attempts"),
     "WEBHOOK_BACKOFF_BASE": ("retry", "backoff_base"),
     "WEBHOOK_BACKOFF_CAP": ("retry", "backoff_cap"),
+    "WEBHOOK_VERIFY_MAX_AGE": ("verify_retry", "max_age"),
+    "WEBHOOK_VERIFY_BACKOFF_CAP": ("verify_retry", "backoff_cap"),
     "WEBHOOK_LEASE_SECONDS": ("lease_seconds",),
     "WEBHOOK_POLL_INTERVAL": ("poll_interval",),
+    "WEBHOOK_RECONCILE_QUEUE_IDS": ("reconcile_queue_ids",),
+    "WEBHOOK_RECONCILE_INTERVAL": ("reconcile_interval",),
     "WEBHOOK_RUN_WORKER": ("run_worker_in_web",),
     "WEBHOOK_TEMP_DIR": ("temp_dir",),
     "WEBHOOK_LOG_LEVEL": ("log_level",),
@@ -168,9 +174,13 @@ class Settings(BaseSettings):
     # X-Forwarded-For hops set by proxies in front (the PaaS router).
     trusted_proxies: Annotated[NonNegativeInt, BeforeValidator(_count)] = 0
     retry: RetryPolicy = RetryPolicy()
-    verify_retry: RetryPolicy = RetryPolicy(max_attempts=30, backoff_base=5.0, backoff_cap=300.0)
+    # CI outages and jobs CI still reports running: checked at least every 10 min for a day.
+    verify_retry: RetryPolicy = RetryPolicy(max_attempts=1000, backoff_base=5.0, backoff_cap=600.0, max_age=86400.0)
     lease_seconds: PositiveFloat = 300.0
     poll_interval: PositiveFloat = 1.0
+    # The CI queues reconcile lists jobs of; empty: every queue.
+    reconcile_queue_ids: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    reconcile_interval: PositiveFloat = 600.0  # seconds between a worker's reconcile runs
     run_worker_in_web: Annotated[bool, BeforeValidator(_flag)] = False
     temp_dir: str = ""
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_level)] = "INFO"
@@ -203,6 +213,15 @@ class Settings(BaseSettings):
         environ = _ENVIRON.get() or {}
         assert isinstance(init_settings, InitSettingsSource)
         return init_settings, _EnvironSource(settings_cls, environ), _SinkFile(settings_cls, init_settings, environ)
+
+    @field_validator("retry", "verify_retry", mode="before")
+    @classmethod
+    def _over_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """A policy set in part (one variable) keeps the default's other fields."""
+        if isinstance(value, dict) and info.field_name is not None:
+            default = cls.model_fields[info.field_name].default
+            return default.model_dump() | value
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from qcloud_cos import CosConfig, CosS3Client
+from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,35 @@ def make_client(
             Timeout=timeout,
         )
     return CosS3Client(config, retry=1)
+
+
+def service_error(exc: CosServiceError) -> tuple[str, str]:
+    """What COS or CI answered, on one line: (``403 SignatureDoesNotMatch``, ``<message> (request_id=<id>)``).
+
+    The SDK keeps the whole multi-line XML error body; its code, message and request id (the one
+    Tencent's support asks for) are what an operator needs.
+    """
+    digest = exc.get_digest_msg()
+    if isinstance(digest, Mapping):  # the parsed <Error>, or for a HEAD (no body) the headers
+        fields = [digest.get("code"), digest.get("message"), digest.get("requestid") or digest.get("x-cos-request-id")]
+    else:  # a body the SDK could not digest, e.g. CI's <Response> errors, which have no <Resource>
+        origin = str(exc.get_origin_msg())
+        fields = [_xml_text(origin, name) for name in ("Code", "Message", "RequestId")]
+    code, message, request_id = (_first_line(str(field or "")) for field in fields)
+    detail = " ".join(filter(None, (message, f"(request_id={request_id or 'unknown'})")))
+    return f"{exc.get_status_code()} {code or 'Unknown'}", detail
+
+
+def client_error(exc: CosClientError) -> str:
+    """Why the SDK could not reach COS or CI: the first line of its text (which can hold a whole body)."""
+    return _first_line(str(exc), limit=300)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (text.strip().splitlines() or [""])[0].strip()
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+def _xml_text(body: str, element: str) -> str:
+    found = re.search(rf"<{element}>([^<]*)</{element}>", body)
+    return found.group(1) if found else ""

@@ -80,7 +80,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
             steps.append(("verify with CI, fetch from COS, deliver", time.monotonic() - mark))
 
         view = ledger.views.show_job(job_id)
-        audio, meta = output / f"{job_id}.wav", output / f"{job_id}.json"
+        audio, meta = output / f"{job_id}.wav", output / f"{job_id}.event.json"
         same = audio.exists() and filecmp.cmp(audio, sandbox.object_path(BUCKET, OUTPUT_KEY), shallow=False)
         sandbox.stop()
         ledger.dispose()

@@ -92,5 +92,5 @@ def event_document(event: Event) -> dict[str, Any]:
 
 
 def document_bytes(event: Event) -> bytes:
-    """The metadata document as the ``<job_id>.json`` file that storage sinks write."""
+    """The metadata document as the ``<job_id>.event.json`` file that storage sinks write."""
     return json.dumps(event_document(event), indent=2, ensure_ascii=False).encode() + b"\n"

@@ -14,6 +14,7 @@ from typing import Any
 from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from webhook.cos import client_error, service_error
 from webhook.crc64 import crc64ecma
 from webhook.models import FetchedFile, ObjectLocation
 
@@ -63,9 +64,10 @@ def _cos_errors(where: ObjectLocation) -> Iterator[None]:
     try:
         yield
     except CosServiceError as exc:
-        raise FetchError(f"COS answered {exc.get_status_code()} {exc.get_error_code()} for {where.key}") from None
+        code, detail = service_error(exc)
+        raise FetchError(f"COS answered {code} for {where.key}: {detail}") from None
     except CosClientError as exc:
-        raise FetchError(f"COS unreachable: {str(exc)[:300]}") from None
+        raise FetchError(f"COS unreachable: {client_error(exc)}") from None
 
 
 def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -31,6 +32,14 @@ class JobStatus(enum.StrEnum):
     REJECTED = "rejected"  # verification refused it: never fetched nor forwarded
     DEAD = "dead"  # a step ran out of retries
     IGNORED = "ignored"  # another event or tag: recorded only
+
+
+class VersionStatus(enum.StrEnum):
+    """What verification made of one callback's version of a job."""
+
+    PENDING = "pending"  # not verified yet
+    ACCEPTED = "accepted"  # CI agrees: the job goes on with this version
+    REJECTED = "rejected"  # CI disagrees (or another version was accepted)
 
 
 class TaskKind(enum.StrEnum):
@@ -148,13 +157,32 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     return asdict(job)
 
 
-def job_from_dict(data: dict[str, Any]) -> Job:
-    """Inverse of :func:`job_to_dict`."""
-    fields = dict(data)
-    for key in ("input", "output"):
-        if fields.get(key) is not None:
-            fields[key] = ObjectLocation(**fields[key])
-    fields["cos_headers"] = tuple(CosHeader(**h) for h in fields.get("cos_headers", ()))
-    if fields.get("workflow") is not None:
-        fields["workflow"] = Workflow(**fields["workflow"])
-    return Job(**fields)
+def job_from_dict(data: Any) -> Job:
+    """Inverse of :func:`job_to_dict`, tolerant of other versions' rows.
+
+    Unknown keys are ignored and missing ones take their defaults; :class:`ValueError` says
+    why if what remains is still not a job.
+    """
+    try:
+        values = _known(Job, data)
+        for key in ("input", "output"):
+            if values.get(key) is not None:
+                values[key] = ObjectLocation(**_known(ObjectLocation, values[key]))
+        values["cos_headers"] = tuple(CosHeader(**_known(CosHeader, h)) for h in values.get("cos_headers") or ())
+        if values.get("workflow") is not None:
+            values["workflow"] = Workflow(**_known(Workflow, values["workflow"]))
+        return Job(**values)
+    except (TypeError, AttributeError) as exc:
+        raise ValueError(f"not a job: {exc}") from None
+
+
+def job_from_json(text: str) -> Job:
+    """A job stored as JSON; :class:`ValueError` if it cannot be read."""
+    return job_from_dict(json.loads(text))
+
+
+def _known(cls: type, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} is {type(data).__name__}, not an object")
+    names = {field.name for field in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}

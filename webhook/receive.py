@@ -57,8 +57,9 @@ def callback(token: str) -> tuple[Response, int]:
     )
     try:
         recorded = rt.ledger.jobs.record(raw, parsed, triage(parsed, rt.settings.allowed_tags))
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError):
-        # Answering non-2xx makes CI send the callback again; losing it would be worse.
+    except sqlalchemy.exc.SQLAlchemyError:
+        # Whatever kept the ledger from committing (outage, full disk, a broken schema), the callback
+        # is not stored: answer so that a sender that retries sends it again, never a bare 500.
         log.exception("ledger unavailable; callback not stored")
         response, status = error(503, "ledger unavailable, retry later")
         response.headers["Retry-After"] = "30"

@@ -8,6 +8,7 @@ credentials at a bucket it was not told to trust.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from webhook.callback import CallbackError, parse_job
+from webhook.cos import client_error, service_error
 from webhook.models import Job, JobState, ObjectLocation
 
 
@@ -89,14 +91,30 @@ def decide(claimed: Job, reported: Job | None, allow: Allowlist) -> Verdict:
     return Accept()
 
 
+def overall(verdicts: Sequence[Verdict]) -> Verdict:
+    """The job's verdict from those of its versions (one per distinct callback).
+
+    Accepted if CI confirms any version, so a forgery that arrived first cannot shadow the
+    genuine callback; else wait while CI has not finished; else rejected, with every reason.
+    """
+    if any(isinstance(verdict, Accept) for verdict in verdicts):
+        return Accept()
+    for verdict in verdicts:
+        if isinstance(verdict, Wait):
+            return verdict
+    reasons = dict.fromkeys(verdict.reason for verdict in verdicts if isinstance(verdict, Reject))
+    return Reject("; ".join(reasons) or "no version of the job to verify")
+
+
 def describe_job(client: CosS3Client, bucket: str, job_id: str) -> Job | None:
     """DescribeMediaJob: CI's view of ``job_id`` in ``bucket``, or None if CI does not know it."""
     try:
         answer: dict[str, Any] = client.ci_get_media_jobs(Bucket=bucket, JobIDs=job_id)
     except CosServiceError as exc:
-        raise VerifyError(f"CI answered {exc.get_status_code()} {exc.get_error_code()}") from None
+        code, detail = service_error(exc)
+        raise VerifyError(f"CI answered {code}: {detail}") from None
     except CosClientError as exc:
-        raise VerifyError(f"CI API unreachable: {_short(str(exc))}") from None
+        raise VerifyError(f"CI API unreachable: {client_error(exc)}") from None
     for index, item in enumerate(answer.get("JobsDetail") or []):
         try:
             job = parse_job(item, f"DescribeMediaJob JobsDetail[{index}]")
@@ -117,7 +135,3 @@ def _location_refusal(label: str, where: ObjectLocation, allow: Allowlist) -> Re
 
 def _describe(where: ObjectLocation | None) -> str:
     return "" if where is None else f"{where.bucket}/{where.key} in {where.region}"
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -20,12 +20,23 @@ from webhook.cos import make_client
 from webhook.errors import ConfigError
 from webhook.events import build_event
 from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url, sweep_staging
-from webhook.ledger import Claim, Delivery, DeliveryClaim, Ledger, Task, VerifyClaim, utcnow
-from webhook.models import FetchedFile, ObjectLocation
+from webhook.ledger import Claim, Delivery, DeliveryClaim, Ledger, Task, VerifyClaim, Version, utcnow
+from webhook.models import FetchedFile, Job, ObjectLocation, job_from_json
 from webhook.retry import RetryPolicy, backoff_delay, exhausted
 from webhook.sinks import DeliveryError, NotificationSink, Sink
 from webhook.sinks.config import SinkSpec, build_sinks
-from webhook.verify import Accept, Allowlist, Reject, Verdict, VerifyError, Wait, decide, describe_job, precheck
+from webhook.verify import (
+    Accept,
+    Allowlist,
+    Reject,
+    Verdict,
+    VerifyError,
+    Wait,
+    decide,
+    describe_job,
+    overall,
+    precheck,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,39 +141,67 @@ class Worker:
         if claim is None:
             return False
         with self._lease_kept([t.id for t in claim.tasks]):
-            match claim:
-                case VerifyClaim():
-                    self._verify(claim)
-                case DeliveryClaim():
-                    self._deliver(claim)
+            try:
+                match claim:
+                    case VerifyClaim():
+                        self._verify(claim)
+                    case DeliveryClaim():
+                        self._deliver(claim)
+            except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
+                log.exception("job=%s step failed unexpectedly", claim.tasks[0].job_id)
+                for task in claim.tasks:
+                    self._failed(task, claim, self._error_text(exc), self._policy(task))
         return True
 
     # -- steps -----------------------------------------------------------------------------
 
     def _verify(self, claim: VerifyClaim) -> None:
-        job, task = claim.job, claim.task
-        verdict: Verdict | None = precheck(job, self.allow)
-        if verdict is None:
-            assert job.input is not None  # precheck guarantees it
+        task = claim.task
+        judged: list[tuple[Version, Job | None, Verdict]] = []
+        reported: dict[tuple[str, str], Job | None] = {}  # CI's answer per (region, bucket): asked once
+        for version in claim.versions:
             try:
-                reported = describe_job(self.client_for_region(job.input.region), job.input.bucket, job.job_id)
-            except VerifyError as exc:
-                self._failed(task, claim, str(exc), self.settings.retry)
-                return
-            verdict = decide(job, reported, self.allow)
-        match verdict:
+                job = job_from_json(version.detail)
+            except ValueError as exc:
+                judged.append((version, None, Reject(f"unreadable job row: {exc}")))
+                continue
+            verdict: Verdict | None = precheck(job, self.allow)
+            if verdict is None:
+                assert job.input is not None  # precheck guarantees it
+                where = (job.input.region, job.input.bucket)
+                if where not in reported:
+                    try:
+                        reported[where] = describe_job(self.client_for_region(where[0]), where[1], job.job_id)
+                    except VerifyError as exc:
+                        self._failed(task, claim, str(exc), self.settings.verify_retry)
+                        return
+                verdict = decide(job, reported[where], self.allow)
+            judged.append((version, job, verdict))
+        rejected = {version.id: verdict.reason for version, _, verdict in judged if isinstance(verdict, Reject)}
+        if not any(job for _, job, _ in judged):
+            # Nothing CI could be asked about: a dead task to look at, not a verdict on the job.
+            reasons = "; ".join(dict.fromkeys(rejected.values()))
+            self._failed(task, claim, reasons, self._policy(task), final="nothing readable to verify")
+            return
+        match overall([verdict for _, _, verdict in judged]):
             case Accept():
+                version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
                 sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
-                self.ledger.queue.accept(task, self.worker_id, sinks)
+                self.ledger.queue.accept(task, self.worker_id, sinks, version, job, rejected)
                 log.info("job=%s verified state=%s deliveries=%s", job.job_id, job.state, ",".join(sinks))
             case Reject(reason):
-                self.ledger.queue.reject(task, self.worker_id, reason)
-                log.warning("job=%s rejected: %s", job.job_id, reason)
+                self.ledger.queue.reject(task, self.worker_id, reason, rejected)
+                log.warning("job=%s rejected: %s", task.job_id, reason)
             case Wait(reason):
                 self._failed(task, claim, reason, self.settings.verify_retry)
 
     def _deliver(self, claim: DeliveryClaim) -> None:
-        job = claim.job
+        try:
+            job = job_from_json(claim.detail)
+        except ValueError as exc:
+            for delivery in claim.deliveries:
+                self._failed(delivery, claim, f"unreadable job row: {exc}", self._policy(delivery), final="unreadable")
+            return
         for unknown in (d for d in claim.deliveries if d.sink not in self.sinks):
             self._failed(unknown, claim, f"sink {unknown.sink} is not configured in this worker", self.settings.retry)
         # Storage sinks first: a notification may point at the copy one of them makes.
@@ -173,40 +212,45 @@ class Worker:
         fetched: FetchedFile | None = None
         if job.succeeded and deliveries:
             assert job.output is not None  # verification refuses a success without output
-            client = self.client_for_region(job.output.region)
             try:
+                client = self.client_for_region(job.output.region)
                 if any(self.sinks[d.sink].needs_bytes(job) for d in deliveries):
                     fetched = fetch_object(client, job.output, self.settings.temp_dir)
                 else:
                     fetched = describe_object(client, job.output)
-            except FetchError as exc:
+            except Exception as exc:
                 # One delay for all: the deliveries stay due together, so the next try fetches once.
                 together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
                 for delivery in deliveries:
-                    self._failed(delivery, claim, str(exc), self._policy(delivery), delay=together)
+                    self._failed(delivery, claim, self._error_text(exc), self._policy(delivery), delay=together)
                 return
             log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
         stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
         try:
             for delivery in deliveries:
-                if self._deliver_to(delivery, claim, fetched, stored):
+                if self._deliver_to(delivery, claim, job, fetched, stored):
                     stored[delivery.sink] = self.sinks[delivery.sink]
         finally:
             if fetched is not None and fetched.path is not None:
                 os.unlink(fetched.path)
 
     def _deliver_to(
-        self, delivery: Delivery, claim: DeliveryClaim, fetched: FetchedFile | None, stored: dict[str, Sink]
+        self, delivery: Delivery, claim: DeliveryClaim, job: Job, fetched: FetchedFile | None, stored: dict[str, Sink]
     ) -> bool:
         """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
         sink = self.sinks[delivery.sink]
         try:
             location = None
             if fetched and isinstance(sink, NotificationSink):
-                location = sink.locate(claim.job, stored, self._presign_source)
-            sink.deliver(build_event(claim.job, delivery.sink, fetched, location))
+                location = sink.locate(job, stored, self._presign_source)
+            sink.deliver(build_event(job, delivery.sink, fetched, location))
         except DeliveryError as exc:
-            self._failed(delivery, claim, exc.message, self._policy(delivery), exc.retry_after, exc.permanent)
+            final = "refused permanently" if exc.permanent else None
+            self._failed(delivery, claim, exc.message, self._policy(delivery), exc.retry_after, final)
+            return False
+        except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
+            log.exception("job=%s sink=%s failed unexpectedly", delivery.job_id, delivery.sink)
+            self._failed(delivery, claim, self._error_text(exc), self._policy(delivery))
             return False
         if self.ledger.queue.complete(delivery, self.worker_id):
             log.info("job=%s sink=%s delivered attempt=%d", delivery.job_id, delivery.sink, delivery.attempts)
@@ -214,14 +258,24 @@ class Worker:
             log.warning("job=%s sink=%s delivered but the lease was lost", delivery.job_id, delivery.sink)
         return True
 
+    def _error_text(self, exc: BaseException) -> str:
+        """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""
+        text = str(exc) if isinstance(exc, VerifyError | FetchError) else f"{type(exc).__name__}: {exc}"
+        for secret in (self.settings.secret_key, self.settings.http_sink_secret):
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text[:500]
+
     def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
         # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
         # bucket name and carry a signature over that address.
         public = make_client(self.settings.secret_id, self.settings.secret_key, where.region)
         return presigned_url(public, where, seconds)
 
-    def _policy(self, delivery: Delivery) -> RetryPolicy:
-        spec = self.specs.get(delivery.sink)
+    def _policy(self, task: Task) -> RetryPolicy:
+        if not isinstance(task, Delivery):
+            return self.settings.verify_retry
+        spec = self.specs.get(task.sink)
         return spec.retry if spec is not None else self.settings.retry
 
     def _failed(
@@ -231,16 +285,24 @@ class Worker:
         error: str,
         policy: RetryPolicy,
         retry_after: float | None = None,
-        permanent: bool = False,
+        final: str | None = None,
         delay: float | None = None,
     ) -> None:
-        """Schedule the task again with backoff, or mark it dead once retrying cannot help."""
+        """Schedule the task again with backoff, or mark it dead once retrying cannot help.
+
+        ``final`` says why retrying cannot help at all (e.g. "refused permanently"); the dead
+        task's error then says so, as it says when the attempts or ``max_age`` ran out.
+        """
         where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if isinstance(task, Delivery) else "")
         age = (utcnow() - claim.received_at).total_seconds()
         too_old = policy.max_age is not None and age > policy.max_age
-        if too_old:
+        if final is not None:
+            error = f"{error} ({final})"
+        elif too_old:
             error = f"{error} (gave up: older than max_age {policy.max_age:g}s)"
-        if permanent or too_old or exhausted(task.attempts, policy):
+        elif exhausted(task.attempts, policy):
+            error = f"{error} (ran out of {task.attempts} attempts)"
+        if final is not None or too_old or exhausted(task.attempts, policy):
             self.ledger.queue.give_up(task, self.worker_id, error)
             log.error("%s dead after %d attempts: %s", where, task.attempts, error)
             return

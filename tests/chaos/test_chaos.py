@@ -14,9 +14,9 @@ stays down longer than the sandbox retries, so some callbacks fail for good and 
 by the test, as CI would; 10% of delivered callbacks arrive a second time.
 
 What must hold at the end: every job is ``delivered`` with every task ``done``; the directory has
-exactly ``<job_id>.wav`` and ``<job_id>.json`` per job and nothing else; every file, on disk and
-in every accepted http request, is byte-identical to the sandbox's output object; every job's
-``webhook-id`` was accepted. A table of what was injected and what survived is printed (``-s``
+exactly ``<job_id>.wav`` and ``<job_id>.event.json`` per job and nothing else; every file, on
+disk and in every accepted http request, is byte-identical to the sandbox's output object; every
+job's ``webhook-id`` was accepted. A table of what was injected and what survived is printed (``-s``
 shows it) and saved as JSON in the test's ``tmp_path``. ``CHAOS_DEADLINE`` (seconds) overrides
 the time guard and ``CHAOS_SEED`` the randomness.
 """
@@ -346,10 +346,10 @@ def observe(
 def check_directory(sink_dir: Path, expected: dict[str, bytes]) -> list[str]:
     """``<job_id>: problem`` for every job whose two files are not exactly right, and any stray file."""
     names = {p.name for p in sink_dir.iterdir()} if sink_dir.exists() else set()
-    wanted = {f"{job_id}{ext}" for job_id in expected for ext in (".wav", ".json")}
+    wanted = {f"{job_id}{ext}" for job_id in expected for ext in (".wav", ".event.json")}
     problems = [f"{name}: unexpected file in the sink directory" for name in sorted(names - wanted)]
     for job_id, data in expected.items():
-        wav, meta = sink_dir / f"{job_id}.wav", sink_dir / f"{job_id}.json"
+        wav, meta = sink_dir / f"{job_id}.wav", sink_dir / f"{job_id}.event.json"
         if not (wav.name in names and meta.name in names):
             problems.append(f"{job_id}: files missing ({sorted({wav.name, meta.name} - names)})")
             continue
@@ -359,7 +359,7 @@ def check_directory(sink_dir: Path, expected: dict[str, bytes]) -> list[str]:
         file = document["file"] or {}
         described = (document["event_id"], document["job"]["job_id"], file.get("size"), file.get("crc64"))
         if described != (event_id(job_id, FILESYSTEM), job_id, len(data), str(crc64ecma(data))):
-            problems.append(f"{job_id}: {CORRUPT} .json: describes {described}")
+            problems.append(f"{job_id}: {CORRUPT} .event.json: describes {described}")
     return problems
 
 
@@ -376,7 +376,7 @@ def report_rows(
     distinct = {a.webhook_id for a in accepted}
     in_sinks = outcome.in_both_sinks()
     wavs = sum(name.endswith(".wav") for name in outcome.sink_files)
-    jsons = sum(name.endswith(".json") for name in outcome.sink_files)
+    documents = sum(name.endswith(".event.json") for name in outcome.sink_files)
     worker_log = "".join(path.read_text(errors="replace") for path in fleet.logs)
     web_log = (logs / "web.log").read_text(errors="replace")
     delivered = sum(status == "delivered" for status in outcome.ledger_status.values())
@@ -399,8 +399,8 @@ def report_rows(
         ("SURVIVED", ""),
         ("jobs delivered (ledger)", str(delivered)),
         ("  ledger attempts per task", task_attempts),
-        ("filesystem deliveries (.wav / .json)", f"{wavs} / {jsons}"),
-        ("  other files in the sink directory", str(len(outcome.sink_files) - wavs - jsons)),
+        ("filesystem deliveries (.wav / .event.json)", f"{wavs} / {documents}"),
+        ("  other files in the sink directory", str(len(outcome.sink_files) - wavs - documents)),
         ("http deliveries accepted (200)", str(len(accepted))),
         ("  distinct webhook-ids accepted", str(len(distinct))),
         ("  redundant (same webhook-id accepted again)", str(len(accepted) - len(distinct))),

@@ -12,11 +12,11 @@ import sqlalchemy as sa
 from webhook.app import create_app
 from webhook.config import Settings
 from webhook.ledger import Ledger
-from webhook.ledger.schema import callbacks, jobs, tasks
+from webhook.ledger.schema import callbacks, jobs, tasks, versions
 from webhook.serving import BackgroundServer
 
 TOKEN = "cb-0123456789abcdef_ROTATE.1"
-NOTHING = {"callbacks": 0, "jobs": 0, "tasks": 0}
+NOTHING = {"callbacks": 0, "jobs": 0, "job_versions": 0, "tasks": 0}
 
 
 @contextmanager
@@ -36,5 +36,5 @@ def row_counts(ledger: Ledger) -> dict[str, int]:
     with ledger.engine.connect() as conn:
         return {
             table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-            for table in (callbacks, jobs, tasks)
+            for table in (callbacks, jobs, versions, tasks)
         }

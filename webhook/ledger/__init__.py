@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from webhook.ledger.jobs import Jobs, RawRequest, Recorded
-from webhook.ledger.queue import Claim, Delivery, DeliveryClaim, Queue, Task, VerifyClaim
+from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.jobs import Jobs, RawRequest, Recorded, Replayed
+from webhook.ledger.queue import Queue
 from webhook.ledger.schema import LedgerError, create_schema, make_engine, utcnow
-from webhook.ledger.views import DeadDelivery, JobView, TaskView, Views
+from webhook.ledger.views import DeadLetter, JobView, TaskView, VersionView, Views
 
 __all__ = [
     "Claim",
-    "DeadDelivery",
+    "DeadLetter",
     "Delivery",
     "DeliveryClaim",
     "JobView",
@@ -24,9 +25,12 @@ __all__ = [
     "LedgerError",
     "RawRequest",
     "Recorded",
+    "Replayed",
     "Task",
     "TaskView",
     "VerifyClaim",
+    "Version",
+    "VersionView",
     "utcnow",
 ]
 

@@ -9,60 +9,18 @@ on SQLite the write lock is taken when the transaction begins.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.jobs import schedule, set_status, settle
-from webhook.ledger.schema import jobs, tasks, utcnow
-from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_dict
+from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.jobs import schedule, set_status
+from webhook.ledger.schema import jobs, tasks, utcnow, versions
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
-
-@dataclass(frozen=True)
-class Task:
-    id: int
-    job_id: str
-    kind: TaskKind
-    attempts: int  # including the one this claim started
-
-
-@dataclass(frozen=True)
-class Delivery(Task):
-    sink: str
-
-
-@dataclass(frozen=True)
-class VerifyClaim:
-    """A job's verify task, leased to one worker."""
-
-    job: Job
-    task: Task
-    received_at: datetime  # when the callback was recorded (naive UTC)
-
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return (self.task,)
-
-
-@dataclass(frozen=True)
-class DeliveryClaim:
-    """Every due delivery of one job, leased to one worker: one fetch serves them all."""
-
-    job: Job
-    deliveries: tuple[Delivery, ...]
-    received_at: datetime
-    delivered_to: frozenset[str] = frozenset()  # sinks that already have this job
-
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return self.deliveries
-
-
-Claim = VerifyClaim | DeliveryClaim
+Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 
 
 class Queue:
@@ -110,10 +68,15 @@ class Queue:
             )
             rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(ids)).order_by(tasks.c.sink)).all()
             job = conn.execute(sa.select(jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id == first.job_id)).one()
-            detail = job_from_dict(json.loads(job.detail))
             if first.kind == TaskKind.VERIFY:
                 task = Task(first.id, first.job_id, TaskKind.VERIFY, rows[0].attempts)
-                return VerifyClaim(detail, task, job.created_at)
+                pending = conn.execute(
+                    sa.select(versions.c.id, versions.c.detail)
+                    .where(versions.c.job_id == first.job_id, versions.c.status == VersionStatus.PENDING)
+                    .order_by(versions.c.id)
+                ).all()
+                found = tuple(Version(v.id, v.detail) for v in pending) or (Version(None, job.detail),)
+                return VerifyClaim(task, found, job.created_at)
             delivered_to = conn.execute(
                 sa.select(tasks.c.sink).where(
                     tasks.c.job_id == first.job_id,
@@ -122,7 +85,7 @@ class Queue:
                 )
             ).scalars()
             deliveries = tuple(Delivery(r.id, r.job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
-            return DeliveryClaim(detail, deliveries, job.created_at, frozenset(delivered_to))
+            return DeliveryClaim(job.detail, deliveries, job.created_at, frozenset(delivered_to))
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks are still ours."""
@@ -134,25 +97,42 @@ class Queue:
                 .values(locked_until=now + timedelta(seconds=lease_seconds))
             ).rowcount
 
-    def accept(self, task: Task, worker_id: str, sinks: Sequence[str]) -> bool:
-        """Verification passed: the job is verified and one delivery per sink is due."""
+    def accept(
+        self, task: Task, worker_id: str, sinks: Sequence[str], accepted: Version, job: Job, rejected: Verdicts
+    ) -> bool:
+        """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version,
+        one delivery per sink is due, and the other versions are ``rejected`` with their reasons."""
         now = utcnow()
         with self._engine.begin() as conn:
             if not _close(conn, task, worker_id, TaskStatus.DONE, "", now):
                 return False
-            set_status(conn, task.job_id, JobStatus.VERIFIED, "", now)
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == task.job_id)
+                .values(
+                    detail=accepted.detail,
+                    tag=job.tag[:64],
+                    state=job.state,
+                    status=JobStatus.VERIFIED,
+                    reason="",
+                    updated_at=now,
+                )
+            )
+            _record_verdicts(conn, {accepted.id: ""}, VersionStatus.ACCEPTED)
+            _record_verdicts(conn, rejected, VersionStatus.REJECTED)
             for sink in sinks:
                 schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
             if not sinks:
                 set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
         return True
 
-    def reject(self, task: Task, worker_id: str, reason: str) -> bool:
-        """Verification refused the job: it is never fetched nor forwarded."""
+    def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts) -> bool:
+        """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
         now = utcnow()
         with self._engine.begin() as conn:
             if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now):
                 return False
+            _record_verdicts(conn, rejected, VersionStatus.REJECTED)
             set_status(conn, task.job_id, JobStatus.REJECTED, reason, now)
         return True
 
@@ -193,6 +173,37 @@ class Queue:
             else:
                 settle(conn, task.job_id, now)
         return True
+
+
+def settle(conn: Connection, job_id: str, now: datetime) -> None:
+    """Derive the job's status from its deliveries once none is pending."""
+    # Two workers may each finish one of the job's deliveries at the same moment. Under READ
+    # COMMITTED neither would see the other's "done" and the job would stay verified forever;
+    # locking the job row makes the second wait for the first commit, then see it.
+    conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id).with_for_update())
+    rows = conn.execute(
+        sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
+        .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
+        .order_by(tasks.c.sink)
+    ).all()
+    if any(row.status == TaskStatus.PENDING for row in rows):
+        return
+    # Sinks' own errors start with the sink's name; other errors get it in front.
+    dead = [
+        row.last_error if row.last_error.startswith(f"{row.sink}: ") else f"{row.sink}: {row.last_error}"
+        for row in rows
+        if row.status == TaskStatus.DEAD
+    ]
+    if dead:
+        set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
+    else:
+        set_status(conn, job_id, JobStatus.DELIVERED, "", now)
+
+
+def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus) -> None:
+    for version_id, reason in verdicts.items():
+        if version_id is not None:
+            conn.execute(versions.update().where(versions.c.id == version_id).values(status=status, reason=reason))
 
 
 def _close(conn: Connection, task: Task, worker_id: str, status: TaskStatus, error: str, now: datetime) -> bool:

@@ -46,6 +46,22 @@ jobs = sa.Table(
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
+# What each callback said about a job. A job is verified against CI once per distinct version,
+# so a forged callback that arrives first cannot shadow the genuine one.
+versions = sa.Table(
+    "job_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(128), sa.ForeignKey("jobs.job_id"), nullable=False),
+    sa.Column("callback_id", sa.Integer, sa.ForeignKey("callbacks.id"), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),  # sha256 of detail
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # VersionStatus
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("received_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("job_id", "digest"),
+)
+
 tasks = sa.Table(
     "tasks",
     metadata,

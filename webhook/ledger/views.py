@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -10,14 +9,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from webhook.ledger.schema import LedgerError, jobs, tasks
-from webhook.models import Job, TaskKind, TaskStatus, job_from_dict, job_to_dict
+from webhook.ledger.schema import LedgerError, jobs, tasks, versions
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_json, job_to_dict
 
 
 @dataclass(frozen=True)
-class DeadDelivery:
+class DeadLetter:
+    """A task that ran out of attempts (or was refused for good): a verification or a delivery."""
+
+    kind: str  # "verify" or "deliver"
     job_id: str
-    sink: str
+    sink: str | None  # None for a verification
     attempts: int
     last_error: str
     dead_at: datetime
@@ -48,6 +50,19 @@ class TaskView:
 
 
 @dataclass(frozen=True)
+class VersionView:
+    """What one callback said about the job, and what verification made of it."""
+
+    callback_id: int
+    received_at: datetime
+    status: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"received_at": _iso(self.received_at)}
+
+
+@dataclass(frozen=True)
 class JobView:
     job_id: str
     tag: str
@@ -57,8 +72,10 @@ class JobView:
     reason: str
     created_at: datetime
     updated_at: datetime
-    job: Job
+    job: Job | None  # None when the stored row cannot be read (``unreadable`` says why)
+    unreadable: str = ""
     tasks: tuple[TaskView, ...] = ()
+    versions: tuple[VersionView, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,7 +89,9 @@ class JobView:
             "updated_at": _iso(self.updated_at),
             "verify": [t.to_dict() for t in self.tasks if t.kind == TaskKind.VERIFY],
             "deliveries": [t.to_dict() for t in self.tasks if t.kind == TaskKind.DELIVER],
-            "detail": job_to_dict(self.job),
+            "callbacks": [v.to_dict() for v in self.versions],
+            "detail": job_to_dict(self.job) if self.job else None,
+            "unreadable": self.unreadable or None,
         }
 
 
@@ -97,25 +116,36 @@ class Views:
             task_rows = conn.execute(
                 sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.kind.desc(), tasks.c.sink)
             ).all()
-        views = tuple(
+            version_rows = conn.execute(
+                sa.select(versions).where(versions.c.job_id == job_id).order_by(versions.c.id)
+            ).all()
+        task_views = tuple(
             TaskView(t.kind, t.sink or None, t.status, t.attempts, t.last_error, t.run_after, t.done_at)
             for t in task_rows
         )
-        return _job_view(row, views)
+        version_views = tuple(VersionView(v.callback_id, v.received_at, v.status, v.reason) for v in version_rows)
+        return _job_view(row, task_views, version_views)
 
-    def dead_deliveries(self, sink: str | None = None, since: datetime | None = None) -> list[DeadDelivery]:
-        """Deliveries that ran out of attempts (the dead letters), oldest first."""
-        query = (
-            sa.select(tasks)
-            .where(tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DEAD)
-            .order_by(tasks.c.done_at, tasks.c.id)
-        )
+    def dead_letters(self, sink: str | None = None, since: datetime | None = None) -> list[DeadLetter]:
+        """Tasks that died (verifications and deliveries), oldest first; ``sink`` keeps that sink's deliveries."""
+        query = sa.select(tasks).where(tasks.c.status == TaskStatus.DEAD).order_by(tasks.c.done_at, tasks.c.id)
         if sink is not None:
-            query = query.where(tasks.c.sink == sink)
+            query = query.where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == sink)
         if since is not None:
             query = query.where(tasks.c.done_at >= since)
         with self._engine.connect() as conn:
-            return [DeadDelivery(r.job_id, r.sink, r.attempts, r.last_error, r.done_at) for r in conn.execute(query)]
+            return [
+                DeadLetter(r.kind, r.job_id, r.sink or None, r.attempts, r.last_error, r.done_at)
+                for r in conn.execute(query)
+            ]
+
+    def rejected_jobs(self, since: datetime | None = None) -> list[str]:
+        """Jobs verification refused (since ``since``, by when it did), oldest first."""
+        query = sa.select(jobs.c.job_id).where(jobs.c.status == JobStatus.REJECTED).order_by(jobs.c.updated_at)
+        if since is not None:
+            query = query.where(jobs.c.updated_at >= since)
+        with self._engine.connect() as conn:
+            return list(conn.execute(query).scalars())
 
     def counts(self) -> dict[str, int]:
         """Jobs per status and due tasks, for health and metrics."""
@@ -133,7 +163,11 @@ def _iso(when: datetime) -> str:
     return when.isoformat() + "Z"
 
 
-def _job_view(row: Any, task_views: tuple[TaskView, ...]) -> JobView:
+def _job_view(row: Any, task_views: tuple[TaskView, ...], version_views: tuple[VersionView, ...] = ()) -> JobView:
+    try:
+        job, unreadable = job_from_json(row.detail), ""
+    except ValueError as exc:
+        job, unreadable = None, f"unreadable job row: {exc}"
     return JobView(
         job_id=row.job_id,
         tag=row.tag,
@@ -143,6 +177,8 @@ def _job_view(row: Any, task_views: tuple[TaskView, ...]) -> JobView:
         reason=row.reason,
         created_at=row.created_at,
         updated_at=row.updated_at,
-        job=job_from_dict(json.loads(row.detail)),
+        job=job,
+        unreadable=unreadable,
         tasks=task_views,
+        versions=version_views,
     )

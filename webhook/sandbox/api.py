@@ -1,7 +1,8 @@
 """The sandbox's WSGI application: it routes a request by its ``Host`` and path to a bucket and
 key, checks its signature, applies the fault that picks it, and serves COS object calls (GET, PUT,
 copy, HEAD, DELETE, HEAD Bucket) from :mod:`webhook.sandbox.store` and CI job calls from
-:mod:`webhook.sandbox.jobs`. Requests for :data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`.
+:mod:`webhook.sandbox.jobs` (the job list from :mod:`webhook.sandbox.listing`). Requests for
+:data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from werkzeug.wrappers import Request, Response
 from webhook.sandbox.admin import FAULTS_PATH, faults_endpoint
 from webhook.sandbox.faults import Fault, Faults
 from webhook.sandbox.jobs import JobRequestError, MediaJobs, new_job
+from webhook.sandbox.listing import PARAMETERS, JobQuery, list_jobs
 from webhook.sandbox.responses import ApiError, apply_fault, error_response, file_body, object_headers, xml_response
 from webhook.sandbox.signing import FIELDS, SignatureError, verify_request
 from webhook.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
@@ -132,10 +134,10 @@ class SandboxApp:
     def _is_ci_call(self, method: str, bucket: str, key: str) -> bool:
         # With CosConfig(IP=...) the SDK sends CI calls with the bucket's *COS* host too (its
         # get_host knows only the COS endpoint), so CI paths must be recognised there as well.
-        # An object that happens to be named jobs/<id> still wins over the job lookup.
+        # An object that happens to be named jobs or jobs/<id> still wins over the job calls.
         if method == "POST":
             return key == "jobs"
-        if method != "GET" or not key.startswith("jobs/") or "/" in key[len("jobs/") :]:
+        if method != "GET" or not (key == "jobs" or (key.startswith("jobs/") and "/" not in key[len("jobs/") :])):
             return False
         try:
             self._store.head(bucket, key)
@@ -238,23 +240,31 @@ class SandboxApp:
             raise _no_such_key(target) from None
 
     def _ci(self, request: Request, target: _Target) -> Response:
+        try:
+            return self._ci_call(request, target)
+        except JobRequestError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+
+    def _ci_call(self, request: Request, target: _Target) -> Response:
         if request.method == "POST" and target.key == "jobs":
             body = request.stream.read(_MAX_JOB_REQUEST + 1)
             if len(body) > _MAX_JOB_REQUEST:
                 raise ApiError(400, "InvalidArgument", f"the request body is larger than {_MAX_JOB_REQUEST} bytes")
-            try:
-                job = new_job(body, bucket=target.bucket, region=target.region, queue_id=self._queue_id)
-            except JobRequestError as exc:
-                raise ApiError(400, exc.code, exc.message) from None
+            job = new_job(body, bucket=target.bucket, region=target.region, queue_id=self._queue_id)
             self._check_bucket(job.output_bucket)
             return xml_response({"JobsDetail": self._jobs.submit(job)})
+        if request.method == "GET" and target.key == "jobs":
+            names = sorted(name for name in request.args if name not in PARAMETERS and name not in FIELDS)
+            if names:
+                raise ApiError(501, "NotImplemented", f"the sandbox's job list has no parameter {', '.join(names)}")
+            return xml_response(list_jobs(self._jobs.details(target.bucket), JobQuery.parse(request.args)))
         if request.method == "GET" and target.key.startswith("jobs/"):
             job_ids = [job_id for job_id in target.key[len("jobs/") :].split(",") if job_id]
             details, missing = self._jobs.describe(target.bucket, job_ids)
             # As in CI, each element appears only when it has something in it.
             found: dict[str, Any] = {"JobsDetail": details} if details else {}
             return xml_response(found | ({"NonExistJobIds": missing} if missing else {}))
-        raise ApiError(501, "NotImplemented", "the sandbox's CI API has POST /jobs and GET /jobs/<JobId> only")
+        raise ApiError(501, "NotImplemented", "the sandbox's CI API has POST /jobs, GET /jobs and GET /jobs/<JobId>")
 
 
 def _path(request: Request) -> str:
@@ -276,6 +286,8 @@ def _metadata(request: Request) -> dict[str, str]:
 def _kind(method: str, target: _Target) -> str:
     """The request as fault rules name it (see ``faults.KINDS``)."""
     if target.ci:
+        if method == "GET" and target.key == "jobs":
+            return "CI list"
         return {"POST": "CI submit", "GET": "CI describe"}.get(method, f"CI {method}")
     return f"object {method}" if target.key else f"bucket {method}"
 

@@ -24,7 +24,16 @@ from typing import Any
 from werkzeug.http import HTTP_STATUS_CODES
 
 # What a request is, as fault rules name it. "bucket HEAD" is HeadBucket (no key).
-KINDS = ("object GET", "object HEAD", "object PUT", "object DELETE", "bucket HEAD", "CI describe", "CI submit")
+KINDS = (
+    "object GET",
+    "object HEAD",
+    "object PUT",
+    "object DELETE",
+    "bucket HEAD",
+    "CI describe",
+    "CI list",
+    "CI submit",
+)
 
 
 class FaultError(ValueError):

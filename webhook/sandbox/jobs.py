@@ -150,7 +150,11 @@ def new_job(body: bytes, *, bucket: str, region: str, queue_id: str) -> MediaJob
 
 
 class MediaJobs:
-    """Runs jobs in background threads against ``store`` and POSTs their callbacks."""
+    """Runs jobs in background threads against ``store``, and POSTs their callbacks from threads of their own.
+
+    As in CI, a callback URL that is down (retried with waits) can hold up other callbacks at most,
+    never the processing of other jobs.
+    """
 
     def __init__(self, store: ObjectStore, *, job_delay: float = 0.0) -> None:
         self._store = store
@@ -161,6 +165,7 @@ class MediaJobs:
         self._sent_changed = threading.Condition(self._lock)
         self._closing = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbox-ci")
+        self._callbacks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbox-callback")
 
     def submit(self, job: MediaJob) -> dict[str, Any]:
         """Queue ``job``; return its ``JobsDetail`` as submitted."""
@@ -182,6 +187,11 @@ class MediaJobs:
                     missing.append(job_id)
         return details, missing
 
+    def details(self, bucket: str) -> list[dict[str, Any]]:
+        """The details of every job of ``bucket``, in the order they were submitted."""
+        with self._lock:
+            return [job.detail() for job in self._jobs.values() if job.bucket == bucket]
+
     @property
     def callbacks_sent(self) -> list[SentCallback]:
         with self._lock:
@@ -195,9 +205,11 @@ class MediaJobs:
             return list(self._sent)
 
     def close(self) -> None:
-        """Drop queued jobs, cut delays and retry waits short, and wait for running jobs."""
+        """Drop queued jobs and callbacks, cut delays and retry waits short, and wait for running ones."""
         self._closing.set()
+        # Jobs first: a job that is finishing still hands its callback over.
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._callbacks.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job: MediaJob) -> None:
         with self._lock:
@@ -216,7 +228,7 @@ class MediaJobs:
         else:
             self._finish(job)
         if job.callback_url:
-            self._send_callback(job)
+            self._callbacks.submit(self._send_callback, job)
 
     def _reduce_noise(self, job: MediaJob) -> None:
         _, source = self._store.open(job.bucket, job.input_key)

@@ -9,8 +9,9 @@ are routed. The CI API is also served on ``<bucket>.ci.<region>.myqcloud.com``.
 
 Served: PUT (also a server-side copy with ``x-cos-copy-source``), GET (with ``Range``), HEAD and
 DELETE Object, with ``Content-Type`` and ``x-cos-meta-*`` kept; HEAD Bucket (every bucket named
-``<name>-<appid>`` exists); the CI calls in :mod:`webhook.sandbox.jobs`. Requests are signed in the
-``Authorization`` header or, for presigned URLs, in the query string.
+``<name>-<appid>`` exists); the CI calls CreateMediaJobs and DescribeMediaJob
+(:mod:`webhook.sandbox.jobs`) and DescribeMediaJobs (:mod:`webhook.sandbox.listing`). Requests
+are signed in the ``Authorization`` header or, for presigned URLs, in the query string.
 
 A presigned URL names the bucket's host, and its signature covers that host. With
 ``CosConfig(IP=...)`` the SDK would put the IP in the URL instead and lose the bucket, so sign

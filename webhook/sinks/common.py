@@ -16,6 +16,7 @@ from webhook.models import Event, Job
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.options import CosOptions, S3Options
 
+# Exactly one dot: what keeps the audio's name apart from the metadata document's (see audio_name).
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
 # User metadata travels as HTTP headers, so it must be printable ASCII. Percent-encoding "%", spaces
 # and everything non-ASCII keeps plain values readable and lets receivers always unquote().
@@ -24,9 +25,19 @@ _METADATA_SAFE = "".join(c for c in string.punctuation if c != "%")
 _USER_DATA_BUDGET = 1024
 
 
-def object_key(prefix: str, job: Job) -> str:
-    """``<prefix><job_id><ext>``: where object-store sinks put a job's audio."""
+def audio_name(prefix: str, job: Job) -> str:
+    """``<prefix><job_id><ext>``: the key or file name under which the storage sinks put a job's audio.
+
+    It never equals any job's :func:`document_name`, whatever the output key, even compared
+    case-insensitively: after ``<prefix>`` a job id has no dot (the callback parser allows only
+    letters, digits, ``-`` and ``_``), ``<ext>`` holds exactly one and ``.event.json`` two.
+    """
     return prefix + job.job_id + file_extension(job.output.key if job.output else "")
+
+
+def document_name(prefix: str, job: Job) -> str:
+    """``<prefix><job_id>.event.json``: the key or file name of a job's metadata document."""
+    return prefix + job.job_id + ".event.json"
 
 
 def user_metadata(event: Event) -> dict[str, str]:
@@ -88,7 +99,7 @@ def unreadable(sink: str, exc: OSError) -> DeliveryError:
 
 
 class BucketSink(Sink):
-    """The object-store sinks (cos, s3): ``<prefix><job_id><ext>`` and ``<prefix><job_id>.json`` in a bucket.
+    """The object-store sinks (cos, s3): ``<prefix><job_id><ext>`` and ``<prefix><job_id>.event.json`` in a bucket.
 
     Both SDKs take the same arguments for these calls; each subclass turns its SDK's errors
     into :class:`DeliveryError` in :meth:`_call`.
@@ -121,6 +132,6 @@ class BucketSink(Sink):
 
     def _put_document(self, event: Event, metadata: dict[str, str]) -> tuple[str, bytes, Any]:
         """Write the metadata document (last: its presence means the audio is complete)."""
-        key = self.options.prefix + event.job.job_id + ".json"
+        key = document_name(self.options.prefix, event.job)
         document = document_bytes(event)
         return key, document, self._put(key, document, "application/json", metadata)

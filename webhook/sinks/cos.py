@@ -1,4 +1,4 @@
-"""A sink that stores ``<prefix><job_id><ext>`` and ``<prefix><job_id>.json`` in a COS bucket."""
+"""A sink that stores ``<prefix><job_id><ext>`` and ``<prefix><job_id>.event.json`` in a COS bucket."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError
 from webhook.sinks.common import (
     BucketSink,
-    object_key,
+    audio_name,
     os_reason,
     printable,
     safe_content_type,
@@ -33,8 +33,8 @@ class CosSink(BucketSink):
     """Stores each event's audio, then its metadata document, in ``cos://<bucket>/<prefix>``.
 
     Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
-    ``<prefix><job_id>.json``; the JSON is written last, so its presence means the audio is
-    complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Both
+    ``<prefix><job_id>.event.json``; the JSON is written last, so its presence means the audio
+    is complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Both
     objects carry ``x-cos-meta-job-id``, ``-event-id`` and ``-user-data`` (percent-encoded).
 
     With ``server_side_copy`` (the default) and the job's output in the bucket's region, COS
@@ -90,7 +90,7 @@ class CosSink(BucketSink):
         job = event.job
         metadata = {f"x-cos-meta-{k}": v for k, v in user_metadata(event).items()}
         if event.file is not None:
-            key = object_key(self.options.prefix, job)
+            key = audio_name(self.options.prefix, job)
             source = self._copy_source(job)
             if source is not None:
                 response = self._call(
@@ -120,7 +120,7 @@ class CosSink(BucketSink):
         """
         if not job.succeeded:
             return None
-        key = object_key(self.options.prefix, job)
+        key = audio_name(self.options.prefix, job)
         where = ObjectLocation(self.options.bucket, self.options.region, key)
         url = presigned_url(self._signer, where, presign_seconds) if presign_seconds else ""
         return FileLocation(kind="cos", bucket=where.bucket, key=key, region=where.region, url=url)

@@ -1,4 +1,4 @@
-"""A sink that drops ``<job_id><ext>`` and ``<job_id>.json`` into a directory."""
+"""A sink that drops ``<job_id><ext>`` and ``<job_id>.event.json`` into a directory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import IO
 from webhook.events import document_bytes
 from webhook.models import Event, FileLocation, Job
 from webhook.sinks import BuildContext, DeliveryError, Sink
-from webhook.sinks.common import file_extension
+from webhook.sinks.common import audio_name, document_name
 from webhook.sinks.options import FilesystemOptions
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -25,9 +25,9 @@ _CHUNK = 1024 * 1024
 class FilesystemSink(Sink):
     """Writes each event's audio, then its metadata, atomically into ``root``.
 
-    A consumer can rely on this: once ``<job_id>.json`` exists, the audio it describes is complete.
-    Temporary files start with a dot so that globbing ``*.json`` never sees them. Files are
-    created with mode 0600 (only the service's user can read them).
+    A consumer can rely on this: once ``<job_id>.event.json`` exists, the audio it describes is
+    complete. Temporary files start with a dot so that globbing ``*.event.json`` never sees them.
+    Files are created with mode 0600 (only the service's user can read them).
     """
 
     def __init__(self, root: Path, name: str = "filesystem") -> None:
@@ -47,19 +47,17 @@ class FilesystemSink(Sink):
             self.root.mkdir(parents=True, exist_ok=True)
             root = self.root.resolve()
             if event.file is not None and event.file.path is not None:
-                key = event.job.output.key if event.job.output else ""
                 with open(event.file.path, "rb") as src:
-                    self._write(root, job_id + file_extension(key), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
+                    self._write(root, audio_name("", event.job), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
             document = document_bytes(event)
-            self._write(root, job_id + ".json", lambda dst: dst.write(document))
+            self._write(root, document_name("", event.job), lambda dst: dst.write(document))
         except OSError as exc:
             raise DeliveryError(
                 f"{self.name}: cannot write {exc.filename or self.root}: {exc.strerror or exc}"
             ) from exc
 
     def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation:
-        key = job.output.key if job.output else ""
-        return FileLocation(kind="filesystem", path=str(self.root.resolve() / (job.job_id + file_extension(key))))
+        return FileLocation(kind="filesystem", path=str(self.root.resolve() / audio_name("", job)))
 
     def check(self) -> str:
         try:

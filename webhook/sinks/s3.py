@@ -1,4 +1,4 @@
-"""A sink that uploads ``<prefix><job_id><ext>`` and ``<prefix><job_id>.json`` to an S3-compatible bucket."""
+"""A sink that uploads ``<prefix><job_id><ext>`` and ``<prefix><job_id>.event.json`` to an S3-compatible bucket."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from webhook.models import Event, FileLocation, Job
 from webhook.sinks import BuildContext, DeliveryError
 from webhook.sinks.common import (
     BucketSink,
-    object_key,
+    audio_name,
     os_reason,
     printable,
     retry_after_seconds,
@@ -70,8 +70,8 @@ class S3Sink(BucketSink):
     """Uploads each event's audio, then its metadata document, to ``s3://<bucket>/<prefix><job_id>``.
 
     Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
-    ``<prefix><job_id>.json``; the JSON is written last, so its presence means the audio is
-    complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Each
+    ``<prefix><job_id>.event.json``; the JSON is written last, so its presence means the audio
+    is complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Each
     object carries ``x-amz-meta-job-id``, ``-event-id`` and ``-user-data`` (percent-encoded).
     Works with any S3-compatible store (``endpoint_url``: MinIO, R2, Ceph…); without credentials
     boto3's default chain (environment, profile, instance role) is used.
@@ -142,7 +142,7 @@ class S3Sink(BucketSink):
         if event.file is not None:
             if event.file.path is None:
                 raise DeliveryError(f"{self.name}: job {job.job_id}: the output was not downloaded", permanent=True)
-            key = object_key(self.options.prefix, job)
+            key = audio_name(self.options.prefix, job)
             extra = {"ContentType": safe_content_type(event.file.content_type), "Metadata": metadata}
             # What is checked: botocore sends a CRC32 of every request body (each part, or the
             # whole object) and the store refuses a mismatch, so the stored bytes are the bytes
@@ -169,7 +169,7 @@ class S3Sink(BucketSink):
         """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given."""
         if not job.succeeded:
             return None
-        key = object_key(self.options.prefix, job)
+        key = audio_name(self.options.prefix, job)
         url = ""
         if presign_seconds:
             params = {"Bucket": self.options.bucket, "Key": key}

@@ -1,0 +1,63 @@
+"""What a worker leases from the queue: typed claims over tasks, as plain data.
+
+A claim carries the job as stored (JSON), not decoded: the worker decodes it, so a row it
+cannot read becomes that task's failure instead of stopping the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from webhook.models import TaskKind
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    job_id: str
+    kind: TaskKind
+    attempts: int  # including the one this claim started
+
+
+@dataclass(frozen=True)
+class Delivery(Task):
+    sink: str
+
+
+@dataclass(frozen=True)
+class Version:
+    """What one callback said about the job, as stored."""
+
+    id: int | None  # None: a job recorded before versions were kept, read from the job row
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyClaim:
+    """A job's verify task, leased to one worker, with every version of the job still to verify."""
+
+    task: Task
+    versions: tuple[Version, ...]
+    received_at: datetime  # when the job was first recorded (naive UTC)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return (self.task,)
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """Every due delivery of one job, leased to one worker: one fetch serves them all."""
+
+    detail: str  # the verified job, as stored
+    deliveries: tuple[Delivery, ...]
+    received_at: datetime
+    delivered_to: frozenset[str] = frozenset()  # sinks that already have this job
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.deliveries
+
+
+Claim = VerifyClaim | DeliveryClaim
