@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from support.endpoint import post, serving
 from support.pipeline import Pipeline, settings_env
@@ -148,3 +149,28 @@ def test_an_unreachable_ledger_is_one_line_naming_it_without_the_password(args: 
     assert result.output == (
         "Error: the ledger at postgresql+psycopg://hook:***@127.0.0.1:1/ledger is unreachable (OperationalError)\n"
     )
+
+
+def test_check_tries_token_ledger_and_ci_credentials(pipeline: Pipeline) -> None:
+    good = run(pipeline, "check")
+    assert good.exit_code == 0, good.output
+    assert good.output.splitlines()[:3] == [
+        "ok    callback token: 1 configured",
+        f"ok    ledger: {pipeline.settings.database_url.split('://')[0]} is reachable and has every table",
+        "ok    ci: audio-1250000000 (ap-guangzhou) accepts the credentials",
+    ]
+
+    rotated = run(pipeline, "check", COS_SECRET_KEY="not-the-key", WEBHOOK_CALLBACK_TOKEN="")
+    assert rotated.exit_code == 1
+    lines = rotated.output.splitlines()
+    assert lines[0] == "FAIL  callback token: WEBHOOK_CALLBACK_TOKEN is not set (16 to 256 URL-safe characters)"
+    assert lines[2].startswith("FAIL  ci: audio-1250000000 (ap-guangzhou): CI answered 403 SignatureDoesNotMatch")
+
+
+def test_check_reports_missing_tables_without_creating_them(pipeline: Pipeline) -> None:
+    with pipeline.ledger.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE job_versions"))
+    result = run(pipeline, "check")
+    assert result.exit_code == 1
+    assert "lacks tables job_versions (run cos-webhook init-db)" in result.output.splitlines()[1]
+    assert "job_versions" not in sa.inspect(pipeline.ledger.engine).get_table_names()

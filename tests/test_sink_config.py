@@ -222,7 +222,7 @@ def test_check_prints_a_verdict_per_sink(pipeline: Pipeline, tmp_path: Path) -> 
     result = CliRunner().invoke(main, ["check"], env=env)
     assert result.exit_code == 1
     lines = result.output.splitlines()
-    assert lines[0].startswith("ok    ledger: ")
+    assert lines[1].startswith("ok    ledger: ")
     assert "ok    filesystem (filesystem): directory " in result.output
     assert "ok    http (http): receiver answered HEAD with 200" in result.output
     assert f"ok    archive (filesystem): directory {(tmp_path / 'archive').resolve()} is writable" in lines

@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy
 import sqlalchemy.engine
 import sqlalchemy.exc
 
 from webhook.config import Settings
+from webhook.cos import make_client
 from webhook.errors import ConfigError
 from webhook.ledger import DeadLetter, JobView, Ledger, LedgerError, utcnow
+from webhook.ledger.schema import metadata
 from webhook.logs import escape, setup_logging
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import SinkSpec, build_sinks
+from webhook.verify import VerifyError, describe_job
 
 
 def _settings() -> Settings:
@@ -278,12 +282,10 @@ def check() -> None:
     settings = _settings()
     specs = _specs(settings)
     failures = 0
-    try:
-        _ledger(settings).ping()
-        click.echo(f"ok    ledger: {settings.database_url.split('://', 1)[0]} is reachable")
-    except Exception as exc:
-        failures += 1
-        click.echo(f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    verdicts = [_check_token(settings), _check_ledger(settings), *_check_ci(settings)]
+    for verdict in verdicts:
+        failures += verdict.startswith("FAIL")
+        _echo_text(verdict)
     for name, spec in specs.items():
         try:
             sink = build_sinks([spec], settings.build_context())[name]
@@ -299,6 +301,49 @@ def check() -> None:
         click.echo("FAIL  no sink is configured")
     if failures:
         raise SystemExit(1)
+
+
+def _check_token(settings: Settings) -> str:
+    try:
+        settings.check_receiver()
+    except ConfigError as exc:
+        return f"FAIL  callback token: {exc}"
+    return f"ok    callback token: {len(settings.callback_tokens)} configured"
+
+
+def _check_ledger(settings: Settings) -> str:
+    """Reachable, and every table there: read only, nothing is created."""
+    ledger = Ledger(settings.database_url)
+    try:
+        missing = sorted(set(metadata.tables) - set(sqlalchemy.inspect(ledger.engine).get_table_names()))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        return f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        ledger.dispose()
+    kind = settings.database_url.split("://", 1)[0]
+    if missing:
+        return f"FAIL  ledger: {kind} is reachable but lacks tables {', '.join(missing)} (run cos-webhook init-db)"
+    return f"ok    ledger: {kind} is reachable and has every table"
+
+
+def _check_ci(settings: Settings) -> list[str]:
+    """One cheap authenticated CI call per allowlisted bucket: are the credentials accepted?"""
+    try:
+        settings.check_worker()
+    except ConfigError as exc:
+        return [f"FAIL  worker settings: {exc}"]
+    client = make_client(
+        settings.secret_id, settings.secret_key, settings.region, settings.cos_endpoint, settings.cos_timeout
+    )
+    verdicts = []
+    for bucket in sorted(settings.allowed_buckets):
+        try:
+            describe_job(client, bucket, "j" + "0" * 32)  # no such job: any answer but an error will do
+        except VerifyError as exc:
+            verdicts.append(f"FAIL  ci: {bucket} ({settings.region}): {exc}")
+        else:
+            verdicts.append(f"ok    ci: {bucket} ({settings.region}) accepts the credentials")
+    return verdicts
 
 
 @main.command("init-db")
