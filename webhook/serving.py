@@ -58,10 +58,6 @@ class BackgroundServer:
         self._server = self._thread = None
 
     @property
-    def running(self) -> bool:
-        return self._server is not None
-
-    @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError(f"{self._name} is not running: call start() first")
