@@ -1,0 +1,95 @@
+"""The ``cos-webhook`` command group and what its commands share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import click
+import sqlalchemy.engine
+import sqlalchemy.exc
+
+from webhook.config import Settings
+from webhook.errors import ConfigError
+from webhook.ledger import Ledger, utcnow
+from webhook.logs import escape
+from webhook.sinks.config import SinkSpec
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    ledger = Ledger(settings.database_url)
+    ledger.create_schema()
+    return ledger
+
+
+Row = TypeVar("Row")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    """``2h``, ``30m``, ``3d`` ago, or an ISO date/time (UTC unless it names a zone)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text[:-1].isdigit() and text[-1:] in _UNITS:
+        return utcnow() - timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a duration like 2h or 3d nor an ISO date/time") from None
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
+
+
+class _Commands(click.Group):
+    """Every command: a ledger that cannot be reached is one line naming it, exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            url = sqlalchemy.engine.make_url(Settings.from_env().database_url)
+            where = url.render_as_string(hide_password=True)
+            click.echo(f"Error: the ledger at {where} is unreachable ({type(exc).__name__})", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Commands)
+@click.version_option(package_name="cos-webhook")
+def main() -> None:
+    """Receive, verify, fetch and forward Tencent Cloud Infinite noise-reduction results."""
+
+
+def sink_specs(settings: Settings) -> dict[str, SinkSpec]:
+    return {spec.name: spec for spec in settings.sink_specs()}
+
+
+def print_rows(
+    rows: Sequence[Row],
+    as_json: bool,
+    as_dict: Callable[[Row], dict[str, Any]],
+    header: str,
+    line: Callable[[Row], str],
+) -> None:
+    """JSON lines, or a table: the header, then one escaped line per row."""
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(as_dict(row)))
+        return
+    click.echo(header)
+    for row in rows:
+        echo_text(line(row))
+
+
+def echo_text(line: str) -> None:
+    # Ledger values come from callbacks and remote answers: with their control characters escaped
+    # they cannot add a line, move the cursor or recolour the terminal (--json escapes them itself).
+    click.echo(escape(line))

@@ -1,0 +1,170 @@
+"""Commands that look into the ledger and give jobs another chance: jobs, replay, reconcile, dead."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+
+from webhook.cli.base import echo_text, load_settings, main, open_ledger, parse_since, print_rows, sink_specs
+from webhook.errors import ConfigError
+from webhook.ledger import DeadLetter, JobView, LedgerError
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect jobs in the ledger."""
+
+
+@jobs.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--status", help="Only jobs with this status.")
+@click.option("--limit", default=50, show_default=True)
+def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
+    """List the most recent jobs."""
+    print_rows(
+        open_ledger(load_settings()).views.list_jobs(limit=limit, status=status),
+        as_json,
+        _summary,
+        f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON",
+        lambda view: (
+            f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} "
+            f"{view.updated_at:%Y-%m-%d %H:%M:%S}  {view.reason}"
+        ),
+    )
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """Show one job, its verification and its deliveries."""
+    try:
+        view = open_ledger(load_settings()).views.show_job(job_id)
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    data = view.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in ("job_id", "tag", "event_name", "state", "status", "reason", "created_at", "updated_at"):
+        echo_text(f"{key + ':':<12} {data[key]}")
+    if view.job is None:
+        echo_text(f"{'detail:':<12} {view.unreadable}")
+    elif (output := view.job.output) is not None:
+        echo_text(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+    for version in data["callbacks"]:
+        outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
+        echo_text(f"{'callback:':<12} #{version['callback_id']} at {version['received_at']}: {outcome}")
+    for step in data["verify"]:
+        echo_text(f"{'verify:':<12} {_step(step)}")
+    for delivery in data["deliveries"]:
+        echo_text(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every sink that takes it.")
+@click.option("--dead", is_flag=True, help="Replay every dead letter: verify again, or deliver again to its sink.")
+@click.option("--rejected", is_flag=True, help="Verify every rejected job again.")
+@click.option("--since", callback=parse_since, help="With --dead or --rejected: only those since (2h, 3d, ISO time).")
+def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: bool, since: datetime | None) -> None:
+    """Give a job another chance: verify it again if it was rejected or its verification died,
+    else deliver it again; or do so for every dead letter (--dead) or rejected job (--rejected)."""
+    settings = load_settings()
+    specs = sink_specs(settings)
+    unknown = [s for s in sinks if s not in specs]
+    if unknown:
+        raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(specs) or 'none'}")
+    if [bool(job_id), dead, rejected].count(True) != 1:
+        raise click.UsageError("give a JOB_ID, --dead or --rejected")
+    ledger = open_ledger(settings)
+    if job_id:
+        try:
+            job = ledger.views.show_job(job_id).job
+            wanted = sinks or tuple(n for n, spec in specs.items() if job is not None and spec.accepts(job))
+            replayed = ledger.jobs.replay(job_id, wanted)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from None
+        if replayed.verify:
+            click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
+        else:
+            click.echo(f"replay of {job_id} scheduled for: {', '.join(replayed.sinks) or 'no sink'}")
+        return
+    if dead:
+        letters = [d for d in ledger.views.dead_letters(since=since) if not sinks or d.sink in sinks]
+        todo = [(letter.job_id, [letter.sink] if letter.sink else []) for letter in letters]
+        what = "dead letters"
+    else:
+        todo = [(rejected_id, []) for rejected_id in ledger.views.rejected_jobs(since=since)]
+        what = "rejected jobs"
+    with click.progressbar(todo, label=f"replaying {what}", show_pos=True, file=sys.stderr) as bar:
+        for replay_id, replay_sinks in bar:
+            ledger.jobs.replay(replay_id, replay_sinks)
+    click.echo(f"{len(todo)} {what} scheduled again")
+
+
+@main.command()
+@click.option("--since", default="24h", show_default=True, callback=parse_since, help="Jobs created since (2h).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def reconcile(since: datetime, as_json: bool) -> None:
+    """Find finished jobs whose callback never came (CI's job list) and record them for the worker."""
+    from webhook.reconcile import ReconcileError
+    from webhook.reconcile import reconcile as run_reconcile
+
+    settings = load_settings()
+    try:
+        settings.check_worker()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    try:
+        summary = run_reconcile(settings, open_ledger(settings), since)
+    except ReconcileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    for bucket in summary.buckets:
+        for job_id in bucket.recorded:
+            echo_text(f"recorded {job_id} ({bucket.bucket})")
+    echo_text(summary.line())
+
+
+@main.group()
+def dead() -> None:
+    """Dead letters: verifications and deliveries that ran out of attempts or were refused for good."""
+
+
+@dead.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--sink", help="Only this sink's deliveries.")
+@click.option("--since", callback=parse_since, help="Only those that died after this (2h, 3d, or ISO time).")
+def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
+    """List dead verifications and deliveries with their last error."""
+    print_rows(
+        open_ledger(load_settings()).views.dead_letters(sink=sink, since=since),
+        as_json,
+        DeadLetter.to_dict,
+        f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
+        lambda letter: (
+            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts:>8} "
+            f"{letter.dead_at:%Y-%m-%d %H:%M:%S}  {letter.last_error}"
+        ),
+    )
+
+
+def _summary(view: JobView) -> dict[str, Any]:
+    data = view.to_dict()
+    return {k: data[k] for k in ("job_id", "tag", "state", "status", "reason", "created_at", "updated_at")}
+
+
+def _step(step: dict[str, Any]) -> str:
+    text = f"{step['status']} attempts={step['attempts']}"
+    if step["next_attempt_at"]:
+        text += f" next={step['next_attempt_at']}"
+    if step["last_error"]:
+        text += f" last_error={step['last_error']}"
+    return text
