@@ -72,6 +72,11 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_RECONCILE_QUEUE_IDS": ("reconcile_queue_ids",),
     "WEBHOOK_RECONCILE_INTERVAL": ("reconcile_interval",),
     "WEBHOOK_RUN_WORKER": ("run_worker_in_web",),
+    "WEBHOOK_SHUTDOWN_SECONDS": ("shutdown_seconds",),
+    "WEBHOOK_HEARTBEAT_SECONDS": ("heartbeat_seconds",),
+    "WEBHOOK_MIN_TRANSFER_RATE": ("min_transfer_rate",),
+    "WEBHOOK_STAGING_MAX_BYTES": ("staging_max_bytes",),
+    "WEBHOOK_PUBLIC_URL": ("public_url",),
     "WEBHOOK_TEMP_DIR": ("temp_dir",),
     "WEBHOOK_LOG_LEVEL": ("log_level",),
 }
@@ -164,11 +169,13 @@ class Settings(BaseSettings):
     secret_key: str = Field("", repr=False)
     region: str = ""
     cos_endpoint: Annotated[CosEndpoint | None, BeforeValidator(_endpoint)] = None
-    cos_timeout: PositiveFloat = 30.0  # seconds per COS/CI connect or read
+    # Deadline for one whole COS/CI exchange; a transfer also gets its bytes' time at min_transfer_rate.
+    cos_timeout: PositiveFloat = 30.0
     sink_dir: str = ""
     http_sink_url: HttpUrl = ""
     http_sink_secret: str = Field("", repr=False)
-    http_sink_timeout: PositiveFloat = 30.0
+    http_sink_timeout: PositiveFloat = 30.0  # deadline, as cos_timeout
+    min_transfer_rate: PositiveInt = 1024 * 1024  # bytes/s a transfer may not fall below
     max_body_bytes: PositiveInt = 1024 * 1024
     allowed_sources: Annotated[Networks, BeforeValidator(_networks)] = ()  # empty: any address
     # X-Forwarded-For hops set by proxies in front (the PaaS router).
@@ -182,6 +189,12 @@ class Settings(BaseSettings):
     reconcile_queue_ids: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
     reconcile_interval: PositiveFloat = 600.0  # seconds between a worker's reconcile runs
     run_worker_in_web: Annotated[bool, BeforeValidator(_flag)] = False
+    # Under a PaaS's usual 30 s grace between SIGTERM and SIGKILL.
+    shutdown_seconds: PositiveFloat = 25.0
+    # A worker whose heartbeat is three intervals old is dead: its leases are taken over.
+    heartbeat_seconds: PositiveFloat = 5.0
+    staging_max_bytes: PositiveInt = 2 * 1024**3  # downloads kept for a job's pending deliveries
+    public_url: HttpUrl = ""  # where CI reaches this service (submit, queue register)
     temp_dir: str = ""
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_level)] = "INFO"
     sinks: list[AnySinkSpec] = []  # declared in the file; see sink_specs() for all of them

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
 from webhook.ledger.jobs import Jobs, RawRequest, Recorded, Replayed
+from webhook.ledger.locks import Locks
 from webhook.ledger.queue import Queue
 from webhook.ledger.schema import LedgerError, create_schema, make_engine, utcnow
 from webhook.ledger.views import DeadLetter, JobView, TaskView, VersionView, Views
@@ -23,6 +24,7 @@ __all__ = [
     "JobView",
     "Ledger",
     "LedgerError",
+    "Locks",
     "RawRequest",
     "Recorded",
     "Replayed",
@@ -44,6 +46,7 @@ class Ledger:
         self.jobs = Jobs(self.engine)
         self.queue = Queue(self.engine)
         self.views = Views(self.engine)
+        self.locks = Locks(self.engine)
 
     def create_schema(self) -> None:
         """Create missing tables; safe when several processes start at once."""

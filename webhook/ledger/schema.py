@@ -80,6 +80,45 @@ tasks = sa.Table(
     sa.UniqueConstraint("job_id", "kind", "sink"),
     sa.Index("ix_tasks_due", "status", "run_after"),
 )
+# Every attempt at a step (verify, fetch, one sink's delivery), for the job's timeline. Replay
+# adds attempts; none is ever erased.
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(128), sa.ForeignKey("jobs.job_id"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # verify, fetch, deliver
+    sa.Column("sink", sa.String(64), nullable=False),  # JOB_WIDE for verify and fetch
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),  # AttemptOutcome
+    sa.Column("code", sa.String(64), nullable=False),  # HTTP status or error code, "" if none
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("worker_id", sa.String(128), nullable=False),
+    sa.Index("ix_attempts_job", "job_id", "id"),
+)
+
+# Live workers: each renews its row every WEBHOOK_HEARTBEAT_SECONDS. Leases held by a worker
+# whose row is stale (or gone) are taken over without waiting for them to run out.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+)
+
+# Named leases for work that one process at a time should do (a worker's periodic reconcile).
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("until", sa.DateTime, nullable=False),
+)
+
 # The sink column of a task that belongs to the job (verification), not to one sink. Kept out of
 # the ledger's interface: a verify Task has no sink. (NULL would need a schema migration.)
 JOB_WIDE = ""
