@@ -7,6 +7,7 @@ and end in the same delivery as without it once it clears.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,27 +114,41 @@ def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, cas
 @pytest.mark.slow
 def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipeline) -> None:
     job_id, worker = verified(pipeline)
-    # The product's client waits 30 s (twice: the SDK retries a timeout); a shorter one keeps
-    # the test short and exercises the same path.
     settings = pipeline.settings
-    worker.client_for_region = lambda region: make_client(
-        settings.secret_id, settings.secret_key, region, settings.cos_endpoint, timeout=0.5
-    )
-    pipeline.sandbox.faults.add(Fault(kind="object GET", delay=60))
+
+    def client_timeout(seconds: float) -> None:
+        worker.client_for_region = lambda region: make_client(
+            settings.secret_id, settings.secret_key, region, settings.cos_endpoint, timeout=seconds
+        )
+
+    # The product's deadline is 30 s; a shorter one keeps the test short and exercises the same
+    # path. The GETs are held far longer than it waits.
+    client_timeout(0.5)
+    pipeline.sandbox.faults.add(Fault(kind="object GET", delay=600))
 
     attempt(pipeline, worker)
     view = pipeline.ledger.views.show_job(job_id).to_dict()
     for delivery in view["deliveries"]:
         assert (delivery["status"], delivery["attempts"]) == ("pending", 1)
-        assert delivery["last_error"].startswith("COS unreachable: ")
-        assert "Read timed out" in delivery["last_error"]
+        assert delivery["last_error"] == "COS GetObject out/denoised.wav: no complete answer within 0.5s (deadline)"
     assert_nothing_forwarded(pipeline)
 
-    # Slow, but within the client's timeout: not an error at all.
+    # Slow, but within the client's timeout: not an error at all. The GET is held until the test
+    # has seen it arrive and waited longer than the timeout above, then answered.
     pipeline.sandbox.faults.clear()
-    slow = pipeline.sandbox.faults.add(Fault(kind="object GET", delay=0.1))
+    client_timeout(30)
+    held = pipeline.sandbox.faults.add(Fault(kind="object GET", delay=600))
+    retrying = threading.Thread(target=attempt, args=(pipeline, worker))
+    retrying.start()
+    try:
+        pipeline.wait_until(lambda: held.fired >= 1, what="the retry's object GET")
+        retrying.join(timeout=1.0)  # twice the timeout that failed above
+        assert retrying.is_alive(), "the retry ended while its GET was held"
+    finally:
+        pipeline.sandbox.faults.clear()  # answers the held GET now
+        retrying.join(timeout=60)
+    assert not retrying.is_alive()
     assert pipeline.drain(worker, job_id, DONE) == "delivered"
-    assert slow.fired >= 1
     assert [d["attempts"] for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]] == [2, 2]
     assert_delivered_intact(pipeline, job_id)
 

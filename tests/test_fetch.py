@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import crcmod
 import pytest
+from support.trickle import Trickle, response
 
+from webhook.cos import make_client, parse_endpoint
 from webhook.crc64 import crc64ecma
-from webhook.fetch import FetchError, fetch_object, sweep_staging
+from webhook.fetch import FetchError, describe_object, fetch_object
 from webhook.models import ObjectLocation
 from webhook.sandbox import Sandbox
+from webhook.sandbox.faults import Fault
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 REQUEST_ID = r"\(request_id=[0-9a-f]{32}\)$"  # the sandbox's, as COS names each answer
@@ -68,11 +72,62 @@ def test_unreachable_cos(tmp_path: Path) -> None:
         fetch_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), str(tmp_path))
 
 
-def test_sweep_removes_only_abandoned_downloads(tmp_path: Path) -> None:
-    abandoned, live, other = tmp_path / "cos-webhook-a.part", tmp_path / "cos-webhook-b.part", tmp_path / "x.part"
-    for path in (abandoned, live, other):
-        path.write_bytes(b"partial")
-    os.utime(abandoned, (0, 0))
-    os.utime(other, (0, 0))
-    assert sweep_staging(str(tmp_path)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cos-webhook-b.part", "x.part"]
+def paced_object(data: bytes) -> Trickle:
+    """A COS stand-in that sends the headers at once and ``data`` in six pieces, 0.1 s apart."""
+    answer = response(data, headers={"Content-Type": "audio/wav", "x-cos-hash-crc64ecma": str(crc64ecma(data))})
+    return Trickle(answer, head=len(answer) - len(data), chunk=-(-len(data) // 6), every=0.1)
+
+
+def test_a_trickling_cos_passes_the_deadline(tmp_path: Path) -> None:
+    with Trickle(every=0.3) as server:
+        client = make_client("id", "key", REGION, endpoint=parse_endpoint(server.url), timeout=1)
+        with pytest.raises(FetchError) as caught:
+            fetch_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), str(tmp_path))
+        with pytest.raises(FetchError) as described:
+            describe_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), timeout=0.5)
+    assert str(caught.value) == "COS GetObject out/a.wav: no complete answer within 1s (deadline)"
+    assert str(described.value) == "COS HeadObject out/a.wav: no complete answer within 0.5s (deadline)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_large_object_gets_its_time_at_the_minimum_rate(tmp_path: Path) -> None:
+    data = os.urandom(600_000)
+    where = ObjectLocation(BUCKET, REGION, "out/a.wav")
+    with paced_object(data) as server:
+        client = make_client("id", "key", REGION, endpoint=parse_endpoint(server.url), timeout=60)
+        # 0.3 s is too little for the whole body, but 600 kB at 200 kB/s adds 3 s.
+        fetched = fetch_object(client, where, str(tmp_path), timeout=0.3, min_rate=200_000, part_prefix="w1-")
+        assert Path(fetched.path).read_bytes() == data
+        assert Path(fetched.path).name.startswith("w1-")
+        os.unlink(fetched.path)
+
+        # With no time for its bytes, the same download is abandoned and its partial file removed.
+        with pytest.raises(FetchError) as caught:
+            fetch_object(client, where, str(tmp_path), timeout=0.3, min_rate=10**12)
+    assert re.fullmatch(
+        r"download of out/a\.wav broke off after \d+ bytes: no complete answer within 0\.3s \(deadline\)",
+        str(caught.value),
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_delayed_sandbox_answer_passes_the_deadline_then_fetches_fine(sandbox: Sandbox, tmp_path: Path) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    sandbox.client(REGION).put_object(Bucket=BUCKET, Body=data, Key="out/a.wav")
+    where = ObjectLocation(BUCKET, REGION, "out/a.wav")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    sandbox.faults.add(Fault(kind="object GET", delay=30, times=1))
+    sandbox.faults.add(Fault(kind="object HEAD", delay=30, times=1))
+
+    client = make_client(sandbox.secret_id, sandbox.secret_key, REGION, sandbox.endpoint, timeout=0.5)
+    with pytest.raises(FetchError, match=r"^COS GetObject out/a\.wav: no complete answer within 0\.5s \(deadline\)$"):
+        fetch_object(client, where, str(staging))
+    with pytest.raises(FetchError, match=r"^COS HeadObject out/a\.wav: no complete answer within 0\.5s \(deadline\)$"):
+        describe_object(client, where)
+    assert list(staging.iterdir()) == []
+
+    sandbox.faults.clear()
+    fetched = fetch_object(client, where, str(staging), timeout=10)  # the client is reused afterwards
+    assert Path(fetched.path).read_bytes() == data
+    assert describe_object(client, where).size == len(data)

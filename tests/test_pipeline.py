@@ -9,6 +9,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 from support.pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file
 from support.receiver import Receiver, Reply
+from support.sandbox_jobs import held_jobs
 
 from webhook.events import event_id
 
@@ -119,11 +120,10 @@ def test_failed_job_is_forwarded_as_a_failure_event_without_fetching(pipeline: P
     assert metadata["job"]["state"] == "Failed"
 
 
-@pytest.mark.slow  # CI reports the job running for a second
-@pytest.mark.parametrize("sandbox", [1.0], indirect=True)
-def test_job_ci_still_reports_running_is_checked_again(pipeline: Pipeline) -> None:
-    with Receiver() as elsewhere:
+def test_job_ci_still_reports_running_is_checked_again(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Receiver() as elsewhere, held_jobs(monkeypatch) as gate:
         job_id = pipeline.submit(pipeline.upload_input(), callback_url=elsewhere.url)
+        gate.wait_entered()  # CI reports the job Running until the gate opens
         # A callback that runs ahead of CI: verification must wait, not trust it.
         assert pipeline.post_callback(forged(job_id)).status_code == 200
         worker = pipeline.worker()
@@ -132,6 +132,7 @@ def test_job_ci_still_reports_running_is_checked_again(pipeline: Pipeline) -> No
         assert view["status"] == "received"
         assert view["verify"][0]["last_error"] == "CI reports the job Running"
         assert pipeline.http.requests == []
+        gate.release()
         pipeline.sandbox.wait_for_callbacks(1, timeout=20)
 
     assert pipeline.drain(worker, job_id, DONE) == "delivered"

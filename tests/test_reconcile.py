@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
-from support.pipeline import BUCKET, DONE, REGION, Pipeline, settings_env
+from support.logs import records
+from support.pipeline import BUCKET, DONE, REGION, Pipeline, multipart_file, settings_env
+from support.processes import start_worker
 from support.receiver import Receiver
 
 from webhook.callback import parse_job
 from webhook.cli import main
 from webhook.config import ConfigError, Settings
-from webhook.ledger import utcnow
-from webhook.ledger.schema import callbacks
-from webhook.reconcile import Listed, Summary, creation_time, reconcile, to_record
+from webhook.ledger import Ledger, utcnow
+from webhook.ledger.schema import callbacks, locks
+from webhook.reconcile import (
+    LOCK,
+    RUNTIME_MARGIN,
+    Listed,
+    PeriodicReconcile,
+    Summary,
+    creation_time,
+    reconcile,
+    to_record,
+)
+from webhook.sandbox import Fault
 
 FINISHED = "Success,Failed,Cancel"
 
@@ -203,3 +221,217 @@ def test_reconcile_settings_come_from_the_environment() -> None:
     assert (defaults.reconcile_queue_ids, defaults.reconcile_interval) == ((), 600.0)
     with pytest.raises(ConfigError, match="WEBHOOK_RECONCILE_INTERVAL must be greater than 0"):
         Settings.from_env({"WEBHOOK_RECONCILE_INTERVAL": "0"})
+
+
+# -- the worker's own reconcile ----------------------------------------------------------------
+
+INTERVAL = 60.0  # long enough that a lock taken in a test holds until it ends
+
+
+class Clock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def periodic(pipeline: Pipeline, holder: str, clock: Clock, interval: float = INTERVAL) -> PeriodicReconcile:
+    return PeriodicReconcile(pipeline.settings.replace(reconcile_interval=interval), pipeline.ledger, holder, clock)
+
+
+def ran(summary: Summary | None) -> dict[str, object]:
+    """What a tick that ran found."""
+    assert summary is not None, "the tick did not run"
+    return summary.to_dict()
+
+
+def count_ci_lists(pipeline: Pipeline) -> Callable[[], int]:
+    """How many DescribeMediaJobs requests the sandbox has answered from now on."""
+    counting = pipeline.sandbox.faults.add(Fault(kind="CI list", delay=0.001))  # an effect it must have
+    return lambda: counting.fired
+
+
+def count_statements(ledger: Ledger) -> Callable[[], int]:
+    """How many statements the ledger has sent its database from now on."""
+    sent = [0]
+
+    def count(*_: object) -> None:
+        sent[0] += 1
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", count)
+    return lambda: sent[0]
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "webhook.reconcile" and r.levelno >= logging.WARNING]
+
+
+def test_two_workers_ticking_together_run_once_per_interval(pipeline: Pipeline, lost_url: str) -> None:
+    ids = submit_lost(pipeline, lost_url, 2)
+    wait_finished(pipeline, 2)
+    clock = Clock()
+    a, b = periodic(pipeline, "worker-a", clock), periodic(pipeline, "worker-b", clock)
+    start = threading.Barrier(2)
+
+    def tick(reconciler: PeriodicReconcile) -> Summary | None:
+        start.wait()
+        return reconciler.tick()
+
+    with ThreadPoolExecutor(2) as pool:
+        first = list(pool.map(tick, (a, b)))
+
+    [won] = [summary for summary in first if summary is not None]
+    winner, loser = (a, b) if first[0] is not None else (b, a)
+    assert won.to_dict()["recorded"] == ids
+    assert (winner.runs, winner.recorded, loser.runs, loser.failures) == (1, 2, 0, 0)
+
+    clock.now += INTERVAL  # both due again: the winner's lock still holds the other off
+    assert loser.tick() is None
+    assert ran(winner.tick())["recorded"] == []
+
+    # The winner stops; once its lock runs out the other takes over.
+    with pipeline.ledger.engine.begin() as conn:
+        conn.execute(locks.update().where(locks.c.name == LOCK).values(until=utcnow() - timedelta(seconds=1)))
+    clock.now += INTERVAL
+    assert loser.tick() is not None
+    assert winner.tick() is None
+    assert (winner.runs, loser.runs, winner.recorded + loser.recorded) == (2, 1, 2)
+    assert pipeline.status(ids[0]) == "received"
+
+
+def test_a_tick_before_the_interval_asks_neither_ci_nor_the_ledger(pipeline: Pipeline) -> None:
+    clock = Clock()
+    reconciler = periodic(pipeline, "worker-a", clock)
+    ci_lists = count_ci_lists(pipeline)
+    statements = count_statements(pipeline.ledger)
+
+    assert reconciler.tick() is not None  # the first tick runs at once
+    assert ci_lists() == 1
+    ran = statements()
+
+    clock.now += INTERVAL - 0.01
+    assert reconciler.tick() is None
+    assert (ci_lists(), statements()) == (1, ran)
+
+    clock.now += 0.01
+    assert reconciler.tick() is not None
+    assert ci_lists() == 2
+    assert reconciler.runs == 2
+
+
+def test_ci_failing_is_one_warning_and_the_next_interval_tries_again(
+    pipeline: Pipeline, lost_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    [job_id] = submit_lost(pipeline, lost_url, 1)
+    wait_finished(pipeline, 1)
+    clock = Clock()
+    reconciler = periodic(pipeline, "worker-a", clock)
+    pipeline.sandbox.faults.add(Fault(kind="CI list", status=503))
+    caplog.set_level(logging.INFO, logger="webhook.reconcile")
+
+    assert reconciler.tick() is None
+
+    [warning] = warnings(caplog)
+    assert warning.startswith(f"reconcile failed, next try in 60s: bucket {BUCKET}: CI answered 503 ")
+    assert (reconciler.runs, reconciler.failures) == (0, 1)
+    clock.now += INTERVAL / 2
+    assert reconciler.tick() is None  # not due yet: a failure does not make it try sooner
+    assert len(warnings(caplog)) == 1
+
+    pipeline.sandbox.faults.clear()
+    clock.now += INTERVAL / 2
+    summary = ran(reconciler.tick())
+
+    assert summary["recorded"] == [job_id]
+    assert (reconciler.runs, reconciler.recorded, reconciler.failures) == (1, 1, 1)
+    assert len(warnings(caplog)) == 1
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reconcile since=")]
+    assert line.endswith(f" listed=1 known=0 recorded=1 jobs={job_id}")
+
+
+def test_a_ledger_away_is_one_warning_not_an_exception(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.db'}")  # its directory does not exist
+    reconciler = PeriodicReconcile(Settings(reconcile_interval=5), ledger, "worker-a", Clock())
+    caplog.set_level(logging.INFO, logger="webhook.reconcile")
+
+    assert reconciler.tick() is None
+
+    assert warnings(caplog) == ["reconcile failed, next try in 5s: ledger unavailable (OperationalError)"]
+    assert reconciler.failures == 1
+    ledger.dispose()
+
+
+def test_each_run_lists_two_intervals_and_the_margin_back(pipeline: Pipeline) -> None:
+    reconciler = periodic(pipeline, "worker-a", Clock(), interval=600)
+    now = datetime(2024, 5, 1, 12, 0, 0)
+
+    assert reconciler.window(now) == now - timedelta(seconds=1200 + RUNTIME_MARGIN)
+
+
+@pytest.mark.slow
+def test_forty_lost_callbacks_are_delivered_after_ticks_and_worker_runs(pipeline: Pipeline, lost_url: str) -> None:
+    ids = submit_lost(pipeline, lost_url, 40)
+    clock = Clock()
+    reconciler = periodic(pipeline, "reconciler", clock)
+    worker = pipeline.worker()
+    try:
+        while reconciler.recorded < 40 or {pipeline.status(job_id) for job_id in ids} != {"delivered"}:
+            assert clock.now < 1000 + 200 * INTERVAL, {job_id: pipeline.status(job_id) for job_id in ids}
+            reconciler.tick()
+            worker.run(burst=True)
+            clock.now += INTERVAL
+    finally:
+        worker.close()
+
+    assert (reconciler.recorded, reconciler.failures) == (40, 0)
+    for i, job_id in enumerate(ids):
+        assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes(f"out/{i}.wav")
+    assert sorted(multipart_file(r)[0]["job"]["job_id"] for r in pipeline.http.requests) == sorted(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sandbox", [1.0], indirect=True)
+def test_a_job_running_at_one_tick_is_recorded_by_a_later_one(pipeline: Pipeline, lost_url: str) -> None:
+    clock = Clock()
+    reconciler = periodic(pipeline, "worker-a", clock)
+    [job_id] = submit_lost(pipeline, lost_url, 1)
+
+    early = ran(reconciler.tick())
+
+    assert (early["listed"], early["recorded"]) == (0, [])
+    wait_finished(pipeline, 1)
+    clock.now += INTERVAL
+    late = ran(reconciler.tick())
+
+    assert late["recorded"] == [job_id]
+    assert (reconciler.runs, reconciler.recorded) == (2, 1)
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+
+
+@pytest.mark.slow
+def test_worker_processes_reconcile_on_their_own(pipeline: Pipeline, lost_url: str, tmp_path: Path) -> None:
+    ids = submit_lost(pipeline, lost_url, 40)
+    env = settings_env(pipeline.settings) | {"WEBHOOK_RECONCILE_INTERVAL": "1"}
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    workers = [start_worker(env, log) for log in logs]
+    try:
+        pipeline.wait_until(
+            lambda: {pipeline.status(job_id) for job_id in ids} == {"delivered"}, timeout=60, what="40 deliveries"
+        )
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        codes = [worker.wait(timeout=30) for worker in workers]
+    assert codes == [0, 0], [log.read_text() for log in logs]
+
+    assert len(pipeline.http.requests) == 40
+    lines = [line for log in logs for line in records(log.read_text())]
+    runs = [
+        m
+        for line in lines
+        if (m := re.search(r" INFO webhook\.reconcile reconcile since=\S+ .* recorded=(\d+) ", line))
+    ]
+    assert sum(int(m[1]) for m in runs) == 40

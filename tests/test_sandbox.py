@@ -17,6 +17,7 @@ import tracemalloc
 import wave
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import xmltodict
 from qcloud_cos import CosClientError, CosServiceError
 from qcloud_cos.cos_auth import CosS3Auth
 from support.receiver import Receiver, Reply
+from support.sandbox_jobs import held_jobs
 from urllib3.exceptions import ProtocolError
 
 from webhook.callback import parse_callback
@@ -591,17 +593,25 @@ def test_ci_host_is_served_too(sandbox: Sandbox, client: Any, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_job_delay_reports_running_then_success(tmp_path: Path) -> None:
-    with Sandbox(job_delay=1.0).start() as slow:
+def test_job_delay_reports_running_then_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    delay = 1.0
+    with Sandbox(job_delay=delay).start() as slow, held_jobs(monkeypatch) as gate:
         slow_client = slow.client(REGION)
         job_id = start_job(slow_client, tmp_path)
 
-        running = wait_for_state(slow_client, job_id, "Running", timeout=0.9)
-        done = wait_for_state(slow_client, job_id, "Success")
+        # Held after its delay, the job is Running for as long as this takes, however slow the machine.
+        running = wait_for_state(slow_client, job_id, "Running", timeout=30)
+        gate.wait_entered()
+        gate.release()
+        done = wait_for_state(slow_client, job_id, "Success", timeout=30)
 
     assert running["StartTime"] != "-"
     assert running["EndTime"] == "-"
     assert done["EndTime"] != "-"
+    # The delay came before the work: the job reached its noise reduction no sooner than the delay
+    # after it started (StartTime has whole seconds, cut down, so this holds for any start).
+    assert gate.entered_at is not None
+    assert gate.entered_at - datetime.strptime(running["StartTime"], "%Y-%m-%dT%H:%M:%S%z") >= timedelta(seconds=delay)
 
 
 def test_failed_callback_is_retried(sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sinks import DeliveryError, Sink
+from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.filesystem import FilesystemSink
+from webhook.sinks.options import FilesystemOptions
 
 AUDIO = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: more than one copy chunk
 
@@ -34,6 +38,18 @@ def tree(path: Path) -> dict[str, bytes]:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "sink" / "out"  # missing on purpose: the sink creates it
+
+
+def listing(path: Path) -> list[str]:
+    """Every entry under ``path``, directories and dangling symlinks included."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def verdict(sink: FilesystemSink) -> str:
+    try:
+        return "ok    " + sink.check()
+    except DeliveryError as exc:
+        return "FAIL  " + exc.message
 
 
 def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
@@ -199,3 +215,94 @@ def test_a_reader_never_sees_a_final_name_before_its_file_is_complete(tmp_path: 
         reader.join()
     assert wrong == []
     assert len({name for name, _ in seen}) > 50  # the reader really read along, not only at the end
+
+
+def test_building_and_checking_create_nothing_and_the_first_delivery_creates_the_directory(
+    tmp_path: Path, root: Path
+) -> None:
+    before = listing(tmp_path)
+    sink = FilesystemSink.from_options("archive", FilesystemOptions(dir=str(root)), BuildContext({}))
+
+    assert verdict(sink) == f"ok    directory {root} does not exist; will be created on first delivery"
+    assert listing(tmp_path) == before
+
+    sink.deliver(make_event(tmp_path))
+    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+
+
+def test_checking_a_writable_directory_leaves_no_probe_behind(root: Path) -> None:
+    root.mkdir(parents=True)
+    assert verdict(FilesystemSink(root)) == f"ok    directory {root.resolve()} is writable"
+    assert os.listdir(root) == []
+
+
+@pytest.mark.parametrize("obstacle", ["file at the directory", "file at a parent", "dangling symlink at a parent"])
+def test_a_directory_that_cannot_be_created_fails_the_check_and_stays_as_it_was(tmp_path: Path, obstacle: str) -> None:
+    blocked = tmp_path / "blocked"
+    if obstacle == "dangling symlink at a parent":
+        blocked.symlink_to(tmp_path / "gone")
+    else:
+        blocked.write_bytes(b"")
+    root = blocked if obstacle == "file at the directory" else blocked / "sink" / "out"
+    before = listing(tmp_path)
+
+    message = verdict(FilesystemSink(root, name="archive"))
+
+    if obstacle == "file at the directory":
+        assert message == f"FAIL  archive: cannot write in {root}: File exists"
+    else:
+        assert message == f"FAIL  archive: cannot create {root}: {blocked} is not a directory"
+    assert listing(tmp_path) == before
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory that an unprivileged user can reach (pytest's own are private to their owner)."""
+    path = Path(tempfile.mkdtemp(prefix="fs-sink-"))
+    path.chmod(0o755)
+    yield path
+    for directory in (path, *path.rglob("*")):
+        if directory.is_dir() and not directory.is_symlink():
+            directory.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def verdict_without_root(sink: FilesystemSink) -> str:
+    """``sink.check()`` as an unprivileged user: root may write in any directory, whatever its mode."""
+    if os.geteuid() != 0:
+        return verdict(sink)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root for good, answer through the pipe, and leave without cleanup
+        status = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)  # nobody
+            os.write(write, verdict(sink).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        said = answer.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    return said
+
+
+@pytest.mark.parametrize("where", ["missing directory", "existing directory"])
+def test_a_directory_the_service_may_not_write_in_fails_the_check(shared_tmp: Path, where: str) -> None:
+    locked = shared_tmp / "locked"
+    locked.mkdir(mode=0o555)
+    locked.chmod(0o555)  # whatever the umask made of it
+    root = locked / "out" if where == "missing directory" else locked
+    before = listing(shared_tmp)
+
+    message = verdict_without_root(FilesystemSink(root, name="archive"))
+
+    if where == "missing directory":
+        assert message == f"FAIL  archive: cannot create {root}: {locked} is not writable"
+    else:
+        assert message == f"FAIL  archive: cannot write in {root}: Permission denied"
+    assert listing(shared_tmp) == before

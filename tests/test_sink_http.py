@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -19,8 +21,10 @@ from typing import IO
 import pytest
 from standardwebhooks.webhooks import Webhook
 from support.receiver import ReceivedRequest, Receiver, Reply
+from support.trickle import Trickle
 from werkzeug.datastructures import FileStorage
 
+from webhook.deadline import expire_all
 from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError
@@ -213,7 +217,70 @@ def test_timeout_is_retryable(receiver: Receiver) -> None:
     http.close()
     assert time.monotonic() - started < 5
     assert not error.permanent
-    assert error.message == "http: no answer within 0.5s"
+    assert error.message == "http: no complete answer within 0.5s (deadline)"
+
+
+def test_a_trickling_answer_passes_the_deadline() -> None:
+    # One byte every 0.3 s never trips a per-read timeout of 1 s; the deadline of the whole POST does.
+    with Trickle(every=0.3) as server:
+        http = HttpSink(server.url, SECRET, timeout=1)
+        error = deliver_error(http, failed())
+        http.close()
+    assert not error.permanent
+    assert error.message == "http: no complete answer within 1s (deadline)"
+
+
+def test_a_receiver_that_never_answers_passes_the_deadline() -> None:
+    with Trickle(answer=None) as server:
+        http = HttpSink(server.url, SECRET, timeout=1)
+        error = deliver_error(http, failed())
+        http.close()
+    assert not error.permanent
+    assert error.message == "http: no complete answer within 1s (deadline)"
+
+
+def test_a_receiver_that_reads_the_upload_slowly_passes_the_deadline(tmp_path: Path) -> None:
+    # Far more than socket buffers hold, at an allowed rate that leaves the upload no extra time.
+    event = succeeded(tmp_path, size=16 * MiB)
+    with Trickle(answer=None, read_every=0.1) as server:
+        http = HttpSink(server.url, SECRET, timeout=1, min_rate=10**12)
+        error = deliver_error(http, event)
+        http.close()
+    assert not error.permanent
+    assert error.message == "http: no complete answer within 1s (deadline)"
+
+
+def test_the_upload_gets_its_time_at_the_minimum_rate(tmp_path: Path, receiver: Receiver) -> None:
+    event = succeeded(tmp_path, b"x" * 1500)
+    http = HttpSink(receiver.url, SECRET, timeout=0.2, min_rate=3000)
+    receiver.reply(Reply(200, delay=10))
+    error = deliver_error(http, event)
+    http.close()
+    found = re.fullmatch(r"http: no complete answer within ([0-9.]+)s \(deadline\)", error.message)
+    assert found, error.message
+    # 0.2 s plus the whole multipart body's time at 3000 bytes/s: more than the file's base64 alone.
+    assert 0.2 + 2000 / 3000 < float(found.group(1)) < 2
+
+
+def test_expire_all_abandons_a_delivery_stuck_on_a_trickling_receiver() -> None:
+    errors: list[DeliveryError] = []
+
+    def deliver() -> None:
+        try:
+            http.deliver(failed())
+        except DeliveryError as exc:
+            errors.append(exc)
+
+    with Trickle(every=0.3) as server:
+        http = HttpSink(server.url, SECRET, timeout=60)
+        worker = threading.Thread(target=deliver, daemon=True)
+        worker.start()
+        server.wait_for_requests(1)
+        expire_all("worker shutting down")
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+        http.close()
+    assert [(error.message, error.permanent) for error in errors] == [("http: abandoned: worker shutting down", False)]
 
 
 def test_connection_refused_is_retryable() -> None:

@@ -30,8 +30,9 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from qcloud_cos import CosS3Client
 
-from webhook.cos import CosEndpoint, parse_endpoint
+from webhook.cos import CosEndpoint, make_client, parse_endpoint
 from webhook.errors import ConfigError
 from webhook.retry import RetryPolicy
 from webhook.sinks import BuildContext
@@ -248,6 +249,10 @@ class Settings(BaseSettings):
         """A copy with ``changes``, validated again (and the sink file read again)."""
         return Settings(**(self.model_dump(exclude={"sinks"}, exclude_unset=True) | changes))
 
+    def cos_client(self, region: str | None = None) -> CosS3Client:
+        """An SDK client with these credentials for ``region`` (default ``COS_REGION``)."""
+        return make_client(self.secret_id, self.secret_key, region or self.region, self.cos_endpoint, self.cos_timeout)
+
     def sink_specs(self) -> list[SinkSpec]:
         """Every configured sink: the environment's simple ones, then the file's."""
         return [
@@ -263,7 +268,12 @@ class Settings(BaseSettings):
             "COS_SECRET_ID": self.secret_id,
             "COS_SECRET_KEY": self.secret_key,
         }
-        return BuildContext(env | {name: value for name, value in known.items() if value}, self.cos_endpoint)
+        return BuildContext(
+            env | {name: value for name, value in known.items() if value},
+            self.cos_endpoint,
+            cos_timeout=self.cos_timeout,
+            min_transfer_rate=self.min_transfer_rate,
+        )
 
     def check_receiver(self) -> None:
         """What the web process needs."""

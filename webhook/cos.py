@@ -10,6 +10,10 @@ from urllib.parse import urlsplit
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from webhook.deadline import Deadline, deadline_session
+
+DEFAULT_TIMEOUT = 30.0
+
 
 @dataclass(frozen=True)
 class CosEndpoint:
@@ -35,12 +39,19 @@ def parse_endpoint(url: str) -> CosEndpoint:
 
 
 def make_client(
-    secret_id: str, secret_key: str, region: str, endpoint: CosEndpoint | None = None, timeout: float = 30.0
+    secret_id: str,
+    secret_key: str,
+    region: str,
+    endpoint: CosEndpoint | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> CosS3Client:
     """A client for ``region``; with ``endpoint`` every COS and CI request goes to that address.
 
     The SDK then keeps sending the bucket's virtual host in ``Host`` (and signs it), so a server
     at ``endpoint`` can tell buckets and the COS/CI APIs apart exactly as Tencent's front ends do.
+
+    Its requests go through a :func:`~webhook.deadline.deadline_session`: run a call inside
+    :func:`cos_deadline` and ``timeout`` bounds the whole exchange, not just each read.
     """
     if endpoint is None:
         config = CosConfig(Region=region, SecretId=secret_id, SecretKey=secret_key, Scheme="https", Timeout=timeout)
@@ -54,7 +65,27 @@ def make_client(
             Port=endpoint.port,
             Timeout=timeout,
         )
-    return CosS3Client(config, retry=1)
+    return CosS3Client(config, retry=1, session=deadline_session())
+
+
+def client_timeout(client: CosS3Client) -> float:
+    """The ``timeout`` the client was made with: the deadline of each of its exchanges."""
+    timeout = client.get_conf()._timeout
+    return float(timeout) if timeout else DEFAULT_TIMEOUT
+
+
+def cos_deadline(client: CosS3Client, what: str, timeout: float | None = None) -> Deadline:
+    """A :class:`~webhook.deadline.Deadline` for one call of ``client`` (``timeout`` or the client's).
+
+    ::
+
+        with cos_deadline(client, "DescribeMediaJob") as deadline:
+            try:
+                client.ci_get_media_jobs(...)
+            except CosClientError:
+                if deadline.expired: ...  # deadline.passed_message() says why
+    """
+    return Deadline(client_timeout(client) if timeout is None else timeout, what)
 
 
 def service_error(exc: CosServiceError) -> tuple[str, str]:

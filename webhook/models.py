@@ -53,6 +53,24 @@ class TaskStatus(enum.StrEnum):
     DEAD = "dead"
 
 
+class Step(enum.StrEnum):
+    """What an attempt tried: fetching is a step of its own, shared by the job's deliveries."""
+
+    VERIFY = "verify"
+    FETCH = "fetch"
+    DELIVER = "deliver"
+
+
+class Outcome(enum.StrEnum):
+    """How an attempt ended."""
+
+    OK = "ok"
+    REJECTED = "rejected"  # verification refused the job
+    RETRY = "retry"  # failed; the task is due again later
+    DEAD = "dead"  # failed, and retrying cannot help or the budget is spent
+    ABANDONED = "abandoned"  # cut off by a shutdown; due again at once
+
+
 @dataclass(frozen=True)
 class ObjectLocation:
     """Where an object lives in COS."""

@@ -7,14 +7,16 @@ have through the same ingest path as a received callback (``Jobs.record`` after 
 as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
 
 :func:`to_record` is the pure decision; :func:`list_finished` (the SDK) and :func:`known_job_ids`
-(a read-only query on the ledger) are the I/O edges.
+(a read-only query on the ledger) are the I/O edges. :class:`PeriodicReconcile` is how a worker
+runs it on its own, one worker at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence, Set
+import time
+from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -27,8 +29,9 @@ from sqlalchemy.engine import Engine
 from webhook.callback import CallbackError, parse_job
 from webhook.config import Settings
 from webhook.cos import client_error, make_client, service_error
-from webhook.ledger import Ledger, RawRequest
+from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.ledger.schema import jobs
+from webhook.logs import escape
 from webhook.models import Callback, Job, JobState
 from webhook.triage import FORWARDED_EVENT, triage
 
@@ -40,6 +43,12 @@ PAGE_SIZE = 100  # the largest page DescribeMediaJobs gives
 FOUND_BY = {"X-Found-By": "reconcile"}  # stored with the request, so `jobs show` can tell it from a callback
 _BEIJING = timezone(timedelta(hours=8))  # CI's examples write every time in UTC+8
 _IDS_PER_QUERY = 500  # well under every database's limit of bound parameters
+LOCK = "reconcile"  # the ledger lock that lets one worker at a time run it
+# How much further back than two intervals a worker's run lists. CI lists jobs by creation time,
+# so a job is only found while its creation is inside the window: this covers jobs that ran this
+# long, and clocks (this host's, CI's) that disagree by a few minutes.
+RUNTIME_MARGIN = 3600.0
+_LOGGED_IDS = 50  # job ids named in a run's log line; each recorded job also has its own line
 
 
 class ReconcileError(Exception):
@@ -195,3 +204,86 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
     for job_id in recorded.job_ids:
         log.info("reconcile recorded job=%s state=%s", job_id, item.job.state)
     return recorded.job_ids
+
+
+class PeriodicReconcile:
+    """Runs :func:`reconcile` every ``settings.reconcile_interval`` seconds, one worker at a time.
+
+    A worker calls :meth:`tick` on each turn of its loop; until the interval has passed since this
+    process last ran (or tried), that is a comparison of ``clock()`` and nothing else. When due,
+    whoever wins the ledger lock :data:`LOCK` runs; the lock is held for one interval and not
+    released, so however many workers tick, one run happens per interval: the others find it
+    held, and the winner's next turn takes it again. If the winner stops, another takes over once
+    its lock runs out, so runs are at most about two intervals apart. Each run therefore lists the
+    jobs created in the last ``2 * interval + RUNTIME_MARGIN`` seconds: consecutive windows overlap,
+    and a job that finished just around one run is listed by the next (found once: jobs are known
+    by id).
+
+    Failures (CI refusing or unreachable, the ledger away) are one WARNING line and are tried
+    again an interval later; they never reach the caller. ``runs``, ``recorded`` and ``failures``
+    count what this process did.
+    """
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger, holder: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.holder = holder
+        self.interval = settings.reconcile_interval
+        self._clock = clock
+        self._next: float | None = None  # clock() at which the next run is due; None: the first tick
+        self.runs = 0  # runs that completed
+        self.recorded = 0  # jobs those runs recorded
+        self.failures = 0  # runs (or lock attempts) that failed
+        self.last: Summary | None = None  # what the last completed run found
+
+    def due(self) -> bool:
+        return self._next is None or self._clock() >= self._next
+
+    def window(self, now: datetime) -> datetime:
+        """Where the run at ``now`` starts listing: two intervals and :data:`RUNTIME_MARGIN` back."""
+        return now - timedelta(seconds=2 * self.interval + RUNTIME_MARGIN)
+
+    def tick(self) -> Summary | None:
+        """Run reconcile if it is due and this holder wins the lock; what it found, else None."""
+        if not self.due():
+            return None
+        self._next = self._clock() + self.interval
+        try:
+            if not self.ledger.locks.acquire(LOCK, self.holder, self.interval):
+                return None
+            summary = reconcile(self.settings, self.ledger, self.window(utcnow()))
+        except Exception as exc:  # the worker's loop must go on: the next interval tries again
+            self.failures += 1
+            log.warning("reconcile failed, next try in %gs: %s", self.interval, self._reason(exc))
+            return None
+        self.runs += 1
+        self.last = summary
+        totals = summary.to_dict()
+        recorded = totals["recorded"]
+        self.recorded += len(recorded)
+        named = ",".join(escape(job_id) for job_id in recorded[:_LOGGED_IDS])
+        if len(recorded) > _LOGGED_IDS:
+            named += f",+{len(recorded) - _LOGGED_IDS} more"
+        log.info(
+            "reconcile since=%s listed=%d known=%d recorded=%d jobs=%s",
+            summary.since,
+            totals["listed"],
+            totals["already_known"],
+            len(recorded),
+            named or "-",
+        )
+        return summary
+
+    def _reason(self, exc: Exception) -> str:
+        if isinstance(exc, ReconcileError):
+            text = str(exc)
+        elif isinstance(exc, sa.exc.SQLAlchemyError):
+            # Its text carries the statement and parameters; the kind says enough.
+            text = f"ledger unavailable ({type(exc).__name__})"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        if self.settings.secret_key:
+            text = text.replace(self.settings.secret_key, "[redacted]")
+        return escape(text)[:500]

@@ -41,3 +41,18 @@ def backoff_delay(
 def exhausted(attempts: int, policy: RetryPolicy) -> bool:
     """True once ``attempts`` tries have used up the policy's budget."""
     return attempts >= policy.max_attempts
+
+
+def why_over(attempts: int, policy: RetryPolicy, age: float, final: str | None = None) -> str | None:
+    """Why retrying a failed task is over, or None while it is not.
+
+    ``final`` says why retrying cannot help at all (e.g. "refused permanently"); else the task is
+    over once older than ``max_age`` (``age``: seconds since the callback arrived) or out of attempts.
+    """
+    if final is not None:
+        return final
+    if policy.max_age is not None and age > policy.max_age:
+        return f"gave up: older than max_age {policy.max_age:g}s"
+    if exhausted(attempts, policy):
+        return f"ran out of {attempts} attempts"
+    return None

@@ -16,7 +16,7 @@ from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from webhook.callback import CallbackError, parse_job
-from webhook.cos import client_error, service_error
+from webhook.cos import client_error, cos_deadline, service_error
 from webhook.models import Job, JobState, ObjectLocation
 
 
@@ -107,14 +107,21 @@ def overall(verdicts: Sequence[Verdict]) -> Verdict:
 
 
 def describe_job(client: CosS3Client, bucket: str, job_id: str) -> Job | None:
-    """DescribeMediaJob: CI's view of ``job_id`` in ``bucket``, or None if CI does not know it."""
-    try:
-        answer: dict[str, Any] = client.ci_get_media_jobs(Bucket=bucket, JobIDs=job_id)
-    except CosServiceError as exc:
-        code, detail = service_error(exc)
-        raise VerifyError(f"CI answered {code}: {detail}") from None
-    except CosClientError as exc:
-        raise VerifyError(f"CI API unreachable: {client_error(exc)}") from None
+    """DescribeMediaJob: CI's view of ``job_id`` in ``bucket``, or None if CI does not know it.
+
+    The whole exchange has the client's timeout as its deadline; past it the answer is abandoned
+    and the job is checked again later, like any other CI outage.
+    """
+    with cos_deadline(client, f"DescribeMediaJob {job_id}") as deadline:
+        try:
+            answer: dict[str, Any] = client.ci_get_media_jobs(Bucket=bucket, JobIDs=job_id)
+        except CosServiceError as exc:
+            code, detail = service_error(exc)
+            raise VerifyError(f"CI answered {code}: {detail}") from None
+        except CosClientError as exc:
+            if deadline.expired:
+                raise VerifyError(f"CI API: {deadline.passed_message()}") from None
+            raise VerifyError(f"CI API unreachable: {client_error(exc)}") from None
     for index, item in enumerate(answer.get("JobsDetail") or []):
         try:
             job = parse_job(item, f"DescribeMediaJob JobsDetail[{index}]")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
-import signal
 import socket
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable, Sequence
 
 import sqlalchemy.exc
 from qcloud_cos import CosS3Client
@@ -19,12 +17,27 @@ from webhook.config import Settings
 from webhook.cos import make_client
 from webhook.errors import ConfigError
 from webhook.events import build_event
-from webhook.fetch import FetchError, describe_object, fetch_object, presigned_url, sweep_staging
-from webhook.ledger import Claim, Delivery, DeliveryClaim, Ledger, Task, VerifyClaim, Version, utcnow
-from webhook.models import FetchedFile, Job, ObjectLocation, job_from_json
-from webhook.retry import RetryPolicy, backoff_delay, exhausted
+from webhook.fetch import FetchError, describe_object, presigned_url
+from webhook.ledger import (
+    Attempt,
+    Claim,
+    Delivery,
+    DeliveryClaim,
+    Ledger,
+    TakenOver,
+    Task,
+    Trying,
+    VerifyClaim,
+    Version,
+    utcnow,
+)
+from webhook.liveness import SHUTDOWN, Heartbeat, Shutdown, lease_kept
+from webhook.models import FetchedFile, Job, ObjectLocation, Outcome, Step, job_from_json
+from webhook.reconcile import PeriodicReconcile
+from webhook.retry import RetryPolicy, backoff_delay, why_over
 from webhook.sinks import DeliveryError, NotificationSink, Sink
 from webhook.sinks.config import SinkSpec, build_sinks
+from webhook.staging import Staging
 from webhook.verify import (
     Accept,
     Allowlist,
@@ -53,29 +66,24 @@ class Worker:
         specs: list[SinkSpec],
         sinks: dict[str, Sink],
         client_for_region: ClientFactory,
-        worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.specs = {spec.name: spec for spec in specs}
         self.sinks = sinks
         self.client_for_region = client_for_region
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        tag = uuid.uuid4().hex[:8]  # names this worker's partial downloads
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{tag}"
         self.allow = Allowlist(settings.allowed_buckets, settings.allowed_regions, settings.allowed_tags)
-        self.stopping = threading.Event()
+        self.staging = Staging(settings.temp_dir, settings.staging_max_bytes, tag, settings.min_transfer_rate)
+        self.heartbeat = Heartbeat(ledger, self.worker_id, settings.heartbeat_seconds, self._took_over)
+        self.shutdown = Shutdown(settings.shutdown_seconds, self._hard_stop)
+        self.stopping = self.shutdown.stopping
+        self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
         settings.check_worker()
-        clients: dict[str, CosS3Client] = {}
-
-        def client_for_region(region: str) -> CosS3Client:
-            if region not in clients:
-                clients[region] = make_client(
-                    settings.secret_id, settings.secret_key, region, settings.cos_endpoint, settings.cos_timeout
-                )
-            return clients[region]
-
         specs = settings.sink_specs()
         if not specs:
             raise ConfigError(
@@ -85,20 +93,30 @@ class Worker:
         sinks = build_sinks(specs, settings.build_context())
         ledger = ledger or Ledger(settings.database_url)
         ledger.create_schema()
-        return cls(settings, ledger, specs, sinks, client_for_region)
+        # One client per region, kept: its session pools the connections.
+        return cls(settings, ledger, specs, sinks, functools.cache(settings.cos_client))
 
     # -- loop ------------------------------------------------------------------------------
 
     def run(self, burst: bool = False) -> int:
         """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
+        log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
+        try:
+            return self._loop(burst)
+        finally:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # then the leases run out instead
+                self.heartbeat.stop()
+
+    def _loop(self, burst: bool) -> int:
         done = outage = 0
         # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
         patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
-        log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
-        if removed := sweep_staging(self.settings.temp_dir):
-            log.info("removed %d downloads left by stopped workers", removed)
         while not self.stopping.is_set():
             try:
+                if not self.heartbeat.running:
+                    self.heartbeat.start()
+                    self._took_over(None)
+                self.reconciler.tick()
                 worked = self.run_once()
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
@@ -126,21 +144,35 @@ class Worker:
             sink.close()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the current claim, then stop (PaaS restarts send SIGTERM)."""
+        """SIGTERM/SIGINT stop the worker within WEBHOOK_SHUTDOWN_SECONDS (see :class:`Shutdown`)."""
+        self.shutdown.install_signal_handlers()
 
-        def stop(signum: int, _frame: FrameType | None) -> None:
-            log.info("worker %s got signal %d; stopping after the current claim", self.worker_id, signum)
-            self.stopping.set()
+    def _hard_stop(self) -> None:
+        # Stuck in a call no deadline covers: give the work back and go before the PaaS's SIGKILL.
+        released = self.ledger.workers.leave(self.worker_id)
+        log.error("worker %s stopped hard after its shutdown budget; released %d leases", self.worker_id, released)
+        os._exit(1)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    def _took_over(self, taken: TakenOver | None) -> None:
+        """Remove partial downloads of workers that are gone (at start: of any no longer alive)."""
+        live = {worker.id.rsplit(":", 1)[-1] for worker in self.ledger.workers.live()}
+        if removed := self.staging.sweep(live):
+            log.info("removed %d partial downloads of stopped workers", removed)
 
     def run_once(self) -> bool:
         """Claim and process one unit of work; False when nothing is due."""
+        if not self.heartbeat.running:
+            self.heartbeat.beat()  # registered, so others leave our leases alone
         claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
         if claim is None:
             return False
-        with self._lease_kept([t.id for t in claim.tasks]):
+        with self.shutdown.busy():
+            self._run_claim(claim)
+        return True
+
+    def _run_claim(self, claim: Claim) -> None:
+        started = Trying(Step.VERIFY if isinstance(claim, VerifyClaim) else Step.DELIVER)
+        with lease_kept(self.ledger, [t.id for t in claim.tasks], self.worker_id, self.settings.lease_seconds):
             try:
                 match claim:
                     case VerifyClaim():
@@ -150,13 +182,15 @@ class Worker:
             except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
                 log.exception("job=%s step failed unexpectedly", claim.tasks[0].job_id)
                 for task in claim.tasks:
-                    self._failed(task, claim, self._error_text(exc), self._policy(task))
-        return True
+                    self._failed(
+                        task, claim, self._error_text(exc), self._policy(task), started, code=type(exc).__name__
+                    )
 
     # -- steps -----------------------------------------------------------------------------
 
     def _verify(self, claim: VerifyClaim) -> None:
         task = claim.task
+        trying = Trying(Step.VERIFY)
         judged: list[tuple[Version, Job | None, Verdict]] = []
         reported: dict[tuple[str, str], Job | None] = {}  # CI's answer per (region, bucket): asked once
         for version in claim.versions:
@@ -173,7 +207,7 @@ class Worker:
                     try:
                         reported[where] = describe_job(self.client_for_region(where[0]), where[1], job.job_id)
                     except VerifyError as exc:
-                        self._failed(task, claim, str(exc), self.settings.verify_retry)
+                        self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
                         return
                 verdict = decide(job, reported[where], self.allow)
             judged.append((version, job, verdict))
@@ -181,64 +215,89 @@ class Worker:
         if not any(job for _, job, _ in judged):
             # Nothing CI could be asked about: a dead task to look at, not a verdict on the job.
             reasons = "; ".join(dict.fromkeys(rejected.values()))
-            self._failed(task, claim, reasons, self._policy(task), final="nothing readable to verify")
+            self._failed(task, claim, reasons, self._policy(task), trying, final="nothing readable to verify")
             return
         match overall([verdict for _, _, verdict in judged]):
             case Accept():
                 version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
                 sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
-                self.ledger.queue.accept(task, self.worker_id, sinks, version, job, rejected)
+                tried = [trying.ended(Outcome.OK)]
+                self.ledger.queue.accept(task, self.worker_id, sinks, version, job, rejected, tried)
                 log.info("job=%s verified state=%s deliveries=%s", job.job_id, job.state, ",".join(sinks))
             case Reject(reason):
-                self.ledger.queue.reject(task, self.worker_id, reason, rejected)
+                tried = [trying.ended(Outcome.REJECTED, reason)]
+                self.ledger.queue.reject(task, self.worker_id, reason, rejected, tried)
                 log.warning("job=%s rejected: %s", task.job_id, reason)
             case Wait(reason):
-                self._failed(task, claim, reason, self.settings.verify_retry)
+                self._failed(task, claim, reason, self.settings.verify_retry, trying)
 
     def _deliver(self, claim: DeliveryClaim) -> None:
         try:
             job = job_from_json(claim.detail)
         except ValueError as exc:
             for delivery in claim.deliveries:
-                self._failed(delivery, claim, f"unreadable job row: {exc}", self._policy(delivery), final="unreadable")
+                trying = Trying(Step.DELIVER, delivery.sink)
+                error = f"unreadable job row: {exc}"
+                self._failed(delivery, claim, error, self._policy(delivery), trying, final="unreadable")
             return
         for unknown in (d for d in claim.deliveries if d.sink not in self.sinks):
-            self._failed(unknown, claim, f"sink {unknown.sink} is not configured in this worker", self.settings.retry)
+            error = f"sink {unknown.sink} is not configured in this worker"
+            self._failed(unknown, claim, error, self.settings.retry, Trying(Step.DELIVER, unknown.sink))
         # Storage sinks first: a notification may point at the copy one of them makes.
         deliveries = sorted(
             (d for d in claim.deliveries if d.sink in self.sinks),
             key=lambda d: isinstance(self.sinks[d.sink], NotificationSink),
         )
         fetched: FetchedFile | None = None
+        fetch_attempts: list[Attempt] = []  # recorded with the first delivery's outcome
         if job.succeeded and deliveries:
             assert job.output is not None  # verification refuses a success without output
+            fetching = Trying(Step.FETCH)
             try:
-                client = self.client_for_region(job.output.region)
-                if any(self.sinks[d.sink].needs_bytes(job) for d in deliveries):
-                    fetched = fetch_object(client, job.output, self.settings.temp_dir)
-                else:
-                    fetched = describe_object(client, job.output)
+                fetched = self._fetch(job, job.output, any(self.sinks[d.sink].needs_bytes(job) for d in deliveries))
             except Exception as exc:
                 # One delay for all: the deliveries stay due together, so the next try fetches once.
                 together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
-                for delivery in deliveries:
-                    self._failed(delivery, claim, self._error_text(exc), self._policy(delivery), delay=together)
+                for n, delivery in enumerate(deliveries):
+                    trying = Trying(Step.DELIVER, delivery.sink)
+                    also = [fetching] if n == 0 else []
+                    self._failed(
+                        delivery,
+                        claim,
+                        self._error_text(exc),
+                        self._policy(delivery),
+                        trying,
+                        also=also,
+                        delay=together,
+                    )
                 return
+            fetch_attempts.append(fetching.ended(Outcome.OK))
             log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
         stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
-        try:
-            for delivery in deliveries:
-                if self._deliver_to(delivery, claim, job, fetched, stored):
-                    stored[delivery.sink] = self.sinks[delivery.sink]
-        finally:
-            if fetched is not None and fetched.path is not None:
-                os.unlink(fetched.path)
+        retrying = False
+        for delivery in deliveries:
+            outcome = self._deliver_to(delivery, claim, job, fetched, stored, fetch_attempts)
+            fetch_attempts = []
+            if outcome is Outcome.OK:
+                stored[delivery.sink] = self.sinks[delivery.sink]
+            retrying = retrying or outcome in (Outcome.RETRY, Outcome.ABANDONED)
+        if fetched is not None and fetched.path is not None and not retrying:
+            self.staging.release(job.job_id)
 
     def _deliver_to(
-        self, delivery: Delivery, claim: DeliveryClaim, job: Job, fetched: FetchedFile | None, stored: dict[str, Sink]
-    ) -> bool:
+        self,
+        delivery: Delivery,
+        claim: DeliveryClaim,
+        job: Job,
+        fetched: FetchedFile | None,
+        stored: dict[str, Sink],
+        recorded: Sequence[Attempt],
+    ) -> Outcome:
         """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
         sink = self.sinks[delivery.sink]
+        trying = Trying(Step.DELIVER, delivery.sink)
+        if self.shutdown.abandoning.is_set():
+            return self._failed(delivery, claim, "not started", self._policy(delivery), trying, recorded=recorded)
         try:
             location = None
             if fetched and isinstance(sink, NotificationSink):
@@ -246,17 +305,34 @@ class Worker:
             sink.deliver(build_event(job, delivery.sink, fetched, location))
         except DeliveryError as exc:
             final = "refused permanently" if exc.permanent else None
-            self._failed(delivery, claim, exc.message, self._policy(delivery), exc.retry_after, final)
-            return False
+            return self._failed(
+                delivery,
+                claim,
+                exc.message,
+                self._policy(delivery),
+                trying,
+                recorded=recorded,
+                retry_after=exc.retry_after,
+                final=final,
+                code=exc.code,
+            )
         except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
             log.exception("job=%s sink=%s failed unexpectedly", delivery.job_id, delivery.sink)
-            self._failed(delivery, claim, self._error_text(exc), self._policy(delivery))
-            return False
-        if self.ledger.queue.complete(delivery, self.worker_id):
+            error = self._error_text(exc)
+            return self._failed(
+                delivery, claim, error, self._policy(delivery), trying, recorded=recorded, code=type(exc).__name__
+            )
+        if self.ledger.queue.complete(delivery, self.worker_id, [*recorded, trying.ended(Outcome.OK)]):
             log.info("job=%s sink=%s delivered attempt=%d", delivery.job_id, delivery.sink, delivery.attempts)
         else:
             log.warning("job=%s sink=%s delivered but the lease was lost", delivery.job_id, delivery.sink)
-        return True
+        return Outcome.OK
+
+    def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
+        client = self.client_for_region(where.region)
+        if bytes_needed:
+            return self.staging.fetch(client, job.job_id, where)
+        return describe_object(client, where)
 
     def _error_text(self, exc: BaseException) -> str:
         """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""
@@ -284,50 +360,41 @@ class Worker:
         claim: Claim,
         error: str,
         policy: RetryPolicy,
+        tried: Trying,
+        *,
+        also: Sequence[Trying] = (),
+        recorded: Sequence[Attempt] = (),
         retry_after: float | None = None,
         final: str | None = None,
         delay: float | None = None,
-    ) -> None:
+        code: str = "",
+    ) -> Outcome:
         """Schedule the task again with backoff, or mark it dead once retrying cannot help.
 
         ``final`` says why retrying cannot help at all (e.g. "refused permanently"); the dead
-        task's error then says so, as it says when the attempts or ``max_age`` ran out.
+        task's error then says so, as it says when the attempts or ``max_age`` ran out. ``tried``
+        and ``also`` (a fetch the task depended on) are recorded with this outcome, after the
+        attempts already ``recorded``.
         """
         where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if isinstance(task, Delivery) else "")
-        age = (utcnow() - claim.received_at).total_seconds()
-        too_old = policy.max_age is not None and age > policy.max_age
-        if final is not None:
-            error = f"{error} ({final})"
-        elif too_old:
-            error = f"{error} (gave up: older than max_age {policy.max_age:g}s)"
-        elif exhausted(task.attempts, policy):
-            error = f"{error} (ran out of {task.attempts} attempts)"
-        if final is not None or too_old or exhausted(task.attempts, policy):
-            self.ledger.queue.give_up(task, self.worker_id, error)
+        if self.shutdown.abandoning.is_set():
+            # Cut off by a shutdown: due again at once, for a worker that is not stopping.
+            error = f"{error} ({SHUTDOWN})"
+            attempts = [*recorded, *(t.ended(Outcome.ABANDONED, error, code) for t in (*also, tried))]
+            self.ledger.queue.retry_later(task, self.worker_id, error, 0.0, attempts)
+            log.warning("%s attempt %d abandoned at shutdown: %s", where, task.attempts, error)
+            return Outcome.ABANDONED
+        over = why_over(task.attempts, policy, (utcnow() - claim.received_at).total_seconds(), final)
+        if over is not None:
+            error = f"{error} ({over})"
+        outcome = Outcome.DEAD if over is not None else Outcome.RETRY
+        attempts = [*recorded, *(t.ended(outcome, error, code) for t in (*also, tried))]
+        if over is not None:
+            self.ledger.queue.give_up(task, self.worker_id, error, attempts)
             log.error("%s dead after %d attempts: %s", where, task.attempts, error)
-            return
+            return outcome
         if delay is None:
             delay = backoff_delay(task.attempts, policy, retry_after)
-        self.ledger.queue.retry_later(task, self.worker_id, error, delay)
+        self.ledger.queue.retry_later(task, self.worker_id, error, delay, attempts)
         log.warning("%s attempt %d failed, retry in %.1fs: %s", where, task.attempts, delay, error)
-
-    @contextmanager
-    def _lease_kept(self, task_ids: Sequence[int]) -> Iterator[None]:
-        """Renew the lease while a long step (a large download, a slow sink) runs."""
-        finished = threading.Event()
-        interval = self.settings.lease_seconds / 3
-
-        def renew() -> None:
-            while not finished.wait(interval):
-                try:
-                    self.ledger.queue.extend_lease(task_ids, self.worker_id, self.settings.lease_seconds)
-                except Exception:
-                    log.exception("could not renew lease on tasks %s", list(task_ids))
-
-        keeper = threading.Thread(target=renew, name="lease-keeper", daemon=True)
-        keeper.start()
-        try:
-            yield
-        finally:
-            finished.set()
-            keeper.join()
+        return outcome

@@ -44,6 +44,7 @@ def pipeline_settings(database_url: str, sandbox: Sandbox, sink_dir: Path, http_
         verify_retry=FAST.model_copy(update={"max_attempts": 50}),
         lease_seconds=60,
         poll_interval=0.05,
+        temp_dir=str(sink_dir.parent / "staging"),
     )
 
 

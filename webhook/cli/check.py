@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import click
 import sqlalchemy
+import sqlalchemy.engine
 import sqlalchemy.exc
+import sqlalchemy.pool
 
 from webhook.cli.base import echo_text, load_settings, main, open_ledger, sink_specs
 from webhook.config import Settings
 from webhook.cos import make_client
 from webhook.errors import ConfigError
-from webhook.ledger import Ledger
-from webhook.ledger.schema import metadata
+from webhook.ledger.schema import make_engine, metadata
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import build_sinks
 from webhook.verify import VerifyError, describe_job
@@ -53,18 +57,41 @@ def _check_token(settings: Settings) -> str:
 
 
 def _check_ledger(settings: Settings) -> str:
-    """Reachable, and every table there: read only, nothing is created."""
-    ledger = Ledger(settings.database_url)
+    """Reachable, and every table there: read only, nothing is created (not even a SQLite file)."""
+    kind = settings.database_url.split("://", 1)[0]
+    url = sqlalchemy.engine.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database).absolute()
+        if not path.exists():
+            return f"FAIL  ledger: {kind} database {path} does not exist (run cos-webhook init-db)"
+        engine = _read_only_sqlite(path)
+    else:
+        engine = make_engine(settings.database_url)
     try:
-        missing = sorted(set(metadata.tables) - set(sqlalchemy.inspect(ledger.engine).get_table_names()))
+        missing = sorted(set(metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
     except sqlalchemy.exc.SQLAlchemyError as exc:
         return f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     finally:
-        ledger.dispose()
-    kind = settings.database_url.split("://", 1)[0]
+        engine.dispose()
     if missing:
         return f"FAIL  ledger: {kind} is reachable but lacks tables {', '.join(missing)} (run cos-webhook init-db)"
     return f"ok    ledger: {kind} is reachable and has every table"
+
+
+def _read_only_sqlite(path: Path) -> sqlalchemy.engine.Engine:
+    """An engine that reads the SQLite file at ``path`` and can create nothing beside it.
+
+    ``mode=ro`` alone is not enough for the ledger's WAL database: when no process has it open
+    (no ``-wal`` or ``-shm`` file), a read-only connection creates both and, unable to
+    checkpoint, leaves them behind. Then every committed page is in the main file, so it is read
+    as immutable, which takes no locks and touches no other file. A database some process has
+    open (or left open when it was killed) is read through its WAL as usual.
+    """
+    in_use = any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    uri = f"{path.as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
+    return sqlalchemy.create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=10), poolclass=sqlalchemy.pool.NullPool
+    )
 
 
 def _check_ci(settings: Settings) -> list[str]:

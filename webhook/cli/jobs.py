@@ -40,13 +40,27 @@ def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
 @jobs.command("show")
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-def jobs_show(job_id: str, as_json: bool) -> None:
-    """Show one job, its verification and its deliveries."""
+@click.option("--raw", is_flag=True, help="Also print the stored requests that named the job.")
+def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
+    """Show one job: its callbacks, verification, deliveries and the timeline of every attempt."""
+    ledger = open_ledger(load_settings())
     try:
-        view = open_ledger(load_settings()).views.show_job(job_id)
+        view = ledger.views.show_job(job_id)
     except LedgerError as exc:
         raise click.ClickException(str(exc)) from None
     data = view.to_dict()
+    requests = ledger.views.raw_callbacks(job_id) if raw else []
+    if raw:
+        data["raw"] = [
+            {
+                "callback_id": r.id,
+                "received_at": r.received_at.isoformat() + "Z",
+                "remote_addr": r.remote_addr,
+                "content_type": r.content_type,
+                "body": r.body.decode("utf-8", "replace"),
+            }
+            for r in requests
+        ]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -63,6 +77,18 @@ def jobs_show(job_id: str, as_json: bool) -> None:
         echo_text(f"{'verify:':<12} {_step(step)}")
     for delivery in data["deliveries"]:
         echo_text(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
+    if view.attempts:
+        click.echo("attempts:")
+    for a in view.attempts:
+        what = f"{a.step} {a.sink}" if a.sink else a.step
+        code = f" [{a.code}]" if a.code else ""
+        error = f" {a.error}" if a.error else ""
+        echo_text(f"  {a.started_at:%Y-%m-%d %H:%M:%S} {what:<24} {a.outcome:<9} {a.duration_ms:>7}ms{code}{error}")
+    for r in requests:
+        echo_text(f"request #{r.id} at {r.received_at:%Y-%m-%d %H:%M:%S} from {r.remote_addr} ({r.content_type}):")
+        # Line by line, each behind a gutter: a body cannot pass for this command's own output.
+        for line in r.body.decode("utf-8", "replace").splitlines():
+            echo_text(f"  | {line}")
 
 
 @main.command()

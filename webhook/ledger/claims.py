@@ -6,10 +6,12 @@ cannot read becomes that task's failure instead of stopping the queue.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from webhook.models import TaskKind
+from webhook.ledger.schema import utcnow
+from webhook.models import Outcome, Step, TaskKind
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,28 @@ class DeliveryClaim:
 
 
 Claim = VerifyClaim | DeliveryClaim
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at a step, for the job's timeline: recorded with the outcome it led to."""
+
+    step: Step
+    sink: str  # "" for verify and fetch
+    started_at: datetime  # naive UTC
+    duration_ms: int
+    outcome: Outcome = Outcome.OK
+    code: str = ""  # the remote's status or error code, when it answered
+    error: str = ""
+
+
+class Trying:
+    """An attempt under way: it knows when it started, so it ends as an :class:`Attempt` with its duration."""
+
+    def __init__(self, step: Step, sink: str = "") -> None:
+        self.step, self.sink = step, sink
+        self.started_at, self._clock = utcnow(), time.monotonic()
+
+    def ended(self, outcome: Outcome, error: str = "", code: str = "") -> Attempt:
+        duration_ms = int((time.monotonic() - self._clock) * 1000)
+        return Attempt(self.step, self.sink, self.started_at, duration_ms, outcome, code, error)

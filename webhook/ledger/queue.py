@@ -15,12 +15,14 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
 from webhook.ledger.jobs import schedule, set_status
+from webhook.ledger.schema import attempts as attempt_rows
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
+Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
 
 
 class Queue:
@@ -98,13 +100,20 @@ class Queue:
             ).rowcount
 
     def accept(
-        self, task: Task, worker_id: str, sinks: Sequence[str], accepted: Version, job: Job, rejected: Verdicts
+        self,
+        task: Task,
+        worker_id: str,
+        sinks: Sequence[str],
+        accepted: Version,
+        job: Job,
+        rejected: Verdicts,
+        tried: Attempts = (),
     ) -> bool:
         """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version,
         one delivery per sink is due, and the other versions are ``rejected`` with their reasons."""
         now = utcnow()
         with self._engine.begin() as conn:
-            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now):
+            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
             conn.execute(
                 jobs.update()
@@ -126,29 +135,30 @@ class Queue:
                 set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
         return True
 
-    def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts) -> bool:
+    def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
         now = utcnow()
         with self._engine.begin() as conn:
-            if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now):
+            if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now, tried):
                 return False
             _record_verdicts(conn, rejected, VersionStatus.REJECTED)
             set_status(conn, task.job_id, JobStatus.REJECTED, reason, now)
         return True
 
-    def complete(self, task: Task, worker_id: str) -> bool:
+    def complete(self, task: Task, worker_id: str, tried: Attempts = ()) -> bool:
         """The delivery happened; the job is delivered once none of its deliveries is pending."""
         now = utcnow()
         with self._engine.begin() as conn:
-            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now):
+            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
             settle(conn, task.job_id, now)
         return True
 
-    def retry_later(self, task: Task, worker_id: str, error: str, delay: float) -> bool:
+    def retry_later(self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = ()) -> bool:
         """The step failed but may succeed later: due again after ``delay`` seconds."""
         now = utcnow()
         with self._engine.begin() as conn:
+            _record(conn, task.job_id, worker_id, tried)
             updated = conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id)
@@ -162,11 +172,11 @@ class Queue:
             ).rowcount
         return updated == 1
 
-    def give_up(self, task: Task, worker_id: str, error: str) -> bool:
+    def give_up(self, task: Task, worker_id: str, error: str, tried: Attempts = ()) -> bool:
         """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
         now = utcnow()
         with self._engine.begin() as conn:
-            if not _close(conn, task, worker_id, TaskStatus.DEAD, error, now):
+            if not _close(conn, task, worker_id, TaskStatus.DEAD, error, now, tried):
                 return False
             if task.kind == TaskKind.VERIFY:
                 set_status(conn, task.job_id, JobStatus.DEAD, f"verification gave up: {error}", now)
@@ -206,11 +216,35 @@ def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus
             conn.execute(versions.update().where(versions.c.id == version_id).values(status=status, reason=reason))
 
 
-def _close(conn: Connection, task: Task, worker_id: str, status: TaskStatus, error: str, now: datetime) -> bool:
-    """Close a task only if this worker still holds its lease."""
+def _close(
+    conn: Connection, task: Task, worker_id: str, status: TaskStatus, error: str, now: datetime, tried: Attempts
+) -> bool:
+    """Close a task only if this worker still holds its lease (its attempts are history either way)."""
+    _record(conn, task.job_id, worker_id, tried)
     closed = conn.execute(
         tasks.update()
         .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id, tasks.c.status == TaskStatus.PENDING)
         .values(status=status, last_error=error, locked_by=None, locked_until=None, done_at=now, updated_at=now)
     ).rowcount
     return closed == 1
+
+
+def _record(conn: Connection, job_id: str, worker_id: str, tried: Attempts) -> None:
+    if tried:
+        conn.execute(
+            attempt_rows.insert(),
+            [
+                {
+                    "job_id": job_id,
+                    "kind": a.step,
+                    "sink": a.sink,
+                    "started_at": a.started_at,
+                    "duration_ms": a.duration_ms,
+                    "outcome": a.outcome,
+                    "code": a.code[:64],
+                    "error": a.error,
+                    "worker_id": worker_id,
+                }
+                for a in tried
+            ],
+        )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from webhook.ledger.schema import LedgerError, jobs, tasks, versions
+from webhook.ledger.schema import LedgerError, attempts, callbacks, jobs, tasks, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_json, job_to_dict
 
 
@@ -63,6 +63,35 @@ class VersionView:
 
 
 @dataclass(frozen=True)
+class AttemptView:
+    """One try at a step, in the job's timeline."""
+
+    step: str  # verify, fetch, deliver
+    sink: str | None  # None for verify and fetch
+    started_at: datetime
+    duration_ms: int
+    outcome: str
+    code: str
+    error: str
+    worker_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"started_at": _iso(self.started_at)}
+
+
+@dataclass(frozen=True)
+class RawCallback:
+    """A stored request that named the job, as it arrived (or as reconcile found the job)."""
+
+    id: int
+    received_at: datetime
+    remote_addr: str
+    content_type: str
+    headers: str  # JSON
+    body: bytes
+
+
+@dataclass(frozen=True)
 class JobView:
     job_id: str
     tag: str
@@ -76,6 +105,7 @@ class JobView:
     unreadable: str = ""
     tasks: tuple[TaskView, ...] = ()
     versions: tuple[VersionView, ...] = ()
+    attempts: tuple[AttemptView, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +120,7 @@ class JobView:
             "verify": [t.to_dict() for t in self.tasks if t.kind == TaskKind.VERIFY],
             "deliveries": [t.to_dict() for t in self.tasks if t.kind == TaskKind.DELIVER],
             "callbacks": [v.to_dict() for v in self.versions],
+            "attempts": [a.to_dict() for a in self.attempts],
             "detail": job_to_dict(self.job) if self.job else None,
             "unreadable": self.unreadable or None,
         }
@@ -119,12 +150,32 @@ class Views:
             version_rows = conn.execute(
                 sa.select(versions).where(versions.c.job_id == job_id).order_by(versions.c.id)
             ).all()
+            attempt_rows = conn.execute(
+                sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.id)
+            ).all()
         task_views = tuple(
             TaskView(t.kind, t.sink or None, t.status, t.attempts, t.last_error, t.run_after, t.done_at)
             for t in task_rows
         )
         version_views = tuple(VersionView(v.callback_id, v.received_at, v.status, v.reason) for v in version_rows)
-        return _job_view(row, task_views, version_views)
+        attempt_views = tuple(
+            AttemptView(a.kind, a.sink or None, a.started_at, a.duration_ms, a.outcome, a.code, a.error, a.worker_id)
+            for a in attempt_rows
+        )
+        return replace(_job_view(row, task_views, version_views), attempts=attempt_views)
+
+    def raw_callbacks(self, job_id: str) -> list[RawCallback]:
+        """Every stored request that named the job, oldest first."""
+        named = sa.union(
+            sa.select(versions.c.callback_id).where(versions.c.job_id == job_id),
+            sa.select(jobs.c.callback_id).where(jobs.c.job_id == job_id),
+        )
+        query = sa.select(callbacks).where(callbacks.c.id.in_(named)).order_by(callbacks.c.id)
+        with self._engine.connect() as conn:
+            return [
+                RawCallback(r.id, r.received_at, r.remote_addr, r.content_type, r.headers, r.body)
+                for r in conn.execute(query)
+            ]
 
     def dead_letters(self, sink: str | None = None, since: datetime | None = None) -> list[DeadLetter]:
         """Tasks that died (verifications and deliveries), oldest first; ``sink`` keeps that sink's deliveries."""

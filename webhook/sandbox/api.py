@@ -1,13 +1,12 @@
 """The sandbox's WSGI application: it routes a request by its ``Host`` and path to a bucket and
 key, checks its signature, applies the fault that picks it, and serves COS object calls (GET, PUT,
 copy, HEAD, DELETE, HEAD Bucket) from :mod:`webhook.sandbox.store` and CI job calls from
-:mod:`webhook.sandbox.jobs` (the job list from :mod:`webhook.sandbox.listing`). Requests for
-:data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`.
+:mod:`webhook.sandbox.jobs` (the job list from :mod:`webhook.sandbox.listing`, the Speeching queue
+from :mod:`webhook.sandbox.queues`). Requests for :data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import uuid
@@ -24,6 +23,7 @@ from webhook.sandbox.admin import FAULTS_PATH, faults_endpoint
 from webhook.sandbox.faults import Fault, Faults
 from webhook.sandbox.jobs import JobRequestError, MediaJobs, new_job
 from webhook.sandbox.listing import PARAMETERS, JobQuery, list_jobs
+from webhook.sandbox.queues import QUEUE_PATH, SpeechQueues, is_queue_update
 from webhook.sandbox.responses import ApiError, apply_fault, error_response, file_body, object_headers, xml_response
 from webhook.sandbox.signing import FIELDS, SignatureError, verify_request
 from webhook.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
@@ -67,7 +67,7 @@ class SandboxApp:
         self._secret_id = secret_id
         self._secret_key = secret_key
         self._appid = appid
-        self._queue_id = "p" + hashlib.sha256(appid.encode()).hexdigest()[:32]
+        self._queues = SpeechQueues(appid)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
@@ -134,10 +134,14 @@ class SandboxApp:
     def _is_ci_call(self, method: str, bucket: str, key: str) -> bool:
         # With CosConfig(IP=...) the SDK sends CI calls with the bucket's *COS* host too (its
         # get_host knows only the COS endpoint), so CI paths must be recognised there as well.
-        # An object that happens to be named jobs or jobs/<id> still wins over the job calls.
+        # An object that happens to be named jobs, jobs/<id> or asrqueue still wins over those CI calls.
         if method == "POST":
             return key == "jobs"
-        if method != "GET" or not (key == "jobs" or (key.startswith("jobs/") and "/" not in key[len("jobs/") :])):
+        if method == "PUT":
+            return is_queue_update(key)
+        if method != "GET" or not (
+            key in ("jobs", QUEUE_PATH) or (key.startswith("jobs/") and "/" not in key[len("jobs/") :])
+        ):
             return False
         try:
             self._store.head(bucket, key)
@@ -250,7 +254,13 @@ class SandboxApp:
             body = request.stream.read(_MAX_JOB_REQUEST + 1)
             if len(body) > _MAX_JOB_REQUEST:
                 raise ApiError(400, "InvalidArgument", f"the request body is larger than {_MAX_JOB_REQUEST} bytes")
-            job = new_job(body, bucket=target.bucket, region=target.region, queue_id=self._queue_id)
+            job = new_job(
+                body,
+                bucket=target.bucket,
+                region=target.region,
+                queue_id=self._queues.queue_id(target.bucket),
+                queue_notify=self._queues.notification(target.bucket),
+            )
             self._check_bucket(job.output_bucket)
             return xml_response({"JobsDetail": self._jobs.submit(job)})
         if request.method == "GET" and target.key == "jobs":
@@ -264,7 +274,16 @@ class SandboxApp:
             # As in CI, each element appears only when it has something in it.
             found: dict[str, Any] = {"JobsDetail": details} if details else {}
             return xml_response(found | ({"NonExistJobIds": missing} if missing else {}))
-        raise ApiError(501, "NotImplemented", "the sandbox's CI API has POST /jobs, GET /jobs and GET /jobs/<JobId>")
+        if target.key.split("/", 1)[0] == QUEUE_PATH:
+            return xml_response(
+                self._queues.call(request.method, target.bucket, target.key, request.args, request.stream)
+            )
+        raise ApiError(
+            501,
+            "NotImplemented",
+            "the sandbox's CI API has POST /jobs, GET /jobs, GET /jobs/<JobId>, "
+            "GET /asrqueue and PUT /asrqueue/<QueueId>",
+        )
 
 
 def _path(request: Request) -> str:
@@ -286,6 +305,8 @@ def _metadata(request: Request) -> dict[str, str]:
 def _kind(method: str, target: _Target) -> str:
     """The request as fault rules name it (see ``faults.KINDS``)."""
     if target.ci:
+        if target.key.split("/", 1)[0] == QUEUE_PATH:
+            return "CI queue"  # not in faults.KINDS yet: match these by path (/asrqueue*)
         if method == "GET" and target.key == "jobs":
             return "CI list"
         return {"POST": "CI submit", "GET": "CI describe"}.get(method, f"CI {method}")

@@ -99,8 +99,13 @@ class MediaJob:
         }
 
 
-def new_job(body: bytes, *, bucket: str, region: str, queue_id: str) -> MediaJob:
-    """A Submitted job from a CreateMediaJobs request body; raise :class:`JobRequestError` if it is unusable."""
+def new_job(
+    body: bytes, *, bucket: str, region: str, queue_id: str, queue_notify: tuple[str, str] | None = None
+) -> MediaJob:
+    """A Submitted job from a CreateMediaJobs request body; raise :class:`JobRequestError` if it is unusable.
+
+    ``queue_notify`` is the queue's (Url, ResultFormat): where a job that names no CallBack calls back.
+    """
     try:
         doc = xmltodict.parse(body, disable_entities=True)
     except (ExpatError, ValueError) as exc:
@@ -111,6 +116,12 @@ def new_job(body: bytes, *, bucket: str, region: str, queue_id: str) -> MediaJob
     tag = _text(request, "Tag")
     if tag != TAG:
         raise JobRequestError("InvalidArgument", f"Tag {tag!r} is not supported: the sandbox runs only {TAG} jobs")
+    if _text(request, "QueueId") not in ("", queue_id):
+        raise JobRequestError("InvalidArgument", f"QueueId must be this bucket's queue, {queue_id}")
+    if template_id := _text(request, "Operation", "TemplateId"):
+        raise JobRequestError(
+            "InvalidArgument", f"TemplateId {template_id!r} does not exist: the sandbox has no templates"
+        )
     noise = ("Operation", "NoiseReduction")
     output = ("Operation", "Output")
     job_format = (_text(request, *noise, "Format") or "wav").lower()
@@ -122,12 +133,14 @@ def new_job(body: bytes, *, bucket: str, region: str, queue_id: str) -> MediaJob
     callback_type = _text(request, "CallBackType") or "Url"
     if callback_type != "Url":
         raise JobRequestError("InvalidArgument", f"CallBackType {callback_type!r} is not supported by the sandbox")
-    callback_format = (_text(request, "CallBackFormat") or "XML").upper()
+    callback, default_format = _text(request, "CallBack"), "XML"
+    if callback == "no":  # CI's way to say "no callback for this job, not even the queue's"
+        callback = ""
+    elif not callback and queue_notify is not None:
+        callback, default_format = queue_notify
+    callback_format = (_text(request, "CallBackFormat") or default_format).upper()
     if callback_format not in ("JSON", "XML"):
         raise JobRequestError("InvalidArgument", "CallBackFormat must be JSON or XML")
-    callback = _text(request, "CallBack")
-    if callback == "no":  # CI's way to say "no callback for this job"
-        callback = ""
     if callback and urlsplit(callback).scheme not in ("http", "https"):
         raise JobRequestError("InvalidArgument", "CallBack must be an http:// or https:// URL")
     return MediaJob(

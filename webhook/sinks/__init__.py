@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhook.cos import CosEndpoint
+from webhook.cos import DEFAULT_TIMEOUT, CosEndpoint
+from webhook.deadline import DEFAULT_MIN_RATE
 from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation, Job, ObjectLocation
 from webhook.sinks.options import NotifyOptions
@@ -25,21 +26,31 @@ class DeliveryError(Exception):
 
     ``retry_after`` is how many seconds the remote asked us to wait, if it said so.
     ``permanent`` means retrying the same event cannot help (for example a 400 answer).
+    ``code`` is the remote's status or error code when it answered (``"503"``, ``"NOAUTH"``).
     """
 
-    def __init__(self, message: str, *, retry_after: float | None = None, permanent: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, permanent: bool = False, code: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
         self.permanent = permanent
+        self.code = code
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What building a sink may need beyond its options: secrets by variable name, the COS endpoint."""
+    """What building a sink may need beyond its options: secrets by variable name, the COS endpoint.
+
+    ``cos_timeout`` and ``min_transfer_rate`` set the deadlines of sinks that talk to COS, and the
+    time every sink that moves the file gets for its bytes.
+    """
 
     environ: Mapping[str, str] = field(repr=False)
     cos_endpoint: CosEndpoint | None = None
+    cos_timeout: float = DEFAULT_TIMEOUT
+    min_transfer_rate: int = DEFAULT_MIN_RATE
 
     def secret(self, sink: str, variable: str | None, required: bool = True) -> str | None:
         """The value of ``variable`` (None when unnamed, or unset and not ``required``)."""

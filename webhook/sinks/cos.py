@@ -7,8 +7,9 @@ from typing import Any
 
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.cos import CosEndpoint, make_client, parse_endpoint
+from webhook.cos import DEFAULT_TIMEOUT, CosEndpoint, make_client, parse_endpoint
 from webhook.crc64 import crc64ecma
+from webhook.deadline import DEFAULT_MIN_RATE, Deadline, current, transfer_budget
 from webhook.errors import ConfigError
 from webhook.fetch import presigned_url
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
@@ -42,6 +43,9 @@ class CosSink(BucketSink):
     then be allowed to read the output bucket. Otherwise the downloaded file is uploaded with one
     PUT (COS takes up to 5 GB that way). Either way the stored object's CRC64 must equal the one
     COS reported for the output, or the delivery is retried.
+
+    A delivery has a deadline of ``timeout`` seconds plus the file's time at ``min_rate`` bytes/s
+    (a copy too: COS takes longer to copy more); past it, it is abandoned and retried.
     """
 
     scheme = "cos"
@@ -55,16 +59,20 @@ class CosSink(BucketSink):
         secret_id: str,
         secret_key: str,
         default_endpoint: CosEndpoint | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self.name = name
         self.options = options
+        self.timeout = timeout
+        self.min_rate = min_rate
         self._secret_key = secret_key  # only to scrub it from messages COS echoes back
         try:
             endpoint = parse_endpoint(options.endpoint) if options.endpoint else default_endpoint
         except ValueError as exc:
             raise ConfigError(f"sink {name}: options.endpoint {exc}") from None
         try:
-            self._client = make_client(secret_id, secret_key, options.region, endpoint)
+            self._client = make_client(secret_id, secret_key, options.region, endpoint, timeout)
             # Presigned URLs are for others, so they must name the bucket's own host, which their
             # signature covers; a client aimed at an endpoint's IP would put that IP there instead.
             self._signer = make_client(secret_id, secret_key, options.region)
@@ -79,6 +87,8 @@ class CosSink(BucketSink):
             secret_id=context.secret(name, options.secret_id_env) or "",
             secret_key=context.secret(name, options.secret_key_env) or "",
             default_endpoint=context.cos_endpoint,
+            timeout=context.cos_timeout,
+            min_rate=context.min_transfer_rate,
         )
 
     def needs_bytes(self, job: Job) -> bool:
@@ -87,6 +97,11 @@ class CosSink(BucketSink):
 
     def deliver(self, event: Event) -> None:
         """Copy or upload the audio and check its CRC64, then write the JSON and check it too."""
+        size = event.file.size if event.file is not None else 0
+        with Deadline(transfer_budget(self.timeout, size, self.min_rate), f"delivery to sink {self.name}"):
+            self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         job = event.job
         metadata = {f"x-cos-meta-{k}": v for k, v in user_metadata(event).items()}
         if event.file is not None:
@@ -127,7 +142,8 @@ class CosSink(BucketSink):
 
     def check(self) -> str:
         """HEAD the bucket: proves the endpoint answers, the bucket exists and the credentials may use it."""
-        self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
+        with Deadline(self.timeout, f"HEAD of sink {self.name}"):
+            self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
         return f"bucket {self.options.bucket} in {self.options.region} is reachable"
 
     def _copy_source(self, job: Job) -> ObjectLocation | None:
@@ -165,6 +181,9 @@ class CosSink(BucketSink):
         except CosServiceError as exc:
             raise self._refused(where, exc) from exc
         except CosClientError as exc:
+            deadline = current()
+            if deadline is not None and deadline.expired:
+                raise DeliveryError(f"{where}: {deadline.passed_message()}") from exc
             # Not str(exc): the SDK packs the whole request URL and retry log into it.
             raise DeliveryError(f"{where}: COS unreachable: {os_reason(exc)}") from exc
         return response

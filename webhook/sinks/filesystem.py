@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -31,6 +32,7 @@ class FilesystemSink(Sink):
     """
 
     def __init__(self, root: Path, name: str = "filesystem") -> None:
+        # Not created here: building a sink (as check does) must leave the disk as it was.
         self.name = name
         self.root = root
 
@@ -60,13 +62,25 @@ class FilesystemSink(Sink):
         return FileLocation(kind="filesystem", path=str(self.root.resolve() / audio_name("", job)))
 
     def check(self) -> str:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".check-"):
-                pass
-        except OSError as exc:
-            raise DeliveryError(f"{self.name}: cannot write in {self.root}: {exc.strerror or exc}") from exc
-        return f"directory {self.root.resolve()} is writable"
+        """Whether deliveries can write here, found out without creating anything.
+
+        A missing directory is fine when the nearest existing ancestor is a directory the
+        service may write in: the first delivery creates it.
+        """
+        root = self.root.absolute()
+        # lexists: a dangling symlink is in the way of mkdir as much as a file is.
+        nearest = next(path for path in (root, *root.parents) if os.path.lexists(path))
+        if nearest == root:
+            if not root.is_dir():  # in the words a delivery's mkdir would use
+                raise DeliveryError(f"{self.name}: cannot write in {root}: {os.strerror(errno.EEXIST)}")
+            if not _writable(root):
+                raise DeliveryError(f"{self.name}: cannot write in {root}: {os.strerror(errno.EACCES)}")
+            return f"directory {root.resolve()} is writable"
+        if not nearest.is_dir():
+            raise DeliveryError(f"{self.name}: cannot create {root}: {nearest} is not a directory")
+        if not _writable(nearest):
+            raise DeliveryError(f"{self.name}: cannot create {root}: {nearest} is not writable")
+        return f"directory {root} does not exist; will be created on first delivery"
 
     def _write(self, root: Path, name: str, fill: Callable[[IO[bytes]], object]) -> None:
         target = root / name
@@ -89,6 +103,11 @@ class FilesystemSink(Sink):
                 os.unlink(temp)
             raise
         _fsync_dir(root)
+
+
+def _writable(directory: Path) -> bool:
+    # access() asks the kernel without creating a probe file; it also answers no on a read-only mount.
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ from importlib.metadata import version
 
 import requests
 
+from webhook.deadline import DEFAULT_MIN_RATE, Deadline, deadline_session, transfer_budget
 from webhook.errors import ConfigError
 from webhook.events import event_document
 from webhook.models import Event, FetchedFile
@@ -38,22 +39,30 @@ class HttpSink(Sink):
     decoded bytes, as Standard Webhooks libraries expect) or any other string (the key is its
     UTF-8 bytes). The body is streamed from disk twice, once to sign it and once to send it,
     and is never held in memory.
+
+    Each exchange (connecting, sending the body, reading the answer) has a deadline of
+    ``timeout`` seconds plus the body's time at ``min_rate`` bytes/s; a receiver that is slower,
+    even one trickling its answer a byte at a time, is cut off and the delivery retried.
     """
 
-    def __init__(self, url: str, secret: str, timeout: float = 30.0, name: str = "http") -> None:
+    def __init__(
+        self, url: str, secret: str, timeout: float = 30.0, name: str = "http", min_rate: int = DEFAULT_MIN_RATE
+    ) -> None:
         self.name = name
         self.url = url
         self.timeout = timeout
+        self.min_rate = min_rate
         self._key = _signing_key(secret)
         # Only to scrub the secret from anything the remote echoes back into an error message.
         self._secret_text = secret.removeprefix(_SECRET_PREFIX)
-        self._session = requests.Session()
+        self._session = deadline_session()
         self._session.headers["User-Agent"] = _USER_AGENT
 
     @classmethod
     def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpSink:
         try:
-            return cls(options.url, context.secret(name, options.secret_env) or "", options.timeout, name=name)
+            secret = context.secret(name, options.secret_env) or ""
+            return cls(options.url, secret, options.timeout, name=name, min_rate=context.min_transfer_rate)
         except ValueError as exc:
             raise ConfigError(f"sink {name}: {options.secret_env}: {exc}") from None
 
@@ -74,33 +83,40 @@ class HttpSink(Sink):
             "webhook-signature": signature,
             "Idempotency-Key": event.event_id,
         }
-        try:
-            # A consumed stream cannot be resent, so redirects are reported, not followed.
-            with self._session.post(
-                self.url, data=body, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False
-            ) as response:
-                if 200 <= response.status_code < 300:
-                    return
-                raise self._refused(response)
-        except requests.Timeout as exc:
-            raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
-        except requests.RequestException as exc:
-            # Not str(exc): it quotes the URL, whose query or userinfo may hold credentials.
-            raise DeliveryError(f"{self.name}: request failed: {os_reason(exc)}") from exc
+        budget = transfer_budget(self.timeout, len(body), self.min_rate)
+        with Deadline(budget, f"POST to sink {self.name}") as deadline:
+            try:
+                # A consumed stream cannot be resent, so redirects are reported, not followed.
+                # The budget as per-read timeout too: a silent receiver ends in the deadline's error.
+                with self._session.post(
+                    self.url, data=body, headers=headers, timeout=budget, stream=True, allow_redirects=False
+                ) as response:
+                    if 200 <= response.status_code < 300:
+                        return
+                    raise self._refused(response)
+            except requests.RequestException as exc:
+                raise self._failed(exc, deadline) from exc
 
     def check(self) -> str:
         """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
-        try:
-            with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
-                return f"receiver answered HEAD with {response.status_code}"
-        except requests.Timeout as exc:
-            raise DeliveryError(f"{self.name}: no answer within {self.timeout:g}s") from exc
-        except requests.RequestException as exc:
-            raise DeliveryError(f"{self.name}: request failed: {os_reason(exc)}") from exc
+        with Deadline(self.timeout, f"HEAD of sink {self.name}") as deadline:
+            try:
+                with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
+                    return f"receiver answered HEAD with {response.status_code}"
+            except requests.RequestException as exc:
+                raise self._failed(exc, deadline) from exc
 
     def close(self) -> None:
         """Close pooled connections."""
         self._session.close()
+
+    def _failed(self, exc: requests.RequestException, deadline: Deadline) -> DeliveryError:
+        if deadline.expired:
+            return DeliveryError(f"{self.name}: {deadline.passed_message()}")
+        if isinstance(exc, requests.Timeout):
+            return DeliveryError(f"{self.name}: no answer within {self.timeout:g}s")
+        # Not str(exc): it quotes the URL, whose query or userinfo may hold credentials.
+        return DeliveryError(f"{self.name}: request failed: {os_reason(exc)}")
 
     def _refused(self, response: requests.Response) -> DeliveryError:
         status = response.status_code
@@ -118,6 +134,7 @@ class HttpSink(Sink):
             f"{self.name}: HTTP {status} {detail}".rstrip(),
             retry_after=retry_after_seconds(response.headers.get("Retry-After")),
             permanent=not retryable,
+            code=str(status),
         )
 
 
