@@ -78,6 +78,17 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_MIN_TRANSFER_RATE": ("min_transfer_rate",),
     "WEBHOOK_STAGING_MAX_BYTES": ("staging_max_bytes",),
     "WEBHOOK_PUBLIC_URL": ("public_url",),
+    "WEBHOOK_AUTO_MIGRATE": ("auto_migrate",),
+    "WEBHOOK_RETENTION_DAYS": ("retention_days",),
+    "WEBHOOK_LOG_FORMAT": ("log_format",),
+    "WEBHOOK_METRICS_TOKEN": ("metrics_token",),
+    "WEBHOOK_WORKER_METRICS_PORT": ("worker_metrics_port",),
+    "WEBHOOK_DASHBOARD_PASSWORD": ("dashboard_password",),
+    "WEBHOOK_TDMQ_REGION": ("tdmq_region",),
+    "WEBHOOK_TDMQ_QUEUE": ("tdmq_queues",),
+    "WEBHOOK_TDMQ_ENDPOINT": ("tdmq_endpoint",),
+    "TDMQ_SECRET_ID": ("tdmq_secret_id",),
+    "TDMQ_SECRET_KEY": ("tdmq_secret_key",),
     "WEBHOOK_TEMP_DIR": ("temp_dir",),
     "WEBHOOK_LOG_LEVEL": ("log_level",),
 }
@@ -143,6 +154,12 @@ def _flag(value: Any) -> Any:
     return value
 
 
+def _port(value: Any) -> Any:
+    if isinstance(value, str) and not (value.isdigit() and 0 < int(value) < 65536):
+        raise ValueError(f"must be a TCP port, 1 to 65535, not {value!r}")
+    return value
+
+
 def _level(value: Any) -> Any:
     level = str(value).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -196,6 +213,18 @@ class Settings(BaseSettings):
     heartbeat_seconds: PositiveFloat = 5.0
     staging_max_bytes: PositiveInt = 2 * 1024**3  # downloads kept for a job's pending deliveries
     public_url: HttpUrl = ""  # where CI reaches this service (submit, queue register)
+    auto_migrate: Annotated[bool, BeforeValidator(_flag)] = False  # single-process deploys: migrate at start
+    retention_days: PositiveFloat = 30.0  # finished jobs older than this are pruned
+    # json on a PaaS (stderr is not a terminal), text on a terminal, unless set.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: str = Field("", repr=False)  # bearer token for /metrics (besides WEBHOOK_ALLOWED_SOURCES)
+    worker_metrics_port: Annotated[int | None, BeforeValidator(_port)] = None
+    dashboard_password: str = Field("", repr=False)  # empty: no dashboard (404)
+    tdmq_region: str = ""  # sh, bj, gz, cd, hk ...
+    tdmq_queues: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    tdmq_endpoint: HttpUrl = ""  # empty: the public endpoint of tdmq_region
+    tdmq_secret_id: str = ""  # empty: COS_SECRET_ID
+    tdmq_secret_key: str = Field("", repr=False)  # empty: COS_SECRET_KEY
     temp_dir: str = ""
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_level)] = "INFO"
     sinks: list[AnySinkSpec] = []  # declared in the file; see sink_specs() for all of them

@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from webhook.app import create_app
-from webhook.cos import make_client
 from webhook.ledger import Ledger, LedgerError
 from webhook.models import JobStatus, ObjectLocation
 from webhook.sandbox import Sandbox
@@ -52,7 +51,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
         with BackgroundServer(create_app(settings, ledger), name="demo-receiver") as receiver, _running(worker):
             click.echo(f"sandbox   {sandbox.url} (COS and CI APIs)")
             click.echo(f"receiver  {receiver.url}/callback/<token>")
-            client = make_client(settings.secret_id, settings.secret_key, REGION, settings.cos_endpoint)
+            client = settings.cos_client(REGION)
 
             started = time.monotonic()
             source = work / "noisy.wav"

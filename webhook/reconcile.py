@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from webhook.callback import CallbackError, parse_job
 from webhook.config import Settings
-from webhook.cos import client_error, make_client, service_error
+from webhook.cos import client_error, service_error
 from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.ledger.schema import jobs
 from webhook.logs import escape
@@ -127,9 +127,7 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
     which of several allowed regions holds which bucket). Raises :class:`ReconcileError` on the
     first bucket CI cannot list; what was recorded before stays (a second run records nothing twice).
     """
-    client = make_client(
-        settings.secret_id, settings.secret_key, settings.region, settings.cos_endpoint, settings.cos_timeout
-    )
+    client = settings.cos_client()
     start = creation_time(since)
     results = []
     for bucket in sorted(settings.allowed_buckets):

@@ -17,7 +17,7 @@ from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from webhook.config import Settings
-from webhook.cos import client_error, make_client, service_error
+from webhook.cos import client_error, service_error
 from webhook.ledger import LedgerError
 from webhook.ledger.views import Views
 from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
@@ -79,9 +79,7 @@ def ci_client(settings: Settings) -> CosS3Client:
     ):
         if not value:
             raise SubmitError(f"{name} is not set")
-    return make_client(
-        settings.secret_id, settings.secret_key, settings.region, settings.cos_endpoint, settings.cos_timeout
-    )
+    return settings.cos_client()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import sqlalchemy.pool
 
 from webhook.cli.base import echo_text, load_settings, main, open_ledger, sink_specs
 from webhook.config import Settings
-from webhook.cos import make_client
 from webhook.errors import ConfigError
 from webhook.ledger.schema import make_engine, metadata
 from webhook.sinks import DeliveryError
@@ -100,9 +99,7 @@ def _check_ci(settings: Settings) -> list[str]:
         settings.check_worker()
     except ConfigError as exc:
         return [f"FAIL  worker settings: {exc}"]
-    client = make_client(
-        settings.secret_id, settings.secret_key, settings.region, settings.cos_endpoint, settings.cos_timeout
-    )
+    client = settings.cos_client()
     verdicts = []
     for bucket in sorted(settings.allowed_buckets):
         try:
