@@ -1,10 +1,10 @@
 """gunicorn settings for a PaaS: everything that varies comes from the environment."""
 
 import os
+from typing import Any
 
-from gunicorn.glogging import Logger
-
-from webhook.logs import OneLineFormatter
+from webhook import metrics_dir
+from webhook.logs import gunicorn_logconfig
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -17,21 +17,25 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30
 keepalive = 5
-# Requests are logged by the app with the callback token redacted; gunicorn's access log
-# would print the token from the URL.
+# The app's records and gunicorn's own (boots, worker timeouts, tracebacks) in one format,
+# WEBHOOK_LOG_FORMAT's, one record per line (see webhook/logs.py). gunicorn's access log stays off:
+# it would print the callback token from the URL; the app logs each request itself, redacted.
 accesslog = None
 errorlog = "-"
+logconfig_dict = gunicorn_logconfig(os.environ.get("WEBHOOK_LOG_FORMAT", "auto"))
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
-class OneLineLogger(Logger):
-    """gunicorn's own error log (worker boots and timeouts, tracebacks, bad requests) in the app's
-    format, one record per line like the app's logs (see webhook/logs.py)."""
-
-    def setup(self, cfg: object) -> None:
-        super().setup(cfg)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(OneLineFormatter())
+# Metrics: every web process counts into files in PROMETHEUS_MULTIPROC_DIR, and a scrape of any of
+# them sums them all (webhook/metrics_dir.py). The variable is set here, in the master, before it
+# forks the processes that import the app (so this must not become preload_app).
+def on_starting(server: object) -> None:
+    metrics_dir.prepare()
 
 
-logger_class = OneLineLogger
+def child_exit(server: object, worker: Any) -> None:
+    metrics_dir.process_exited(worker.pid)
+
+
+def on_exit(server: object) -> None:
+    metrics_dir.remove_made()

@@ -38,7 +38,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def ledger(database_url: str) -> Iterator[Ledger]:
     ledger = Ledger(database_url)
-    ledger.create_schema()
+    ledger.migrate()
     yield ledger
     ledger.dispose()
 
@@ -61,6 +61,7 @@ def http_sink() -> Iterator[Receiver]:
 def pipeline(database_url: str, sandbox: Sandbox, http_sink: Receiver, tmp_path: Path) -> Iterator[Pipeline]:
     settings = pipeline_settings(database_url, sandbox, tmp_path / "delivered", http_sink.url + "hooks")
     ledger = Ledger(database_url)
+    ledger.migrate()
     with BackgroundServer(create_app(settings, ledger), name="receiver") as server:
         yield Pipeline(settings, ledger, sandbox, server.url, http_sink, tmp_path / "delivered")
     ledger.dispose()

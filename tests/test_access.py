@@ -26,6 +26,7 @@ OLD, NEW = "old-token-0123456789", "new-token-0123456789"
 def receiver(tmp_path: Path, **changes: object) -> Iterator[tuple[str, Ledger]]:
     settings = Settings(**{"database_url": f"sqlite:///{tmp_path / 'ledger.db'}", "callback_tokens": (OLD,)} | changes)
     ledger = Ledger(settings.database_url)
+    ledger.migrate()
     with BackgroundServer(create_app(settings, ledger)) as server:
         yield server.url, ledger
     ledger.dispose()

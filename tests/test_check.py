@@ -10,6 +10,7 @@ from support.pipeline import BUCKET, REGION, TOKEN, settings_env
 
 from webhook.cli import main
 from webhook.ledger import Ledger
+from webhook.ledger.migrate import head
 from webhook.sandbox import Sandbox
 
 TOKEN_OK = "ok    callback token: 1 configured"
@@ -60,7 +61,7 @@ def test_a_missing_ledger_and_sink_directory_are_reported_and_not_created(
     assert result.exit_code == 1, result.output
     assert result.output.splitlines() == [
         TOKEN_OK,
-        f"FAIL  ledger: sqlite database {deploy / expected_path} does not exist (run cos-webhook init-db)",
+        f"FAIL  ledger: sqlite database {deploy / expected_path} does not exist (run cos-webhook migrate)",
         CI_OK,
         f"ok    filesystem (filesystem): directory {deploy / 'out/audio'} does not exist; "
         "will be created on first delivery",
@@ -73,7 +74,7 @@ def test_an_existing_ledger_is_only_read(tmp_path: Path, deploy: Path, sandbox: 
     """Closed (WAL database without -wal and -shm) or open in a running process: nothing is added or changed."""
     url = f"sqlite:///{deploy / 'ledger.db'}"
     ledger = Ledger(url)
-    ledger.create_schema()
+    ledger.migrate()
     (deploy / "out").mkdir()
     try:
         if held_open:
@@ -88,7 +89,7 @@ def test_an_existing_ledger_is_only_read(tmp_path: Path, deploy: Path, sandbox: 
         assert result.exit_code == 0, result.output
         assert result.output.splitlines() == [
             TOKEN_OK,
-            "ok    ledger: sqlite is reachable and has every table",
+            f"ok    ledger: sqlite is reachable and its schema is current ({head()})",
             CI_OK,
             f"ok    filesystem (filesystem): directory {deploy / 'out'} is writable",
         ]
@@ -107,8 +108,7 @@ def test_an_empty_database_file_lacks_every_table_and_stays_empty(
     result = check(sandbox, f"sqlite:///{deploy / 'ledger.db'}", "out")
 
     assert result.exit_code == 1, result.output
-    assert result.output.splitlines()[1] == (
-        "FAIL  ledger: sqlite is reachable but lacks tables attempts, callbacks, job_versions, jobs, locks, tasks, "
-        "workers (run cos-webhook init-db)"
+    assert (
+        result.output.splitlines()[1] == "FAIL  ledger: sqlite is reachable but has no tables: run cos-webhook migrate"
     )
     assert snapshot(tmp_path) == before

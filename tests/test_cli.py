@@ -13,6 +13,7 @@ from support.samples import job, json_doc
 
 from webhook.cli import main
 from webhook.ledger import Ledger
+from webhook.ledger.migrate import head
 
 DONE = {"delivered", "rejected", "dead"}
 
@@ -156,7 +157,8 @@ def test_check_tries_token_ledger_and_ci_credentials(pipeline: Pipeline) -> None
     assert good.exit_code == 0, good.output
     assert good.output.splitlines()[:3] == [
         "ok    callback token: 1 configured",
-        f"ok    ledger: {pipeline.settings.database_url.split('://')[0]} is reachable and has every table",
+        f"ok    ledger: {pipeline.settings.database_url.split('://')[0]} is reachable and its schema is current "
+        f"({head()})",
         "ok    ci: audio-1250000000 (ap-guangzhou) accepts the credentials",
     ]
 
@@ -172,5 +174,5 @@ def test_check_reports_missing_tables_without_creating_them(pipeline: Pipeline) 
         conn.execute(sa.text("DROP TABLE job_versions"))
     result = run(pipeline, "check")
     assert result.exit_code == 1
-    assert "lacks tables job_versions (run cos-webhook init-db)" in result.output.splitlines()[1]
+    assert "lacks tables job_versions (run cos-webhook migrate)" in result.output.splitlines()[1]
     assert "job_versions" not in sa.inspect(pipeline.ledger.engine).get_table_names()

@@ -21,7 +21,7 @@ def test_gunicorn_serves_callbacks_and_runs_the_worker_in_process(pipeline: Pipe
         job_id = pipeline.submit(pipeline.upload_input(), callback_url=f"{url}/callback/{TOKEN}")
         pipeline.wait_until(lambda: pipeline.status(job_id) == "delivered", timeout=60, what="in-process worker")
         metrics = requests.get(f"{url}/metrics", timeout=5).text
-    assert 'cos_webhook_jobs{status="delivered"} 1' in metrics
+    assert 'cos_webhook_jobs{status="delivered"} 1.0' in metrics.splitlines()
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
     logged = log.read_text()
     records(logged)  # gunicorn's own lines and the app's alike

@@ -602,6 +602,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
         "GUNICORN_THREADS": "1",
     }
     ledger = Ledger(database_url)
+    ledger.migrate()
     try:
         with web(env, log) as (url, proc):
             wait_healthy(url, proc, log)

@@ -270,7 +270,7 @@ def test_schema_creation_is_idempotent(database_url: str) -> None:
 
     def create(ledger: Ledger) -> None:
         try:
-            ledger.create_schema()
+            ledger.migrate()
         except BaseException as exc:
             errors.append(exc)
 
@@ -279,7 +279,7 @@ def test_schema_creation_is_idempotent(database_url: str) -> None:
         t.start()
     for t in threads:
         t.join()
-    first.create_schema()
+    first.migrate()
     assert errors == []
     first.dispose()
     second.dispose()
@@ -291,7 +291,7 @@ def postgres_ledger() -> Iterator[Ledger]:
     # interleaving below cannot happen there.
     with postgres_schema() as url:
         ledger = Ledger(url)
-        ledger.create_schema()
+        ledger.migrate()
         yield ledger
         ledger.dispose()
 

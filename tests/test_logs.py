@@ -1,20 +1,26 @@
-"""Logs cannot be forged: every record is one line, whatever a callback or a remote answer holds."""
+"""Logs cannot be forged: every record is one line, as text or JSON, whatever a callback or a remote answer holds."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
-from support.logs import records, root_log
-from support.pipeline import BUCKET, REGION, Pipeline, settings_env
-from support.processes import start_worker
-from support.samples import body, job, json_doc
+from qcloud_cos.cos_exception import CosServiceError
+from support.logs import json_records, records, root_log
+from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env
+from support.processes import start_worker, wait_healthy, web
+from support.samples import DOC_JOB, body, job, json_doc
 
-from webhook.logs import OneLineFormatter, escape
+from webhook.ledger import Delivery
+from webhook.logs import JsonLineFormatter, OneLineFormatter, escape, fields, formatter
+from webhook.models import TaskKind
+from webhook.sandbox import Sandbox
 
 # A value that, written raw, would end its record and start a line claiming a delivery.
 FORGED = "\n2026-01-01 00:00:00 INFO webhook.worker job=x sink=y delivered"
@@ -87,3 +93,162 @@ def test_forged_lines_in_a_callback_stay_inside_their_record(pipeline: Pipeline,
         f"webhook.worker job={genuine} sink=filesystem delivered attempt=1",
         f"webhook.worker job={genuine} sink=http delivered attempt=1",
     ]
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+
+
+def test_a_json_record_is_one_line_whatever_it_holds() -> None:
+    odd = FORGED + "\x1b[31m\x7f\x85\u2028\u202e\udcff 音频"
+    try:
+        raise ValueError("bad value" + odd)
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("webhook.worker", logging.ERROR, "", 1, "failed: %s", (odd,), exc_info)
+    record.job_id, record.sink, record.attempt = "j1" + FORGED, "http", 2
+
+    (found,) = json_records(JsonLineFormatter().format(record) + "\n")
+
+    assert found["msg"] == "failed: " + odd
+    about = {key: found[key] for key in ("level", "logger", "job_id", "sink", "attempt")}
+    assert about == {
+        "level": "ERROR",
+        "logger": "webhook.worker",
+        "job_id": "j1" + FORGED,
+        "sink": "http",
+        "attempt": 2,
+    }
+    assert found["exc_info"].startswith("Traceback (most recent call last):\n")
+    assert found["exc_info"].endswith("ValueError: bad value" + odd)
+
+
+def test_text_writes_what_a_record_is_about_before_its_message() -> None:
+    delivery = Delivery(id=1, job_id="j1", kind=TaskKind.DELIVER, attempts=2, sink="http")
+    record = logging.LogRecord("webhook.worker", logging.WARNING, "", 1, "attempt %d failed", (2,), None)
+    record.__dict__.update(fields(delivery, step=True))
+
+    line = OneLineFormatter().format(record)
+
+    assert line.endswith(" WARNING webhook.worker job=j1 step=deliver sink=http attempt 2 failed")
+    assert fields(delivery) == {"job_id": "j1", "sink": "http", "attempt": 2}
+    assert fields(DOC_JOB) == {"job_id": DOC_JOB.job_id}  # a job, not a task: its id only
+
+
+@pytest.mark.parametrize(("terminal", "chosen"), [(True, OneLineFormatter), (False, JsonLineFormatter)])
+def test_auto_is_text_on_a_terminal_and_json_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool, chosen: type[logging.Formatter]
+) -> None:
+    monkeypatch.setattr(sys, "stderr", type("Stderr", (), {"isatty": lambda self: terminal})())
+    assert type(formatter("auto")) is chosen
+    assert type(formatter("json")) is JsonLineFormatter
+    assert type(formatter("text")) is OneLineFormatter
+
+
+def test_a_delivery_line_has_its_job_sink_and_attempt(pipeline: Pipeline) -> None:
+    with root_log(log_format="json") as log:
+        job_id = pipeline.submit(pipeline.upload_input())
+        assert pipeline.drain(pipeline.worker(), job_id, {"delivered"}) == "delivered"
+
+    delivered = [r for r in json_records(log.getvalue()) if r["msg"] == "delivered attempt=1"]
+    assert [(r["logger"], r["job_id"], r["sink"], r["attempt"]) for r in delivered] == [
+        ("webhook.worker", job_id, "filesystem", 1),
+        ("webhook.worker", job_id, "http", 1),
+    ]
+    assert "request_id" not in delivered[0]  # no web request here
+
+
+def test_every_record_of_a_request_carries_the_id_its_response_returns(pipeline: Pipeline) -> None:
+    with root_log(log_format="json") as log:
+        stored = pipeline.post_callback(json_doc(job("j-logged")))
+        refused = requests.post(
+            pipeline.callback_url, data=b"{", headers={"X-Request-Id": "router-7f3a.42"}, timeout=10
+        )
+        invalid = requests.post(pipeline.callback_url, data=b"{", headers={"X-Request-Id": "no spaces"}, timeout=10)
+
+    assert (stored.status_code, refused.status_code, invalid.status_code) == (200, 400, 400)
+    ids = [r.headers["X-Request-Id"] for r in (stored, refused, invalid)]
+    assert ids[1] == "router-7f3a.42"  # a router's id is kept, to follow a request across both logs
+    assert re.fullmatch("[0-9a-f]{32}", ids[0])
+    assert re.fullmatch("[0-9a-f]{32}", ids[2])
+    web = [r for r in json_records(log.getvalue()) if r["logger"] in ("webhook.receive", "webhook.app")]
+    by_id = {request_id: [r["msg"] for r in web if r.get("request_id") == request_id] for request_id in ids}
+    assert [len(lines) for lines in by_id.values()] == [2, 2, 2]  # the receive line and the access line each
+    assert by_id[ids[0]][0].startswith("callback stored ")
+    assert by_id[ids[1]][0].startswith("callback refused status=400 ")
+    (access,) = [r for r in web if r["logger"] == "webhook.app" and r["request_id"] == ids[0]]
+    assert (access["method"], access["path"], access["status"]) == ("POST", "/callback/<token>", 200)
+    assert TOKEN not in log.getvalue()
+
+
+def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path: Path) -> None:
+    forged_bucket = job("j-forged-bucket", Input={"BucketId": BUCKET + FORGED, "Object": "in/a.wav", "Region": REGION})
+    with root_log(log_format="json") as web_log:
+        assert pipeline.post_callback(json_doc(job("j-forged-event"), event="TaskFinish" + FORGED)).status_code == 200
+        assert pipeline.post_callback(body("xml", forged_bucket)).status_code == 200
+    worker_log = tmp_path / "worker.log"
+    # auto: the worker's stderr is a file, not a terminal, so it writes JSON.
+    env = settings_env(pipeline.settings) | {"WEBHOOK_LOG_FORMAT": "auto"}
+    assert start_worker(env, worker_log, "--burst").wait(timeout=60) == 0
+
+    assert pipeline.status("j-forged-bucket") == "rejected"
+    stored = [r for r in json_records(web_log.getvalue()) if r["msg"].startswith("callback stored ")]
+    assert FORGED in stored[0]["msg"]
+    (rejected,) = [r for r in json_records(worker_log.read_text()) if r["msg"].startswith("rejected: ")]
+    assert FORGED in rejected["msg"]
+    assert (rejected["logger"], rejected["level"], rejected["job_id"]) == (
+        "webhook.worker",
+        "WARNING",
+        "j-forged-bucket",
+    )
+
+
+def test_the_sdk_logs_through_the_same_handler(sandbox: Sandbox) -> None:
+    with root_log(log_format="json") as log, pytest.raises(CosServiceError):
+        sandbox.client(REGION).head_object(Bucket=BUCKET, Key="no/such/object.wav")
+
+    assert any(r["logger"].startswith("qcloud_cos.") for r in json_records(log.getvalue()))
+
+
+@pytest.mark.slow  # gunicorn
+def test_gunicorn_writes_its_own_lines_as_json(pipeline: Pipeline, tmp_path: Path) -> None:
+    log = tmp_path / "web.log"
+    env = settings_env(pipeline.settings) | {"WEBHOOK_LOG_FORMAT": "json", "WEB_CONCURRENCY": "1"}
+    with web(env, log) as (url, proc):
+        wait_healthy(url, proc, log)
+        answer = requests.post(f"{url}/callback/{TOKEN}", data=json_doc(job("j-under-gunicorn")), timeout=10)
+    assert answer.status_code == 200
+
+    found = json_records(log.read_text())
+    own = [r["msg"] for r in found if r["logger"] == "gunicorn.error"]
+    assert any(msg.startswith("Starting gunicorn ") for msg in own)
+    assert any(msg.startswith("Listening at: ") for msg in own)
+    assert any(msg.startswith("Booting worker with pid: ") for msg in own)
+    (access,) = [r for r in found if r["logger"] == "webhook.app"]
+    assert (access["path"], access["status"], access["request_id"]) == (
+        "/callback/<token>",
+        200,
+        answer.headers["X-Request-Id"],
+    )
+    assert TOKEN not in log.read_text()
+
+
+@pytest.mark.slow  # gunicorn
+def test_a_worker_boot_failure_under_gunicorn_is_one_json_record(tmp_path: Path) -> None:
+    message = "WEBHOOK_CALLBACK_TOKEN must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ -"
+    log = tmp_path / "web.log"
+    env = {
+        "WEBHOOK_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}",
+        "WEBHOOK_CALLBACK_TOKEN": "short",
+        "WEBHOOK_LOG_FORMAT": "json",
+    }
+    with web(env, log) as (_, proc):
+        assert proc.wait(timeout=30) != 0
+
+    lines = log.read_text().splitlines()
+    # gunicorn prints the message of a boot failure once more on stderr itself, outside logging.
+    assert {line for line in lines if not line.startswith("{")} == {message}
+    found = json_records("".join(line + "\n" for line in lines if line.startswith("{")))
+    (failure, *_) = [r for r in found if r["msg"] == "Exception in worker process"]
+    assert (failure["logger"], failure["level"]) == ("gunicorn.error", "ERROR")
+    assert failure["exc_info"].startswith("Traceback (most recent call last):\n")
+    assert failure["exc_info"].endswith(message)

@@ -497,6 +497,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     database_url = f"sqlite:///{tmp_path_factory.mktemp('properties') / 'ledger.db'}"
     settings = Settings(database_url=database_url, callback_tokens=(TOKEN,), max_body_bytes=LIMIT, log_level="WARNING")
     ledger = Ledger(database_url)
+    ledger.migrate()
     with BackgroundServer(create_app(settings, ledger)) as server, requests.Session() as session:
         yield Endpoint(f"{server.url}/callback/{TOKEN}", ledger, session)
     ledger.dispose()

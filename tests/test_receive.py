@@ -16,7 +16,7 @@ from support.samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, FORMATS, JOB
 
 from webhook.ledger import Ledger
 from webhook.ledger.schema import callbacks
-from webhook.models import job_to_dict
+from webhook.models import JobStatus, job_to_dict
 
 OTHER_TOKEN = "cb-fedcba9876543210~next"
 SMALL_LIMIT = 2048
@@ -362,7 +362,7 @@ def test_json_integer_over_4300_digits_is_refused_400(ledger: Ledger, base_url: 
 def test_healthz_reports_ok(base_url: str) -> None:
     response = requests.get(f"{base_url}/healthz", timeout=30)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "ledger": "ok"}
+    assert response.json() == {"status": "ok"}
 
 
 def test_metrics_count_the_received_job(base_url: str) -> None:
@@ -373,8 +373,8 @@ def test_metrics_count_the_received_job(base_url: str) -> None:
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     lines = response.text.splitlines()
-    assert 'cos_webhook_jobs{status="received"} 1' in lines
-    assert "cos_webhook_tasks_pending 1" in lines
+    assert 'cos_webhook_jobs{status="received"} 1.0' in lines
+    assert 'cos_webhook_tasks_due{kind="verify",sink=""} 1.0' in lines
 
 
 def test_metrics_do_not_count_refused_callbacks(base_url: str) -> None:
@@ -382,8 +382,10 @@ def test_metrics_do_not_count_refused_callbacks(base_url: str) -> None:
 
     lines = requests.get(f"{base_url}/metrics", timeout=30).text.splitlines()
 
-    assert not any(line.startswith("cos_webhook_jobs{") for line in lines)
-    assert "cos_webhook_tasks_pending 0" in lines
+    assert [line for line in lines if line.startswith("cos_webhook_jobs{")] == [
+        f'cos_webhook_jobs{{status="{status}"}} 0.0' for status in sorted(JobStatus)
+    ]
+    assert 'cos_webhook_tasks_due{kind="verify",sink=""} 0.0' in lines
 
 
 def test_a_ledger_that_cannot_be_written_answers_503_and_keeps_nothing(ledger: Ledger, base_url: str) -> None:

@@ -39,7 +39,8 @@ def everything_written(ledger: Ledger, texts: list[str], *dirs: Path) -> str:
 
 
 @pytest.mark.slow  # gunicorn and worker processes
-def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path, log_format: str) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
     # The receiver echoes what it can: even so the secret must not reach an error message.
@@ -51,8 +52,9 @@ def test_no_secret_is_written_anywhere(database_url: str, tmp_path: Path) -> Non
             callback_tokens=(TOKEN,),
             http_sink_secret=SINK_SECRET,
         )
-        env = settings_env(settings) | {"WEBHOOK_LOG_LEVEL": "DEBUG"}
+        env = settings_env(settings) | {"WEBHOOK_LOG_LEVEL": "DEBUG", "WEBHOOK_LOG_FORMAT": log_format}
         ledger = Ledger(database_url)
+        ledger.migrate()
         pipeline = Pipeline(settings, ledger, sandbox, "", http, tmp_path / "delivered")
         with web(env, logs / "web.log") as (url, proc):
             wait_healthy(url, proc, logs / "web.log")

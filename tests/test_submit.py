@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from qcloud_cos import CosServiceError
 from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env
 from support.receiver import Reply
+from support.tdmq import QUEUE, consumer, consuming, tdmq_env
 
 from webhook.cli import main
 from webhook.config import Settings
@@ -288,7 +289,9 @@ def test_the_sandbox_queue_answers_as_ci_documents(pipeline: Pipeline) -> None:
     assert refused({"Name": "q", "State": "Active"}) == (400, "InvalidArgument")  # NotifyConfig is required
     assert refused(good | {"Name": ""}) == (400, "InvalidArgument")
     assert refused(good | {"State": "Paused"}) == (501, "NotImplemented")
-    assert refused(good | {"NotifyConfig": on | {"Type": "TDMQ"}}) == (501, "NotImplemented")
+    assert refused(good | {"NotifyConfig": on | {"Type": "TDMQ"}}) == (400, "InvalidArgument")  # no MqName
+    topic = {"Type": "TDMQ", "MqRegion": "gz", "MqMode": "Topic", "MqName": "t"}
+    assert refused(good | {"NotifyConfig": on | topic}) == (400, "InvalidArgument")  # the sandbox has no topics
     assert refused(good | {"NotifyConfig": on | {"Url": "ftp://x"}}) == (400, "InvalidArgument")
     assert refused(good | {"NotifyConfig": on | {"Event": "JobDone"}}) == (400, "InvalidArgument")
     assert refused(good, "p" + "0" * 32) == (400, "InvalidArgument")
@@ -321,3 +324,60 @@ def test_a_job_s_own_callback_settings_win_over_the_queue() -> None:
     assert target(request(CallBackFormat="XML")) == ("http://queue.example/cb", "xml")
     assert target(request(CallBack="http://job.example/cb")) == ("http://job.example/cb", "xml")
     assert target(request(CallBack="no")) == ("", "xml")  # "no": not even the queue's
+
+
+# --- through TDMQ ------------------------------------------------------------------------------
+
+
+def test_submit_with_callback_type_tdmq_needs_no_public_url(pipeline: Pipeline) -> None:
+    key = pipeline.upload_input()
+    env = tdmq_env(pipeline.sandbox) | {"WEBHOOK_PUBLIC_URL": None}
+    with working(pipeline), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
+        waited = run(
+            pipeline, "submit", key, "--output", "out/t.wav", "--callback-type", "tdmq", "--wait", *QUICK, **env
+        )
+    assert waited.exit_code == 0, waited.output
+    job_id = waited.stdout.strip()
+    [sent] = pipeline.sandbox.callbacks_sent
+    assert (sent.job_id, sent.url, sent.format) == (job_id, f"tdmq://gz/{QUEUE}", "json")
+    assert [r.remote_addr for r in pipeline.ledger.views.raw_callbacks(job_id)] == ["tdmq"]
+    assert pipeline.ledger.views.show_job(job_id).status == "delivered"
+
+    both = run(pipeline, "submit", key, "--output", "o.wav", "--callback", "queue", "--callback-type", "tdmq", **env)
+    assert both.exit_code == 2
+    assert "with --callback queue the queue's decides" in both.output
+    no_region = run(
+        pipeline, "submit", key, "--output", "o.wav", "--callback-type", "tdmq", **env | {"WEBHOOK_TDMQ_REGION": None}
+    )
+    assert no_region.exit_code == 1
+    assert "WEBHOOK_TDMQ_REGION is not set" in no_region.output
+    assert len(listed_jobs(pipeline)) == 1  # neither was submitted
+
+
+def test_queue_register_tdmq_makes_every_job_call_back_through_the_queue(pipeline: Pipeline) -> None:
+    env = tdmq_env(pipeline.sandbox)
+    result = run(pipeline, "queue", "register", "--tdmq", QUEUE, **env)
+    assert result.exit_code == 0, result.output
+    [queue] = pipeline.sandbox.client(REGION).ci_get_asr_queue(Bucket=BUCKET)["QueueList"]
+    assert result.output.splitlines() == [
+        f"queue {queue['QueueId']} of {BUCKET} now calls back here through TDMQ queue {QUEUE}",
+        f"  notify: State=On Type=TDMQ Event=TaskFinish ResultFormat=JSON MqMode=Queue MqName={QUEUE} MqRegion=gz",
+        "  was:    State=Off Type=Url Event=TaskFinish ResultFormat=XML",
+    ]
+    notify = queue_notify(pipeline)
+    assert {name: notify[name] for name in ("State", "Type", "MqRegion", "MqMode", "MqName")} == {
+        "State": "On",
+        "Type": "TDMQ",
+        "MqRegion": "gz",
+        "MqMode": "Queue",
+        "MqName": QUEUE,
+    }
+    assert run(pipeline, "queue", "show", **env).output.splitlines()[1].endswith("(calls back here, through TDMQ)")
+    assert not run(pipeline, "queue", "show").output.splitlines()[1].endswith(")")  # another consumer's queue
+
+    key = pipeline.upload_input()
+    with working(pipeline), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
+        waited = run(pipeline, "submit", key, "--output", "out/q.wav", "--callback", "queue", "--wait", *QUICK, **env)
+    assert waited.exit_code == 0, waited.output
+    [sent] = pipeline.sandbox.callbacks_sent
+    assert (sent.job_id, sent.url) == (waited.stdout.strip(), f"tdmq://gz/{QUEUE}")

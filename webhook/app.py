@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from webhook import health, receive
+from webhook import dashboard, health, receive
 from webhook.config import Settings
 from webhook.ledger import Ledger
-from webhook.logs import setup_logging
-from webhook.web import EXTENSION, Runtime, error
+from webhook.logs import REQUEST_ID_HEADER, begin_request, end_request, setup_logging
+from webhook.web import EXTENSION, Runtime, error, in_networks
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +23,19 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     """Build the web app; reads settings from the environment unless given."""
     settings = settings or Settings.from_env()
     settings.check_receiver()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     ledger = ledger or Ledger(settings.database_url)
-    ledger.create_schema()
+    ledger.prepare(settings.auto_migrate)
 
     app = _App(__name__)
+    _trace_requests(app)  # first: whatever runs before the view logs with the request's id
     # Werkzeug refuses a larger declared body before reading it, and cuts a chunked one off.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
     app.register_blueprint(receive.bp)
     app.register_blueprint(health.bp)
+    if settings.dashboard_password:  # otherwise /dashboard is a 404 like any unknown path
+        dashboard.install(app, settings)
     if settings.trusted_proxies:
         # Behind N proxies the client is the N-th address from the right of X-Forwarded-For;
         # anything further left was written by the client and is not trusted.
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     def _source_allowed() -> tuple[Response, int] | None:
         if not settings.allowed_sources or not request.path.startswith("/callback/"):
             return None
-        if _in_networks(request.remote_addr or "", settings.allowed_sources):
+        if in_networks(request.remote_addr or "", settings.allowed_sources):
             return None
         log.warning("callback refused: source %s is not in WEBHOOK_ALLOWED_SOURCES", request.remote_addr)
         return error(403, f"source address {request.remote_addr} is not allowed")
@@ -59,12 +61,37 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
 
     @app.after_request
     def _access_log(response: Response) -> Response:
-        log.info("%s %s %s %s", request.remote_addr, request.method, _redacted(request.path), response.status_code)
+        if request.path in health.UNLOGGED:  # probes and scrapes every few seconds would drown the log
+            return response
+        path, status = _redacted(request.path), response.status_code
+        access = {"remote_addr": request.remote_addr, "method": request.method, "path": path, "status": status}
+        log.info("%s %s %s %s", request.remote_addr, request.method, path, status, extra=access)
         return response
 
     if settings.run_worker_in_web:
         _start_worker_thread(settings, ledger)
     return app
+
+
+def _trace_requests(app: Flask) -> None:
+    """Every record written while a request is served carries its id, which the response returns.
+
+    The id is the request's ``X-Request-Id`` when that is a valid id (a router or a client set
+    it), else a new one.
+    """
+
+    @app.before_request
+    def _begin() -> None:
+        g.request_id = begin_request(request.headers.get(REQUEST_ID_HEADER))
+
+    @app.after_request
+    def _return_id(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.request_id
+        return response
+
+    @app.teardown_request
+    def _end(exc: BaseException | None) -> None:
+        end_request()
 
 
 class _App(Flask):
@@ -76,14 +103,6 @@ class _App(Flask):
 def _redacted(path: str) -> str:
     """The request path without the callback token, which is a credential."""
     return "/callback/<token>" if path.startswith("/callback/") else path
-
-
-def _in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
 
 
 def _start_worker_thread(settings: Settings, ledger: Ledger) -> None:

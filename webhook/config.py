@@ -8,19 +8,15 @@ problem raises :class:`ConfigError` naming the variable, or the file and its key
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    BeforeValidator,
     Field,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -32,7 +28,20 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from qcloud_cos import CosS3Client
 
-from webhook.cos import CosEndpoint, make_client, parse_endpoint
+from webhook.config_values import (
+    Count,
+    DatabaseUrl,
+    Endpoint,
+    Flag,
+    HttpUrl,
+    LogLevel,
+    NameList,
+    Names,
+    Networks,
+    Port,
+    Tokens,
+)
+from webhook.cos import CosEndpoint, make_client
 from webhook.errors import ConfigError
 from webhook.retry import RetryPolicy
 from webhook.sinks import BuildContext
@@ -42,7 +51,6 @@ __all__ = ["ConfigError", "CosEndpoint", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
 DEFAULT_CONFIG_PATH = "cos-webhook.toml"
-_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_DATABASE_URL": ("database_url",),
@@ -99,94 +107,21 @@ _VARIABLE = {path: name for name, path in ENVIRONMENT.items()}
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("environ", default=None)
 
 
-def _names(value: Any) -> Any:
-    """A comma-separated list, as environment variables write one."""
-    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
-
-
-def _tokens(value: Any) -> Any:
-    tokens = _names(value)
-    if any(not _TOKEN.fullmatch(str(token)) for token in tokens):
-        raise ValueError("must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ -")
-    return tokens
-
-
-def _database_url(value: Any) -> Any:
-    url = str(value)
-    scheme = url.split(":", 1)[0]
-    if scheme in ("postgres", "postgresql"):
-        # PaaS add-ons hand out postgres:// URLs; SQLAlchemy needs the driver named.
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    if scheme not in ("sqlite", "postgresql+psycopg"):
-        raise ValueError(f"must be a sqlite:/// or postgresql:// URL, not {scheme!r}")
-    return url
-
-
-def _http_url(value: Any) -> Any:
-    if value and not re.match(r"https?://[^/\s:]", str(value)):
-        raise ValueError("must be an http:// or https:// URL")
-    return value
-
-
-def _endpoint(value: Any) -> Any:
-    return parse_endpoint(value) if isinstance(value, str) else value
-
-
-def _networks(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    return [ipaddress.ip_network(part, strict=False) for part in _names(value)]
-
-
-def _count(value: Any) -> Any:
-    if isinstance(value, str) and not value.isdigit():
-        raise ValueError(f"must be a whole number (0 or more), not {value!r}")
-    return value
-
-
-def _flag(value: Any) -> Any:
-    if isinstance(value, str):
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        raise ValueError(f"must be true or false, not {value!r}")
-    return value
-
-
-def _port(value: Any) -> Any:
-    if isinstance(value, str) and not (value.isdigit() and 0 < int(value) < 65536):
-        raise ValueError(f"must be a TCP port, 1 to 65535, not {value!r}")
-    return value
-
-
-def _level(value: Any) -> Any:
-    level = str(value).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, not {level!r}")
-    return level
-
-
-Names = Annotated[frozenset[str], BeforeValidator(_names)]
-HttpUrl = Annotated[str, BeforeValidator(_http_url)]
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
 class Settings(BaseSettings):
     """Everything the processes are configured with; see the README's table for each variable."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
-    database_url: Annotated[str, BeforeValidator(_database_url)] = DEFAULT_DATABASE_URL
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
     config_path: str = DEFAULT_CONFIG_PATH
-    callback_tokens: Annotated[tuple[str, ...], BeforeValidator(_tokens)] = ()
+    callback_tokens: Tokens = ()
     allowed_buckets: Names = frozenset()
     allowed_regions: Names = frozenset()  # empty: COS_REGION
     allowed_tags: Names = frozenset({"NoiseReduction"})
     secret_id: str = ""
     secret_key: str = Field("", repr=False)
     region: str = ""
-    cos_endpoint: Annotated[CosEndpoint | None, BeforeValidator(_endpoint)] = None
+    cos_endpoint: Endpoint = None
     # Deadline for one whole COS/CI exchange; a transfer also gets its bytes' time at min_transfer_rate.
     cos_timeout: PositiveFloat = 30.0
     sink_dir: str = ""
@@ -195,38 +130,38 @@ class Settings(BaseSettings):
     http_sink_timeout: PositiveFloat = 30.0  # deadline, as cos_timeout
     min_transfer_rate: PositiveInt = 1024 * 1024  # bytes/s a transfer may not fall below
     max_body_bytes: PositiveInt = 1024 * 1024
-    allowed_sources: Annotated[Networks, BeforeValidator(_networks)] = ()  # empty: any address
+    allowed_sources: Networks = ()  # empty: any address
     # X-Forwarded-For hops set by proxies in front (the PaaS router).
-    trusted_proxies: Annotated[NonNegativeInt, BeforeValidator(_count)] = 0
+    trusted_proxies: Count = 0
     retry: RetryPolicy = RetryPolicy()
     # CI outages and jobs CI still reports running: checked at least every 10 min for a day.
     verify_retry: RetryPolicy = RetryPolicy(max_attempts=1000, backoff_base=5.0, backoff_cap=600.0, max_age=86400.0)
     lease_seconds: PositiveFloat = 300.0
     poll_interval: PositiveFloat = 1.0
     # The CI queues reconcile lists jobs of; empty: every queue.
-    reconcile_queue_ids: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    reconcile_queue_ids: NameList = ()
     reconcile_interval: PositiveFloat = 600.0  # seconds between a worker's reconcile runs
-    run_worker_in_web: Annotated[bool, BeforeValidator(_flag)] = False
+    run_worker_in_web: Flag = False
     # Under a PaaS's usual 30 s grace between SIGTERM and SIGKILL.
     shutdown_seconds: PositiveFloat = 25.0
     # A worker whose heartbeat is three intervals old is dead: its leases are taken over.
     heartbeat_seconds: PositiveFloat = 5.0
     staging_max_bytes: PositiveInt = 2 * 1024**3  # downloads kept for a job's pending deliveries
     public_url: HttpUrl = ""  # where CI reaches this service (submit, queue register)
-    auto_migrate: Annotated[bool, BeforeValidator(_flag)] = False  # single-process deploys: migrate at start
+    auto_migrate: Flag = False  # single-process deploys: migrate at start
     retention_days: PositiveFloat = 30.0  # finished jobs older than this are pruned
     # json on a PaaS (stderr is not a terminal), text on a terminal, unless set.
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: str = Field("", repr=False)  # bearer token for /metrics (besides WEBHOOK_ALLOWED_SOURCES)
-    worker_metrics_port: Annotated[int | None, BeforeValidator(_port)] = None
+    worker_metrics_port: Port = None
     dashboard_password: str = Field("", repr=False)  # empty: no dashboard (404)
     tdmq_region: str = ""  # sh, bj, gz, cd, hk ...
-    tdmq_queues: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    tdmq_queues: NameList = ()
     tdmq_endpoint: HttpUrl = ""  # empty: the public endpoint of tdmq_region
     tdmq_secret_id: str = ""  # empty: COS_SECRET_ID
     tdmq_secret_key: str = Field("", repr=False)  # empty: COS_SECRET_KEY
     temp_dir: str = ""
-    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_level)] = "INFO"
+    log_level: LogLevel = "INFO"
     sinks: list[AnySinkSpec] = []  # declared in the file; see sink_specs() for all of them
 
     def __init__(self, **values: Any) -> None:
@@ -277,6 +212,28 @@ class Settings(BaseSettings):
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``, validated again (and the sink file read again)."""
         return Settings(**(self.model_dump(exclude={"sinks"}, exclude_unset=True) | changes))
+
+    def require_sinks(self) -> list[SinkSpec]:
+        """The sinks a worker delivers to; at least one must be configured."""
+        if not (specs := self.sink_specs()):
+            raise ConfigError(
+                "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL, "
+                f"or declare sinks in {self.config_path} (WEBHOOK_CONFIG)"
+            )
+        return specs
+
+    def redact(self, text: str) -> str:
+        """``text`` without any configured secret's value (for errors recorded or logged)."""
+        for secret in (
+            self.secret_key,
+            self.http_sink_secret,
+            self.metrics_token,
+            self.dashboard_password,
+            self.tdmq_secret_key,
+        ):
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
 
     def cos_client(self, region: str | None = None) -> CosS3Client:
         """An SDK client with these credentials for ``region`` (default ``COS_REGION``)."""

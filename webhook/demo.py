@@ -47,6 +47,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
             log_level="WARNING",
         )
         ledger = Ledger(settings.database_url)
+        ledger.migrate()
         worker = Worker.from_settings(settings, ledger)
         with BackgroundServer(create_app(settings, ledger), name="demo-receiver") as receiver, _running(worker):
             click.echo(f"sandbox   {sandbox.url} (COS and CI APIs)")

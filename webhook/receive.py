@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 import sqlalchemy.exc
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from webhook import metrics
 from webhook.callback import CallbackError, parse_callback
 from webhook.ledger import RawRequest
 from webhook.triage import triage
@@ -19,6 +21,23 @@ bp = Blueprint("receive", __name__)
 
 # Kept for diagnosis; credentials and cookies never reach the ledger.
 STORED_HEADERS = ("Content-Type", "Content-Length", "User-Agent", "X-Forwarded-For", "X-Real-Ip", "X-Request-Id")
+
+
+@bp.before_app_request
+def _arrived() -> None:
+    # On the app, so that it runs before the checks that may answer first (source address).
+    g.arrived = time.perf_counter()
+
+
+@bp.after_request
+def _count(response: Response) -> Response:
+    """Every answer to a callback, refusals included, is counted and timed."""
+    if request.method != "POST":  # Flask's automatic OPTIONS answer is not a callback
+        return response
+    arrived = g.get("arrived")
+    elapsed = time.perf_counter() - arrived if arrived is not None else None
+    metrics.callback_answered(response.status_code, g.get("callback_outcome"), elapsed)
+    return response
 
 
 @bp.post("/callback/<token>")
@@ -73,6 +92,7 @@ def callback(token: str) -> tuple[Response, int]:
         ",".join(recorded.duplicates) or "-",
         ",".join(recorded.ignored) or "-",
     )
+    g.callback_outcome = metrics.stored_outcome(recorded)
     jobs = [{"job_id": j, "duplicate": False} for j in recorded.job_ids]
     jobs += [{"job_id": j, "duplicate": True} for j in recorded.duplicates]
     return jsonify(

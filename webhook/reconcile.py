@@ -33,6 +33,7 @@ from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.ledger.schema import jobs
 from webhook.logs import escape
 from webhook.models import Callback, Job, JobState
+from webhook.periodic import Periodic
 from webhook.triage import FORWARDED_EVENT, triage
 
 log = logging.getLogger(__name__)
@@ -200,64 +201,36 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
     callback = Callback(event_name=FORWARDED_EVENT, jobs=(item.job,), body_format="json")
     recorded = ledger.jobs.record(raw, callback, triage(callback, settings.allowed_tags))
     for job_id in recorded.job_ids:
-        log.info("reconcile recorded job=%s state=%s", job_id, item.job.state)
+        log.info("reconcile recorded state=%s", item.job.state, extra={"job_id": job_id})
     return recorded.job_ids
 
 
-class PeriodicReconcile:
-    """Runs :func:`reconcile` every ``settings.reconcile_interval`` seconds, one worker at a time.
+class PeriodicReconcile(Periodic[Summary]):
+    """Runs :func:`reconcile` every ``settings.reconcile_interval`` seconds, one worker at a time
+    (see :class:`~webhook.periodic.Periodic`).
 
-    A worker calls :meth:`tick` on each turn of its loop; until the interval has passed since this
-    process last ran (or tried), that is a comparison of ``clock()`` and nothing else. When due,
-    whoever wins the ledger lock :data:`LOCK` runs; the lock is held for one interval and not
-    released, so however many workers tick, one run happens per interval: the others find it
-    held, and the winner's next turn takes it again. If the winner stops, another takes over once
-    its lock runs out, so runs are at most about two intervals apart. Each run therefore lists the
-    jobs created in the last ``2 * interval + RUNTIME_MARGIN`` seconds: consecutive windows overlap,
-    and a job that finished just around one run is listed by the next (found once: jobs are known
-    by id).
-
-    Failures (CI refusing or unreachable, the ledger away) are one WARNING line and are tried
-    again an interval later; they never reach the caller. ``runs``, ``recorded`` and ``failures``
-    count what this process did.
+    Runs are at most about two intervals apart (when the lock's holder stops, another takes over
+    once it runs out), so each run lists the jobs created in the last ``2 * interval +
+    RUNTIME_MARGIN`` seconds: consecutive windows overlap, and a job that finished just around one
+    run is listed by the next (found once: jobs are known by id). ``recorded`` counts the jobs
+    this process's runs recorded.
     """
+
+    lock = LOCK
 
     def __init__(
         self, settings: Settings, ledger: Ledger, holder: str, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        super().__init__(ledger, holder, settings.reconcile_interval, clock)
         self.settings = settings
-        self.ledger = ledger
-        self.holder = holder
-        self.interval = settings.reconcile_interval
-        self._clock = clock
-        self._next: float | None = None  # clock() at which the next run is due; None: the first tick
-        self.runs = 0  # runs that completed
-        self.recorded = 0  # jobs those runs recorded
-        self.failures = 0  # runs (or lock attempts) that failed
-        self.last: Summary | None = None  # what the last completed run found
-
-    def due(self) -> bool:
-        return self._next is None or self._clock() >= self._next
+        self.recorded = 0  # jobs this process's runs recorded
 
     def window(self, now: datetime) -> datetime:
         """Where the run at ``now`` starts listing: two intervals and :data:`RUNTIME_MARGIN` back."""
         return now - timedelta(seconds=2 * self.interval + RUNTIME_MARGIN)
 
-    def tick(self) -> Summary | None:
-        """Run reconcile if it is due and this holder wins the lock; what it found, else None."""
-        if not self.due():
-            return None
-        self._next = self._clock() + self.interval
-        try:
-            if not self.ledger.locks.acquire(LOCK, self.holder, self.interval):
-                return None
-            summary = reconcile(self.settings, self.ledger, self.window(utcnow()))
-        except Exception as exc:  # the worker's loop must go on: the next interval tries again
-            self.failures += 1
-            log.warning("reconcile failed, next try in %gs: %s", self.interval, self._reason(exc))
-            return None
-        self.runs += 1
-        self.last = summary
+    def run(self) -> Summary:
+        summary = reconcile(self.settings, self.ledger, self.window(utcnow()))
         totals = summary.to_dict()
         recorded = totals["recorded"]
         self.recorded += len(recorded)
@@ -274,14 +247,5 @@ class PeriodicReconcile:
         )
         return summary
 
-    def _reason(self, exc: Exception) -> str:
-        if isinstance(exc, ReconcileError):
-            text = str(exc)
-        elif isinstance(exc, sa.exc.SQLAlchemyError):
-            # Its text carries the statement and parameters; the kind says enough.
-            text = f"ledger unavailable ({type(exc).__name__})"
-        else:
-            text = f"{type(exc).__name__}: {exc}"
-        if self.settings.secret_key:
-            text = text.replace(self.settings.secret_key, "[redacted]")
-        return escape(text)[:500]
+    def reason(self, exc: Exception) -> str:
+        return self.settings.redact(str(exc) if isinstance(exc, ReconcileError) else super().reason(exc))

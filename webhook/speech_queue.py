@@ -17,11 +17,14 @@ queue's notification exactly as speech-recognition jobs do (their ``QueueType`` 
 ``Speeching``); whether an update that leaves out ``MqMode``/``MqName``/``MqRegion`` keeps or
 clears them (a ``Url`` notification does not use them); and the ``Url`` length limit, given as 100
 characters in an older version of the document and not at all in the current one, which a long
-callback token can exceed.
+callback token can exceed. A ``TDMQ`` notification is sent with ``MqRegion``, ``MqMode`` and
+``MqName`` and no ``Url``; that its message is the same document a ``Url`` notification POSTs is
+not confirmed either (``cos-webhook consume`` reads both forms, and base64 of them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +72,16 @@ def list_queues(client: CosS3Client, bucket: str) -> list[QueueView]:
 
 
 def register(
-    client: CosS3Client, bucket: str, url: str, result_format: str, queue_id: str | None = None
+    client: CosS3Client,
+    bucket: str,
+    url: str,
+    result_format: str,
+    queue_id: str | None = None,
+    *,
+    mq: Mapping[str, str] | None = None,
 ) -> tuple[QueueView, QueueView]:
-    """Point the queue's notification at ``url``; returns the queue before and after.
+    """Point the queue's notification at ``url``, or with ``mq`` (``MqRegion``, ``MqMode``,
+    ``MqName``) at that TDMQ queue; returns the queue before and after.
 
     The queue is ``queue_id``, or the bucket's only Speeching queue. Its name and state are sent
     back as they were, since UpdateSpeechQueue requires both.
@@ -89,10 +99,11 @@ def register(
     else:
         ids = ", ".join(queue.queue_id for queue in queues)
         raise SubmitError(f"give --queue-id: bucket {bucket} has {len(queues)} Speeching queues ({ids})")
+    target = {"Type": "TDMQ", **mq} if mq else {"Url": url, "Type": "Url"}
     request = {
         "Name": chosen.name,
         "State": chosen.state,
-        "NotifyConfig": {"State": "On", "Url": url, "Type": "Url", "Event": EVENT, "ResultFormat": result_format},
+        "NotifyConfig": {"State": "On", **target, "Event": EVENT, "ResultFormat": result_format},
     }
     with explained(f"bucket {bucket}: updating queue {chosen.queue_id}"):
         answer = client.ci_update_asr_queue(Bucket=bucket, QueueId=chosen.queue_id, Request=request)

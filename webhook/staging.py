@@ -46,7 +46,7 @@ class Staging:
     def fetch(self, client: CosS3Client, job_id: str, where: ObjectLocation) -> FetchedFile:
         """The job's object, from staging when an earlier attempt downloaded it, else from COS."""
         if (staged := self.staged(job_id, where)) is not None:
-            log.info("job=%s reusing the staged download of %s", job_id, where.key)
+            log.info("reusing the staged download of %s", where.key, extra={"job_id": job_id})
             return staged
         self.directory.mkdir(parents=True, exist_ok=True)
         part_prefix = f"{PART_PREFIX}{self.tag}-"

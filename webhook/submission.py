@@ -8,7 +8,7 @@ the same call the tests and the demo make) and watch the job's status until it e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,12 @@ from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from webhook.config import Settings
 from webhook.cos import client_error, service_error
+from webhook.errors import ConfigError
 from webhook.ledger import LedgerError
 from webhook.ledger.views import Views
 from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
 from webhook.sandbox.submit import submit_noise_reduction
+from webhook.tdmq import mq_config
 
 # Statuses a job does not leave on its own (replay can bring a rejected or dead one back).
 FINAL = frozenset({JobStatus.DELIVERED, JobStatus.DEAD, JobStatus.REJECTED, JobStatus.IGNORED})
@@ -53,6 +55,18 @@ def callback_url(settings: Settings) -> str:
     if not settings.callback_tokens:
         raise SubmitError("WEBHOOK_CALLBACK_TOKEN is not set (16 to 256 URL-safe characters)")
     return f"{settings.public_url.rstrip('/')}/callback/{settings.callback_tokens[0]}"
+
+
+def callback_queue(settings: Settings, queue: str | None = None) -> dict[str, str]:
+    """CI's ``CallBackMqConfig`` for ``queue``, or the first of ``WEBHOOK_TDMQ_QUEUE``, in ``WEBHOOK_TDMQ_REGION``."""
+    if not settings.tdmq_region:
+        raise SubmitError(
+            "WEBHOOK_TDMQ_REGION is not set: the region of the TDMQ queue CI sends callbacks to (sh, bj …)"
+        )
+    try:
+        return mq_config(settings.tdmq_region, queue or next(iter(settings.tdmq_queues), ""))
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
 
 
 def choose_bucket(settings: Settings, bucket: str | None) -> str:
@@ -102,10 +116,12 @@ def submit_job(
     input_key: str | None = None,
     template_id: str = "",
     user_data: str = "",
+    callback_mq: Mapping[str, str] | None = None,
 ) -> Submitted:
     """Upload ``source`` if it is a local file (else it is a key in ``bucket``) and submit the job.
 
-    ``callback`` is the per-job CallBack URL; "" leaves it to the queue's NotifyConfig.
+    ``callback`` is the per-job CallBack URL; "" leaves it to the queue's NotifyConfig, unless
+    ``callback_mq`` (:func:`callback_queue`) has CI put the callback on a TDMQ queue.
     """
     path = Path(source)
     uploaded_from: Path | None = None
@@ -131,7 +147,7 @@ def submit_job(
     output = ObjectLocation(bucket, settings.region, output_key)
     with explained(f"submitting the job for {bucket}/{key}"):
         job_id = submit_noise_reduction(
-            client, key, output, callback, callback_format, user_data, template_id=template_id
+            client, key, output, callback, callback_format, user_data, template_id=template_id, callback_mq=callback_mq
         )
     return Submitted(job_id, bucket, key, uploaded_from)
 

@@ -1,7 +1,8 @@
-"""What every blueprint shares: the app's runtime (settings and ledger) and JSON error answers."""
+"""What every blueprint shares: the app's runtime (settings and ledger), source checks, JSON error answers."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify
@@ -21,6 +22,15 @@ class Runtime:
 def runtime(app: Flask) -> Runtime:
     rt: Runtime = app.extensions[EXTENSION]
     return rt
+
+
+def in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether ``address`` (a client's, after any trusted proxies) is in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def error(status: int, message: str) -> tuple[Response, int]:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import sqlalchemy.exc
 from qcloud_cos import CosS3Client
 
+from webhook import metrics
 from webhook.config import Settings
 from webhook.cos import make_client
-from webhook.errors import ConfigError
 from webhook.events import build_event
 from webhook.fetch import FetchError, describe_object, presigned_url
 from webhook.ledger import (
@@ -32,7 +32,9 @@ from webhook.ledger import (
     utcnow,
 )
 from webhook.liveness import SHUTDOWN, Heartbeat, Shutdown, lease_kept
+from webhook.logs import fields
 from webhook.models import FetchedFile, Job, ObjectLocation, Outcome, Step, job_from_json
+from webhook.periodic import PeriodicPrune
 from webhook.reconcile import PeriodicReconcile
 from webhook.retry import RetryPolicy, backoff_delay, why_over
 from webhook.sinks import DeliveryError, NotificationSink, Sink
@@ -80,19 +82,15 @@ class Worker:
         self.shutdown = Shutdown(settings.shutdown_seconds, self._hard_stop)
         self.stopping = self.shutdown.stopping
         self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
+        self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
         settings.check_worker()
-        specs = settings.sink_specs()
-        if not specs:
-            raise ConfigError(
-                "no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL, "
-                f"or declare sinks in {settings.config_path} (WEBHOOK_CONFIG)"
-            )
+        specs = settings.require_sinks()
         sinks = build_sinks(specs, settings.build_context())
         ledger = ledger or Ledger(settings.database_url)
-        ledger.create_schema()
+        ledger.prepare(settings.auto_migrate)
         # One client per region, kept: its session pools the connections.
         return cls(settings, ledger, specs, sinks, functools.cache(settings.cos_client))
 
@@ -117,6 +115,7 @@ class Worker:
                     self.heartbeat.start()
                     self._took_over(None)
                 self.reconciler.tick()
+                self.pruner.tick()
                 worked = self.run_once()
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
@@ -180,7 +179,7 @@ class Worker:
                     case DeliveryClaim():
                         self._deliver(claim)
             except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
-                log.exception("job=%s step failed unexpectedly", claim.tasks[0].job_id)
+                log.exception("step failed unexpectedly", extra={"job_id": claim.tasks[0].job_id})
                 for task in claim.tasks:
                     self._failed(
                         task, claim, self._error_text(exc), self._policy(task), started, code=type(exc).__name__
@@ -222,12 +221,14 @@ class Worker:
                 version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
                 sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
                 tried = [trying.ended(Outcome.OK)]
+                metrics.attempted(tried, claim.received_at)
                 self.ledger.queue.accept(task, self.worker_id, sinks, version, job, rejected, tried)
-                log.info("job=%s verified state=%s deliveries=%s", job.job_id, job.state, ",".join(sinks))
+                log.info("verified state=%s deliveries=%s", job.state, ",".join(sinks), extra=fields(job))
             case Reject(reason):
                 tried = [trying.ended(Outcome.REJECTED, reason)]
+                metrics.attempted(tried, claim.received_at)
                 self.ledger.queue.reject(task, self.worker_id, reason, rejected, tried)
-                log.warning("job=%s rejected: %s", task.job_id, reason)
+                log.warning("rejected: %s", reason, extra=fields(task))
             case Wait(reason):
                 self._failed(task, claim, reason, self.settings.verify_retry, trying)
 
@@ -258,21 +259,14 @@ class Worker:
             except Exception as exc:
                 # One delay for all: the deliveries stay due together, so the next try fetches once.
                 together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
+                error = self._error_text(exc)
                 for n, delivery in enumerate(deliveries):
                     trying = Trying(Step.DELIVER, delivery.sink)
                     also = [fetching] if n == 0 else []
-                    self._failed(
-                        delivery,
-                        claim,
-                        self._error_text(exc),
-                        self._policy(delivery),
-                        trying,
-                        also=also,
-                        delay=together,
-                    )
+                    self._failed(delivery, claim, error, self._policy(delivery), trying, also=also, delay=together)
                 return
             fetch_attempts.append(fetching.ended(Outcome.OK))
-            log.info("job=%s fetched=%s %s bytes=%d", job.job_id, bool(fetched.path), job.output.key, fetched.size)
+            log.info("fetched=%s %s bytes=%d", bool(fetched.path), job.output.key, fetched.size, extra=fields(job))
         stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
         retrying = False
         for delivery in deliveries:
@@ -317,15 +311,17 @@ class Worker:
                 code=exc.code,
             )
         except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
-            log.exception("job=%s sink=%s failed unexpectedly", delivery.job_id, delivery.sink)
+            log.exception("failed unexpectedly", extra=fields(delivery))
             error = self._error_text(exc)
             return self._failed(
                 delivery, claim, error, self._policy(delivery), trying, recorded=recorded, code=type(exc).__name__
             )
-        if self.ledger.queue.complete(delivery, self.worker_id, [*recorded, trying.ended(Outcome.OK)]):
-            log.info("job=%s sink=%s delivered attempt=%d", delivery.job_id, delivery.sink, delivery.attempts)
+        done = [*recorded, trying.ended(Outcome.OK)]
+        metrics.attempted(done, claim.received_at)
+        if self.ledger.queue.complete(delivery, self.worker_id, done):
+            log.info("delivered attempt=%d", delivery.attempts, extra=fields(delivery))
         else:
-            log.warning("job=%s sink=%s delivered but the lease was lost", delivery.job_id, delivery.sink)
+            log.warning("delivered but the lease was lost", extra=fields(delivery))
         return Outcome.OK
 
     def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
@@ -337,10 +333,7 @@ class Worker:
     def _error_text(self, exc: BaseException) -> str:
         """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""
         text = str(exc) if isinstance(exc, VerifyError | FetchError) else f"{type(exc).__name__}: {exc}"
-        for secret in (self.settings.secret_key, self.settings.http_sink_secret):
-            if secret:
-                text = text.replace(secret, "[redacted]")
-        return text[:500]
+        return self.settings.redact(text)[:500]
 
     def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
         # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
@@ -376,25 +369,26 @@ class Worker:
         and ``also`` (a fetch the task depended on) are recorded with this outcome, after the
         attempts already ``recorded``.
         """
-        where = f"job={task.job_id} step={task.kind}" + (f" sink={task.sink}" if isinstance(task, Delivery) else "")
         if self.shutdown.abandoning.is_set():
             # Cut off by a shutdown: due again at once, for a worker that is not stopping.
             error = f"{error} ({SHUTDOWN})"
             attempts = [*recorded, *(t.ended(Outcome.ABANDONED, error, code) for t in (*also, tried))]
+            metrics.attempted(attempts, claim.received_at)
             self.ledger.queue.retry_later(task, self.worker_id, error, 0.0, attempts)
-            log.warning("%s attempt %d abandoned at shutdown: %s", where, task.attempts, error)
+            log.warning("attempt %d abandoned at shutdown: %s", task.attempts, error, extra=fields(task, step=True))
             return Outcome.ABANDONED
         over = why_over(task.attempts, policy, (utcnow() - claim.received_at).total_seconds(), final)
         if over is not None:
             error = f"{error} ({over})"
         outcome = Outcome.DEAD if over is not None else Outcome.RETRY
         attempts = [*recorded, *(t.ended(outcome, error, code) for t in (*also, tried))]
+        metrics.attempted(attempts, claim.received_at)
         if over is not None:
             self.ledger.queue.give_up(task, self.worker_id, error, attempts)
-            log.error("%s dead after %d attempts: %s", where, task.attempts, error)
+            log.error("dead after %d attempts: %s", task.attempts, error, extra=fields(task, step=True))
             return outcome
         if delay is None:
             delay = backoff_delay(task.attempts, policy, retry_after)
         self.ledger.queue.retry_later(task, self.worker_id, error, delay, attempts)
-        log.warning("%s attempt %d failed, retry in %.1fs: %s", where, task.attempts, delay, error)
+        log.warning("attempt %d failed, retry in %.1fs: %s", task.attempts, delay, error, extra=fields(task, step=True))
         return outcome

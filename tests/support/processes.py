@@ -16,6 +16,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/support/processes.py
 BIN = str(Path(sys.executable).parent)
 COS_WEBHOOK = str(Path(BIN) / "cos-webhook")
+# Logs go to a file, so WEBHOOK_LOG_FORMAT=auto would pick JSON: tests read text unless they ask.
+TEXT_LOGS = {"WEBHOOK_LOG_FORMAT": "text"}
 
 
 def procfile(process: str) -> str:
@@ -37,7 +39,7 @@ def free_port() -> int:
 def web(env: dict[str, str], log: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The Procfile's ``web:`` command (gunicorn) on ``port``, logging to ``log``."""
     port = port or free_port()
-    full_env = os.environ | env | {"PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    full_env = os.environ | TEXT_LOGS | env | {"PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
     with log.open("ab") as out:
         proc = subprocess.Popen(
             ["bash", "-c", f"exec {procfile('web')}"], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
@@ -66,5 +68,5 @@ def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen
     """``cos-webhook worker`` in its own process, logging to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [COS_WEBHOOK, "worker", *args], env=os.environ | env, stdout=out, stderr=subprocess.STDOUT
+            [COS_WEBHOOK, "worker", *args], env=os.environ | TEXT_LOGS | env, stdout=out, stderr=subprocess.STDOUT
         )

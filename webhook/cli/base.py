@@ -13,7 +13,7 @@ import sqlalchemy.exc
 
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.ledger import Ledger, utcnow
+from webhook.ledger import Ledger, LedgerError, utcnow
 from webhook.logs import escape
 from webhook.sinks.config import SinkSpec
 
@@ -26,8 +26,12 @@ def load_settings() -> Settings:
 
 
 def open_ledger(settings: Settings) -> Ledger:
+    """The ledger, if its schema is current; commands never change the schema (``migrate`` does)."""
     ledger = Ledger(settings.database_url)
-    ledger.create_schema()
+    try:
+        ledger.require_current_schema()
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
     return ledger
 
 

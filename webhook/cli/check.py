@@ -1,4 +1,4 @@
-"""Commands that check and prepare a deployment: check, init-db."""
+"""Commands that check and prepare a deployment: check, migrate."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import sqlalchemy.pool
 
-from webhook.cli.base import echo_text, load_settings, main, open_ledger, sink_specs
+from webhook.cli.base import echo_text, load_settings, main, sink_specs
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.ledger.schema import make_engine, metadata
+from webhook.ledger import Ledger
+from webhook.ledger.migrate import head as head_revision
+from webhook.ledger.migrate import problem as schema_problem
+from webhook.ledger.schema import make_engine
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import build_sinks
 from webhook.verify import VerifyError, describe_job
@@ -56,25 +59,25 @@ def _check_token(settings: Settings) -> str:
 
 
 def _check_ledger(settings: Settings) -> str:
-    """Reachable, and every table there: read only, nothing is created (not even a SQLite file)."""
+    """Reachable, and at this version's schema: read only, nothing is created (not even a SQLite file)."""
     kind = settings.database_url.split("://", 1)[0]
     url = sqlalchemy.engine.make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         path = Path(url.database).absolute()
         if not path.exists():
-            return f"FAIL  ledger: {kind} database {path} does not exist (run cos-webhook init-db)"
+            return f"FAIL  ledger: {kind} database {path} does not exist (run cos-webhook migrate)"
         engine = _read_only_sqlite(path)
     else:
         engine = make_engine(settings.database_url)
     try:
-        missing = sorted(set(metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
+        problem = schema_problem(engine)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         return f"FAIL  ledger: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     finally:
         engine.dispose()
-    if missing:
-        return f"FAIL  ledger: {kind} is reachable but lacks tables {', '.join(missing)} (run cos-webhook init-db)"
-    return f"ok    ledger: {kind} is reachable and has every table"
+    if problem:
+        return f"FAIL  ledger: {kind} is reachable but {problem.removeprefix('the ledger ')}"
+    return f"ok    ledger: {kind} is reachable and its schema is current ({head_revision()})"
 
 
 def _read_only_sqlite(path: Path) -> sqlalchemy.engine.Engine:
@@ -111,9 +114,15 @@ def _check_ci(settings: Settings) -> list[str]:
     return verdicts
 
 
-@main.command("init-db")
+@main.command()
+def migrate() -> None:
+    """Bring the ledger's schema to this version (the Procfile's release phase runs it)."""
+    ledger = Ledger(load_settings().database_url)
+    ledger.migrate()
+    click.echo(f"ledger at revision {head_revision()}")
+
+
+@main.command("init-db", hidden=True)
 def init_db() -> None:
-    """Create the ledger's tables (also done on every start)."""
-    settings = load_settings()
-    open_ledger(settings)
-    click.echo("ledger ready")
+    """The former name of ``migrate``."""
+    migrate.callback()  # type: ignore[misc]

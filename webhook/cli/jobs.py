@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
 from webhook.cli.base import echo_text, load_settings, main, open_ledger, parse_since, print_rows, sink_specs
 from webhook.errors import ConfigError
-from webhook.ledger import DeadLetter, JobView, LedgerError
+from webhook.ledger import DeadLetter, JobView, LedgerError, utcnow
+from webhook.ledger.quarantine import Quarantine
+from webhook.replaying import replay_job, replay_letter
 
 
 @main.group()
@@ -110,9 +113,7 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
     ledger = open_ledger(settings)
     if job_id:
         try:
-            job = ledger.views.show_job(job_id).job
-            wanted = sinks or tuple(n for n, spec in specs.items() if job is not None and spec.accepts(job))
-            replayed = ledger.jobs.replay(job_id, wanted)
+            replayed = replay_job(ledger, specs, job_id, sinks)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from None
         if replayed.verify:
@@ -122,14 +123,15 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
         return
     if dead:
         letters = [d for d in ledger.views.dead_letters(since=since) if not sinks or d.sink in sinks]
-        todo = [(letter.job_id, [letter.sink] if letter.sink else []) for letter in letters]
+        todo = [functools.partial(replay_letter, ledger, letter) for letter in letters]
         what = "dead letters"
     else:
-        todo = [(rejected_id, []) for rejected_id in ledger.views.rejected_jobs(since=since)]
+        rejected_ids = ledger.views.rejected_jobs(since=since)
+        todo = [functools.partial(ledger.jobs.replay, rejected_id, []) for rejected_id in rejected_ids]
         what = "rejected jobs"
     with click.progressbar(todo, label=f"replaying {what}", show_pos=True, file=sys.stderr) as bar:
-        for replay_id, replay_sinks in bar:
-            ledger.jobs.replay(replay_id, replay_sinks)
+        for replay_one in bar:
+            replay_one()
     click.echo(f"{len(todo)} {what} scheduled again")
 
 
@@ -169,9 +171,10 @@ def dead() -> None:
 @click.option("--sink", help="Only this sink's deliveries.")
 @click.option("--since", callback=parse_since, help="Only those that died after this (2h, 3d, or ISO time).")
 def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
-    """List dead verifications and deliveries with their last error."""
+    """List dead verifications and deliveries with their last error, and unreadable queue messages."""
+    ledger = open_ledger(load_settings())
     print_rows(
-        open_ledger(load_settings()).views.dead_letters(sink=sink, since=since),
+        ledger.views.dead_letters(sink=sink, since=since),
         as_json,
         DeadLetter.to_dict,
         f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
@@ -180,6 +183,17 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
             f"{letter.dead_at:%Y-%m-%d %H:%M:%S}  {letter.last_error}"
         ),
     )
+    if sink is not None:
+        return
+    # A TDMQ message that is not a readable callback has no job: `messages show|reparse ID`.
+    for kept in Quarantine(ledger.engine).listed(since=since):
+        if as_json:
+            click.echo(json.dumps({"kind": "message"} | kept.to_dict()))
+            continue
+        echo_text(
+            f"{f'message {kept.id}':<36} {'message':<7} {'-':<16} {kept.deliveries:>8} "
+            f"{kept.received_at:%Y-%m-%d %H:%M:%S}  {kept.queue}/{kept.msg_id}: {kept.reason}"
+        )
 
 
 def _summary(view: JobView) -> dict[str, Any]:
@@ -194,3 +208,23 @@ def _step(step: dict[str, Any]) -> str:
     if step["last_error"]:
         text += f" last_error={step['last_error']}"
     return text
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    "before",
+    callback=parse_since,
+    help="Finished before this (30d, ISO time); default: retention.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would go.")
+def prune(before: datetime | None, dry_run: bool) -> None:
+    """Remove finished jobs (delivered, rejected, ignored) older than the retention, with their
+    callbacks, tasks and attempts. Dead and undelivered work is never pruned."""
+    settings = load_settings()
+    ledger = open_ledger(settings)
+    before = before or utcnow() - timedelta(days=settings.retention_days)
+    if dry_run:
+        click.echo(f"would prune {ledger.retention.would_prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")
+        return
+    click.echo(f"pruned {ledger.retention.prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")

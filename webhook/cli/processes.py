@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from webhook import metrics_dir
 from webhook.cli.base import load_settings, main
+from webhook.config import Settings
 from webhook.errors import ConfigError
+from webhook.ledger import LedgerError
 from webhook.logs import setup_logging
+
+if TYPE_CHECKING:
+    from webhook.worker import Worker
 
 
 @main.command()
@@ -17,34 +27,61 @@ from webhook.logs import setup_logging
 @click.option("--port", default=8000, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
     """Run the callback receiver with the development server (production: gunicorn, see Procfile)."""
+    metrics_dir.count_in_process()  # one process: before prometheus-client is imported
     from webhook.app import create_app
 
     settings = load_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
     app.run(host=host, port=port, threaded=True)
 
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Exit once nothing is due instead of waiting for work.")
 def worker(burst: bool) -> None:
-    """Verify, fetch and deliver recorded jobs."""
+    """Verify, fetch and deliver recorded jobs; serve /metrics on WEBHOOK_WORKER_METRICS_PORT if set."""
+    metrics_dir.count_in_process()  # before prometheus-client is imported
     from webhook.worker import Worker
 
     settings = load_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         w = Worker.from_settings(settings)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
     w.install_signal_handlers()
     try:
-        w.run(burst=burst)
+        with _worker_metrics(settings, w):
+            w.run(burst=burst)
     finally:
         w.close()
+
+
+@contextlib.contextmanager
+def _worker_metrics(settings: Settings, w: Worker) -> Iterator[None]:
+    """The worker's own /metrics, on WEBHOOK_WORKER_METRICS_PORT, while it runs."""
+    from webhook import health, metrics
+
+    metrics.expect_sinks(w.sinks)
+    if (port := settings.worker_metrics_port) is None:
+        yield
+        return
+    try:
+        server = health.metrics_server(settings, w.ledger, port).start()
+    except OSError as exc:
+        raise click.ClickException(f"WEBHOOK_WORKER_METRICS_PORT: cannot listen on port {port}: {exc}") from None
+    logging.getLogger("webhook.worker").info("metrics on port %d: /metrics, /livez, /readyz", port)
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 @main.command()
@@ -55,7 +92,7 @@ def sandbox(host: str, port: int, root: Path | None) -> None:
     """Run the local COS/CI sandbox: develop without a cloud account."""
     from webhook.sandbox import serve as serve_sandbox
 
-    setup_logging("INFO")
+    setup_logging("INFO", "auto")
     serve_sandbox(host, port, root)
 
 
@@ -67,5 +104,5 @@ def demo(callback_format: str, output: Path, seconds: float) -> None:
     """Run sandbox, receiver and worker; denoise a generated WAV end to end; print where it landed."""
     from webhook.demo import run_demo
 
-    setup_logging("WARNING")
+    setup_logging("WARNING", "auto")
     sys.exit(run_demo(callback_format, output, seconds))

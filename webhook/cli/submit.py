@@ -11,7 +11,15 @@ from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.logs import escape
 from webhook.speech_queue import QueueView, list_queues, register
-from webhook.submission import SubmitError, callback_url, choose_bucket, ci_client, follow, submit_job
+from webhook.submission import (
+    SubmitError,
+    callback_queue,
+    callback_url,
+    choose_bucket,
+    ci_client,
+    follow,
+    submit_job,
+)
 
 _FORMAT = click.Choice(["JSON", "XML"], case_sensitive=False)
 _BUCKET_HELP = "BucketName-APPID; default: the only bucket of WEBHOOK_ALLOWED_BUCKETS."
@@ -30,6 +38,14 @@ _BUCKET_HELP = "BucketName-APPID; default: the only bucket of WEBHOOK_ALLOWED_BU
     show_default=True,
     help="job: the job's CallBack is WEBHOOK_PUBLIC_URL/callback/<token>; "
     "queue: no CallBack, the queue's NotifyConfig calls back (see queue register).",
+)
+@click.option(
+    "--callback-type",
+    type=click.Choice(["url", "tdmq"], case_sensitive=False),
+    default="url",
+    show_default=True,
+    help="With --callback job: url POSTs the callback here; tdmq has CI put it on the TDMQ queue "
+    "(the first of WEBHOOK_TDMQ_QUEUE, in WEBHOOK_TDMQ_REGION) for cos-webhook consume.",
 )
 @click.option(
     "--format",
@@ -60,6 +76,7 @@ def submit_command(
     bucket: str | None,
     input_key: str | None,
     callback_from: str,
+    callback_type: str,
     callback_format: str | None,
     template_id: str,
     user_data: str,
@@ -76,9 +93,13 @@ def submit_command(
         # tables yet) stops the command here, with exit status 2.
         ledger = Ledger(settings.database_url)
         ledger.views.list_jobs(limit=1)
+    tdmq = callback_type.lower() == "tdmq"
+    if tdmq and callback_from == "queue":
+        raise click.UsageError("--callback-type sets the job's own callback; with --callback queue the queue's decides")
     try:
-        url = callback_url(settings) if callback_from == "job" else ""
-        if url and callback_format is None:
+        mq = callback_queue(settings) if tdmq else None
+        url = callback_url(settings) if callback_from == "job" and not tdmq else ""
+        if (url or mq) and callback_format is None:
             callback_format = "JSON"
         chosen = choose_bucket(settings, bucket)
         submitted = submit_job(
@@ -92,6 +113,7 @@ def submit_command(
             input_key=input_key,
             template_id=template_id,
             user_data=user_data,
+            callback_mq=mq,
         )
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
@@ -138,24 +160,30 @@ def queue_show(bucket: str | None, as_json: bool) -> None:
 @click.option("--bucket", help=_BUCKET_HELP)
 @click.option("--queue-id", help="The queue; default: the bucket's only Speeching queue.")
 @click.option("--format", "result_format", type=_FORMAT, default="JSON", show_default=True, help="ResultFormat.")
+@click.option("--tdmq", "tdmq_queue", metavar="QUEUE", help="Notify through this TDMQ queue (WEBHOOK_TDMQ_REGION).")
 @click.option("--json", "as_json", is_flag=True, help="Print the queue as one JSON object.")
-def queue_register(bucket: str | None, queue_id: str | None, result_format: str, as_json: bool) -> None:
+def queue_register(
+    bucket: str | None, queue_id: str | None, result_format: str, tdmq_queue: str | None, as_json: bool
+) -> None:
     """Make the queue call back here for every job on it.
 
     Sets its NotifyConfig to State On, Type Url, Event TaskFinish and Url
-    WEBHOOK_PUBLIC_URL/callback/<token>, keeping the queue's name and state."""
+    WEBHOOK_PUBLIC_URL/callback/<token>, keeping the queue's name and state; with --tdmq QUEUE,
+    Type TDMQ and MqName QUEUE (MqRegion WEBHOOK_TDMQ_REGION, MqMode Queue) for cos-webhook consume."""
     settings = load_settings()
     try:
-        url = callback_url(settings)
+        mq = callback_queue(settings, tdmq_queue) if tdmq_queue else None
+        url = "" if mq else callback_url(settings)
         chosen = choose_bucket(settings, bucket)
-        before, after = register(ci_client(settings), chosen, url, result_format.upper(), queue_id)
+        before, after = register(ci_client(settings), chosen, url, result_format.upper(), queue_id, mq=mq)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     before, after = _masked(before, settings), _masked(after, settings)
     if as_json:
         click.echo(json.dumps({"bucket": chosen} | after.to_dict()))
         return
-    echo_text(f"queue {after.queue_id} of {chosen} now calls back here")
+    through = f" through TDMQ queue {tdmq_queue}" if tdmq_queue else ""
+    echo_text(f"queue {after.queue_id} of {chosen} now calls back here{through}")
     echo_text(f"  notify: {after.notify_line()}")
     echo_text(f"  was:    {before.notify_line()}")
 
@@ -176,6 +204,10 @@ def _masked(view: QueueView, settings: Settings) -> QueueView:
 
 
 def _here(view: QueueView, settings: Settings) -> str:
+    notify = view.notify
+    if notify.get("Type") == "TDMQ":
+        ours = notify.get("MqName") in settings.tdmq_queues and notify.get("MqRegion") == settings.tdmq_region
+        return "  (calls back here, through TDMQ)" if notify.get("State") == "On" and ours else ""
     try:
         mine = _masked(QueueView("", "", "", {"Url": callback_url(settings)}), settings).notify["Url"]
     except SubmitError:

@@ -1,5 +1,8 @@
 """The ledger's tables and its engine: one SQLAlchemy Core schema for SQLite and PostgreSQL.
 
+The tables here are the head of the migrations (``migrations/versions``): change one only
+together with a new revision, which ``tests/test_migrations.py`` checks.
+
 Times are naive UTC (:func:`utcnow`), the one representation both databases compare
 correctly. On PostgreSQL every wait is bounded; on SQLite every write transaction takes the
 write lock up front (``BEGIN IMMEDIATE``), which is what makes claims exclusive there.
@@ -29,6 +32,13 @@ callbacks = sa.Table(
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("body_format", sa.String(8), nullable=False),
     sa.Column("event_name", sa.String(64), nullable=False),
+    # A body seen before is not stored twice: ``body`` is empty and ``body_of`` names the callback
+    # that has it (no foreign key: that one may be pruned first, and this one keeps its metadata).
+    sa.Column("sha256", sa.String(64), nullable=True),  # NULL for callbacks stored before this
+    sa.Column("size", sa.Integer, nullable=True),
+    sa.Column("body_of", sa.Integer, nullable=True),
+    sa.Index("ix_callbacks_sha256", "sha256"),
+    sa.Index("ix_callbacks_received", "received_at"),
 )
 
 jobs = sa.Table(
@@ -44,6 +54,7 @@ jobs = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Index("ix_jobs_status", "status", "updated_at"),  # counts per status; retention's finished jobs
 )
 
 # What each callback said about a job. A job is verified against CI once per distinct version,
@@ -79,6 +90,7 @@ tasks = sa.Table(
     sa.Column("done_at", sa.DateTime, nullable=True),
     sa.UniqueConstraint("job_id", "kind", "sink"),
     sa.Index("ix_tasks_due", "status", "run_after"),
+    sa.Index("ix_tasks_groups", "status", "kind", "sink", "run_after"),  # metrics per (kind, sink)
 )
 # Every attempt at a step (verify, fetch, one sink's delivery), for the job's timeline. Replay
 # adds attempts; none is ever erased.
@@ -131,15 +143,6 @@ class LedgerError(Exception):
 def utcnow() -> datetime:
     """Naive UTC: one representation that both SQLite and PostgreSQL compare correctly."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def create_schema(engine: Engine) -> None:
-    """Create missing tables; safe when several processes start at once."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # Concurrent CREATE TABLE races on PostgreSQL's catalog; serialize start-ups.
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7305513)"))
-        metadata.create_all(conn)
 
 
 def make_engine(url: str) -> Engine:
@@ -201,3 +204,24 @@ def _use_wal(dbapi_conn: Any) -> None:
             pass
         time.sleep(0.05)
     raise sqlite3.OperationalError("could not switch the SQLite ledger to WAL mode")
+
+
+# Queue messages (TDMQ) that are not a callback cos-webhook can read, kept as they arrived with the
+# reason, so the queue can move on without losing them; re-parsed after a fix. A message handed
+# over again (its delete was lost) is the same row: ``queue`` and ``msg_id`` name it.
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("queue", sa.String(128), nullable=False),
+    sa.Column("msg_id", sa.String(128), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),  # msgBody as received, UTF-8
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # quarantined, or recorded once re-parsed
+    sa.Column("deliveries", sa.Integer, nullable=False),  # how often the queue handed it over
+    sa.Column("callback_id", sa.Integer, nullable=True),  # the callback it became; no foreign key: pruning
+    sa.Column("received_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("queue", "msg_id"),
+    sa.Index("ix_messages_status", "status", "received_at"),
+)

@@ -170,10 +170,16 @@ class Views:
             sa.select(versions.c.callback_id).where(versions.c.job_id == job_id),
             sa.select(jobs.c.callback_id).where(jobs.c.job_id == job_id),
         )
-        query = sa.select(callbacks).where(callbacks.c.id.in_(named)).order_by(callbacks.c.id)
+        holder = callbacks.alias("holder")  # the callback that keeps a repeated body
+        query = (
+            sa.select(callbacks, sa.func.coalesce(holder.c.body, callbacks.c.body).label("stored_body"))
+            .outerjoin(holder, holder.c.id == callbacks.c.body_of)
+            .where(callbacks.c.id.in_(named))
+            .order_by(callbacks.c.id)
+        )
         with self._engine.connect() as conn:
             return [
-                RawCallback(r.id, r.received_at, r.remote_addr, r.content_type, r.headers, r.body)
+                RawCallback(r.id, r.received_at, r.remote_addr, r.content_type, r.headers, r.stored_body)
                 for r in conn.execute(query)
             ]
 

@@ -2,7 +2,8 @@
 key, checks its signature, applies the fault that picks it, and serves COS object calls (GET, PUT,
 copy, HEAD, DELETE, HEAD Bucket) from :mod:`webhook.sandbox.store` and CI job calls from
 :mod:`webhook.sandbox.jobs` (the job list from :mod:`webhook.sandbox.listing`, the Speeching queue
-from :mod:`webhook.sandbox.queues`). Requests for :data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`.
+from :mod:`webhook.sandbox.queues`). Requests for :data:`FAULTS_PATH` go to :mod:`webhook.sandbox.admin`;
+TDMQ's ``/v2/index.php`` on a host that names no bucket, and its faults, to :mod:`webhook.sandbox.cmq`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
 from webhook.sandbox.admin import FAULTS_PATH, faults_endpoint
+from webhook.sandbox.cmq import FAULTS_PATH as CMQ_FAULTS_PATH
+from webhook.sandbox.cmq import PATH as CMQ_PATH
+from webhook.sandbox.cmq import CmqService
 from webhook.sandbox.faults import Fault, Faults
 from webhook.sandbox.jobs import JobRequestError, MediaJobs, new_job
 from webhook.sandbox.listing import PARAMETERS, JobQuery, list_jobs
@@ -60,6 +64,7 @@ class SandboxApp:
         secret_key: str,
         appid: str,
         faults: Faults | None = None,
+        tdmq: CmqService | None = None,
     ) -> None:
         self._store = store
         self._jobs = jobs
@@ -68,11 +73,16 @@ class SandboxApp:
         self._secret_key = secret_key
         self._appid = appid
         self._queues = SpeechQueues(appid)
+        self._tdmq = tdmq or CmqService(secret_id, secret_key)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
         if _path(request) == FAULTS_PATH:
             return faults_endpoint(self._faults, request)(environ, start_response)
+        if _path(request) == CMQ_FAULTS_PATH or (
+            _path(request) == CMQ_PATH and _HOST.fullmatch(request.host.lower()) is None
+        ):
+            return self._tdmq.app(environ, start_response)
         request_id = uuid.uuid4().hex
         fault: Fault | None = None
         try:

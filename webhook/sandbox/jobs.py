@@ -7,6 +7,7 @@ import logging
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from webhook.sandbox.store import NoSuchKey, ObjectStore, read_chunks
 log = logging.getLogger(__name__)
 
 TAG = "NoiseReduction"
+MQ_REGIONS = ("sh", "bj", "gz", "cd", "hk")  # what CI documents for MqRegion
 SAMPLE_RATES = ("8000", "12000", "16000", "24000", "32000", "44100", "48000")  # what CI accepts
 _CALLBACK_RETRY_DELAYS = (0.2, 0.5, 1.0)  # seconds to wait before each retry of a failed callback
 _CALLBACK_TIMEOUT = 10.0
@@ -40,8 +42,17 @@ class JobRequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class MqTarget:
+    """Where a TDMQ callback goes: ``CallBackMqConfig``'s MqRegion, MqMode and MqName."""
+
+    region: str
+    mode: str
+    name: str
+
+
+@dataclass(frozen=True)
 class SentCallback:
-    """One callback delivery, after its retries."""
+    """One callback delivery, after its retries (a TDMQ one: ``url`` ``tdmq://<region>/<queue>``, 200 once queued)."""
 
     job_id: str
     url: str
@@ -75,6 +86,7 @@ class MediaJob:
     message: str = ""
     start_time: str = "-"
     end_time: str = "-"
+    callback_mq: MqTarget | None = None  # a TDMQ callback instead of callback_url
 
     def detail(self) -> dict[str, Any]:
         """The job as CI's ``JobsDetail`` element (same keys in XML and JSON)."""
@@ -99,12 +111,29 @@ class MediaJob:
         }
 
 
+def mq_target(config: Any, where: str) -> MqTarget:
+    """A ``CallBackMqConfig`` (or a NotifyConfig's Mq fields); the sandbox delivers to queues only."""
+    config = config if isinstance(config, dict) else {}
+    target = MqTarget(_text(config, "MqRegion"), _text(config, "MqMode") or "Queue", _text(config, "MqName"))
+    if target.region not in MQ_REGIONS:
+        raise JobRequestError("InvalidArgument", f"{where}.MqRegion must be one of {', '.join(MQ_REGIONS)}")
+    if target.mode == "Topic":
+        raise JobRequestError("InvalidArgument", f"{where}.MqMode Topic: the sandbox delivers to queues only")
+    if target.mode != "Queue":
+        raise JobRequestError("InvalidArgument", f"{where}.MqMode must be Queue or Topic, not {target.mode!r}")
+    if not target.name:
+        raise JobRequestError("InvalidArgument", f"{where}.MqName is required for a TDMQ callback")
+    return target
+
+
 def new_job(
-    body: bytes, *, bucket: str, region: str, queue_id: str, queue_notify: tuple[str, str] | None = None
+    body: bytes, *, bucket: str, region: str, queue_id: str, queue_notify: tuple[str | MqTarget, str] | None = None
 ) -> MediaJob:
     """A Submitted job from a CreateMediaJobs request body; raise :class:`JobRequestError` if it is unusable.
 
-    ``queue_notify`` is the queue's (Url, ResultFormat): where a job that names no CallBack calls back.
+    ``queue_notify`` is the queue's (Url or TDMQ queue, ResultFormat): where a job that names no
+    CallBack calls back. ``CallBackType: TDMQ`` with ``CallBackMqConfig`` puts the callback document
+    on that CMQ queue instead of POSTing it.
     """
     try:
         doc = xmltodict.parse(body, disable_entities=True)
@@ -131,13 +160,17 @@ def new_job(
     if sample_rate and sample_rate not in SAMPLE_RATES:
         raise JobRequestError("InvalidArgument", f"SampleRate must be one of {', '.join(SAMPLE_RATES)}")
     callback_type = _text(request, "CallBackType") or "Url"
-    if callback_type != "Url":
-        raise JobRequestError("InvalidArgument", f"CallBackType {callback_type!r} is not supported by the sandbox")
+    if callback_type not in ("Url", "TDMQ"):
+        raise JobRequestError("InvalidArgument", f"CallBackType must be Url or TDMQ, not {callback_type!r}")
     callback, default_format = _text(request, "CallBack"), "XML"
+    mq = mq_target(request.get("CallBackMqConfig"), "CallBackMqConfig") if callback_type == "TDMQ" else None
     if callback == "no":  # CI's way to say "no callback for this job, not even the queue's"
-        callback = ""
-    elif not callback and queue_notify is not None:
-        callback, default_format = queue_notify
+        callback, mq = "", None
+    elif not callback and mq is None and queue_notify is not None:
+        destination, default_format = queue_notify
+        callback, mq = ("", destination) if isinstance(destination, MqTarget) else (destination, None)
+    if mq is not None:
+        callback = ""  # CI sends the document to the queue instead
     callback_format = (_text(request, "CallBackFormat") or default_format).upper()
     if callback_format not in ("JSON", "XML"):
         raise JobRequestError("InvalidArgument", "CallBackFormat must be JSON or XML")
@@ -159,6 +192,7 @@ def new_job(
         callback_format=callback_format.lower(),
         queue_id=queue_id,
         creation_time=_now(),
+        callback_mq=mq,
     )
 
 
@@ -169,9 +203,12 @@ class MediaJobs:
     never the processing of other jobs.
     """
 
-    def __init__(self, store: ObjectStore, *, job_delay: float = 0.0) -> None:
+    def __init__(
+        self, store: ObjectStore, *, job_delay: float = 0.0, tdmq: Callable[[str, str], str] | None = None
+    ) -> None:
         self._store = store
         self._job_delay = job_delay
+        self._tdmq = tdmq  # puts a message on a CMQ queue: (queue name, body) -> msgId
         self._jobs: dict[str, MediaJob] = {}
         self._sent: list[SentCallback] = []
         self._lock = threading.Lock()
@@ -240,7 +277,7 @@ class MediaJobs:
             self._finish(job, "InternalError", f"{type(exc).__name__}: {exc}")
         else:
             self._finish(job)
-        if job.callback_url:
+        if job.callback_url or job.callback_mq:
             self._callbacks.submit(self._send_callback, job)
 
     def _reduce_noise(self, job: MediaJob) -> None:
@@ -265,15 +302,32 @@ class MediaJobs:
             body, content_type = xmltodict.unparse({"Response": event}).encode(), "application/xml"
         status: int | None = None
         attempts = 0
-        for delay in (*_CALLBACK_RETRY_DELAYS, None):
-            attempts += 1
-            status = _post(job.callback_url, body, content_type)
-            if (status is not None and 200 <= status < 300) or delay is None or self._closing.wait(delay):
-                break
-        sent = SentCallback(job.job_id, job.callback_url, job.callback_format, status, body, attempts)
+        if job.callback_mq is not None:
+            url = f"tdmq://{job.callback_mq.region}/{job.callback_mq.name}"
+            status, attempts = self._enqueue(job, body), 1
+        else:
+            url = job.callback_url
+            for delay in (*_CALLBACK_RETRY_DELAYS, None):
+                attempts += 1
+                status = _post(url, body, content_type)
+                if (status is not None and 200 <= status < 300) or delay is None or self._closing.wait(delay):
+                    break
+        sent = SentCallback(job.job_id, url, job.callback_format, status, body, attempts)
         with self._sent_changed:
             self._sent.append(sent)
             self._sent_changed.notify_all()
+
+    def _enqueue(self, job: MediaJob, body: bytes) -> int | None:
+        assert job.callback_mq is not None
+        if self._tdmq is None:
+            log.warning("sandbox job %s: no TDMQ to send its callback to", job.job_id)
+            return None
+        try:
+            self._tdmq(job.callback_mq.name, body.decode())
+        except Exception:
+            log.exception("sandbox job %s: its callback could not be queued", job.job_id)
+            return None
+        return 200
 
 
 def _post(url: str, body: bytes, content_type: str) -> int | None:

@@ -18,9 +18,11 @@ required ``Name`` (at most 128 of letters, digits, CJK, ``_``, ``-``, ``*``), ``
 
 Not confirmed against CI, so chosen here: the error code for an unknown QueueId (400
 ``InvalidArgument``); that an update replaces the whole ``NotifyConfig``; whether CI reads the
-queue's notification at submission or when the job ends. Not served: pausing a queue and TDMQ
-notifications (501 ``NotImplemented``), since the sandbox runs every job at once and posts only
-to URLs.
+queue's notification at submission or when the job ends; that a ``TDMQ`` notification answers its
+``MqRegion``, ``MqMode`` and ``MqName`` in ``NotifyConfig`` (shown only when set). A ``TDMQ``
+notification puts the callback document on the sandbox's CMQ queue ``MqName`` (any ``MqRegion``
+of CI's five reaches the one sandbox CMQ). Not served: pausing a queue (501 ``NotImplemented``),
+since the sandbox runs every job at once, and ``MqMode`` ``Topic``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
+from webhook.sandbox.jobs import JobRequestError, MqTarget, mq_target
 from webhook.sandbox.responses import ApiError
 from webhook.sandbox.signing import FIELDS
 
@@ -70,15 +73,17 @@ class Notify:
     type: str = "Url"
     event: str = "TaskFinish"
     result_format: str = "XML"
+    mq: MqTarget | None = None  # with Type TDMQ
 
     def detail(self) -> dict[str, str]:
+        mq = {"MqMode": self.mq.mode, "MqName": self.mq.name, "MqRegion": self.mq.region} if self.mq else {}
         return {
             "Url": self.url,
             "Event": self.event,
             "Type": self.type,
             "State": self.state,
             "ResultFormat": self.result_format,
-        }
+        } | mq
 
 
 @dataclass
@@ -116,13 +121,15 @@ class SpeechQueues:
     def queue_id(self, bucket: str) -> str:
         return "p" + hashlib.sha256(f"{self._appid}/{bucket}".encode()).hexdigest()[:32]
 
-    def notification(self, bucket: str) -> tuple[str, str] | None:
-        """The (Url, ResultFormat) that jobs without a CallBack call back to, or None if none."""
+    def notification(self, bucket: str) -> tuple[str | MqTarget, str] | None:
+        """The (Url or TDMQ queue, ResultFormat) that jobs without a CallBack call back to, or None if none."""
         with self._lock:
             notify = self._queue(bucket).notify
-            if notify.state != "On" or notify.type != "Url" or not notify.url:
+            if notify.state != "On" or "TaskFinish" not in notify.event.split(","):
                 return None
-            if "TaskFinish" not in notify.event.split(","):
+            if notify.type == "TDMQ" and notify.mq is not None:
+                return notify.mq, notify.result_format
+            if notify.type != "Url" or not notify.url:
                 return None
             return notify.url, notify.result_format
 
@@ -227,7 +234,11 @@ def _notify(config: Any) -> Notify:
             if not _text(config, name):
                 raise ApiError(400, "InvalidArgument", f"NotifyConfig.{name} is required when State is On")
         if notify.type == "TDMQ":
-            raise ApiError(501, "NotImplemented", "the sandbox posts notifications to URLs only (Type Url)")
+            try:
+                notify.mq = mq_target(config, "NotifyConfig")
+            except JobRequestError as exc:
+                raise ApiError(400, exc.code, exc.message) from None
+            return notify
         if notify.type != "Url":
             raise ApiError(400, "InvalidArgument", f"NotifyConfig.Type must be Url or TDMQ, not {notify.type!r}")
         if urlsplit(notify.url).scheme not in ("http", "https"):

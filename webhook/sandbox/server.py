@@ -18,6 +18,9 @@ A presigned URL names the bucket's host, and its signature covers that host. Wit
 with a client that has no IP (``make_client(id, key, region)``) and send the URL here with its
 host kept in ``Host``: :meth:`Sandbox.request_target` does the rewriting.
 
+TDMQ for CMQ is served too, on the sandbox's own address (:mod:`webhook.sandbox.cmq`, :attr:`Sandbox.cmq`):
+jobs submitted with ``CallBackType: TDMQ`` put their callback document on its queues.
+
 Faults (:mod:`webhook.sandbox.faults`) make chosen requests fail: :attr:`Sandbox.faults` in a
 test, or ``/_sandbox/faults`` on any host for a running sandbox (so an object of that name is
 out of reach). Examples, to develop against a flaky COS::
@@ -52,6 +55,8 @@ from webhook.config import Settings
 from webhook.cos import CosEndpoint, make_client
 from webhook.sandbox.admin import FAULTS_PATH
 from webhook.sandbox.api import SandboxApp
+from webhook.sandbox.cmq import FAULTS_PATH as CMQ_FAULTS_PATH
+from webhook.sandbox.cmq import CmqService
 from webhook.sandbox.faults import Faults
 from webhook.sandbox.jobs import MediaJobs, SentCallback
 from webhook.sandbox.responses import ResettingServer
@@ -82,6 +87,7 @@ class Sandbox:
         secret_key: str = SANDBOX_KEY,
         appid: str = SANDBOX_APPID,
         job_delay: float = 0.0,
+        cmq_visibility_timeout: float = 30.0,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if root is None:
@@ -93,11 +99,19 @@ class Sandbox:
         self.secret_key = secret_key
         self.appid = appid
         self._store = ObjectStore(self.root)
-        self._jobs = MediaJobs(self._store, job_delay=job_delay)
+        self.cmq = CmqService(secret_id, secret_key, visibility_timeout=cmq_visibility_timeout)
+        """TDMQ for CMQ: its queues, and its faults (``cmq.add_fault``); see :mod:`webhook.sandbox.cmq`."""
+        self._jobs = MediaJobs(self._store, job_delay=job_delay, tdmq=self.cmq.send)
         self.faults = Faults()
         """The fault rules every request is checked against; see :mod:`webhook.sandbox.faults`."""
         self._app = SandboxApp(
-            self._store, self._jobs, secret_id=secret_id, secret_key=secret_key, appid=appid, faults=self.faults
+            self._store,
+            self._jobs,
+            secret_id=secret_id,
+            secret_key=secret_key,
+            appid=appid,
+            faults=self.faults,
+            tdmq=self.cmq,
         )
         self._server: BackgroundServer | None = None
 
@@ -109,6 +123,7 @@ class Sandbox:
     def stop(self) -> None:
         """Stop serving, finish running jobs, and remove the temporary root if there is one."""
         self.faults.clear()  # ends delays in progress
+        self.cmq.close()  # and long polls
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -195,6 +210,10 @@ def serve(host: str, port: int, root: Path | None = None) -> None:
         print(f"  COS_REGION={DEFAULT_REGION}")
         print(f"  WEBHOOK_COS_ENDPOINT={sandbox.url}")
         print(f"  WEBHOOK_ALLOWED_BUCKETS=examplebucket-{sandbox.appid}")
-        print(f"Inject faults with POST {sandbox.url}{FAULTS_PATH} (see webhook/sandbox/faults.py).")
+        print(f"  WEBHOOK_TDMQ_ENDPOINT={sandbox.url}")
+        print("  WEBHOOK_TDMQ_REGION=gz")
+        print("  WEBHOOK_TDMQ_QUEUE=<any queue name: created on first use>")
+        print(f"Inject faults with POST {sandbox.url}{FAULTS_PATH} (see webhook/sandbox/faults.py)")
+        print(f"and, for TDMQ, POST {sandbox.url}{CMQ_FAULTS_PATH} (see webhook/sandbox/cmq.py).")
         print("Press Ctrl+C to stop.", flush=True)
         threading.Event().wait()

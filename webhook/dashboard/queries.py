@@ -1,0 +1,169 @@
+"""What the dashboard reads beyond the ledger's own views: read-only queries on its tables."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from webhook.ledger.schema import attempts, jobs, tasks
+from webhook.models import Outcome, TaskKind, TaskStatus, job_from_json
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """The jobs page's filters; empty means any."""
+
+    status: str = ""
+    tag: str = ""
+    sink: str = ""  # jobs with a delivery to this sink
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+    search: str = ""  # part of the JobId
+
+    def where(self) -> list[sa.ColumnElement[bool]]:
+        found: list[sa.ColumnElement[bool]] = []
+        if self.status:
+            found.append(jobs.c.status == self.status)
+        if self.tag:
+            found.append(jobs.c.tag == self.tag)
+        if self.sink:
+            delivered = sa.select(tasks.c.job_id).where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == self.sink)
+            found.append(jobs.c.job_id.in_(delivered))
+        if self.since is not None:
+            found.append(jobs.c.created_at >= self.since)
+        if self.until is not None:
+            found.append(jobs.c.created_at < self.until)
+        if self.search:
+            found.append(jobs.c.job_id.contains(self.search, autoescape=True))
+        return found
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    tag: str
+    state: str
+    status: str
+    reason: str
+    user_data: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class JobPage:
+    rows: list[JobRow]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+
+@dataclass
+class StepCounts:
+    """Attempts at one step (a sink's deliveries, verification or fetching) by how they ended."""
+
+    step: str
+    sink: str
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> int:
+        return self.outcomes[Outcome.OK]
+
+    @property
+    def failed(self) -> int:
+        return self.outcomes[Outcome.RETRY] + self.outcomes[Outcome.DEAD]
+
+
+class Queries:
+    """Read-only: none of these takes a write lock."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def find_jobs(self, wanted: JobFilter, page: int = 1, per_page: int = 50) -> JobPage:
+        """One page of the jobs that match, newest first."""
+        conditions = wanted.where()
+        listing = (
+            sa.select(jobs)
+            .where(*conditions)
+            .order_by(jobs.c.created_at.desc(), jobs.c.job_id)
+            .limit(per_page)
+            .offset((max(page, 1) - 1) * per_page)
+        )
+        counting = sa.select(sa.func.count()).select_from(jobs).where(*conditions)
+        with self._engine.connect() as conn:
+            total = int(conn.execute(counting).scalar_one())
+            rows = [
+                JobRow(r.job_id, r.tag, r.state, r.status, r.reason, _user_data(r.detail), r.created_at, r.updated_at)
+                for r in conn.execute(listing)
+            ]
+        return JobPage(rows, total, max(page, 1), per_page)
+
+    def tags(self) -> list[str]:
+        with self._engine.connect() as conn:
+            return sorted(conn.execute(sa.select(jobs.c.tag).distinct()).scalars())
+
+    def delivery_sinks(self) -> list[str]:
+        """Every sink the ledger has deliveries for (one may no longer be configured)."""
+        query = sa.select(tasks.c.sink).where(tasks.c.kind == TaskKind.DELIVER).distinct()
+        with self._engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def attempts_since(self, since: datetime) -> list[StepCounts]:
+        """Attempts started since ``since``, per step and sink: deliveries, failures and the rest."""
+        query = (
+            sa.select(attempts.c.kind, attempts.c.sink, attempts.c.outcome, sa.func.count())
+            .where(attempts.c.started_at >= since)
+            .group_by(attempts.c.kind, attempts.c.sink, attempts.c.outcome)
+        )
+        counts: dict[tuple[str, str], StepCounts] = {}
+        with self._engine.connect() as conn:
+            for kind, sink, outcome, n in conn.execute(query):
+                entry = counts.setdefault((kind, sink), StepCounts(kind, sink))
+                entry.outcomes[outcome] += int(n)
+        order = {"verify": 0, "fetch": 1, "deliver": 2}
+        return sorted(counts.values(), key=lambda c: (order.get(c.step, 3), c.sink))
+
+    def leases(self, now: datetime) -> dict[str, int]:
+        """How many tasks each worker holds a lease on now."""
+        query = (
+            sa.select(tasks.c.locked_by, sa.func.count())
+            .where(tasks.c.status == TaskStatus.PENDING, tasks.c.locked_by.is_not(None), tasks.c.locked_until > now)
+            .group_by(tasks.c.locked_by)
+        )
+        with self._engine.connect() as conn:
+            return {str(worker): int(n) for worker, n in conn.execute(query)}
+
+
+def _user_data(detail: str) -> str:
+    try:
+        return job_from_json(detail).user_data
+    except ValueError:
+        return ""
+
+
+def parse_when(text: str, now: datetime) -> datetime | None:
+    """``2h``, ``30m``, ``3d`` ago, or an ISO date/time in UTC; None for an empty field.
+
+    Raises :class:`ValueError` saying what is accepted.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - timedelta(**{units[text[-1]]: int(text[:-1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration like 2h or 3d nor an ISO date/time (UTC)") from None
+    return when.replace(tzinfo=None) - (when.utcoffset() or timedelta())

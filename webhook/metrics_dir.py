@@ -1,0 +1,58 @@
+"""Where gunicorn's web processes keep their counters, so that a scrape of any of them sums them all.
+
+prometheus-client decides when it is first imported whether a process counts in memory or in
+files under ``PROMETHEUS_MULTIPROC_DIR``. gunicorn's master therefore prepares the directory
+and sets the variable before it forks the processes that import the app (gunicorn.conf.py);
+nothing here imports prometheus-client at module level, so the master can use it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+_made: list[Path] = []  # directories prepare() created, removed by remove_made()
+
+
+def prepare() -> Path:
+    """In gunicorn's master at start: the operator's directory emptied of a previous run's files
+    (created if missing), or, when the variable is not set, a new temporary one it then names."""
+    given = os.environ.get(VARIABLE, "")
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        # Files of processes from an earlier run would be summed with this run's forever.
+        for stale in path.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return path
+    path = Path(tempfile.mkdtemp(prefix="cos-webhook-metrics-"))
+    os.environ[VARIABLE] = str(path)
+    _made.append(path)
+    return path
+
+
+def process_exited(pid: int) -> None:
+    """A web process is gone: drop its share of gauges that only count live processes."""
+    from prometheus_client import multiprocess
+
+    if os.environ.get(VARIABLE):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def remove_made() -> None:
+    """At the master's exit: remove the temporary directory :func:`prepare` made, if it made one."""
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
+
+
+def count_in_process() -> None:
+    """A worker process counts only in its own memory and serves that itself.
+
+    A directory meant for gunicorn's processes (and emptied by its master at each start) must not
+    be shared with it, and may not even exist where the worker runs.
+    """
+    os.environ.pop(VARIABLE, None)
