@@ -122,6 +122,18 @@ def test_a_trickling_answer_is_cut_off(session: requests.Session) -> None:
     assert str(caught.value) == "GET trickle: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_headers_cut_off_mid_way_are_not_an_answer(session: requests.Session, stream: bool) -> None:
+    # A whole status line, then the headers trickle: the severed socket's end must not pass for
+    # the end of the headers (a "200" whose headers never finished).
+    with (
+        Trickle(every=0.3, head=len(b"HTTP/1.1 200 OK\r\n")) as server,
+        Deadline(1, "GET slow headers"),
+        pytest.raises(DeadlineExceeded, match="no complete answer within 1s"),
+    ):
+        session.get(server.url, timeout=1, stream=stream)
+
+
 def test_a_server_that_never_answers_is_cut_off(session: requests.Session) -> None:
     expected = r"^GET hang: no complete answer within 0\.5s \(deadline\)$"
     with Trickle(answer=None) as server, Deadline(0.5, "GET hang"), pytest.raises(DeadlineExceeded, match=expected):

@@ -1,4 +1,4 @@
-"""HttpSink against a real local receiver: signatures, multipart parts, status handling, big files."""
+"""The http sink against a real local receiver: signatures, JSON and multipart bodies, status handling, big files."""
 
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ from werkzeug.datastructures import FileStorage
 
 from webhook.deadline import expire_all
 from webhook.events import build_event, event_document
-from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sinks import DeliveryError
-from webhook.sinks.http import HttpSink
+from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.http import HttpNotifySink, HttpSink
+from webhook.sinks.options import HttpOptions
+from webhook.sinks.registry import build_sink
 
 KEY = bytes(range(32))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -230,6 +232,14 @@ def test_a_trickling_answer_passes_the_deadline() -> None:
     assert error.message == "http: no complete answer within 1s (deadline)"
 
 
+def test_a_status_line_then_trickling_headers_is_not_a_delivery() -> None:
+    with Trickle(every=0.3, head=len(b"HTTP/1.1 200 OK\r\n")) as server:
+        http = HttpSink(server.url, SECRET, timeout=1)
+        error = deliver_error(http, failed())
+        http.close()
+    assert error.message == "http: no complete answer within 1s (deadline)"
+
+
 def test_a_receiver_that_never_answers_passes_the_deadline() -> None:
     with Trickle(answer=None) as server:
         http = HttpSink(server.url, SECRET, timeout=1)
@@ -356,3 +366,72 @@ def test_large_file_is_streamed(tmp_path: Path) -> None:
             assert sha256_of(received, base64_encoded=True) == expected
     # Sender and receiver share this process; either holding the body would show as a 50 MiB peak.
     assert peak < 16 * MiB
+
+
+# -- json mode ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify(receiver: Receiver) -> Iterator[HttpNotifySink]:
+    http = HttpNotifySink(receiver.url + "hook", SECRET, timeout=5)
+    yield http
+    http.close()
+
+
+def located() -> Event:
+    """A succeeded event as the worker hands it to a json-mode sink: described, not downloaded, and located."""
+    output = ObjectLocation("b-1250000000", "ap-guangzhou", "out/a.wav")
+    job = Job(job_id="job-3", tag="NoiseReduction", state="Success", output=output, user_data="订单 42 \u2028 ü")
+    fetched = FetchedFile(path=None, size=123_456_789, crc64="1", content_type="audio/wav")
+    where = FileLocation("source", output.bucket, output.key, output.region, url="https://b.example/out/a.wav?sig=1")
+    return build_event(job, "http", fetched, where)
+
+
+def test_json_mode_posts_the_document_alone(receiver: Receiver, notify: HttpNotifySink) -> None:
+    event = located()
+    notify.deliver(event)
+    notify.deliver(failed())
+    succeeded_request, failed_request = receiver.requests
+    for request, sent in ((succeeded_request, event), (failed_request, failed())):
+        assert request.body is not None
+        assert request.headers["content-type"] == "application/json"
+        assert int(request.headers["content-length"]) == request.size == len(request.body)
+        assert request.headers["webhook-id"] == request.headers["idempotency-key"] == sent.event_id
+        # The stock verifier checks the signature over the raw body and hands back the parsed document.
+        assert Webhook(SECRET).verify(request.body, request.headers) == event_document(sent)
+    assert json.loads(succeeded_request.body or b"")["file"]["location"] == {
+        "kind": "source",
+        "bucket": "b-1250000000",
+        "key": "out/a.wav",
+        "region": "ap-guangzhou",
+        "url": "https://b.example/out/a.wav?sig=1",
+    }
+
+
+def test_json_mode_needs_no_bytes_and_shares_the_status_handling(receiver: Receiver, notify: HttpNotifySink) -> None:
+    assert isinstance(notify, NotificationSink)
+    assert not notify.needs_bytes(located().job)
+    receiver.reply(Reply(503, retry_after="7", body=b"later"), Reply(400))
+    retryable, permanent = deliver_error(notify, located()), deliver_error(notify, located())
+    assert retryable.message == "http: HTTP 503 Service Unavailable: later"
+    assert (retryable.retry_after, retryable.permanent) == (7, False)
+    assert (permanent.message, permanent.permanent) == ("http: HTTP 400 Bad Request", True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "sink_class"),
+    [({}, HttpNotifySink), ({"mode": "json"}, HttpNotifySink), ({"mode": "multipart"}, HttpSink)],
+    ids=["default", "json", "multipart"],
+)
+def test_mode_chooses_what_is_built(mode: dict[str, str], sink_class: type) -> None:
+    options = HttpOptions.model_validate({"url": "http://127.0.0.1:9/", "secret_env": "HOOK"} | mode)
+    built = build_sink("http", "hook", options, BuildContext({"HOOK": SECRET}))
+    assert type(built) is sink_class
+    assert built.needs_bytes(located().job) is (sink_class is HttpSink)
+    built.close()
+
+
+@pytest.mark.parametrize("extra", [{"presign_seconds": 60}, {"file_from": "archive"}])
+def test_multipart_mode_refuses_location_options(extra: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match='file_from and presign_seconds need mode = "json"'):
+        HttpOptions.model_validate({"url": "http://127.0.0.1:9/", "secret_env": "HOOK", "mode": "multipart"} | extra)

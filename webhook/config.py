@@ -68,6 +68,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_HTTP_SINK_URL": ("http_sink_url",),
     "WEBHOOK_HTTP_SINK_SECRET": ("http_sink_secret",),
     "WEBHOOK_HTTP_SINK_TIMEOUT": ("http_sink_timeout",),
+    "WEBHOOK_HTTP_SINK_MODE": ("http_sink_mode",),
     "WEBHOOK_MAX_BODY_BYTES": ("max_body_bytes",),
     "WEBHOOK_ALLOWED_SOURCES": ("allowed_sources",),
     "WEBHOOK_TRUSTED_PROXIES": ("trusted_proxies",),
@@ -128,6 +129,7 @@ class Settings(BaseSettings):
     http_sink_url: HttpUrl = ""
     http_sink_secret: str = Field("", repr=False)
     http_sink_timeout: PositiveFloat = 30.0  # deadline, as cos_timeout
+    http_sink_mode: Literal["json", "multipart"] = "json"  # the event alone, or with the audio inside
     min_transfer_rate: PositiveInt = 1024 * 1024  # bytes/s a transfer may not fall below
     max_body_bytes: PositiveInt = 1024 * 1024
     allowed_sources: Networks = ()  # empty: any address
@@ -242,7 +244,9 @@ class Settings(BaseSettings):
     def sink_specs(self) -> list[SinkSpec]:
         """Every configured sink: the environment's simple ones, then the file's."""
         return [
-            *environment_sinks(self.sink_dir, self.http_sink_url, self.http_sink_timeout, self.retry),
+            *environment_sinks(
+                self.sink_dir, self.http_sink_url, self.http_sink_timeout, self.http_sink_mode, self.retry
+            ),
             *self.sinks,
         ]
 

@@ -339,8 +339,9 @@ class _Session(requests.Session):
             if deadline.expired:
                 raise deadline.exceeded(request) from exc
             raise
-        if deadline.expired and not kwargs.get("stream"):
-            # The body was read under the deadline and may have been cut short by it.
+        if deadline.expired:
+            # What was read under the deadline may have been cut short by it: a body, or (streamed
+            # or not) the headers, since http.client takes the end of a severed socket for their end.
             response.close()
             raise deadline.exceeded(request)
         return response

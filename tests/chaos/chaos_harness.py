@@ -1,4 +1,4 @@
-"""The moving parts of the chaos run: processes that get killed and restarted, and CI's retries."""
+"""The moving parts of the chaos run: processes that get killed and restarted, CI's retries, a CI outage."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import requests
 from support.processes import free_port, start_worker, wait_healthy, web
 
+from webhook.ledger import utcnow
 from webhook.sandbox import Sandbox, SentCallback
+from webhook.sandbox.faults import Fault
 
 
 class Background(threading.Thread):
@@ -71,7 +74,12 @@ class WebServer:
 
 
 class WorkerFleet:
-    """``size`` ``cos-webhook worker`` processes; one SIGKILLed is replaced at once."""
+    """``size`` ``cos-webhook worker`` processes; one SIGKILLed is replaced at once.
+
+    A killed worker cannot release its leases. Its successor, on the same host, finds the
+    killed pid gone when it registers and releases them then (so does the other worker at its
+    next heartbeat); whatever is left comes back when its lease runs out.
+    """
 
     def __init__(self, env: dict[str, str], log_dir: Path, size: int) -> None:
         self.kills = 0
@@ -107,7 +115,7 @@ class WorkerFleet:
         return any(proc.poll() is None and not self._ready(slot) for slot, proc in enumerate(self._procs))
 
     def kill_one(self, rng: random.Random) -> None:
-        """SIGKILL a worker chosen by ``rng`` (no chance to release its lease), then start its successor."""
+        """SIGKILL a worker chosen by ``rng`` (no chance to release its leases), then start its successor."""
         with self._lock:
             slot = rng.randrange(len(self._procs))
             proc = self._procs[slot]
@@ -231,3 +239,33 @@ class CallbackPump:
             time.sleep(0.25)
         self.failures.append(f"callback of {callback.job_id} still not accepted at the deadline")
         return None
+
+
+@dataclass
+class CiOutage:
+    """CI's DescribeMediaJob answering 503 for ``seconds``, from when ``after`` callbacks have been sent.
+
+    Times are kept as the ledger records attempts (naive UTC), so verifications can be matched
+    against the outage.
+    """
+
+    sandbox: Sandbox
+    after: int
+    seconds: float
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    lasted: float = 0.0  # seconds, shorter than ``seconds`` only if the run was stopped meanwhile
+    refused: int = 0  # DescribeMediaJob requests answered 503 (the SDK retries each once)
+
+    def run(self, stop: threading.Event) -> None:
+        while len(self.sandbox.callbacks_sent) < self.after:
+            if stop.wait(0.1):
+                return
+        outage = self.sandbox.faults.add(Fault(kind="CI describe", status=503))
+        self.started_at, began = utcnow(), time.monotonic()
+        try:
+            stop.wait(self.seconds)
+        finally:
+            self.sandbox.faults.clear()  # the run injects no other sandbox fault
+            self.ended_at, self.lasted = utcnow(), time.monotonic() - began
+            self.refused = outage.fired

@@ -1,25 +1,36 @@
-"""The http sink's far end for the chaos run: refuses a seeded share of requests and records them all.
+"""The http sink's far end for the chaos run: refuses or trickles a seeded share of requests, records them all.
 
 A threaded WSGI server (``BackgroundServer``). Every request body is read in chunks and parsed while it streams
 (werkzeug's sans-io multipart decoder): the ``file`` part is base64-decoded on the fly and only
 its size, CRC64 and SHA-256 are kept, and the Standard Webhooks signature is computed over the
 same chunks, so memory stays flat however many deliveries arrive. Only then is the answer
-drawn: 503 with probability ``failure_rate`` (a seeded RNG), 200 otherwise.
+drawn from a seeded RNG: trickled with probability ``trickle_rate``, 503 with probability
+``failure_rate``, 200 otherwise.
 
-    with FlakySink(key, failure_rate=0.3, seed=7) as sink:
+A trickled answer is a ``200 OK`` status line followed by a header that never ends, one byte
+every ``trickle_every`` seconds, until the sender hangs up (or ``trickle_limit`` seconds pass and
+the sink hangs up itself). Its headers never complete, so the sender cannot tell it was a 200:
+the request counts as not accepted, and the sender has to deliver again.
+
+    with FlakySink(key, failure_rate=0.3, trickle_rate=0.1, seed=7) as sink:
         ...                               # point WEBHOOK_HTTP_SINK_URL at sink.url
         sink.attempts[0].file_sha256      # what the first request carried
+        sink.attempts[0].accepted         # whether its sender saw a whole 200
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import random
+import select
+import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,11 +52,14 @@ if TYPE_CHECKING:
 
 _CHUNK = 64 * 1024
 _GONE = 400  # answered to a request whose sender vanished mid-body; nobody reads it
+# Sent at once when trickling, then the header's value one byte at a time: a line no client
+# finishes reading at a byte a second, and none refuses as too long before 64 KiB.
+_TRICKLE_HEAD = b"HTTP/1.1 200 OK\r\nX-Trickle: "
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """One request as received. ``status`` is what this receiver answered."""
+    """One request as received. ``status`` is what this receiver answered (or began to, if trickled)."""
 
     webhook_id: str
     status: int
@@ -59,6 +73,14 @@ class Attempt:
     file_crc64: str
     file_sha256: str | None  # None when there was no file part
     problem: str  # why the request is malformed; "" if it is not
+    # For a trickled answer: seconds from its first byte until the sender hung up; None otherwise.
+    trickled_for: float | None = None
+    outwaited: bool = False  # trickled until trickle_limit: the sender never gave up waiting
+
+    @property
+    def accepted(self) -> bool:
+        """The sender saw a whole 200 to a whole request: the event is the receiver's now."""
+        return self.complete and self.status == 200 and self.trickled_for is None
 
     @property
     def consistent(self) -> bool:
@@ -74,14 +96,29 @@ class Attempt:
 
 
 class FlakySink:
-    """Start with ``with``; :attr:`attempts` grows by one per request, in arrival order."""
+    """Start with ``with``; :attr:`attempts` grows by one per request as it is answered (a trickle when it ends)."""
 
-    def __init__(self, key: bytes, *, failure_rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        failure_rate: float,
+        seed: int,
+        trickle_rate: float = 0.0,
+        trickle_every: float = 1.0,
+        trickle_limit: float = 60.0,
+    ) -> None:
+        if failure_rate + trickle_rate > 1:
+            raise ValueError("failure_rate and trickle_rate add up to more than 1")
         self.attempts: list[Attempt] = []
         self._key = key
         self._failure_rate = failure_rate
+        self._trickle_rate = trickle_rate
+        self._trickle_every = trickle_every
+        self._trickle_limit = trickle_limit
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._server = BackgroundServer(self._app, name="flaky-sink", request_handler=QuietHandler)
 
     @property
@@ -94,19 +131,54 @@ class FlakySink:
         return self
 
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stopping.set()  # ends trickles in progress
         self._server.stop()
 
     def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         parsed = _Request(environ, self._key)
         with self._lock:
-            # Drawn after the body is in, so the sender always sees an answer to a whole request.
-            fail = self._rng.random() < self._failure_rate
-            status = _GONE if not parsed.complete else 503 if fail else 200
-            self.attempts.append(parsed.attempt(status))
+            # Drawn after the body is in, so the sender always gets (the start of) an answer to a whole request.
+            draw = self._rng.random()
+            trickle = parsed.complete and draw < self._trickle_rate
+            fail = draw < self._trickle_rate + self._failure_rate
+            status = _GONE if not parsed.complete else 503 if fail and not trickle else 200
+            if not trickle:
+                self.attempts.append(parsed.attempt(status))
+        if trickle:
+            seconds, outwaited = self._trickle(environ["werkzeug.socket"])
+            with self._lock:
+                self.attempts.append(parsed.attempt(status, trickled_for=seconds, outwaited=outwaited))
+            # The connection is finished; werkzeug writes nothing more to a dropped one.
+            raise ConnectionAbortedError("trickled answer ended")
         start_response(
             f"{status} {HTTP_STATUS_CODES[status]}", [("Content-Type", "text/plain"), ("Content-Length", "0")]
         )
         return [b""]
+
+    def _trickle(self, sock: socket.socket) -> tuple[float, bool]:
+        """Answer on ``sock`` a byte at a time until the sender hangs up; (seconds, whether it never did).
+
+        Written to the socket directly: a WSGI server sends the status line and headers in one go.
+        """
+        started = time.monotonic()
+        outwaited = False
+        try:
+            sock.sendall(_TRICKLE_HEAD)
+            while True:
+                # The whole request has been read, so anything readable now is the sender's FIN or RST.
+                readable, _, _ = select.select([sock], [], [], self._trickle_every)
+                if readable or self._stopping.is_set():
+                    break
+                if time.monotonic() - started >= self._trickle_limit:
+                    outwaited = True
+                    break
+                sock.sendall(b".")
+        except OSError:
+            pass  # reset by the sender: it gave up
+        finally:
+            with contextlib.suppress(OSError):  # already gone
+                sock.shutdown(socket.SHUT_RDWR)
+        return time.monotonic() - started, outwaited
 
 
 @dataclass
@@ -188,7 +260,7 @@ class _Request:
             elif isinstance(event, Epilogue):
                 return  # the decoder refuses to be asked again once it has ended
 
-    def attempt(self, status: int) -> Attempt:
+    def attempt(self, status: int, trickled_for: float | None = None, outwaited: bool = False) -> Attempt:
         problem = self.problem
         meta: dict[str, Any] = {}
         if self.complete and not problem:
@@ -210,6 +282,8 @@ class _Request:
             file_crc64=str(self.file.crc64) if self.file else "",
             file_sha256=self.file.sha256.hexdigest() if self.file else None,
             problem=problem,
+            trickled_for=trickled_for,
+            outwaited=outwaited,
         )
 
     def _signature_ok(self) -> bool:

@@ -1,24 +1,32 @@
 """The chaos run: many real callbacks through the real processes while things break, and nothing is lost.
 
-    .venv/bin/pytest tests/chaos -q -s                         # CI size: 200 callbacks, ~3 min guard
-    CHAOS_CALLBACKS=2000 .venv/bin/pytest tests/chaos -q -s    # the full run, ~10 min guard
+    .venv/bin/pytest tests/chaos -q -s                         # CI size: 200 callbacks, 10 s CI outage
+    CHAOS_CALLBACKS=2000 .venv/bin/pytest tests/chaos -q -s    # the full run, 60 s CI outage
 
 What runs: a PostgreSQL ledger (a private schema), the Procfile's gunicorn with two web
 processes, two ``cos-webhook worker`` processes, the sandbox running every NoiseReduction job
 and POSTing its callback, and two sinks: a directory and an http receiver that refuses 30% of
-requests with 503.
+requests with 503 and trickles its answer to 10% (a ``200 OK`` status line, then a header one
+byte a second that never ends). The workers' http sink deadline is 2 s: a trickled delivery
+must be abandoned and retried, and the receiver counts it as not accepted.
 
-What breaks: a random worker is SIGKILLed about every 2 s and replaced at once (its claim comes
-back when its 3 s lease runs out); gunicorn is stopped once halfway through the callbacks and
-stays down longer than the sandbox retries, so some callbacks fail for good and are POSTed again
-by the test, as CI would; 10% of delivered callbacks arrive a second time.
+What breaks: a random worker is SIGKILLed about every 2 s and replaced at once (its successor
+finds the killed pid gone and releases its leases when it starts; else they come back when
+the 3 s lease runs out); gunicorn is stopped once halfway through the callbacks and stays down
+longer than the sandbox retries, so some callbacks fail for good and are POSTed again by the
+test, as CI would; 10% of delivered callbacks arrive a second time; once a third of the
+callbacks are out, CI's DescribeMediaJob answers 503 for ``CHAOS_CI_OUTAGE`` seconds (60 for
+2000 callbacks or more, 10 for 200), and the workers retry those verifications on their own
+(backoff capped at 10 s).
 
 What must hold at the end: every job is ``delivered`` with every task ``done``; the directory has
 exactly ``<job_id>.wav`` and ``<job_id>.event.json`` per job and nothing else; every file, on
 disk and in every accepted http request, is byte-identical to the sandbox's output object; every
-job's ``webhook-id`` was accepted. A table of what was injected and what survived is printed (``-s``
-shows it) and saved as JSON in the test's ``tmp_path``. ``CHAOS_DEADLINE`` (seconds) overrides
-the time guard and ``CHAOS_SEED`` the randomness.
+job's ``webhook-id`` was accepted (a whole 200 reached the worker); both new injections happened,
+and no trickle outlasted the workers' patience. A webhook-id accepted more than once is not a
+loss (the receiver is idempotent by it) but is counted. A table of what was injected and what
+survived is printed (``-s`` shows it) and saved as JSON in the test's ``tmp_path``.
+``CHAOS_DEADLINE`` (seconds) overrides the time guard and ``CHAOS_SEED`` the randomness.
 """
 
 from __future__ import annotations
@@ -29,29 +37,35 @@ import json
 import logging
 import os
 import random
+import re
+import statistics
 import struct
 import threading
 import time
 import wave
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from chaos_harness import Background, CallbackPump, WebServer, WorkerFleet, kill_workers_now_and_then
+from chaos_harness import Background, CallbackPump, CiOutage, WebServer, WorkerFleet, kill_workers_now_and_then
 from chaos_sink import Attempt, FlakySink
 from qcloud_cos import CosS3Client
 from support.pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
 from support.services import postgres_schema
 
+from webhook.config import Settings
 from webhook.crc64 import crc64ecma
 from webhook.events import event_id
 from webhook.ledger import Ledger
+from webhook.ledger.schema import attempts as attempt_rows
 from webhook.ledger.schema import jobs, tasks
-from webhook.models import ObjectLocation
+from webhook.models import ObjectLocation, Step
+from webhook.models import Outcome as AttemptOutcome
 from webhook.retry import RetryPolicy
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
@@ -59,20 +73,31 @@ from webhook.sandbox.submit import submit_noise_reduction
 pytestmark = pytest.mark.slow  # minutes of real processes being killed
 
 CALLBACKS = int(os.environ.get("CHAOS_CALLBACKS", "200"))
-# A guard against a hung run, not a measurement: about 3 minutes for 200 callbacks on 2 cores,
-# 10 for 2000.
-DEADLINE = float(os.environ.get("CHAOS_DEADLINE", max(180.0, 0.3 * CALLBACKS)))
+# How long CI's DescribeMediaJob answers 503: a minute at full size, scaled down with the run.
+CI_OUTAGE = float(os.environ.get("CHAOS_CI_OUTAGE", min(60.0, max(10.0, 0.03 * CALLBACKS))))
+# A guard against a hung run, not a measurement: trickled answers hold a worker for the whole
+# http deadline each, so about 3 minutes for 200 callbacks on 2 cores, 18 for 2000.
+DEADLINE = float(os.environ.get("CHAOS_DEADLINE", max(180.0, 0.5 * CALLBACKS) + CI_OUTAGE))
 SEED = int(os.environ.get("CHAOS_SEED", "20240501"))
 
 HTTP_FAILURE_RATE = 0.3
+HTTP_TRICKLE_RATE = 0.1
+HTTP_SINK_TIMEOUT = 2.0  # the workers' deadline for one whole http exchange
+# A trickle the worker has not hung up on by then means its deadline did not cut it off.
+TRICKLE_LIMIT = 10 * HTTP_SINK_TIMEOUT
 DUPLICATE_SHARE = 0.1
-LEASE_SECONDS = 3  # a killed worker's claim is due again this soon
+LEASE_SECONDS = 3  # a killed worker's claim is due again this soon, if its successor has not freed it
 KILL_EVERY = (1.5, 2.5)  # seconds between SIGKILLs, drawn uniformly: "about every 2 s"
 WEB_DOWN_SECONDS = 3.0  # longer than the sandbox's own callback retries (0.2 + 0.5 + 1.0 s)
 SUBMIT_THREADS = 4
 INPUT_SECONDS = 0.1  # tiny inputs: the run exercises delivery, not denoising
-# Fast retries, and enough of them that a 30% failure rate never exhausts a delivery (0.3^50).
+# Fast retries, and enough of them that a 40% failure rate (503s and trickles) never exhausts a
+# delivery (0.4^50).
 RETRY = RetryPolicy(max_attempts=50, backoff_base=0.2, backoff_cap=2.0)
+# Verification keeps its default patience (1000 attempts, a day) but waits at most this long
+# between checks, so jobs caught by the CI outage are verified within seconds of its end.
+VERIFY_BACKOFF_CAP = 10.0
+CI_UNAVAILABLE = "CI answered 503"  # how a verification refused by the outage is recorded
 FILESYSTEM, HTTP = "filesystem", "http"
 CORRUPT = "corrupt"  # marks a sink-directory problem where a file is present but wrong
 
@@ -96,11 +121,20 @@ class Outcome:
     sink_files: list[str]
     filesystem_problems: list[str]
     attempts: list[Attempt]
+    outage: OutageVerifications
     problems: list[str] = field(default_factory=list)  # from the harness: callbacks, processes
 
     @property
     def accepted(self) -> list[Attempt]:
-        return [a for a in self.attempts if a.status == 200]
+        """Requests whose sender saw a whole 200: not the trickled ones, whatever their status line said."""
+        return [a for a in self.attempts if a.accepted]
+
+    @property
+    def trickled(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.trickled_for is not None]
+
+    def accepted_per_webhook_id(self) -> Counter[str]:
+        return Counter(a.webhook_id for a in self.accepted)
 
     def corrupt(self, attempts: list[Attempt]) -> list[Attempt]:
         """Requests that are not exactly their job's output, signed, under that job's webhook-id."""
@@ -145,8 +179,36 @@ class Outcome:
         expected_ids = {event_id(job_id, HTTP) for job_id in self.job_ids}
         if accepted_ids != expected_ids:
             never, unknown = sorted(expected_ids - accepted_ids), sorted(accepted_ids - expected_ids)
-            found.append(f"{len(never)} webhook-ids never accepted {never[:5]}; unknown ones accepted {unknown[:5]}")
+            last = {a.webhook_id: answer_kind(a) for a in self.attempts}
+            how = Counter(last.get(webhook_id, "never received") for webhook_id in never)
+            found.append(
+                f"{len(never)} webhook-ids never accepted {never[:5]} (the receiver's last answer to them: "
+                f"{dict(how)}); unknown ones accepted {unknown[:5]}"
+            )
+        if outwaited := [a for a in self.trickled if a.outwaited]:
+            found.append(
+                f"{len(outwaited)} trickled answers were still awaited after {TRICKLE_LIMIT:g} s: "
+                f"the http deadline did not cut them off ({sorted({a.webhook_id for a in outwaited})[:5]})"
+            )
         return found
+
+
+def answer_kind(attempt: Attempt) -> str:
+    if not attempt.complete:
+        return "cut off mid-body"
+    if attempt.trickled_for is not None:
+        return "trickled"
+    return str(attempt.status)
+
+
+@dataclass(frozen=True)
+class OutageVerifications:
+    """What the ledger recorded of verifications the CI outage refused."""
+
+    failed: int  # verify attempts that got the outage's 503
+    jobs: frozenset[str]  # the jobs they were for
+    verified: int  # of those jobs, verified later by a retry of their own (the run never replays)
+    latest_after_end: float | None  # seconds from the outage's end to the last of those verifications
 
 
 @pytest.mark.postgres
@@ -168,25 +230,38 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
 
     with (
         Sandbox(tmp_path / "sandbox").start() as sandbox,
-        FlakySink(HTTP_KEY, failure_rate=HTTP_FAILURE_RATE, seed=rng.randrange(2**32)) as http_sink,
+        FlakySink(
+            HTTP_KEY,
+            failure_rate=HTTP_FAILURE_RATE,
+            trickle_rate=HTTP_TRICKLE_RATE,
+            trickle_limit=TRICKLE_LIMIT,
+            seed=rng.randrange(2**32),
+        ) as http_sink,
     ):
         settings = pipeline_settings(postgres_url, sandbox, sink_dir, http_sink.url + "hooks").replace(
             retry=RETRY,
             poll_interval=0.1,
+            http_sink_timeout=HTTP_SINK_TIMEOUT,
         )
         env = settings_env(settings) | {
             "WEBHOOK_LEASE_SECONDS": str(LEASE_SECONDS),
-            "WEBHOOK_HTTP_SINK_TIMEOUT": "10",
+            "WEBHOOK_HTTP_SINK_TIMEOUT": str(HTTP_SINK_TIMEOUT),
+            "WEBHOOK_VERIFY_BACKOFF_CAP": str(VERIFY_BACKOFF_CAP),
             # A SIGKILLed worker cannot remove its staged download; keep those where we can count them.
             "WEBHOOK_TEMP_DIR": str(staging),
         }
+        # settings_env() carries the delivery policy only: the worker processes read verification's
+        # from WEBHOOK_VERIFY_* and its defaults. It must outlast the outage, or jobs die of it.
+        verify_retry = Settings.from_env(env).verify_retry
+        assert patience(verify_retry) > DEADLINE, f"{verify_retry} gives up within the run"
         ledger = Ledger(postgres_url)
-        ledger.create_schema()
+        ledger.migrate()
         web = WebServer(env | {"WEB_CONCURRENCY": "2"}, logs / "web.log")
         fleet = WorkerFleet(env, logs, size=2)
         pump = CallbackPump(
             sandbox, f"{web.url}/callback/{TOKEN}", callbacks, DUPLICATE_SHARE, random.Random(rng.random()), deadline
         )
+        outage = CiOutage(sandbox, after=callbacks // 3, seconds=CI_OUTAGE)
         threads = [
             Background("callback-pump", lambda: pump.run(stop)),
             Background(
@@ -196,6 +271,7 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
                 ),
             ),
             Background("web-restart", lambda: restart_web_halfway(web, sandbox, callbacks, stop)),
+            Background("ci-outage", lambda: outage.run(stop)),
         ]
         worker_codes: list[int] = []
         run_seconds = 0.0
@@ -211,13 +287,14 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
         finally:
             stop.set()
             for thread in threads:
-                thread.join(timeout=30)
+                if thread.ident is not None:  # not started when the web server or a worker failed to
+                    thread.join(timeout=30)
             worker_codes = fleet.stop()
             web.stop()
         for thread in threads:
             thread.check()
 
-        outcome = observe(ledger, sandbox, job_ids, sink_dir, http_sink.attempts)
+        outcome = observe(ledger, sandbox, job_ids, sink_dir, http_sink.attempts, outage)
         ledger.dispose()
 
     outcome.problems += pump.failures + fleet.unexpected_exits
@@ -225,13 +302,29 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
         outcome.problems.append(f"workers stopped with SIGTERM exited with {worker_codes}")
     if web.restarts != 1:
         outcome.problems.append(f"the web server was restarted {web.restarts} times, not once")
-    rows = report_rows(outcome, pump, fleet, web, staging, logs, run_seconds)
+    if outage.started_at is None:
+        outcome.problems.append("the CI outage never started")
+    if not outcome.trickled:
+        outcome.problems.append("no http answer was trickled")
+    rows = report_rows(outcome, pump, fleet, web, outage, staging, logs, run_seconds)
     findings = outcome.findings()
     print_table(callbacks, rows)
     summary = tmp_path / "chaos-summary.json"
-    summary.write_text(json.dumps({"callbacks": callbacks, "seed": SEED, "rows": rows, "findings": findings}, indent=2))
+    trickles = [{"webhook_id": a.webhook_id, "seconds": round(a.trickled_for or 0, 3)} for a in outcome.trickled]
+    summary.write_text(
+        json.dumps(
+            {"callbacks": callbacks, "seed": SEED, "rows": rows, "findings": findings, "trickled": trickles}, indent=2
+        )
+    )
     print(f"summary: {summary}")
     assert not findings, "\n".join(findings)
+
+
+def patience(policy: RetryPolicy) -> float:
+    """The shortest time ``policy`` keeps retrying a task that always fails: every wait at its least."""
+    steps = (min(policy.backoff_cap, policy.backoff_base * 2.0**n) for n in range(policy.max_attempts - 1))
+    waited = sum(step / 2 for step in steps)
+    return float(waited if policy.max_age is None else min(waited, policy.max_age))
 
 
 def restart_web_halfway(web: WebServer, sandbox: Sandbox, callbacks: int, stop: threading.Event) -> None:
@@ -309,10 +402,20 @@ def wait_until_settled(
 
 
 def observe(
-    ledger: Ledger, sandbox: Sandbox, job_ids: dict[str, str], sink_dir: Path, attempts: list[Attempt]
+    ledger: Ledger,
+    sandbox: Sandbox,
+    job_ids: dict[str, str],
+    sink_dir: Path,
+    attempts: list[Attempt],
+    outage: CiOutage,
 ) -> Outcome:
     expected = {job_id: sandbox.object_path(BUCKET, key).read_bytes() for job_id, key in job_ids.items()}
     with ledger.engine.connect() as conn:
+        verifications = conn.execute(
+            sa.select(attempt_rows.c.job_id, attempt_rows.c.started_at, attempt_rows.c.outcome, attempt_rows.c.error)
+            .where(attempt_rows.c.kind == Step.VERIFY)
+            .order_by(attempt_rows.c.id)
+        ).all()
         status = {row.job_id: row.status for row in conn.execute(sa.select(jobs.c.job_id, jobs.c.status))}
         task_rows = conn.execute(
             sa.select(tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.status, tasks.c.attempts)
@@ -337,10 +440,24 @@ def observe(
         sink_files=sorted(p.name for p in sink_dir.iterdir()) if sink_dir.exists() else [],
         filesystem_problems=check_directory(sink_dir, expected),
         attempts=list(attempts),
+        outage=outage_verifications(verifications, outage),
     )
     if len(set(outcome.expected_sha256.values())) != len(job_ids):
         outcome.problems.append("the sandbox made identical outputs for different jobs: mix-ups would go unseen")
     return outcome
+
+
+def outage_verifications(rows: Sequence[sa.Row[Any]], outage: CiOutage) -> OutageVerifications:
+    """Which verify attempts the outage refused, and when the jobs they were for were verified after all."""
+    refused = [row for row in rows if row.outcome != AttemptOutcome.OK and row.error.startswith(CI_UNAVAILABLE)]
+    affected = frozenset(row.job_id for row in refused)
+    verified_at = {
+        row.job_id: row.started_at for row in rows if row.job_id in affected and row.outcome == AttemptOutcome.OK
+    }
+    latest = None
+    if verified_at and outage.ended_at is not None:
+        latest = (max(verified_at.values()) - outage.ended_at).total_seconds()
+    return OutageVerifications(len(refused), affected, len(verified_at), latest)
 
 
 def check_directory(sink_dir: Path, expected: dict[str, bytes]) -> list[str]:
@@ -368,12 +485,17 @@ def report_rows(
     pump: CallbackPump,
     fleet: WorkerFleet,
     web: WebServer,
+    outage: CiOutage,
     staging: Path,
     logs: Path,
     run_seconds: float,
 ) -> list[tuple[str, str]]:
-    attempts, accepted = outcome.attempts, outcome.accepted
-    distinct = {a.webhook_id for a in accepted}
+    attempts, accepted, trickled = outcome.attempts, outcome.accepted, outcome.trickled
+    per_id = outcome.accepted_per_webhook_id()
+    distinct = set(per_id)
+    again = {webhook_id: n for webhook_id, n in per_id.items() if n > 1}
+    hung_up_after = sorted(a.trickled_for or 0.0 for a in trickled)
+    verified = outcome.outage
     in_sinks = outcome.in_both_sinks()
     wavs = sum(name.endswith(".wav") for name in outcome.sink_files)
     documents = sum(name.endswith(".event.json") for name in outcome.sink_files)
@@ -381,8 +503,12 @@ def report_rows(
     web_log = (logs / "web.log").read_text(errors="replace")
     delivered = sum(status == "delivered" for status in outcome.ledger_status.values())
     task_attempts = ", ".join(f"{name}={n}" for name, n in sorted(outcome.task_attempts.items()))
-    errors, leases_lost = worker_log.count(" ERROR "), worker_log.count("lease was lost")
+    # The SDK logs every error answer at ERROR itself: the outage's 503s are counted apart.
+    errors, sdk_errors = worker_log.count(" ERROR "), worker_log.count(" ERROR qcloud_cos")
+    leases_lost = worker_log.count("lease was lost")
+    takeovers = [int(n) for n in re.findall(r"took over from dead workers \S+: (\d+) leased tasks", worker_log)]
     corrupt_on_disk = sum(f": {CORRUPT} " in problem for problem in outcome.filesystem_problems)
+    parts, staged = list(staging.rglob("*.part")), list(staging.rglob("*.staged"))
     return [
         ("INJECTED", ""),
         ("callbacks (jobs submitted via the SDK)", str(len(outcome.job_ids))),
@@ -392,26 +518,50 @@ def report_rows(
         ("  re-post attempts / found already stored", f"{pump.repost_attempts} / {pump.reposts_found_stored}"),
         ("duplicate callbacks sent / answered duplicate", f"{pump.duplicates_sent} / {pump.duplicates_recognised}"),
         ("worker SIGKILLs (replaced at once)", str(fleet.kills)),
+        ("  takeovers from killed workers / leased tasks freed", f"{len(takeovers)} / {sum(takeovers)}"),
         ("web (gunicorn) restarts", f"{web.restarts} (down {WEB_DOWN_SECONDS:g} s)"),
+        ("CI DescribeMediaJob answering 503", outage_label(outage)),
+        ("  describe requests refused (the SDK retries once)", str(outage.refused)),
+        ("  verify attempts failed / jobs they were for", f"{verified.failed} / {len(verified.jobs)}"),
         ("http 503s injected", str(sum(a.status == 503 for a in attempts))),
+        (f"http answers trickled (1 byte/s; deadline {HTTP_SINK_TIMEOUT:g} s)", str(len(trickled))),
+        ("  sender hung up after (median / max)", seconds_range(hung_up_after)),
         ("http attempts (requests received)", str(len(attempts))),
         ("  cut off mid-body by a kill", str(sum(not a.complete for a in attempts))),
         ("SURVIVED", ""),
         ("jobs delivered (ledger)", str(delivered)),
         ("  ledger attempts per task", task_attempts),
+        ("jobs verified after the CI outage (no replay)", outage_recovery(verified)),
         ("filesystem deliveries (.wav / .event.json)", f"{wavs} / {documents}"),
         ("  other files in the sink directory", str(len(outcome.sink_files) - wavs - documents)),
-        ("http deliveries accepted (200)", str(len(accepted))),
+        ("http deliveries accepted (whole 200 seen)", str(len(accepted))),
         ("  distinct webhook-ids accepted", str(len(distinct))),
-        ("  redundant (same webhook-id accepted again)", str(len(accepted) - len(distinct))),
+        ("  webhook-ids accepted again / extra acceptances", f"{len(again)} / {sum(again.values()) - len(again)}"),
         ("corrupt deliveries (http accepted / on disk)", f"{len(outcome.corrupt(accepted))} / {corrupt_on_disk}"),
         ("jobs lost (missing or wrong in a sink)", str(len(outcome.job_ids) - len(in_sinks))),
         ("jobs not 'delivered' in the ledger", str(len(outcome.job_ids) - delivered)),
-        ("staged downloads left by killed workers", str(sum(1 for _ in staging.iterdir()))),
-        ("worker log: ERROR lines / lease lost", f"{errors} / {leases_lost}"),
+        ("staging left behind (partial .part / whole .staged)", f"{len(parts)} / {len(staged)}"),
+        ("worker log: ERROR lines (the SDK's of them) / lease lost", f"{errors} ({sdk_errors}) / {leases_lost}"),
         ("web log: tracebacks", str(web_log.count("Traceback"))),
         ("wall time (submit -> ledger settled)", f"{run_seconds:.1f} s"),
     ]
+
+
+def outage_label(outage: CiOutage) -> str:
+    if outage.started_at is None:
+        return "never started"
+    return f"{outage.lasted:.1f} s, from callback {outage.after} on"
+
+
+def outage_recovery(verified: OutageVerifications) -> str:
+    text = f"{verified.verified} of {len(verified.jobs)}"
+    if verified.latest_after_end is not None:
+        text += f", the last {verified.latest_after_end:.1f} s after it ended"
+    return text
+
+
+def seconds_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} / {max(values):.2f} s" if values else "-"
 
 
 def print_table(callbacks: int, rows: list[tuple[str, str]]) -> None:

@@ -40,6 +40,8 @@ def pipeline_settings(database_url: str, sandbox: Sandbox, sink_dir: Path, http_
         http_sink_url=http_url,
         http_sink_secret=HTTP_SECRET,
         http_sink_timeout=5,
+        # Most pipeline tests check the audio bytes end to end: the mode that pushes them.
+        http_sink_mode="multipart",
         retry=FAST,
         verify_retry=FAST.model_copy(update={"max_attempts": 50}),
         lease_seconds=60,
@@ -158,6 +160,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "WEBHOOK_SINK_DIR": settings.sink_dir,
         "WEBHOOK_HTTP_SINK_URL": settings.http_sink_url,
         "WEBHOOK_HTTP_SINK_SECRET": settings.http_sink_secret,
+        "WEBHOOK_HTTP_SINK_MODE": settings.http_sink_mode,
         "WEBHOOK_MAX_ATTEMPTS": str(settings.retry.max_attempts),
         "WEBHOOK_BACKOFF_BASE": str(settings.retry.backoff_base),
         "WEBHOOK_BACKOFF_CAP": str(settings.retry.backoff_cap),

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.history import record_attempts
 from webhook.ledger.jobs import schedule, set_status
-from webhook.ledger.schema import attempts as attempt_rows
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
@@ -149,6 +149,7 @@ class Queue:
         """The delivery happened; the job is delivered once none of its deliveries is pending."""
         now = utcnow()
         with self._engine.begin() as conn:
+            _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
             settle(conn, task.job_id, now)
@@ -158,7 +159,7 @@ class Queue:
         """The step failed but may succeed later: due again after ``delay`` seconds."""
         now = utcnow()
         with self._engine.begin() as conn:
-            _record(conn, task.job_id, worker_id, tried)
+            record_attempts(conn, task.job_id, worker_id, tried)
             updated = conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id)
@@ -176,6 +177,7 @@ class Queue:
         """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
         now = utcnow()
         with self._engine.begin() as conn:
+            _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DEAD, error, now, tried):
                 return False
             if task.kind == TaskKind.VERIFY:
@@ -187,10 +189,7 @@ class Queue:
 
 def settle(conn: Connection, job_id: str, now: datetime) -> None:
     """Derive the job's status from its deliveries once none is pending."""
-    # Two workers may each finish one of the job's deliveries at the same moment. Under READ
-    # COMMITTED neither would see the other's "done" and the job would stay verified forever;
-    # locking the job row makes the second wait for the first commit, then see it.
-    conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id).with_for_update())
+    _lock_job(conn, job_id)
     rows = conn.execute(
         sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
         .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
@@ -220,7 +219,7 @@ def _close(
     conn: Connection, task: Task, worker_id: str, status: TaskStatus, error: str, now: datetime, tried: Attempts
 ) -> bool:
     """Close a task only if this worker still holds its lease (its attempts are history either way)."""
-    _record(conn, task.job_id, worker_id, tried)
+    record_attempts(conn, task.job_id, worker_id, tried)
     closed = conn.execute(
         tasks.update()
         .where(tasks.c.id == task.id, tasks.c.locked_by == worker_id, tasks.c.status == TaskStatus.PENDING)
@@ -229,22 +228,13 @@ def _close(
     return closed == 1
 
 
-def _record(conn: Connection, job_id: str, worker_id: str, tried: Attempts) -> None:
-    if tried:
-        conn.execute(
-            attempt_rows.insert(),
-            [
-                {
-                    "job_id": job_id,
-                    "kind": a.step,
-                    "sink": a.sink,
-                    "started_at": a.started_at,
-                    "duration_ms": a.duration_ms,
-                    "outcome": a.outcome,
-                    "code": a.code[:64],
-                    "error": a.error,
-                    "worker_id": worker_id,
-                }
-                for a in tried
-            ],
-        )
+def _lock_job(conn: Connection, job_id: str) -> None:
+    """Lock the job row before anything else in a transaction that settles it.
+
+    Two workers may each finish one of the job's deliveries at the same moment. Under READ
+    COMMITTED neither would see the other's "done" and the job would stay verified forever;
+    locking the job row makes the second wait for the first commit, then see it. It must come
+    first: recording an attempt takes a share lock on the job row (its foreign key), and two
+    transactions each holding one while asking for the row lock would deadlock.
+    """
+    conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id).with_for_update())

@@ -17,7 +17,7 @@ from webhook.errors import ConfigError
 from webhook.models import Job
 from webhook.retry import RetryPolicy
 from webhook.sinks import BuildContext, Sink
-from webhook.sinks.options import FilesystemOptions, HttpOptions, NotifyOptions, SinkOptions
+from webhook.sinks.options import FilesystemOptions, HttpMode, HttpOptions, NotifyOptions, SinkOptions
 from webhook.sinks.registry import SINK_TYPES, build_sink
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -72,14 +72,16 @@ def load_sinks(path: Path, data: dict[str, Any]) -> list[SinkSpec]:
         raise ConfigError(f"{path}: {_key(first['loc'], data)}: {_reason(first)}") from None
 
 
-def environment_sinks(sink_dir: str, http_url: str, http_timeout: float, retry: RetryPolicy) -> list[SinkSpec]:
+def environment_sinks(
+    sink_dir: str, http_url: str, http_timeout: float, http_mode: HttpMode, retry: RetryPolicy
+) -> list[SinkSpec]:
     """The sinks ``WEBHOOK_SINK_DIR`` and ``WEBHOOK_HTTP_SINK_URL`` declare, named after their types."""
     specs: list[SinkSpec] = []
     if sink_dir:
         options: SinkOptions = FilesystemOptions(dir=sink_dir)
         specs.append(SPECS["filesystem"](name="filesystem", type="filesystem", options=options, retry=retry))
     if http_url:
-        options = HttpOptions(url=http_url, secret_env="WEBHOOK_HTTP_SINK_SECRET", timeout=http_timeout)
+        options = HttpOptions(url=http_url, secret_env="WEBHOOK_HTTP_SINK_SECRET", timeout=http_timeout, mode=http_mode)
         specs.append(SPECS["http"](name="http", type="http", options=options, retry=retry))
     return specs
 

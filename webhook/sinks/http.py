@@ -1,4 +1,9 @@
-"""A sink that POSTs each event as signed multipart/form-data (Standard Webhooks signatures)."""
+"""The http sink: POSTs each event, signed per Standard Webhooks, as JSON or as multipart/form-data.
+
+``mode = "json"`` (:class:`HttpNotifySink`, the default) sends the event document alone, with
+``file.location`` saying where to download the audio, as the notification sinks do.
+``mode = "multipart"`` (:class:`HttpSink`) pushes the document and the audio in one body.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from webhook.deadline import DEFAULT_MIN_RATE, Deadline, deadline_session, trans
 from webhook.errors import ConfigError
 from webhook.events import event_document
 from webhook.models import Event, FetchedFile
-from webhook.sinks import BuildContext, DeliveryError, Sink
+from webhook.sinks import BuildContext, DeliveryError, NotificationSink, Sink
 from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type, unreadable
-from webhook.sinks.options import HttpOptions
+from webhook.sinks.options import HttpOptions, NotifyOptions
 
 _CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
 # The distribution's version, as `cos-webhook --version` reports it.
@@ -30,15 +35,14 @@ _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
 
-class HttpSink(Sink):
-    """POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio) to ``url``.
+class HttpPoster(Sink):
+    """What both modes share: one signed POST of a body to ``url``, with its deadline and error handling.
 
     Each request carries ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
     (https://www.standardwebhooks.com) plus ``Idempotency-Key``, all derived from the event id,
     so a receiver can drop redeliveries. ``secret`` is either ``whsec_<base64>`` (the key is the
     decoded bytes, as Standard Webhooks libraries expect) or any other string (the key is its
-    UTF-8 bytes). The body is streamed from disk twice, once to sign it and once to send it,
-    and is never held in memory.
+    UTF-8 bytes).
 
     Each exchange (connecting, sending the body, reading the answer) has a deadline of
     ``timeout`` seconds plus the body's time at ``min_rate`` bytes/s; a receiver that is slower,
@@ -59,29 +63,43 @@ class HttpSink(Sink):
         self._session.headers["User-Agent"] = _USER_AGENT
 
     @classmethod
-    def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpSink:
+    def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpPoster:
+        """The sink of ``options.mode``: :class:`HttpNotifySink` for json, :class:`HttpSink` for multipart."""
         try:
             secret = context.secret(name, options.secret_env) or ""
-            return cls(options.url, secret, options.timeout, name=name, min_rate=context.min_transfer_rate)
+            rate = context.min_transfer_rate
+            if options.mode == "multipart":
+                return HttpSink(options.url, secret, options.timeout, name=name, min_rate=rate)
+            return HttpNotifySink(options.url, secret, options.timeout, name=name, min_rate=rate, options=options)
         except ValueError as exc:
             raise ConfigError(f"sink {name}: {options.secret_env}: {exc}") from None
 
-    def deliver(self, event: Event) -> None:
-        """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
-        metadata = event_document(event)
+    def check(self) -> str:
+        """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
+        with Deadline(self.timeout, f"HEAD of sink {self.name}") as deadline:
+            try:
+                with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
+                    return f"receiver answered HEAD with {response.status_code}"
+            except requests.RequestException as exc:
+                raise self._failed(exc, deadline) from exc
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()
+
+    def _post(self, event_id: str, body: bytes | MultipartBody, content_type: str) -> None:
+        """POST ``body`` once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
+        timestamp = str(int(time.time()))
         try:
-            filename = metadata["file"]["name"] if metadata["file"] else ""
-            body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), event.file, filename)
-            timestamp = str(int(time.time()))
-            signature = _sign(self._key, event.event_id, timestamp, body)
+            signature = _sign(self._key, event_id, timestamp, body)
         except OSError as exc:
             raise unreadable(self.name, exc) from exc
         headers = {
-            "Content-Type": body.content_type,
-            "webhook-id": event.event_id,
+            "Content-Type": content_type,
+            "webhook-id": event_id,
             "webhook-timestamp": timestamp,
             "webhook-signature": signature,
-            "Idempotency-Key": event.event_id,
+            "Idempotency-Key": event_id,
         }
         budget = transfer_budget(self.timeout, len(body), self.min_rate)
         with Deadline(budget, f"POST to sink {self.name}") as deadline:
@@ -96,19 +114,6 @@ class HttpSink(Sink):
                     raise self._refused(response)
             except requests.RequestException as exc:
                 raise self._failed(exc, deadline) from exc
-
-    def check(self) -> str:
-        """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
-        with Deadline(self.timeout, f"HEAD of sink {self.name}") as deadline:
-            try:
-                with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
-                    return f"receiver answered HEAD with {response.status_code}"
-            except requests.RequestException as exc:
-                raise self._failed(exc, deadline) from exc
-
-    def close(self) -> None:
-        """Close pooled connections."""
-        self._session.close()
 
     def _failed(self, exc: requests.RequestException, deadline: Deadline) -> DeliveryError:
         if deadline.expired:
@@ -136,6 +141,50 @@ class HttpSink(Sink):
             permanent=not retryable,
             code=str(status),
         )
+
+
+class HttpNotifySink(HttpPoster, NotificationSink):
+    """``mode = "json"``: POSTs the event document alone as ``application/json``.
+
+    The worker never downloads the audio for it: ``file.location`` names CI's output object, or
+    with ``file_from`` the copy a storage sink made, and with ``presign_seconds`` carries a
+    presigned GET URL. The body is the document's UTF-8 JSON, what a stock Standard Webhooks
+    library verifies and parses in one call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        timeout: float = 30.0,
+        name: str = "http",
+        min_rate: int = DEFAULT_MIN_RATE,
+        options: NotifyOptions | None = None,
+    ) -> None:
+        super().__init__(url, secret, timeout, name, min_rate)
+        self.options = options or NotifyOptions()
+
+    def deliver(self, event: Event) -> None:
+        """POST the document once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
+        self._post(event.event_id, json.dumps(event_document(event), ensure_ascii=False).encode(), "application/json")
+
+
+class HttpSink(HttpPoster):
+    """``mode = "multipart"``: POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio).
+
+    The body is streamed from disk twice, once to sign it and once to send it, and is never
+    held in memory.
+    """
+
+    def deliver(self, event: Event) -> None:
+        """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
+        metadata = event_document(event)
+        try:
+            filename = metadata["file"]["name"] if metadata["file"] else ""
+            body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), event.file, filename)
+        except OSError as exc:
+            raise unreadable(self.name, exc) from exc
+        self._post(event.event_id, body, body.content_type)
 
 
 class MultipartBody:
@@ -195,10 +244,10 @@ def _signing_key(secret: str) -> bytes:
     return key
 
 
-def _sign(key: bytes, msg_id: str, timestamp: str, body: MultipartBody) -> str:
+def _sign(key: bytes, msg_id: str, timestamp: str, body: bytes | MultipartBody) -> str:
     """``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, hashing the body as it streams past."""
     mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
-    for chunk in body:
+    for chunk in (body,) if isinstance(body, bytes) else body:
         mac.update(chunk)
     return "v1," + base64.b64encode(mac.digest()).decode()
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+HttpMode = Literal["json", "multipart"]
+"""What the http sink POSTs: the event document alone (pointing at the file), or the document and the file."""
 
 
 class SinkOptions(BaseModel):
@@ -19,12 +22,6 @@ class SinkOptions(BaseModel):
 
 class FilesystemOptions(SinkOptions):
     dir: str
-
-
-class HttpOptions(SinkOptions):
-    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
-    secret_env: str
-    timeout: PositiveFloat = 30.0
 
 
 class CosOptions(SinkOptions):
@@ -56,6 +53,22 @@ class NotifyOptions(SinkOptions):
     file_from: str | None = None
     # With it, the location carries a presigned GET URL valid this many seconds (S3 allows 7 days).
     presign_seconds: Annotated[int, Field(gt=0, le=604_800)] | None = None
+
+
+class HttpOptions(NotifyOptions):
+    """A notification in ``json`` mode (``file_from``, ``presign_seconds`` apply); ``multipart`` carries the file."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
+    secret_env: str
+    timeout: PositiveFloat = 30.0
+    mode: HttpMode = "json"
+
+    @model_validator(mode="after")
+    def _locating_needs_json(self) -> HttpOptions:
+        # A multipart body carries the bytes themselves: there is no location to shape.
+        if self.mode == "multipart" and (self.file_from is not None or self.presign_seconds is not None):
+            raise ValueError('file_from and presign_seconds need mode = "json"')
+        return self
 
 
 class RedisOptions(NotifyOptions):
