@@ -194,6 +194,7 @@ EVENTS = Draft202012Validator(EVENT_SCHEMA)
 HTTP_METADATA = schema_at(
     "webhooks", "jobEvent", "post", "requestBody", "content", "multipart/form-data", "schema", "properties", "metadata"
 )
+HTTP_JSON = schema_at("webhooks", "jobEvent", "post", "requestBody", "content", "application/json", "schema")
 
 
 def delivered_events(pipeline: Pipeline, job_id: str) -> list[dict[str, Any]]:
@@ -246,6 +247,19 @@ def test_a_notification_s_event_with_its_file_location_matches_the_schema(pipeli
     event = json.loads(entry["data"])
     assert event["file"]["location"]["kind"] == "source"
     EVENTS.validate(event)
+
+
+def test_a_json_http_sink_s_body_matches_the_schema(pipeline: Pipeline) -> None:
+    pipeline.settings = pipeline.settings.replace(http_sink_mode="json")
+    job_id = pipeline.submit(pipeline.upload_input())
+    assert pipeline.drain(pipeline.worker(), job_id, {"delivered", "dead", "rejected"}) == "delivered"
+
+    (request,) = pipeline.http.requests
+    assert request.headers["content-type"] == "application/json"
+    event = json.loads(request.body or b"")
+    assert event["file"]["location"]["kind"] == "source"
+    EVENTS.validate(event)
+    HTTP_JSON.validate(event)
 
 
 def test_the_event_schema_catches_a_renamed_or_added_field(pipeline: Pipeline) -> None:

@@ -311,12 +311,19 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
     second = deliveries(ledger, "B")
     assert ([d.sink for d in first], [d.sink for d in second]) == (["filesystem"], ["http"])
 
-    # Hold both transactions after each closed its own task and before either settles the job.
-    both_closed = threading.Barrier(2, timeout=10)
+    # The first to settle holds its transaction open until the other is seen waiting for the job
+    # row: each locks it before anything else, so the second settles after the first's commit.
     settle = queue_module.settle
+    first_in = threading.Lock()
 
     def settle_together(conn: Connection, job_id: str, now: datetime) -> None:
-        both_closed.wait()
+        if first_in.acquire(blocking=False):
+            with ledger.engine.connect() as watcher:
+                waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                deadline = time.monotonic() + 10
+                while not watcher.execute(waiting).scalar_one():
+                    assert time.monotonic() < deadline, "the other worker never waited for the job row"
+                    time.sleep(0.01)
         settle(conn, job_id, now)
 
     monkeypatch.setattr(queue_module, "settle", settle_together)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
+import requests
 from standardwebhooks.webhooks import Webhook
 from support.pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file
 from support.receiver import Receiver, Reply
@@ -47,6 +49,60 @@ def test_round_trip_delivers_identical_bytes_to_every_sink(pipeline: Pipeline, c
         ("filesystem", "done", 1),
         ("http", "done", 1),
     ]
+
+
+def test_json_http_sink_points_at_a_presigned_download(pipeline: Pipeline, tmp_path: Path) -> None:
+    # Beside the environment's multipart sink (on /hooks), a json one as the configuration file declares it.
+    config = tmp_path / "cos-webhook.toml"
+    url = f"{pipeline.http.url}notify"
+    config.write_text(
+        f'[[sinks]]\nname = "notify"\ntype = "http"\n'
+        f'options = {{ url = "{url}", secret_env = "WEBHOOK_HTTP_SINK_SECRET", presign_seconds = 600 }}\n'
+    )
+    job_id, status = pipeline.run_job(config)
+    assert status == "delivered"
+
+    expected = pipeline.output_bytes()
+    requests_by_path = {request.path: request for request in pipeline.http.requests}
+    assert sorted(requests_by_path) == ["/hooks", "/notify"]
+    assert multipart_file(requests_by_path["/hooks"])[1] == expected  # multipart still pushes the bytes
+    notified = requests_by_path["/notify"]
+    assert notified.headers["content-type"] == "application/json"
+    assert notified.body is not None
+    document = Webhook(HTTP_SECRET).verify(notified.body, notified.headers)
+    assert notified.headers["webhook-id"] == document["event_id"] == event_id(job_id, "notify")
+    assert (document["type"], document["file"]["size"]) == ("job.succeeded", len(expected))
+    location = document["file"]["location"]
+    assert {k: v for k, v in location.items() if k != "url"} == {
+        "kind": "source",
+        "bucket": BUCKET,
+        "key": "out/denoised.wav",
+        "region": REGION,
+    }
+    assert location["url"].startswith(f"https://{BUCKET}.cos.{REGION}.myqcloud.com/out/denoised.wav?")
+    target, headers = pipeline.sandbox.request_target(location["url"])
+    download = requests.get(target, headers=headers, timeout=10)
+    assert (download.status_code, download.content) == (200, expected)
+
+
+def test_json_http_sink_from_the_environment_without_presigning(pipeline: Pipeline) -> None:
+    # No sink needs the bytes: the worker only describes the output object.
+    pipeline.settings = pipeline.settings.replace(http_sink_mode="json", sink_dir="")
+    job_id = pipeline.submit(pipeline.upload_input())
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+    (request,) = pipeline.http.requests
+    assert request.headers["content-type"] == "application/json"
+    assert request.body is not None
+    document = Webhook(HTTP_SECRET).verify(request.body, request.headers)
+    assert document["event_id"] == event_id(job_id, "http")
+    assert document["file"]["size"] == len(pipeline.output_bytes())
+    assert document["file"]["location"] == {
+        "kind": "source",
+        "bucket": BUCKET,
+        "key": "out/denoised.wav",
+        "region": REGION,
+    }
 
 
 def test_output_key_ending_in_json_is_delivered_beside_its_metadata(pipeline: Pipeline) -> None:

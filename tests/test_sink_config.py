@@ -21,6 +21,7 @@ from webhook.errors import ConfigError
 from webhook.events import build_event
 from webhook.models import Job
 from webhook.sinks.config import build_sinks
+from webhook.sinks.options import HttpOptions
 from webhook.worker import Worker
 
 DONE = {"delivered", "rejected", "dead"}
@@ -65,8 +66,13 @@ def write(tmp_path: Path, text: str) -> Path:
             '[[sinks]]\nname = "a"\ntype = "redis"\noptions = {stream = "s", url = "http://x"}\n',
             "sinks[0].options.url: String should match pattern '^rediss?://'",
         ),
+        (
+            '[[sinks]]\nname = "a"\ntype = "http"\n'
+            'options = {url = "http://x", secret_env = "S", mode = "multipart", presign_seconds = 60}\n',
+            'sinks[0].options: Value error, file_from and presign_seconds need mode = "json"',
+        ),
     ],
-    ids=["toml", "type", "no-type", "missing", "unknown-key", "name", "events", "retry", "url"],
+    ids=["toml", "type", "no-type", "missing", "unknown-key", "name", "events", "retry", "url", "http-mode"],
 )
 def test_bad_file_names_the_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
@@ -95,6 +101,17 @@ def test_missing_file_only_matters_when_named(tmp_path: Path, monkeypatch: pytes
         Settings.from_env({"WEBHOOK_CONFIG": str(tmp_path / "none.toml")})
     (tmp_path / "cos-webhook.toml").write_text('[[sinks]]\nname = "a"\ntype = "filesystem"\noptions = {dir = "x"}\n')
     assert [spec.name for spec in Settings.from_env({}).sink_specs()] == ["a"]
+
+
+@pytest.mark.parametrize(("environ", "mode"), [({}, "json"), ({"WEBHOOK_HTTP_SINK_MODE": "multipart"}, "multipart")])
+def test_environment_http_sink_mode(
+    environ: dict[str, str], mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./cos-webhook.toml here
+    http = {"WEBHOOK_HTTP_SINK_URL": "http://127.0.0.1:9/hook", "WEBHOOK_HTTP_SINK_SECRET": "s"}
+    (spec,) = Settings.from_env(http | environ).sink_specs()
+    assert isinstance(spec.options, HttpOptions)
+    assert (spec.name, spec.options.mode) == ("http", mode)
 
 
 def test_environment_and_file_sinks_together(tmp_path: Path) -> None:

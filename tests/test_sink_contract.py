@@ -1,4 +1,4 @@
-"""The promise every sink type keeps against its real server, checked the same way for all six.
+"""The promise every sink type keeps against its real server, checked the same way for all six (http in both modes).
 
 What arrives is what was sent. While the server is away a delivery (and a check) fails with a
 retryable DeliveryError; once it is back the next delivery succeeds and the event is there
@@ -34,7 +34,7 @@ from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.amqp import AmqpSink
 from webhook.sinks.cos import CosSink
 from webhook.sinks.filesystem import FilesystemSink
-from webhook.sinks.http import HttpSink
+from webhook.sinks.http import HttpNotifySink, HttpPoster, HttpSink
 from webhook.sinks.options import AmqpOptions, CosOptions, RedisOptions, S3Options
 from webhook.sinks.redis import RedisSink
 from webhook.sinks.s3 import S3Sink
@@ -137,14 +137,15 @@ class FilesystemHarness(Harness):
 
 
 class HttpHarness(Harness):
-    """A recording receiver; away, it is stopped, and back on the same port."""
+    """A recording receiver of multipart bodies; away, it is stopped, and back on the same port."""
 
     delivery_refused = "http: request failed: Connection refused"
+    sink_class: type[HttpPoster] = HttpSink
 
     def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
         super().__init__(tmp_path, stack)
         self.receiver = self.stack.enter_context(Receiver())
-        self.sink = HttpSink(self.receiver.url + "hooks", HTTP_SECRET, timeout=5)
+        self.sink = self.sink_class(self.receiver.url + "hooks", HTTP_SECRET, timeout=5)
         self.stack.callback(self.sink.close)
 
     def expected(self, event: Event) -> Arrival:
@@ -158,6 +159,18 @@ class HttpHarness(Harness):
 
     def back(self) -> None:
         self.receiver.start()
+
+
+class HttpJsonHarness(HttpHarness):
+    """The same receiver, sent the event document alone (json mode)."""
+
+    sink_class = HttpNotifySink
+
+    def expected(self, event: Event) -> Arrival:
+        return Arrival(event_document(event), None, (event.event_id,))
+
+    def arrivals(self) -> list[Arrival]:
+        return [Arrival(json.loads(r.body or b""), None, (r.headers["webhook-id"],)) for r in self.receiver.requests]
 
 
 class CosHarness(Harness):
@@ -302,6 +315,7 @@ class AmqpHarness(MessageHarness):
 HARNESSES: dict[str, type[Harness]] = {
     "filesystem": FilesystemHarness,
     "http": HttpHarness,
+    "http-json": HttpJsonHarness,
     "cos": CosHarness,
     "s3": S3Harness,
     "redis": RedisHarness,

@@ -26,9 +26,10 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
     }
 
 A failed job gives ``"type": "job.failed"`` and ``"file": null``. Notification sinks (redis,
-amqp) carry no bytes; their ``file`` also has a ``location``: where a storage sink put the file,
-or CI's output object itself, e.g. ``{"kind": "cos", "bucket": "archive-1250000000",
-"key": "denoised/je8f….wav", "region": "ap-guangzhou", "url": "<presigned, if configured>"}``.
+amqp, http in json mode) carry no bytes; their ``file`` also has a ``location``: where a storage
+sink put the file, or CI's output object itself, e.g. ``{"kind": "cos", "bucket":
+"archive-1250000000", "key": "denoised/je8f….wav", "region": "ap-guangzhou", "url":
+"<presigned, if configured>"}``.
 Receivers should dispatch on ``schema``: a later version may add fields, and an incompatible
 change gets a new version.
 """

@@ -30,7 +30,6 @@ from typing import Any, Literal, Protocol
 from pythonjsonlogger.json import JsonFormatter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-LogFormat = Literal["auto", "json", "text"]
 # The record attributes JSON writes first, under the names it gives them.
 JSON_NAMES = {"asctime": "ts", "levelname": "level", "name": "logger", "message": "msg"}
 # The fields text writes before the message, in this order: what the message is about.
@@ -94,8 +93,10 @@ class JsonLineFormatter(JsonFormatter):
 
 def resolve_format(log_format: str) -> Literal["json", "text"]:
     """``json`` or ``text`` as asked; ``auto`` (or anything else) is text on a terminal, else JSON."""
-    if log_format in ("json", "text"):
-        return "json" if log_format == "json" else "text"
+    if log_format == "json":
+        return "json"
+    if log_format == "text":
+        return "text"
     return "text" if sys.stderr.isatty() else "json"
 
 
