@@ -17,6 +17,9 @@ from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 from support.pipeline import DONE, Pipeline
 from support.receiver import Reply
 from support.services import unavailable
@@ -49,6 +52,13 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
         yield chrome
     finally:
         chrome.quit()
+
+
+def navigate(browser: WebDriver, element: WebElement) -> None:
+    """Click a link or a submit button and wait for the next page: a click returns before it loads."""
+    page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
 
 
 def screenshot(browser: WebDriver, folder: Path, name: str) -> None:
@@ -85,26 +95,26 @@ def test_replay_a_dead_delivery_in_the_browser(pipeline: Pipeline, browser: WebD
         browser.get(base + "/")
         assert browser.current_url.startswith(base + "/login")
         browser.find_element(By.ID, "password").send_keys(PASSWORD)
-        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
         assert browser.current_url == base + "/"
         assert browser.find_element(By.TAG_NAME, "h1").text == "Overview"
         screenshot(browser, shots, "1-overview")
 
-        browser.find_element(By.LINK_TEXT, "Jobs").click()
+        navigate(browser, browser.find_element(By.LINK_TEXT, "Jobs"))
         assert job_id in browser.find_element(By.CSS_SELECTOR, "table.jobs").text
         assert browser.find_element(By.CSS_SELECTOR, "td.user-data").text == SCRIPT
         no_script_ran(browser)
         screenshot(browser, shots, "2-jobs")
 
-        browser.find_element(By.LINK_TEXT, "Dead letters").click()
+        navigate(browser, browser.find_element(By.LINK_TEXT, "Dead letters"))
         row = browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"][data-sink="http"]')
         assert "refused permanently" in row.text
         screenshot(browser, shots, "4-dead-letters")
-        row.find_element(By.CSS_SELECTOR, "button.replay-one").click()
+        navigate(browser, row.find_element(By.CSS_SELECTOR, "button.replay-one"))
         assert browser.find_element(By.TAG_NAME, "h1").text == "Replay 1 dead letter?"
         assert pipeline.status(job_id) == "dead"
         screenshot(browser, shots, "5-confirm")
-        browser.find_element(By.ID, "confirm-replay").click()
+        navigate(browser, browser.find_element(By.ID, "confirm-replay"))
         assert "1 dead letter scheduled again." in browser.find_element(By.CSS_SELECTOR, ".flash").text
         assert pipeline.status(job_id) == "verified"
 
@@ -126,7 +136,7 @@ def test_replay_a_dead_delivery_in_the_browser(pipeline: Pipeline, browser: WebD
         no_script_ran(browser)
         screenshot(browser, shots, "3-job-detail")
 
-        browser.find_element(By.LINK_TEXT, "Workers").click()
+        navigate(browser, browser.find_element(By.LINK_TEXT, "Workers"))
         assert "worker-host:4242:cafe0001" in browser.find_element(By.TAG_NAME, "table").text
         screenshot(browser, shots, "6-workers")
 
