@@ -11,12 +11,14 @@ How: both apps run as separate gunicorn processes on 127.0.0.1 with ``--gunicorn
 on a fresh ledger (a SQLite file, or a private PostgreSQL schema dropped afterwards). ``--threads 1``
 is needed because ``gunicorn.conf.py`` sets 4 threads, and gunicorn silently runs ``gthread``
 instead of ``sync`` when threads > 1; the worker class each arbiter logs must be the same for
-both apps, or the benchmark stops. ``wrk`` (``-t2 -c8``
-by default; installed with apt-get when missing and this runs as root) sends XML callbacks shaped
-exactly like the sandbox's (``webhook.sandbox.jobs``), each with a new JobId, to the real token
-URL: a 2 s warm-up, then ``--seconds`` measured. One request is checked first: the real app must
-answer 200 with one new, not duplicate, job, or the benchmark stops. Afterwards the ledger must
-hold one job per 200 answer (plus at most the requests in flight when each wrk run stopped).
+both apps, or the benchmark stops. ``wrk`` (``-t2 -c8`` by default; installed with apt-get when
+missing and this runs as root) sends XML callbacks shaped exactly like the sandbox's
+(``webhook.sandbox.jobs``), each with a new JobId, to the real token URL: a 2 s warm-up, then
+``--seconds`` measured. The machine's speed drifts (its cores are shared), so each ledger's run is
+bracketed by two runs of the bare app, and the ceiling is their mean. One request is checked
+first: the real app must answer 200 with one new, not duplicate, job, or the benchmark stops.
+Afterwards the ledger must hold one job per 200 answer (plus at most the requests in flight when
+each wrk run stopped).
 
 Then the acknowledgement latency at half the saturating rate: wrk cannot hold a fixed rate and
 wrk2 is not packaged in Debian, so an open-loop generator in this process sends at a fixed rate
@@ -118,13 +120,23 @@ class FixedRate:
 @dataclass(frozen=True)
 class LedgerRun:
     ledger: str
+    bare_before: Load
     saturating: Load
+    bare_after: Load
     half_rate: FixedRate
     bare_at_half_rate: FixedRate
-    ratio: float
     worker_class: str
     jobs_in_ledger: int
     answered_200: int
+
+    @property
+    def bare_rps(self) -> float:
+        """The ceiling: the bare app's rate in the runs just before and just after this ledger's."""
+        return (self.bare_before.rps + self.bare_after.rps) / 2
+
+    @property
+    def ratio(self) -> float:
+        return self.saturating.rps / self.bare_rps
 
 
 def callback_template() -> tuple[str, str]:
@@ -389,7 +401,7 @@ def measure_ledger(
     wrk: str,
     script: Path,
     bare: Served,
-    bare_load: Load,
+    bare_url: str,
     template: tuple[str, str],
 ) -> LedgerRun:
     token = secrets.token_urlsafe(24)
@@ -406,9 +418,12 @@ def measure_ledger(
                 "flags do not override (threads > 1 turns sync into gthread)"
             )
         check_sample(app.url + path, template)
-        print(f"{kind}: warm-up, then {args.seconds} s of wrk ...", file=sys.stderr, flush=True)
+        print(f"{kind}: warm-up, then wrk on bare flask, web, bare flask ...", file=sys.stderr, flush=True)
         warm = run_wrk(wrk, script, app.url + path, WARM_UP_SECONDS, args.threads, args.connections)
+        # The machine's speed drifts (shared cores): the ceiling is measured on both sides of the app.
+        bare_before = run_wrk(wrk, script, bare_url, args.seconds, args.threads, args.connections)
         load = run_wrk(wrk, script, app.url + path, args.seconds, args.threads, args.connections)
+        bare_after = run_wrk(wrk, script, bare_url, args.seconds, args.threads, args.connections)
         rate = load.rps / 2
         print(f"{kind}: {rate:.0f} req/s fixed rate for {args.seconds} s ...", file=sys.stderr, flush=True)
         half = fixed_rate(app.port, path, rate, args.seconds, args.connections, template)
@@ -418,17 +433,25 @@ def measure_ledger(
     # wrk stops with requests in flight: the app commits them, wrk does not count their answers.
     if not answered <= jobs <= answered + 2 * args.connections:
         print(f"warning: {kind}: {answered} callbacks answered 200 but the ledger has {jobs} jobs", file=sys.stderr)
-    return LedgerRun(kind, load, half, bare_half, load.rps / bare_load.rps, app.worker_class, jobs, answered)
+    return LedgerRun(kind, bare_before, load, bare_after, half, bare_half, app.worker_class, jobs, answered)
 
 
-def report(args: argparse.Namespace, bare: Load, runs: list[LedgerRun]) -> None:
+def report(args: argparse.Namespace, runs: list[LedgerRun]) -> None:
     classes = ",".join(sorted({r.worker_class for r in runs}))
     print(
         f"ingest: gunicorn {args.gunicorn_flags} ({classes} workers); "
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s; XML callback, new JobId per request"
     )
     print(f"{'app':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}")
-    rows = [("bare flask", bare)] + [(f"web, {r.ledger}", r.saturating) for r in runs]
+    rows = [
+        (name, load)
+        for r in runs
+        for name, load in (
+            ("bare flask", r.bare_before),
+            (f"web, {r.ledger}", r.saturating),
+            ("bare flask", r.bare_after),
+        )
+    ]
     for name, load in rows:
         print(
             f"{name:<18} {load.rps:>8.0f} {load.p50_ms:>8.2f} {load.p99_ms:>8.2f} "
@@ -452,7 +475,7 @@ def report(args: argparse.Namespace, bare: Load, runs: list[LedgerRun]) -> None:
             + ("" if 0 <= cut_off <= 2 * args.connections else "  <- MISMATCH")
         )
     for r in runs:
-        print(f"ingest {r.ledger}: {r.ratio:.2f} x bare flask ({r.saturating.rps:.0f} / {bare.rps:.0f} req/s)")
+        print(f"ingest {r.ledger}: {r.ratio:.2f} x bare flask ({r.saturating.rps:.0f} / {r.bare_rps:.0f} req/s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,14 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             bare = stack.enter_context(bare_flask(work, shlex.split(args.gunicorn_flags)))
             bare_url = f"{bare.url}/callback/{secrets.token_urlsafe(24)}"
             check_sample_bare(bare_url, template)
-            print(f"bare flask: warm-up, then {args.seconds} s of wrk ...", file=sys.stderr, flush=True)
             run_wrk(wrk, script, bare_url, WARM_UP_SECONDS, args.threads, args.connections)
-            bare_load = run_wrk(wrk, script, bare_url, args.seconds, args.threads, args.connections)
             runs = []
             for kind in kinds:
                 ledger_work = work / kind
                 ledger_work.mkdir()
-                runs.append(measure_ledger(kind, args, ledger_work, wrk, script, bare, bare_load, template))
+                runs.append(measure_ledger(kind, args, ledger_work, wrk, script, bare, bare_url, template))
     except (BenchError, subprocess.TimeoutExpired) as exc:
         print(f"benchmark FAILED: {exc}", file=sys.stderr)
         return 1
@@ -494,11 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             "gunicorn_flags": args.gunicorn_flags,
             "wrk": {"threads": args.threads, "connections": args.connections, "seconds": args.seconds},
             "half_rate_generator": "fixed-rate Python threads (wrk2 is not packaged)",
-            "bare_flask": asdict(bare_load),
-            "ledgers": [asdict(r) for r in runs],
+            "ledgers": [asdict(r) | {"bare_rps": r.bare_rps, "ratio": r.ratio} for r in runs],
         },
     )
-    report(args, bare_load, runs)
+    report(args, runs)
     return 0
 
 
