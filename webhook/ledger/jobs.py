@@ -69,10 +69,14 @@ class Jobs:
         ignored: list[str] = []
         digest = hashlib.sha256(raw.body).hexdigest()
         with self._engine.begin() as conn:
-            # A repeated callback (CI retrying, a replayed request) keeps its metadata, not the body twice.
-            body_of = conn.execute(
-                sa.select(callbacks.c.id).where(callbacks.c.sha256 == digest, callbacks.c.body_of.is_(None)).limit(1)
-            ).scalar()
+            # A repeated callback (CI retrying, a replayed request) keeps its metadata, not the body
+            # twice. Looked up inside the insert: no round trip of its own on the ingest path.
+            holder = (
+                sa.select(callbacks.c.id)
+                .where(callbacks.c.sha256 == digest, callbacks.c.body_of.is_(None))
+                .limit(1)
+                .scalar_subquery()
+            )
             callback_id = conn.execute(
                 callbacks.insert()
                 .values(
@@ -80,12 +84,14 @@ class Jobs:
                     remote_addr=raw.remote_addr[:64],
                     content_type=raw.content_type[:256],
                     headers=json.dumps(raw.headers, sort_keys=True),
-                    body=raw.body if body_of is None else b"",
+                    body=sa.case(
+                        (holder.is_(None), sa.literal(raw.body, sa.LargeBinary)), else_=sa.literal(b"", sa.LargeBinary)
+                    ),
                     body_format=callback.body_format,
                     event_name=callback.event_name[:64],
                     sha256=digest,
                     size=len(raw.body),
-                    body_of=body_of,
+                    body_of=holder,
                 )
                 .returning(callbacks.c.id)
             ).scalar_one()
