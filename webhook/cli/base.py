@@ -18,20 +18,10 @@ from webhook.logs import escape
 from webhook.sinks.config import SinkSpec
 
 
-def load_settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
-
-
 def open_ledger(settings: Settings) -> Ledger:
     """The ledger, if its schema is current; commands never change the schema (``migrate`` does)."""
     ledger = Ledger(settings.database_url)
-    try:
-        ledger.require_current_schema()
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    ledger.require_current_schema()
     return ledger
 
 
@@ -54,11 +44,17 @@ def parse_since(_ctx: click.Context, _param: click.Parameter, value: str | None)
 
 
 class _Commands(click.Group):
-    """Every command: a ledger that cannot be reached is one line naming it, exit status 2."""
+    """Every command: a configuration problem or a ledger refusal (unknown job, schema behind) is
+    one ``Error:`` line, exit status 1; a ledger that cannot be reached is one line naming it,
+    exit status 2. No traceback either way."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(f"configuration error: {exc}") from None
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from None
         except sqlalchemy.exc.SQLAlchemyError as exc:
             url = sqlalchemy.engine.make_url(Settings.from_env().database_url)
             where = url.render_as_string(hide_password=True)

@@ -11,7 +11,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import sqlalchemy.pool
 
-from webhook.cli.base import echo_text, load_settings, main, sink_specs
+from webhook.cli.base import echo_text, main, sink_specs
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.ledger import Ledger
@@ -26,7 +26,7 @@ from webhook.verify import VerifyError, describe_job
 @main.command()
 def check() -> None:
     """Validate the configuration and try the ledger and every sink; one verdict per line."""
-    settings = load_settings()
+    settings = Settings.from_env()
     specs = sink_specs(settings)
     failures = 0
     verdicts = [_check_token(settings), _check_ledger(settings), *_check_ci(settings)]
@@ -117,7 +117,7 @@ def _check_ci(settings: Settings) -> list[str]:
 @main.command()
 def migrate() -> None:
     """Bring the ledger's schema to this version (the Procfile's release phase runs it)."""
-    ledger = Ledger(load_settings().database_url)
+    ledger = Ledger(Settings.from_env().database_url)
     ledger.migrate()
     click.echo(f"ledger at revision {head_revision()}")
 

@@ -7,9 +7,9 @@ from datetime import datetime
 
 import click
 
-from webhook.cli.base import echo_text, load_settings, main, open_ledger, parse_since, print_rows
-from webhook.errors import ConfigError
-from webhook.ledger import Ledger, LedgerError
+from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
+from webhook.config import Settings
+from webhook.ledger import Ledger
 from webhook.ledger.quarantine import KeptMessage, Quarantine
 from webhook.logs import setup_logging
 from webhook.tdmq import MAX_BATCH, MAX_WAIT
@@ -29,12 +29,9 @@ def consume(batch: int, wait: int) -> None:
     from webhook.consume import Consumer, ConsumerStopped
     from webhook.tdmq import CmqClient
 
-    settings = load_settings()
+    settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
-    try:
-        client = CmqClient.from_settings(settings)
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
+    client = CmqClient.from_settings(settings)
     ledger = Ledger(settings.database_url)
     try:
         ledger.prepare(settings.auto_migrate)
@@ -49,7 +46,7 @@ def consume(batch: int, wait: int) -> None:
         )
         consumer.install_signal_handlers()
         consumer.run()
-    except (LedgerError, ConsumerStopped) as exc:
+    except ConsumerStopped as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         client.close()
@@ -67,7 +64,7 @@ def messages() -> None:
 @click.option("--since", callback=parse_since, help="Only those handed over since (2h, 3d, or ISO time).")
 def messages_list(as_json: bool, everything: bool, since: datetime | None) -> None:
     """List kept messages: queue, msgId, deliveries and why they could not be read."""
-    kept = Quarantine(open_ledger(load_settings()).engine).listed(None if everything else "quarantined", since)
+    kept = Quarantine(open_ledger(Settings.from_env()).engine).listed(None if everything else "quarantined", since)
     print_rows(
         kept,
         as_json,
@@ -85,10 +82,7 @@ def messages_list(as_json: bool, everything: bool, since: datetime | None) -> No
 @click.option("--json", "as_json", is_flag=True)
 def messages_show(message_id: int, as_json: bool) -> None:
     """Show one kept message with its body as the queue handed it over."""
-    try:
-        kept = Quarantine(open_ledger(load_settings()).engine).get(message_id)
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    kept = Quarantine(open_ledger(Settings.from_env()).engine).get(message_id)
     data = kept.to_dict(body=True)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -110,13 +104,10 @@ def messages_reparse(message_ids: tuple[int, ...], everything: bool) -> None:
 
     if bool(message_ids) == everything:
         raise click.UsageError("give message ids or --all")
-    settings = load_settings()
+    settings = Settings.from_env()
     ledger = open_ledger(settings)
     quarantine = Quarantine(ledger.engine)
-    try:
-        todo = quarantine.listed() if everything else [quarantine.get(i) for i in message_ids]
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    todo = quarantine.listed() if everything else [quarantine.get(i) for i in message_ids]
     still = 0
     for kept in todo:
         if kept.status != "quarantined":

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from webhook.cli.base import echo_text, load_settings, main, open_ledger, parse_since, print_rows, sink_specs
-from webhook.errors import ConfigError
-from webhook.ledger import DeadLetter, JobView, LedgerError, utcnow
+from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows, sink_specs
+from webhook.config import Settings
+from webhook.ledger import DeadLetter, JobView, utcnow
 from webhook.ledger.quarantine import Quarantine
 from webhook.replaying import replay_job, replay_letter
 
@@ -29,7 +29,7 @@ def jobs() -> None:
 def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
     """List the most recent jobs."""
     print_rows(
-        open_ledger(load_settings()).views.list_jobs(limit=limit, status=status),
+        open_ledger(Settings.from_env()).views.list_jobs(limit=limit, status=status),
         as_json,
         _summary,
         f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON",
@@ -46,11 +46,8 @@ def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
 @click.option("--raw", is_flag=True, help="Also print the stored requests that named the job.")
 def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
     """Show one job: its callbacks, verification, deliveries and the timeline of every attempt."""
-    ledger = open_ledger(load_settings())
-    try:
-        view = ledger.views.show_job(job_id)
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    ledger = open_ledger(Settings.from_env())
+    view = ledger.views.show_job(job_id)
     data = view.to_dict()
     requests = ledger.views.raw_callbacks(job_id) if raw else []
     if raw:
@@ -103,7 +100,7 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
 def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: bool, since: datetime | None) -> None:
     """Give a job another chance: verify it again if it was rejected or its verification died,
     else deliver it again; or do so for every dead letter (--dead) or rejected job (--rejected)."""
-    settings = load_settings()
+    settings = Settings.from_env()
     specs = sink_specs(settings)
     unknown = [s for s in sinks if s not in specs]
     if unknown:
@@ -112,10 +109,7 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
         raise click.UsageError("give a JOB_ID, --dead or --rejected")
     ledger = open_ledger(settings)
     if job_id:
-        try:
-            replayed = replay_job(ledger, specs, job_id, sinks)
-        except LedgerError as exc:
-            raise click.ClickException(str(exc)) from None
+        replayed = replay_job(ledger, specs, job_id, sinks)
         if replayed.verify:
             click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
         else:
@@ -143,11 +137,8 @@ def reconcile(since: datetime, as_json: bool) -> None:
     from webhook.reconcile import ReconcileError
     from webhook.reconcile import reconcile as run_reconcile
 
-    settings = load_settings()
-    try:
-        settings.check_worker()
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
+    settings = Settings.from_env()
+    settings.check_worker()
     try:
         summary = run_reconcile(settings, open_ledger(settings), since)
     except ReconcileError as exc:
@@ -172,7 +163,7 @@ def dead() -> None:
 @click.option("--since", callback=parse_since, help="Only those that died after this (2h, 3d, or ISO time).")
 def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
     """List dead verifications and deliveries with their last error, and unreadable queue messages."""
-    ledger = open_ledger(load_settings())
+    ledger = open_ledger(Settings.from_env())
     print_rows(
         ledger.views.dead_letters(sink=sink, since=since),
         as_json,
@@ -221,7 +212,7 @@ def _step(step: dict[str, Any]) -> str:
 def prune(before: datetime | None, dry_run: bool) -> None:
     """Remove finished jobs (delivered, rejected, ignored) older than the retention, with their
     callbacks, tasks and attempts. Dead and undelivered work is never pruned."""
-    settings = load_settings()
+    settings = Settings.from_env()
     ledger = open_ledger(settings)
     before = before or utcnow() - timedelta(days=settings.retention_days)
     if dry_run:

@@ -12,10 +12,8 @@ from typing import TYPE_CHECKING
 import click
 
 from webhook import metrics_dir
-from webhook.cli.base import load_settings, main
+from webhook.cli.base import main
 from webhook.config import Settings
-from webhook.errors import ConfigError
-from webhook.ledger import LedgerError
 from webhook.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -30,14 +28,9 @@ def serve(host: str, port: int) -> None:
     metrics_dir.count_in_process()  # one process: before prometheus-client is imported
     from webhook.app import create_app
 
-    settings = load_settings()
+    settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
-    try:
-        app = create_app(settings)
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    app = create_app(settings)
     app.run(host=host, port=port, threaded=True)
 
 
@@ -48,14 +41,9 @@ def worker(burst: bool) -> None:
     metrics_dir.count_in_process()  # before prometheus-client is imported
     from webhook.worker import Worker
 
-    settings = load_settings()
+    settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
-    try:
-        w = Worker.from_settings(settings)
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
+    w = Worker.from_settings(settings)
     w.install_signal_handlers()
     try:
         with _worker_metrics(settings, w):

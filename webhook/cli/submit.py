@@ -6,7 +6,7 @@ import json
 
 import click
 
-from webhook.cli.base import echo_text, load_settings, main
+from webhook.cli.base import echo_text, main
 from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.logs import escape
@@ -86,7 +86,7 @@ def submit_command(
 ) -> None:
     """Submit a NoiseReduction job for PATH_OR_KEY (a local file is uploaded first) that calls back
     here, and print its JobId. With --wait, exit 0 only once the job is delivered."""
-    settings = load_settings()
+    settings = Settings.from_env()
     ledger = None
     if wait:
         # Read-only, and before anything is submitted: a ledger that cannot be read (or has no
@@ -141,7 +141,7 @@ def queue() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def queue_show(bucket: str | None, as_json: bool) -> None:
     """Show the bucket's Speeching queues and their NotifyConfig."""
-    settings = load_settings()
+    settings = Settings.from_env()
     try:
         chosen = choose_bucket(settings, bucket)
         queues = list_queues(ci_client(settings), chosen)
@@ -170,7 +170,7 @@ def queue_register(
     Sets its NotifyConfig to State On, Type Url, Event TaskFinish and Url
     WEBHOOK_PUBLIC_URL/callback/<token>, keeping the queue's name and state; with --tdmq QUEUE,
     Type TDMQ and MqName QUEUE (MqRegion WEBHOOK_TDMQ_REGION, MqMode Queue) for cos-webhook consume."""
-    settings = load_settings()
+    settings = Settings.from_env()
     try:
         mq = callback_queue(settings, tdmq_queue) if tdmq_queue else None
         url = "" if mq else callback_url(settings)
