@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
 from click.testing import CliRunner, Result
-from support.pipeline import BUCKET, REGION, Pipeline, pipeline_settings, settings_env
+from support.pipeline import BUCKET, REGION, Pipeline, pipeline_settings, settings_env, working
 from support.receiver import Receiver
 from support.tdmq import (
     QUEUE,
@@ -35,7 +33,6 @@ from support.tdmq import (
 from webhook import consume
 from webhook.callback import CallbackError
 from webhook.cli import main
-from webhook.config import Settings
 from webhook.events import event_id
 from webhook.ledger import Ledger
 from webhook.ledger.quarantine import Quarantine
@@ -43,7 +40,6 @@ from webhook.ledger.schema import callbacks
 from webhook.models import Callback
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.cmq import CmqFault
-from webhook.worker import Worker
 
 
 @pytest.fixture
@@ -73,20 +69,6 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
 
 def statuses(ledger: Ledger) -> dict[str, str]:
     return {view.job_id: view.status for view in ledger.views.list_jobs(limit=10_000)}
-
-
-@contextmanager
-def working(settings: Settings, ledger: Ledger) -> Iterator[Worker]:
-    """A worker in a thread meanwhile, as ``cos-webhook worker`` beside the consumer."""
-    worker = Worker.from_settings(settings, ledger)
-    thread = threading.Thread(target=worker.run, name="test-worker", daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stopping.set()
-        thread.join(timeout=30)
-        worker.close()
 
 
 # --- recording -----------------------------------------------------------------------------------

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 from qcloud_cos import CosServiceError
-from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env
+from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env, working
 from support.receiver import Reply
 from support.tdmq import QUEUE, consumer, consuming, tdmq_env
 
@@ -25,7 +22,6 @@ from webhook.sandbox.jobs import new_job
 from webhook.sandbox.submit import submit_noise_reduction
 from webhook.speech_queue import list_queues
 from webhook.submission import SubmitError, choose_bucket
-from webhook.worker import Worker
 
 QUICK = ("--interval", "0.05", "--timeout", "60")
 
@@ -34,20 +30,6 @@ def run(pipeline: Pipeline, *args: str, **env: str | None) -> Result:
     """The command with the pipeline's settings and this service's public URL (the receiver)."""
     full_env: dict[str, str | None] = {**settings_env(pipeline.settings), "WEBHOOK_PUBLIC_URL": pipeline.receiver_url}
     return CliRunner().invoke(main, list(args), env=full_env | env)
-
-
-@contextmanager
-def working(pipeline: Pipeline, settings: Settings | None = None) -> Iterator[Worker]:
-    """A worker running in a thread meanwhile, as ``cos-webhook worker`` would next to the command."""
-    worker = Worker.from_settings(settings or pipeline.settings, pipeline.ledger)
-    thread = threading.Thread(target=worker.run, name="test-worker", daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stopping.set()
-        thread.join(timeout=30)
-        worker.close()
 
 
 def listed_jobs(pipeline: Pipeline) -> list[dict[str, Any]]:
@@ -68,7 +50,7 @@ def queue_notify(pipeline: Pipeline) -> dict[str, Any]:
 
 def test_a_local_file_is_uploaded_and_the_job_waited_for_until_delivered(pipeline: Pipeline, tmp_path: Path) -> None:
     source = noisy_wav(tmp_path / "meeting.wav", 0.5)
-    with working(pipeline):
+    with working(pipeline.settings, pipeline.ledger):
         result = run(pipeline, "submit", str(source), "--output", "out/meeting.wav", "--wait", *QUICK)
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
@@ -134,7 +116,7 @@ def test_without_a_public_url_nothing_is_uploaded_or_submitted(pipeline: Pipelin
 def test_wait_stops_at_a_dead_delivery_with_its_error(pipeline: Pipeline) -> None:
     pipeline.http.reply(Reply(400))  # the http sink refuses: dead at once, no retry
     key = pipeline.upload_input()
-    with working(pipeline):
+    with working(pipeline.settings, pipeline.ledger):
         result = run(pipeline, "submit", key, "--output", "out/x.wav", "--wait", *QUICK)
     assert result.exit_code == 1, result.output
     job_id = result.stdout.strip()
@@ -146,7 +128,7 @@ def test_wait_stops_at_a_dead_delivery_with_its_error(pipeline: Pipeline) -> Non
 def test_wait_stops_at_a_rejected_job_with_the_reason(pipeline: Pipeline) -> None:
     key = pipeline.upload_input()
     elsewhere = pipeline.settings.replace(allowed_regions=frozenset({"ap-shanghai"}))
-    with working(pipeline, elsewhere):
+    with working(elsewhere, pipeline.ledger):
         result = run(pipeline, "submit", key, "--output", "out/x.wav", "--wait", *QUICK)
     assert result.exit_code == 1, result.output
     job_id = result.stdout.strip()
@@ -246,7 +228,7 @@ def test_queue_register_makes_jobs_without_a_callback_come_here(pipeline: Pipeli
     shown = run(pipeline, "queue", "show")
     assert shown.output.splitlines()[1].endswith("(calls back here)")
 
-    with working(pipeline):
+    with working(pipeline.settings, pipeline.ledger):
         waited = run(pipeline, "submit", key, "--output", "out/q.wav", "--callback", "queue", "--wait", *QUICK)
     assert waited.exit_code == 0, waited.output
     job_id = waited.stdout.strip()
@@ -332,7 +314,7 @@ def test_a_job_s_own_callback_settings_win_over_the_queue() -> None:
 def test_submit_with_callback_type_tdmq_needs_no_public_url(pipeline: Pipeline) -> None:
     key = pipeline.upload_input()
     env = tdmq_env(pipeline.sandbox) | {"WEBHOOK_PUBLIC_URL": None}
-    with working(pipeline), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
+    with working(pipeline.settings, pipeline.ledger), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
         waited = run(
             pipeline, "submit", key, "--output", "out/t.wav", "--callback-type", "tdmq", "--wait", *QUICK, **env
         )
@@ -376,7 +358,7 @@ def test_queue_register_tdmq_makes_every_job_call_back_through_the_queue(pipelin
     assert not run(pipeline, "queue", "show").output.splitlines()[1].endswith(")")  # another consumer's queue
 
     key = pipeline.upload_input()
-    with working(pipeline), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
+    with working(pipeline.settings, pipeline.ledger), consuming(consumer(pipeline.sandbox, pipeline.ledger)):
         waited = run(pipeline, "submit", key, "--output", "out/q.wav", "--callback", "queue", "--wait", *QUICK, **env)
     assert waited.exit_code == 0, waited.output
     [sent] = pipeline.sandbox.callbacks_sent

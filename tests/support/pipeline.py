@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,20 @@ class Pipeline:
 
     def output_bytes(self, key: str = "out/denoised.wav") -> bytes:
         return self.sandbox.object_path(BUCKET, key).read_bytes()
+
+
+@contextmanager
+def working(settings: Settings, ledger: Ledger) -> Iterator[Worker]:
+    """A worker running in a thread meanwhile, as ``cos-webhook worker`` would beside the code under test."""
+    worker = Worker.from_settings(settings, ledger)
+    thread = threading.Thread(target=worker.run, name="test-worker", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stopping.set()
+        thread.join(timeout=30)
+        worker.close()
 
 
 def multipart_file(request: ReceivedRequest) -> tuple[dict[str, Any], bytes | None]:
