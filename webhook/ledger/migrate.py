@@ -6,6 +6,7 @@ A ledger made before migrations existed (``create_all`` of the baseline tables, 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -34,9 +35,15 @@ def _config(conn: Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    # Parsed once per process: readiness probes ask for the head on every call.
+    return ScriptDirectory.from_config(_config())
+
+
 def head() -> str:
     """The revision this version of cos-webhook needs."""
-    revision = ScriptDirectory.from_config(_config()).get_current_head()
+    revision = _scripts().get_current_head()
     assert revision is not None
     return revision
 
@@ -83,6 +90,6 @@ def problem(engine: Engine) -> str | None:
     if revision is None:
         found = "was made before migrations" if "callbacks" in tables else "has no tables"
         return f"the ledger {found}: run cos-webhook migrate"
-    if revision not in {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}:
+    if revision not in {script.revision for script in _scripts().walk_revisions()}:
         return f"the ledger is at revision {revision}, newer than this version of cos-webhook knows ({wanted})"
     return f"the ledger is at revision {revision}, this version needs {wanted}: run cos-webhook migrate"
