@@ -32,7 +32,7 @@ import sqlalchemy.exc
 from webhook.callback import CallbackError, parse_callback
 from webhook.deadline import Deadline
 from webhook.ledger import Ledger, RawRequest, Recorded
-from webhook.ledger.quarantine import KeptMessage, Quarantine
+from webhook.ledger.quarantine import KeptMessage
 from webhook.models import Callback
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.tdmq import AUTH_FAILED, NO_QUEUE, STALE_HANDLE, CmqClient, CmqError, Message
@@ -133,7 +133,7 @@ class Consumer:
         self.wait = wait
         self.shutdown_seconds = shutdown_seconds
         self.patience = patience
-        self.quarantine = Quarantine(ledger.engine)
+        self.quarantine = ledger.quarantine
         self.stopping = threading.Event()
         self.failure: str | None = None
         # Reentrant: stop() also runs in a signal handler, which may interrupt the main thread in stop().
@@ -325,7 +325,7 @@ class Reparsed:
 
 def reparse(ledger: Ledger, allowed_tags: frozenset[str], kept: KeptMessage) -> Reparsed:
     """Read a kept message again (after a fix); record it as a callback if it is readable now."""
-    quarantine = Quarantine(ledger.engine)
+    quarantine = ledger.quarantine
     try:
         read = read_message(kept.body.decode("utf-8", "surrogatepass"))
     except (Unreadable, UnicodeDecodeError) as exc:

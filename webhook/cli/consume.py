@@ -10,7 +10,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
 from webhook.ledger import Ledger
-from webhook.ledger.quarantine import KeptMessage, Quarantine
+from webhook.ledger.quarantine import KeptMessage
 from webhook.logs import setup_logging
 from webhook.tdmq import MAX_BATCH, MAX_WAIT
 
@@ -64,7 +64,7 @@ def messages() -> None:
 @click.option("--since", callback=parse_since, help="Only those handed over since (2h, 3d, or ISO time).")
 def messages_list(as_json: bool, everything: bool, since: datetime | None) -> None:
     """List kept messages: queue, msgId, deliveries and why they could not be read."""
-    kept = Quarantine(open_ledger(Settings.from_env()).engine).listed(None if everything else "quarantined", since)
+    kept = open_ledger(Settings.from_env()).quarantine.listed(None if everything else "quarantined", since)
     print_rows(
         kept,
         as_json,
@@ -82,7 +82,7 @@ def messages_list(as_json: bool, everything: bool, since: datetime | None) -> No
 @click.option("--json", "as_json", is_flag=True)
 def messages_show(message_id: int, as_json: bool) -> None:
     """Show one kept message with its body as the queue handed it over."""
-    kept = Quarantine(open_ledger(Settings.from_env()).engine).get(message_id)
+    kept = open_ledger(Settings.from_env()).quarantine.get(message_id)
     data = kept.to_dict(body=True)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -106,7 +106,7 @@ def messages_reparse(message_ids: tuple[int, ...], everything: bool) -> None:
         raise click.UsageError("give message ids or --all")
     settings = Settings.from_env()
     ledger = open_ledger(settings)
-    quarantine = Quarantine(ledger.engine)
+    quarantine = ledger.quarantine
     todo = quarantine.listed() if everything else [quarantine.get(i) for i in message_ids]
     still = 0
     for kept in todo:

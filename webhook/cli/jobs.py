@@ -13,7 +13,6 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows, sink_specs
 from webhook.config import Settings
 from webhook.ledger import DeadLetter, JobView, utcnow
-from webhook.ledger.quarantine import Quarantine
 from webhook.replaying import replay_job, replay_letter
 
 
@@ -177,7 +176,7 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
     if sink is not None:
         return
     # A TDMQ message that is not a readable callback has no job: `messages show|reparse ID`.
-    for kept in Quarantine(ledger.engine).listed(since=since):
+    for kept in ledger.quarantine.listed(since=since):
         if as_json:
             click.echo(json.dumps({"kind": "message"} | kept.to_dict()))
             continue

@@ -15,6 +15,7 @@ from webhook.ledger import migrate
 from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
 from webhook.ledger.jobs import Jobs, RawRequest, Recorded, Replayed
 from webhook.ledger.locks import Locks
+from webhook.ledger.quarantine import Quarantine
 from webhook.ledger.queue import Queue
 from webhook.ledger.retention import Pruned, Retention
 from webhook.ledger.schema import LedgerError, make_engine, utcnow
@@ -67,6 +68,7 @@ class Ledger:
         self.workers = Workers(self.engine)
         self.retention = Retention(self.engine)
         self.stats = Stats(self.engine)
+        self.quarantine = Quarantine(self.engine)
 
     def migrate(self) -> None:
         """Bring the schema to this version's head revision; safe when several processes start at once."""
