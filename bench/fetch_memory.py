@@ -191,6 +191,7 @@ def start_rig(work: Path) -> Iterator[Rig]:
         sandbox = Sandbox(work / "sandbox").start()
         stack.callback(sandbox.stop)
         ledger = Ledger(database_url)
+        ledger.migrate()
         stack.callback(ledger.dispose)
         app = create_app(Settings(database_url=database_url, callback_tokens=(token,), log_level="WARNING"), ledger)
         receiver_url = stack.enter_context(BackgroundServer(app, name="bench-receiver")).url
@@ -212,6 +213,8 @@ def start_rig(work: Path) -> Iterator[Rig]:
             "WEBHOOK_COS_ENDPOINT": sandbox.url,
             "WEBHOOK_SINK_DIR": str(sink_dir),
             "WEBHOOK_HTTP_SINK_URL": f"{sink_url}/events",
+            # The audio pushed through the http sink too, not only a link to it: both paths stream it.
+            "WEBHOOK_HTTP_SINK_MODE": "multipart",
             "WEBHOOK_HTTP_SINK_SECRET": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
             "WEBHOOK_TEMP_DIR": str(work),
         }
