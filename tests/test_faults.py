@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from sqlalchemy.engine import make_url
-from support.pipeline import DONE, TOKEN, Pipeline, multipart_file, settings_env
+from support.pipeline import BUCKET, DONE, TOKEN, Pipeline, multipart_file, settings_env
 from support.processes import start_worker, wait_healthy, web
 from support.tcp_proxy import TcpProxy
 
@@ -43,12 +43,12 @@ def assert_delivered_intact(pipeline: Pipeline, job_id: str) -> None:
     assert multipart_file(request)[1] == expected
 
 
-def verified(pipeline: Pipeline) -> tuple[str, Worker]:
-    """A genuine job, verified: its deliveries (which fetch the output) are due."""
+def submitted(pipeline: Pipeline) -> tuple[str, Worker]:
+    """A genuine job and a worker: its first claim verifies the job, then fetches for its deliveries."""
     job_id = pipeline.submit(pipeline.upload_input())
-    worker = pipeline.worker()
-    assert pipeline.drain(worker, job_id, {"verified"}) == "verified"
-    return job_id, worker
+    output = pipeline.sandbox.object_path(BUCKET, OUTPUT)
+    pipeline.wait_until(output.exists, what="the job's output in the sandbox")
+    return job_id, pipeline.worker()
 
 
 # --- COS: the output object's GET --------------------------------------------------------
@@ -83,13 +83,13 @@ GET_FAULTS: dict[str, tuple[Fault, Callable[[int, int], str]]] = {
 # The SDK pauses before retrying a 5xx itself, so the 503 case takes seconds.
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "503" else c for c in GET_FAULTS])
 def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, case: str) -> None:
-    job_id, worker = verified(pipeline)
+    job_id, worker = submitted(pipeline)
     output = pipeline.output_bytes()
     fault, pattern = GET_FAULTS[case]
     expected = pattern(len(output), crc64ecma(output))
     active = pipeline.sandbox.faults.add(fault)
 
-    attempt(pipeline, worker)  # one claim: both deliveries were due together, so one fetch for both
+    attempt(pipeline, worker)  # verified, then one fetch for both deliveries
     view = pipeline.ledger.views.show_job(job_id).to_dict()
     assert view["status"] == "verified"
     for delivery in view["deliveries"]:
@@ -113,11 +113,11 @@ def test_object_get_fault_holds_delivery_until_it_clears(pipeline: Pipeline, cas
 
 @pytest.mark.slow
 def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipeline) -> None:
-    job_id, worker = verified(pipeline)
+    job_id, worker = submitted(pipeline)
     settings = pipeline.settings
 
     def client_timeout(seconds: float) -> None:
-        worker.client_for_region = lambda region: make_client(
+        worker.steps.client_for_region = lambda region: make_client(
             settings.secret_id, settings.secret_key, region, settings.cos_endpoint, timeout=seconds
         )
 

@@ -79,6 +79,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_VERIFY_BACKOFF_CAP": ("verify_retry", "backoff_cap"),
     "WEBHOOK_LEASE_SECONDS": ("lease_seconds",),
     "WEBHOOK_POLL_INTERVAL": ("poll_interval",),
+    "WEBHOOK_WORKER_CONCURRENCY": ("worker_concurrency",),
     "WEBHOOK_RECONCILE_QUEUE_IDS": ("reconcile_queue_ids",),
     "WEBHOOK_RECONCILE_INTERVAL": ("reconcile_interval",),
     "WEBHOOK_RUN_WORKER": ("run_worker_in_web",),
@@ -140,6 +141,8 @@ class Settings(BaseSettings):
     verify_retry: RetryPolicy = RetryPolicy(max_attempts=1000, backoff_base=5.0, backoff_cap=600.0, max_age=86400.0)
     lease_seconds: PositiveFloat = 300.0
     poll_interval: PositiveFloat = 1.0
+    # Jobs in flight per worker process (threads): cloud latency overlaps, one slow sink holds up no other job.
+    worker_concurrency: PositiveInt = 8
     # The CI queues reconcile lists jobs of; empty: every queue.
     reconcile_queue_ids: NameList = ()
     reconcile_interval: PositiveFloat = 600.0  # seconds between a worker's reconcile runs

@@ -91,25 +91,44 @@ class Heartbeat:
                 log.exception("heartbeat of worker %s failed", self.worker_id)
 
 
-@contextmanager
-def lease_kept(ledger: Ledger, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> Iterator[None]:
-    """Renew the lease on ``task_ids`` while a long step (a large download, a slow sink) runs."""
-    finished = threading.Event()
+class Leases:
+    """The tasks this worker holds, their leases renewed together by one thread while long
+    steps (a large download, a slow sink) run; a claim is registered for as long as it runs."""
 
-    def renew() -> None:
-        while not finished.wait(lease_seconds / 3):
+    def __init__(self, ledger: Ledger, worker_id: str, lease_seconds: float) -> None:
+        self.ledger, self.worker_id, self.lease_seconds = ledger, worker_id, lease_seconds
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @contextmanager
+    def kept(self, task_ids: Sequence[int]) -> Iterator[None]:
+        with self._lock:
+            self._held.update(task_ids)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.difference_update(task_ids)
+
+    def _run(self) -> None:
+        # Every third of a lease: a claim made just after a renewal is still renewed in time.
+        while not self._stop.wait(self.lease_seconds / 3):
+            with self._lock:
+                held = sorted(self._held)
+            if not held:
+                continue
             try:
-                ledger.queue.extend_lease(task_ids, worker_id, lease_seconds)
+                self.ledger.queue.extend_lease(held, self.worker_id, self.lease_seconds)
             except Exception:
-                log.exception("could not renew lease on tasks %s", list(task_ids))
+                log.exception("could not renew the leases of %d tasks", len(held))
 
-    keeper = threading.Thread(target=renew, name="lease-keeper", daemon=True)
-    keeper.start()
-    try:
-        yield
-    finally:
-        finished.set()
-        keeper.join()
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class Shutdown:
@@ -124,6 +143,8 @@ class Shutdown:
         self.abandoning = threading.Event()  # in-flight work is cut off and released
         self.idle = threading.Event()  # no claim in hand
         self.idle.set()
+        self._busy = 0
+        self._count = threading.Lock()
 
     def begin(self, why: str) -> None:
         if self.stopping.is_set():
@@ -143,12 +164,17 @@ class Shutdown:
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        """Around one claim's work: the shutdown waits for it, up to the budget."""
-        self.idle.clear()
+        """Around one claim's work (several run at once): the shutdown waits for all, up to the budget."""
+        with self._count:
+            self._busy += 1
+            self.idle.clear()
         try:
             yield
         finally:
-            self.idle.set()
+            with self._count:
+                self._busy -= 1
+                if not self._busy:
+                    self.idle.set()
 
     def _watch(self) -> None:
         if self.idle.wait(self.budget):

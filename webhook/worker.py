@@ -1,4 +1,9 @@
-"""The worker: claim due work from the ledger, verify, fetch, deliver, and record the outcome."""
+"""The worker: claim due work from the ledger and run each claim's steps in a thread of its own.
+
+Up to ``WEBHOOK_WORKER_CONCURRENCY`` claims are in flight per process, so cloud latency
+overlaps and a slow job or sink holds up no other. An idle worker sleeps until the ledger says
+there may be work (:class:`~webhook.ledger.wakeup.Wakeup`), at most the poll interval.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +13,29 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import sqlalchemy.exc
-from qcloud_cos import CosS3Client
 
-from webhook import metrics
 from webhook.config import Settings
-from webhook.cos import make_client
-from webhook.events import build_event
-from webhook.fetch import FetchError, describe_object, presigned_url
-from webhook.ledger import (
-    Attempt,
-    Claim,
-    Delivery,
-    DeliveryClaim,
-    Ledger,
-    TakenOver,
-    Task,
-    Trying,
-    VerifyClaim,
-    Version,
-    utcnow,
-)
-from webhook.liveness import SHUTDOWN, Heartbeat, Shutdown, lease_kept
-from webhook.logs import fields
-from webhook.models import FetchedFile, Job, ObjectLocation, Outcome, Step, job_from_json
+from webhook.ledger import Claim, Ledger, TakenOver
+from webhook.ledger.wakeup import Wakeup
+from webhook.liveness import Heartbeat, Leases, Shutdown
 from webhook.periodic import PeriodicPrune
 from webhook.reconcile import PeriodicReconcile
-from webhook.retry import RetryPolicy, backoff_delay, why_over
-from webhook.sinks import DeliveryError, NotificationSink, Sink
+from webhook.retry import RetryPolicy, backoff_delay
+from webhook.sinks import Sink
 from webhook.sinks.config import SinkSpec, build_sinks
 from webhook.staging import Staging
-from webhook.verify import (
-    Accept,
-    Allowlist,
-    Reject,
-    Verdict,
-    VerifyError,
-    Wait,
-    decide,
-    describe_job,
-    overall,
-    precheck,
-)
+from webhook.steps import ClientFactory, Steps
 
 log = logging.getLogger(__name__)
 
-ClientFactory = Callable[[str], CosS3Client]
+WAIT_SLICE = 0.05  # seconds: how quickly an idle worker notices it was told to stop
 
 
 class Worker:
-    """Runs claims one at a time; start several processes to run more."""
+    """Claims due work and runs it, ``settings.worker_concurrency`` claims at a time."""
 
     def __init__(
         self,
@@ -71,16 +47,25 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.specs = {spec.name: spec for spec in specs}
         self.sinks = sinks
-        self.client_for_region = client_for_region
         tag = uuid.uuid4().hex[:8]  # names this worker's partial downloads
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{tag}"
-        self.allow = Allowlist(settings.allowed_buckets, settings.allowed_regions, settings.allowed_tags)
         self.staging = Staging(settings.temp_dir, settings.staging_max_bytes, tag, settings.min_transfer_rate)
         self.heartbeat = Heartbeat(ledger, self.worker_id, settings.heartbeat_seconds, self._took_over)
         self.shutdown = Shutdown(settings.shutdown_seconds, self._hard_stop)
         self.stopping = self.shutdown.stopping
+        self.wakeup = Wakeup(ledger.engine)
+        self.steps = Steps(
+            settings,
+            ledger,
+            {spec.name: spec for spec in specs},
+            sinks,
+            client_for_region,
+            self.worker_id,
+            self.staging,
+            self.shutdown,
+            Leases(ledger, self.worker_id, settings.lease_seconds),
+        )
         self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
         self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
 
@@ -98,25 +83,39 @@ class Worker:
 
     def run(self, burst: bool = False) -> int:
         """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
-        log.info("worker %s started sinks=%s burst=%s", self.worker_id, ",".join(self.sinks), burst)
+        log.info(
+            "worker %s started sinks=%s concurrency=%d burst=%s",
+            self.worker_id,
+            ",".join(self.sinks),
+            self.settings.worker_concurrency,
+            burst,
+        )
+        self.wakeup.start()
         try:
-            return self._loop(burst)
+            with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="claim") as pool:
+                return self._loop(pool, burst)
         finally:
+            self.wakeup.stop()
             with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # then the leases run out instead
                 self.heartbeat.stop()
 
-    def _loop(self, burst: bool) -> int:
-        done = outage = 0
+    def _loop(self, pool: ThreadPoolExecutor, burst: bool) -> int:
+        outage = finished = 0
+        in_flight: set[Future[None]] = set()
         # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
         patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
         while not self.stopping.is_set():
+            done = {future for future in in_flight if future.done()}
+            in_flight -= done
+            finished += len(done)
+            free = self.settings.worker_concurrency - len(in_flight)
             try:
                 if not self.heartbeat.running:
                     self.heartbeat.start()
                     self._took_over(None)
                 self.reconciler.tick()
                 self.pruner.tick()
-                worked = self.run_once()
+                claims = self.ledger.queue.claim_many(self.worker_id, self.settings.lease_seconds, free) if free else []
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
                 # task's lease runs out and it becomes due again. Wait and try again.
@@ -128,17 +127,48 @@ class Worker:
             if outage:
                 log.info("ledger reachable again after %d failed attempts", outage)
                 outage = 0
-            if worked:
-                done += 1
-            elif burst:
+            for claim in claims:
+                future = pool.submit(self._run_claim, claim)
+                future.add_done_callback(lambda _: self.wakeup.event.set())  # a slot is free
+                in_flight.add(future)
+            if burst and not claims and not in_flight:
                 break
-            else:
-                self.stopping.wait(self.settings.poll_interval)
-        log.info("worker %s stopped after %d claims", self.worker_id, done)
-        return done
+            if len(claims) < free or not free:
+                self._idle()
+        # What is in flight finishes first (the shutdown bounds how long it may take).
+        pool.shutdown(wait=True)
+        finished += len(in_flight)
+        log.info("worker %s stopped after %d claims", self.worker_id, finished)
+        return finished
+
+    def _idle(self) -> None:
+        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval."""
+        for _ in range(max(1, round(self.settings.poll_interval / WAIT_SLICE))):
+            if self.wakeup.wait(WAIT_SLICE) or self.stopping.is_set():
+                return
+
+    def _run_claim(self, claim: Claim) -> None:
+        with self.shutdown.busy():
+            try:
+                self.steps.run(claim)
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # An outcome could not be recorded: the lease runs out and the task is due again.
+                log.error("ledger unavailable while recording an outcome (%s)", type(exc).__name__)
+
+    def run_once(self) -> bool:
+        """Claim and process one unit of work in this thread; False when nothing is due."""
+        if not self.heartbeat.running:
+            self.heartbeat.beat()  # registered, so others leave our leases alone
+        claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
+        if claim is None:
+            return False
+        with self.shutdown.busy():
+            self.steps.run(claim)
+        return True
 
     def close(self) -> None:
         """Release every sink's connections (queues and streams hold sockets open)."""
+        self.steps.leases.stop()
         for sink in self.sinks.values():
             sink.close()
 
@@ -157,238 +187,3 @@ class Worker:
         live = {worker.id.rsplit(":", 1)[-1] for worker in self.ledger.workers.live()}
         if removed := self.staging.sweep(live):
             log.info("removed %d partial downloads of stopped workers", removed)
-
-    def run_once(self) -> bool:
-        """Claim and process one unit of work; False when nothing is due."""
-        if not self.heartbeat.running:
-            self.heartbeat.beat()  # registered, so others leave our leases alone
-        claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
-        if claim is None:
-            return False
-        with self.shutdown.busy():
-            self._run_claim(claim)
-        return True
-
-    def _run_claim(self, claim: Claim) -> None:
-        started = Trying(Step.VERIFY if isinstance(claim, VerifyClaim) else Step.DELIVER)
-        with lease_kept(self.ledger, [t.id for t in claim.tasks], self.worker_id, self.settings.lease_seconds):
-            try:
-                match claim:
-                    case VerifyClaim():
-                        self._verify(claim)
-                    case DeliveryClaim():
-                        self._deliver(claim)
-            except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
-                log.exception("step failed unexpectedly", extra={"job_id": claim.tasks[0].job_id})
-                for task in claim.tasks:
-                    self._failed(
-                        task, claim, self._error_text(exc), self._policy(task), started, code=type(exc).__name__
-                    )
-
-    # -- steps -----------------------------------------------------------------------------
-
-    def _verify(self, claim: VerifyClaim) -> None:
-        task = claim.task
-        trying = Trying(Step.VERIFY)
-        judged: list[tuple[Version, Job | None, Verdict]] = []
-        reported: dict[tuple[str, str], Job | None] = {}  # CI's answer per (region, bucket): asked once
-        for version in claim.versions:
-            try:
-                job = job_from_json(version.detail)
-            except ValueError as exc:
-                judged.append((version, None, Reject(f"unreadable job row: {exc}")))
-                continue
-            verdict: Verdict | None = precheck(job, self.allow)
-            if verdict is None:
-                assert job.input is not None  # precheck guarantees it
-                where = (job.input.region, job.input.bucket)
-                if where not in reported:
-                    try:
-                        reported[where] = describe_job(self.client_for_region(where[0]), where[1], job.job_id)
-                    except VerifyError as exc:
-                        self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
-                        return
-                verdict = decide(job, reported[where], self.allow)
-            judged.append((version, job, verdict))
-        rejected = {version.id: verdict.reason for version, _, verdict in judged if isinstance(verdict, Reject)}
-        if not any(job for _, job, _ in judged):
-            # Nothing CI could be asked about: a dead task to look at, not a verdict on the job.
-            reasons = "; ".join(dict.fromkeys(rejected.values()))
-            self._failed(task, claim, reasons, self._policy(task), trying, final="nothing readable to verify")
-            return
-        match overall([verdict for _, _, verdict in judged]):
-            case Accept():
-                version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
-                sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
-                tried = [trying.ended(Outcome.OK)]
-                metrics.attempted(tried, claim.received_at)
-                self.ledger.queue.accept(task, self.worker_id, sinks, version, job, rejected, tried)
-                log.info("verified state=%s deliveries=%s", job.state, ",".join(sinks), extra=fields(job))
-            case Reject(reason):
-                tried = [trying.ended(Outcome.REJECTED, reason)]
-                metrics.attempted(tried, claim.received_at)
-                self.ledger.queue.reject(task, self.worker_id, reason, rejected, tried)
-                log.warning("rejected: %s", reason, extra=fields(task))
-            case Wait(reason):
-                self._failed(task, claim, reason, self.settings.verify_retry, trying)
-
-    def _deliver(self, claim: DeliveryClaim) -> None:
-        try:
-            job = job_from_json(claim.detail)
-        except ValueError as exc:
-            for delivery in claim.deliveries:
-                trying = Trying(Step.DELIVER, delivery.sink)
-                error = f"unreadable job row: {exc}"
-                self._failed(delivery, claim, error, self._policy(delivery), trying, final="unreadable")
-            return
-        for unknown in (d for d in claim.deliveries if d.sink not in self.sinks):
-            error = f"sink {unknown.sink} is not configured in this worker"
-            self._failed(unknown, claim, error, self.settings.retry, Trying(Step.DELIVER, unknown.sink))
-        # Storage sinks first: a notification may point at the copy one of them makes.
-        deliveries = sorted(
-            (d for d in claim.deliveries if d.sink in self.sinks),
-            key=lambda d: isinstance(self.sinks[d.sink], NotificationSink),
-        )
-        fetched: FetchedFile | None = None
-        fetch_attempts: list[Attempt] = []  # recorded with the first delivery's outcome
-        if job.succeeded and deliveries:
-            assert job.output is not None  # verification refuses a success without output
-            fetching = Trying(Step.FETCH)
-            try:
-                fetched = self._fetch(job, job.output, any(self.sinks[d.sink].needs_bytes(job) for d in deliveries))
-            except Exception as exc:
-                # One delay for all: the deliveries stay due together, so the next try fetches once.
-                together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
-                error = self._error_text(exc)
-                for n, delivery in enumerate(deliveries):
-                    trying = Trying(Step.DELIVER, delivery.sink)
-                    also = [fetching] if n == 0 else []
-                    self._failed(delivery, claim, error, self._policy(delivery), trying, also=also, delay=together)
-                return
-            fetch_attempts.append(fetching.ended(Outcome.OK))
-            log.info("fetched=%s %s bytes=%d", bool(fetched.path), job.output.key, fetched.size, extra=fields(job))
-        stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
-        retrying = False
-        for delivery in deliveries:
-            outcome = self._deliver_to(delivery, claim, job, fetched, stored, fetch_attempts)
-            fetch_attempts = []
-            if outcome is Outcome.OK:
-                stored[delivery.sink] = self.sinks[delivery.sink]
-            retrying = retrying or outcome in (Outcome.RETRY, Outcome.ABANDONED)
-        if fetched is not None and fetched.path is not None and not retrying:
-            self.staging.release(job.job_id)
-
-    def _deliver_to(
-        self,
-        delivery: Delivery,
-        claim: DeliveryClaim,
-        job: Job,
-        fetched: FetchedFile | None,
-        stored: dict[str, Sink],
-        recorded: Sequence[Attempt],
-    ) -> Outcome:
-        """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
-        sink = self.sinks[delivery.sink]
-        trying = Trying(Step.DELIVER, delivery.sink)
-        if self.shutdown.abandoning.is_set():
-            return self._failed(delivery, claim, "not started", self._policy(delivery), trying, recorded=recorded)
-        try:
-            location = None
-            if fetched and isinstance(sink, NotificationSink):
-                location = sink.locate(job, stored, self._presign_source)
-            sink.deliver(build_event(job, delivery.sink, fetched, location))
-        except DeliveryError as exc:
-            final = "refused permanently" if exc.permanent else None
-            return self._failed(
-                delivery,
-                claim,
-                exc.message,
-                self._policy(delivery),
-                trying,
-                recorded=recorded,
-                retry_after=exc.retry_after,
-                final=final,
-                code=exc.code,
-            )
-        except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
-            log.exception("failed unexpectedly", extra=fields(delivery))
-            error = self._error_text(exc)
-            return self._failed(
-                delivery, claim, error, self._policy(delivery), trying, recorded=recorded, code=type(exc).__name__
-            )
-        done = [*recorded, trying.ended(Outcome.OK)]
-        metrics.attempted(done, claim.received_at)
-        if self.ledger.queue.complete(delivery, self.worker_id, done):
-            log.info("delivered attempt=%d", delivery.attempts, extra=fields(delivery))
-        else:
-            log.warning("delivered but the lease was lost", extra=fields(delivery))
-        return Outcome.OK
-
-    def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
-        client = self.client_for_region(where.region)
-        if bytes_needed:
-            return self.staging.fetch(client, job.job_id, where)
-        return describe_object(client, where)
-
-    def _error_text(self, exc: BaseException) -> str:
-        """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""
-        text = str(exc) if isinstance(exc, VerifyError | FetchError) else f"{type(exc).__name__}: {exc}"
-        return self.settings.redact(text)[:500]
-
-    def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
-        # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
-        # bucket name and carry a signature over that address.
-        public = make_client(self.settings.secret_id, self.settings.secret_key, where.region)
-        return presigned_url(public, where, seconds)
-
-    def _policy(self, task: Task) -> RetryPolicy:
-        if not isinstance(task, Delivery):
-            return self.settings.verify_retry
-        spec = self.specs.get(task.sink)
-        return spec.retry if spec is not None else self.settings.retry
-
-    def _failed(
-        self,
-        task: Task,
-        claim: Claim,
-        error: str,
-        policy: RetryPolicy,
-        tried: Trying,
-        *,
-        also: Sequence[Trying] = (),
-        recorded: Sequence[Attempt] = (),
-        retry_after: float | None = None,
-        final: str | None = None,
-        delay: float | None = None,
-        code: str = "",
-    ) -> Outcome:
-        """Schedule the task again with backoff, or mark it dead once retrying cannot help.
-
-        ``final`` says why retrying cannot help at all (e.g. "refused permanently"); the dead
-        task's error then says so, as it says when the attempts or ``max_age`` ran out. ``tried``
-        and ``also`` (a fetch the task depended on) are recorded with this outcome, after the
-        attempts already ``recorded``.
-        """
-        if self.shutdown.abandoning.is_set():
-            # Cut off by a shutdown: due again at once, for a worker that is not stopping.
-            error = f"{error} ({SHUTDOWN})"
-            attempts = [*recorded, *(t.ended(Outcome.ABANDONED, error, code) for t in (*also, tried))]
-            metrics.attempted(attempts, claim.received_at)
-            self.ledger.queue.retry_later(task, self.worker_id, error, 0.0, attempts)
-            log.warning("attempt %d abandoned at shutdown: %s", task.attempts, error, extra=fields(task, step=True))
-            return Outcome.ABANDONED
-        over = why_over(task.attempts, policy, (utcnow() - claim.received_at).total_seconds(), final)
-        if over is not None:
-            error = f"{error} ({over})"
-        outcome = Outcome.DEAD if over is not None else Outcome.RETRY
-        attempts = [*recorded, *(t.ended(outcome, error, code) for t in (*also, tried))]
-        metrics.attempted(attempts, claim.received_at)
-        if over is not None:
-            self.ledger.queue.give_up(task, self.worker_id, error, attempts)
-            log.error("dead after %d attempts: %s", task.attempts, error, extra=fields(task, step=True))
-            return outcome
-        if delay is None:
-            delay = backoff_delay(task.attempts, policy, retry_after)
-        self.ledger.queue.retry_later(task, self.worker_id, error, delay, attempts)
-        log.warning("attempt %d failed, retry in %.1fs: %s", task.attempts, delay, error, extra=fields(task, step=True))
-        return outcome

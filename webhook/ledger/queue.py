@@ -15,9 +15,10 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, Version
 from webhook.ledger.history import record_attempts
 from webhook.ledger.jobs import schedule, set_status
+from webhook.ledger.leasing import claim_due, lease_deliveries
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
@@ -33,61 +34,14 @@ class Queue:
 
     def claim(self, worker_id: str, lease_seconds: float) -> Claim | None:
         """Lease the next due work: a verify task, or every due delivery of one job."""
+        claims = self.claim_many(worker_id, lease_seconds, 1)
+        return claims[0] if claims else None
+
+    def claim_many(self, worker_id: str, lease_seconds: float, limit: int) -> list[Claim]:
+        """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim."""
         now = utcnow()
-        due = sa.and_(
-            tasks.c.status == TaskStatus.PENDING,
-            tasks.c.run_after <= now,
-            sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < now),
-        )
         with self._engine.begin() as conn:
-            first = conn.execute(
-                sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind)
-                .where(due)
-                .order_by(tasks.c.run_after, tasks.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
-            if first is None:
-                return None
-            ids = [first.id]
-            if first.kind == TaskKind.DELIVER:
-                ids = list(
-                    conn.execute(
-                        sa.select(tasks.c.id)
-                        .where(due, tasks.c.job_id == first.job_id, tasks.c.kind == TaskKind.DELIVER)
-                        .with_for_update(skip_locked=True)
-                    ).scalars()
-                )
-            conn.execute(
-                tasks.update()
-                .where(tasks.c.id.in_(ids))
-                .values(
-                    locked_by=worker_id,
-                    locked_until=now + timedelta(seconds=lease_seconds),
-                    attempts=tasks.c.attempts + 1,
-                    updated_at=now,
-                )
-            )
-            rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(ids)).order_by(tasks.c.sink)).all()
-            job = conn.execute(sa.select(jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id == first.job_id)).one()
-            if first.kind == TaskKind.VERIFY:
-                task = Task(first.id, first.job_id, TaskKind.VERIFY, rows[0].attempts)
-                pending = conn.execute(
-                    sa.select(versions.c.id, versions.c.detail)
-                    .where(versions.c.job_id == first.job_id, versions.c.status == VersionStatus.PENDING)
-                    .order_by(versions.c.id)
-                ).all()
-                found = tuple(Version(v.id, v.detail) for v in pending) or (Version(None, job.detail),)
-                return VerifyClaim(task, found, job.created_at)
-            delivered_to = conn.execute(
-                sa.select(tasks.c.sink).where(
-                    tasks.c.job_id == first.job_id,
-                    tasks.c.kind == TaskKind.DELIVER,
-                    tasks.c.status == TaskStatus.DONE,
-                )
-            ).scalars()
-            deliveries = tuple(Delivery(r.id, r.job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
-            return DeliveryClaim(job.detail, deliveries, job.created_at, frozenset(delivered_to))
+            return claim_due(conn, worker_id, now + timedelta(seconds=lease_seconds), now, limit)
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks are still ours."""
@@ -113,27 +67,27 @@ class Queue:
         one delivery per sink is due, and the other versions are ``rejected`` with their reasons."""
         now = utcnow()
         with self._engine.begin() as conn:
-            if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
-                return False
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.job_id == task.job_id)
-                .values(
-                    detail=accepted.detail,
-                    tag=job.tag[:64],
-                    state=job.state,
-                    status=JobStatus.VERIFIED,
-                    reason="",
-                    updated_at=now,
-                )
-            )
-            _record_verdicts(conn, {accepted.id: ""}, VersionStatus.ACCEPTED)
-            _record_verdicts(conn, rejected, VersionStatus.REJECTED)
-            for sink in sinks:
-                schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
-            if not sinks:
-                set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
-        return True
+            return _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now)
+
+    def accept_and_claim(
+        self,
+        task: Task,
+        worker_id: str,
+        sinks: Sequence[str],
+        accepted: Version,
+        job: Job,
+        rejected: Verdicts,
+        tried: Attempts,
+        lease_seconds: float,
+    ) -> DeliveryClaim | None:
+        """:meth:`accept`, with the new deliveries leased to the same worker in the same transaction:
+        it goes on to fetch and deliver without a second claim. None if the lease was lost or no
+        sink takes the job."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if not _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now):
+                return None
+            return lease_deliveries(conn, task.job_id, worker_id, now + timedelta(seconds=lease_seconds), now)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
@@ -207,6 +161,40 @@ def settle(conn: Connection, job_id: str, now: datetime) -> None:
         set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
     else:
         set_status(conn, job_id, JobStatus.DELIVERED, "", now)
+
+
+def _accept(
+    conn: Connection,
+    task: Task,
+    worker_id: str,
+    sinks: Sequence[str],
+    accepted: Version,
+    job: Job,
+    rejected: Verdicts,
+    tried: Attempts,
+    now: datetime,
+) -> bool:
+    if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
+        return False
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.job_id == task.job_id)
+        .values(
+            detail=accepted.detail,
+            tag=job.tag[:64],
+            state=job.state,
+            status=JobStatus.VERIFIED,
+            reason="",
+            updated_at=now,
+        )
+    )
+    _record_verdicts(conn, {accepted.id: ""}, VersionStatus.ACCEPTED)
+    _record_verdicts(conn, rejected, VersionStatus.REJECTED)
+    for sink in sinks:
+        schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
+    if not sinks:
+        set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
+    return True
 
 
 def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus) -> None:
