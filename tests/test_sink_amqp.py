@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,46 @@ def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
         clock.skip(heartbeat / 2 + 1)
         sink.deliver(succeeded("job-c"))
         assert proxy.accepted == 2
+
+    assert len(received(broker, queue)) == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_deliveries_at_once_get_a_connection_each_and_idle_ones_are_closed(
+    broker: Any,
+    exchange: str,
+    make_sink: SinkFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = SteppedClock()
+    monkeypatch.setattr(amqp_module, "time", clock)
+    heartbeat = 60
+    with TcpProxy((HOST, PORT)) as proxy:
+        sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F?heartbeat={heartbeat}")
+        sink.check()
+        queue = bound_queue(broker, exchange)
+        together = threading.Barrier(3, timeout=30)  # a failing step breaks it rather than hang
+
+        def held(_link: object) -> None:
+            together.wait()  # until three threads hold a connection of the sink at once
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda _: sink._call(held), range(3)))
+        assert proxy.accepted == 3
+
+        # One delivery at a time from now on: the most recently used connection serves them all,
+        # and the two left idle are closed once idle for half the heartbeat, before the broker
+        # would drop them.
+        sink.deliver(succeeded("job-a"))
+        clock.skip(heartbeat / 3)
+        sink.deliver(succeeded("job-b"))
+        clock.skip(heartbeat / 3)
+        sink.deliver(succeeded("job-c"))
+        assert (proxy.accepted, proxy.settled(1)) == (3, 1)
+
+        sink.close()
+        assert proxy.settled(0) == 0
 
     assert len(received(broker, queue)) == 3
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

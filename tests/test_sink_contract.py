@@ -2,17 +2,21 @@
 
 What arrives is what was sent. While the server is away a delivery (and a check) fails with a
 retryable DeliveryError; once it is back the next delivery succeeds and the event is there
-exactly once, since the failed attempt never reached the server.
+exactly once, since the failed attempt never reached the server. Many threads sharing one sink,
+as the worker's do, each get their events there intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, cast
 
@@ -369,3 +373,22 @@ def test_server_away_is_retryable_and_the_event_lands_once_when_it_is_back(harne
     assert (delivering.value.message, checking.value.message) == harness.refused(second)
     kept = [] if harness.restart_forgets else [harness.expected(first)]
     assert harness.arrivals() == [*kept, harness.expected(second)]
+
+
+@pytest.mark.parametrize("harness", list(HARNESSES), indirect=True)
+def test_deliveries_from_many_threads_at_once_all_arrive_intact(harness: Harness) -> None:
+    # As the worker runs jobs: one sink shared by 8 threads, each delivering its own events.
+    threads, per_thread = 8, 5
+    events = [harness.event(f"job-{n:02d}") for n in range(threads * per_thread)]
+    together = threading.Barrier(threads, timeout=30)
+
+    def deliver(batch: list[Event]) -> None:
+        together.wait()
+        for event in batch:
+            harness.sink.deliver(event)
+
+    with ThreadPoolExecutor(threads) as pool:
+        done = [pool.submit(deliver, events[n::threads]) for n in range(threads)]
+    assert [repr(future.exception()) for future in done if future.exception()] == []
+    by_ids = attrgetter("ids")
+    assert sorted(harness.arrivals(), key=by_ids) == sorted(map(harness.expected, events), key=by_ids)

@@ -7,6 +7,7 @@ import json
 import tracemalloc
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -77,16 +78,22 @@ def sink(moto: MotoServer, bucket: str) -> Iterator[S3Sink]:
 
 
 def succeeded(
-    tmp_path: Path, content: bytes = AUDIO, *, size: int = 0, key: str = "out/a.wav", user_data: str = "order-42"
+    tmp_path: Path,
+    content: bytes = AUDIO,
+    *,
+    size: int = 0,
+    key: str = "out/a.wav",
+    user_data: str = "order-42",
+    job_id: str = "job-1",
 ) -> Event:
     """A succeeded event whose file holds ``content``, or ``size`` pseudo-random bytes written 1 MiB at a time."""
-    source = tmp_path / "fetched.part"
+    source = tmp_path / f"{job_id}.part"
     with source.open("wb") as out:
         out.write(content)
         for _ in range(size // MiB):
             out.write(hashlib.shake_256(out.tell().to_bytes(8, "big")).digest(MiB))
     job = Job(
-        job_id="job-1",
+        job_id=job_id,
         tag="NoiseReduction",
         state="Success",
         output=ObjectLocation("b-1250000000", "r", key),
@@ -198,6 +205,22 @@ def test_large_file_goes_multipart_with_flat_memory(tmp_path: Path, moto: MotoSe
     downloaded = tmp_path / "downloaded"
     client.download_file(bucket, "denoised/job-1.wav", str(downloaded))
     assert sha256_of(downloaded) == sha256_of(Path(event.file.path))
+
+
+@pytest.mark.slow
+def test_parallel_multipart_uploads_keep_their_connections(
+    tmp_path: Path, moto: MotoServer, client: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the worker's 8 threads deliver: each upload sends its two parts at once, 16 requests in all.
+    sink = make_sink(moto.url, bucket, prefix="", threshold_mib=1, chunk_mib=5)
+    events = [succeeded(tmp_path, size=6 * MiB, job_id=f"job-{n:02d}") for n in range(16)]
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sink.deliver, events))
+    sink.close()
+
+    assert keys(client, bucket) == sorted(f"job-{n:02d}{ext}" for n in range(16) for ext in (".wav", ".event.json"))
+    assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
 
 
 def test_failed_job_writes_only_metadata(sink: S3Sink, client: Any, bucket: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 _POLL = 0.05  # seconds: how quickly the accept loop notices down()
 
@@ -65,6 +66,19 @@ class TcpProxy:
         for sock in connections:
             _close(sock)
         self._flowing.set()  # pumps blocked by a stall wake up and see their sockets closed
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being forwarded now; one the client closed leaves a moment later."""
+        with self._lock:
+            return len(self._connections) // 2  # a client's socket and the one to the target
+
+    def settled(self, connections: int, timeout: float = 10.0) -> int:
+        """:attr:`open_connections` once it is ``connections``, or when ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while self.open_connections != connections and time.monotonic() < deadline:
+            time.sleep(_POLL)
+        return self.open_connections
 
     def stall(self) -> None:
         """Keep connections open but pass no data (a hung server) until :meth:`up`."""

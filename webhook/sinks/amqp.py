@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +45,10 @@ class AmqpSink(NotificationSink):
     Delivery is at least once (a confirm lost with the connection means publishing again), so
     consumers deduplicate on ``message_id``.
 
-    One connection per sink, opened on first use, reused, and opened again after a failure or a
-    long idle spell; like every pika connection it must be used from one thread at a time.
+    Connections are opened on first use, reused, and opened again after a failure or a long idle
+    spell. Like every pika connection each must be used from one thread at a time, so a delivery
+    takes one no other thread is using (opening another if all are busy) and gives it back after:
+    the sink keeps as many as deliveries ever ran at once (the worker's concurrency).
     """
 
     options: AmqpOptions
@@ -67,7 +70,10 @@ class AmqpSink(NotificationSink):
         except ValueError as exc:  # a bad query parameter, e.g. ?heartbeat=x
             raise ConfigError(f"sink {name}: options.url: {exc}") from None
         self.endpoint = f"{self._parameters.host}:{self._parameters.port}"
-        self._link: _Link | None = None
+        # Not one link behind a lock: a broker holding confirms back would then make each thread
+        # wait out every other thread's confirm_timeout before its own began.
+        self._idle: list[_Link] = []  # links no delivery is using, the most recently used last
+        self._idle_lock = threading.Lock()
 
     @classmethod
     def from_options(cls, name: str, options: AmqpOptions, context: BuildContext) -> AmqpSink:
@@ -102,27 +108,47 @@ class AmqpSink(NotificationSink):
         return f"exchange {self.options.exchange} on {self.endpoint} accepts messages"
 
     def close(self) -> None:
-        """Close the connection, if one is open."""
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        """Close the connections no delivery is using (all of them, once deliveries have ended)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for link in idle:
+            link.close()
 
     def _call(self, step: Callable[[_Link], str | None]) -> str | None:
-        """Run ``step`` on a working link, opening one first if needed; any failure drops the link."""
+        """Run ``step`` on a working link no other thread is using, opening one if needed; a failure drops it."""
+        link: _Link | None = None
         try:
-            if self._link is not None and not self._link.usable():
-                self.close()  # gone, or soon to be: reconnect before publishing
-            if self._link is None:
-                self._link = _Link(self._parameters, self.timeout)
-                self._link.open(self.options.exchange, self.options.exchange_type, passive=not self.options.declare)
-            return step(self._link)
+            link = self._take()
+            if link is None:
+                link = _Link(self._parameters, self.timeout)
+                link.open(self.options.exchange, self.options.exchange_type, passive=not self.options.declare)
+            result = step(link)
         except (AMQPError, _Timeout) as exc:
-            self.close()
+            if link is not None:
+                link.close()
             cause = _innermost(exc)
             permanent = isinstance(cause, ProbableAuthenticationError | ProbableAccessDeniedError | AuthenticationError)
             if isinstance(cause, ChannelClosedByBroker | ConnectionClosedByBroker):
                 permanent = cause.reply_code in _PERMANENT_CODES
             raise DeliveryError(f"{self.name}: amqp {self.endpoint}: {_reason(cause)}", permanent=permanent) from exc
+        with self._idle_lock:
+            self._idle.append(link)
+        return result
+
+    def _take(self) -> _Link | None:
+        """The most recently used idle link that still works, or None; closes those that do not."""
+        while True:
+            with self._idle_lock:
+                # Every link idle too long, not only the one taken: once fewer deliveries run at once
+                # than before, the least recently used would otherwise sit until the broker drops them.
+                stale = [link for link in self._idle if link.expiring()]
+                self._idle = [link for link in self._idle if link not in stale]
+                link = self._idle.pop() if self._idle else None
+            for old in stale:
+                old.close()
+            if link is None or link.usable():
+                return link
+            link.close()  # gone: reconnect before publishing
 
 
 class _Timeout(Exception):
@@ -183,14 +209,16 @@ class _Link:
             )
         return None
 
-    def usable(self) -> bool:
-        """Whether the link still works, after handling what arrived while it was idle (a close, EOF)."""
+    def expiring(self) -> bool:
+        """Whether the link has been idle so long that it should be closed rather than used."""
         # Between deliveries nothing answers the broker's heartbeats, and after about one heartbeat
         # timeout of silence it drops the connection (which pika then logs as an error with a
         # traceback). Closing it ourselves at half that time keeps that quiet; it costs a reconnect.
         heartbeat = self._connection.params.heartbeat  # as negotiated; 0 when off
-        if heartbeat and time.monotonic() - self._used > heartbeat / 2:
-            return False
+        return bool(heartbeat) and time.monotonic() - self._used > heartbeat / 2
+
+    def usable(self) -> bool:
+        """Whether the link still works, after handling what arrived while it was idle (a close, EOF)."""
         if self._failure is None and self._connection.is_open:
             with contextlib.suppress(AMQPError):  # kept in _failure: the answer is False
                 self._run("reading", 0, lambda: False)

@@ -40,6 +40,10 @@ _MiB = 1024 * 1024
 _CONNECT_TIMEOUT = 10.0
 # Seconds without a byte moving either way; a 5 MiB part is acknowledged only once it is all sent.
 _READ_TIMEOUT = 60.0
+# Connections kept open for reuse, not a limit: deliveries run in parallel (the worker's threads),
+# each uploading up to max_concurrency parts at once, and botocore's default of 10 would have
+# connections beyond it closed after each request and opened again, with a warning each time.
+_POOL_CONNECTIONS = 64
 # Answers worth another attempt besides 408, 429 and 5xx: throttling, timeouts, a body damaged or
 # cut short in transit, expired temporary credentials (the default chain refreshes them), a
 # multipart upload aborted under us (the next attempt starts a new one).
@@ -94,6 +98,7 @@ class S3Sink(BucketSink):
         config = Config(
             connect_timeout=_CONNECT_TIMEOUT,
             read_timeout=_READ_TIMEOUT,
+            max_pool_connections=_POOL_CONNECTIONS,
             # Minimal: one quick retry of the single failed request (say one part of 25) is far
             # cheaper than the worker restarting the whole upload; anything longer is the worker's
             # job, with its backoff, jitter, Retry-After and attempt limit.
