@@ -240,6 +240,11 @@ else:
     _ConnectionBase = object
 
 
+# Who owns a connection changes in the thread taking it, while a deadline may sever it from
+# another: checking the owner and shutting the socket down must not interleave with a new owner.
+_OWNERSHIP = threading.Lock()
+
+
 class _Watching(_ConnectionBase):
     """A urllib3 connection that hands its socket to the current deadline whenever it is used."""
 
@@ -255,22 +260,24 @@ class _Watching(_ConnectionBase):
         super().request(*args, **kwargs)
 
     def _claim(self) -> None:
-        self.owner = _current.get()
+        with _OWNERSHIP:
+            self.owner = _current.get()
         if self.owner is not None:
             self.owner._watch(self)
 
     def sever(self, deadline: Deadline) -> None:
         """Shut the socket down if ``deadline`` (still) governs this connection; safe from any thread."""
-        owner = self.owner
-        if owner is None or deadline not in owner._chain():
-            return  # back in the pool, or taken over by another request since
-        sock: Any = self.sock
-        raw = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)  # TLS in TLS
-        if isinstance(raw, socket.socket):
-            with contextlib.suppress(OSError):  # already closed
-                # socket.socket's own shutdown: SSLSocket.shutdown would also drop the TLS state
-                # that the blocked thread is still using.
-                socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        with _OWNERSHIP:
+            owner = self.owner
+            if owner is None or deadline not in owner._chain():
+                return  # back in the pool, or taken over by another request since
+            sock: Any = self.sock
+            raw = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)  # TLS in TLS
+            if isinstance(raw, socket.socket):
+                with contextlib.suppress(OSError):  # already closed
+                    # socket.socket's own shutdown: SSLSocket.shutdown would also drop the TLS state
+                    # that the blocked thread is still using.
+                    socket.socket.shutdown(raw, socket.SHUT_RDWR)
 
 
 class _Connection(_Watching, HTTPConnection):
@@ -285,7 +292,8 @@ def _disown(connection: object) -> None:
     # An idle connection in the pool belongs to no deadline: one passing now must not cut it
     # while another request is taking it out.
     if isinstance(connection, _Watching):
-        connection.owner = None
+        with _OWNERSHIP:
+            connection.owner = None
 
 
 class _Pool(HTTPConnectionPool):
