@@ -1,28 +1,32 @@
 """Peak memory of the worker delivering a small and a large object, end to end.
 
 What it measures: the peak resident set size (RSS) and the wall time of one ``cos-webhook worker
---burst`` process that verifies a NoiseReduction job with the CI API, streams the job's output
-object from COS to a temp file and delivers it to the filesystem and http sinks, once per object
-size (default 1 MiB and 200 MiB). Fetching and delivering stream in chunks, so the peak RSS should
-not grow with the object; the last line printed is the difference between the largest and the
-smallest size.
+--burst`` process that verifies NoiseReduction jobs with the CI API, streams each job's output
+object from COS to a staged file and delivers it to the filesystem and http sinks, once per object
+size (default 1, 200 and 1024 MiB), with ``--jobs`` jobs of that size (default 1), which it runs at
+once up to ``WEBHOOK_WORKER_CONCURRENCY``: the worker has its default settings, 8 for that. Fetching
+and delivering stream in chunks, so the peak RSS should not grow with the object; the last line
+printed is the difference between the largest and the smallest size, and the exit code is 1 if it is
+more than ``--max-growth`` MiB (default 10).
 
 How: everything except the worker runs in this process on 127.0.0.1: the COS/CI sandbox, the
-callback receiver (the real app with a SQLite ledger) and an http sink receiver that reads each
-POST in chunks, counts it, hashes its base64-decoded file part and discards it. For each size, a
-job is submitted through the SDK with its callback pointing at the receiver; once the callback is
-recorded, the job's output object is replaced with random bytes of that size (verification
-compares keys, not bytes). Then the worker runs as a separate process and its peak RSS is
-``ru_maxrss`` from ``wait4()``, taken by ``bench/peak_rss.py``, which forks the worker from a small
-interpreter rather than from this process (see there why). No numbers are printed, and the exit
-code is 1, unless the job ends ``delivered``, the filesystem sink's file has the uploaded object's
-size and SHA-256, and the http sink received a body of more than 4/3 of the size whose file part
-decodes to the same SHA-256.
+callback receiver (the real app with a SQLite ledger) and an http sink receiver that reads each POST
+in chunks, counts it, hashes its base64-decoded file part and discards it. For each size, a job is
+submitted through the SDK with its callback pointing at the receiver; once the callback is recorded,
+the job's output object is replaced with random bytes of that size, the same for every job of one
+size (verification compares keys, not bytes). Then one worker runs all of that size's jobs as a
+separate process, and its peak RSS is ``ru_maxrss`` from ``wait4()``, taken by
+``bench/peak_rss.py``, which forks the worker from a small interpreter rather than from this process
+(see there why). No numbers are printed, and the exit code is 1, unless every job ends
+``delivered``, the filesystem sink's file has the uploaded object's size and SHA-256, and the http
+sink received one body per job of more than 4/3 of the size whose file part decodes to the same
+SHA-256.
 
-Run: ``make bench``, or ``.venv/bin/python bench/fetch_memory.py --sizes 1 200`` (sizes in MiB).
-The results are also written to ``bench/results/fetch_memory.json``. Disk use peaks at about four
-times the largest size (sandbox object, worker temp file, filesystem sink), all in one temporary
-directory that is removed at the end.
+Run: ``make bench``, or ``.venv/bin/python bench/fetch_memory.py --sizes 1 200 1024 --jobs 8``
+(sizes in MiB). The results are also written to ``bench/results/fetch_memory.json``. Disk use peaks
+at about twice the largest size times ``--jobs`` (the sandbox's objects and the staged downloads,
+which the filesystem sink hard-links), all in one temporary directory that is removed at the end;
+the benchmark refuses to start without that much free space.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,7 +71,8 @@ RESULTS_PATH = BENCH_DIR / "results" / "fetch_memory.json"
 PEAK_RSS = BENCH_DIR / "peak_rss.py"
 WORKER = Path(sys.executable).with_name("cos-webhook")  # the console script beside the venv's python
 CALLBACK_TIMEOUT = 60.0
-WORKER_TIMEOUT = 600.0
+WORKER_TIMEOUT = 120.0  # plus the bytes' time at WORKER_MIN_RATE
+WORKER_MIN_RATE = 5 * MIB
 
 
 class BenchError(Exception):
@@ -76,9 +82,10 @@ class BenchError(Exception):
 @dataclass(frozen=True)
 class Result:
     size_mib: int
+    jobs: int
     peak_rss_mib: float
     wall_seconds: float
-    throughput_mib_s: float  # size / the worker's whole wall time, start-up included
+    throughput_mib_s: float  # size * jobs / the worker's whole wall time, start-up included
 
 
 @dataclass(frozen=True)
@@ -221,34 +228,39 @@ def start_rig(work: Path) -> Iterator[Rig]:
         yield Rig(work, client, ledger, f"{receiver_url}/callback/{token}", sink, sink_dir, worker_env)
 
 
-def measure(rig: Rig, size_mib: int) -> Result:
-    """Submit a job, give it an output object of ``size_mib`` MiB, run a worker; check what it delivered."""
+def measure(rig: Rig, size_mib: int, jobs: int) -> Result:
+    """Submit ``jobs`` jobs with output objects of ``size_mib`` MiB, run a worker; check what it delivered."""
     size = size_mib * MIB
-    output_key = f"bench/denoised-{size_mib}mib.wav"
-    job_id = submit_job(rig, output_key)
-    sha256 = upload_random_object(rig, output_key, size)
+    output_keys = [f"bench/denoised-{size_mib}mib-{n}.wav" for n in range(jobs)]
+    job_ids = [submit_job(rig, key) for key in output_keys]
+    sha256 = upload_random_objects(rig, output_keys, size)
     rig.sink.posts.clear()
-    peak_rss_bytes, wall_seconds = run_worker(rig)
+    peak_rss_bytes, wall_seconds = run_worker(rig, WORKER_TIMEOUT + size * jobs / WORKER_MIN_RATE)
 
-    view = rig.ledger.views.show_job(job_id)
-    if view.status != JobStatus.DELIVERED:
-        errors = "; ".join(f"{task.kind} {task.sink}: {task.last_error}" for task in view.tasks if task.last_error)
-        raise BenchError(f"job {job_id} is {view.status}, not delivered: {view.reason or errors}")
-    delivered = rig.sink_dir / f"{job_id}.wav"
-    with delivered.open("rb") as file:
-        delivered_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
-    if delivered.stat().st_size != size or delivered_sha256 != sha256:
-        raise BenchError(f"the filesystem sink's {delivered.name} differs from the uploaded object")
-    if len(rig.sink.posts) != 1:
-        raise BenchError(f"the http sink received {len(rig.sink.posts)} POSTs, not 1")
-    post = rig.sink.posts[0]
-    if post.size <= size * 4 / 3 or post.file_sha256 != sha256:
-        raise BenchError(f"the http sink received {post.size} bytes whose file part differs from the uploaded object")
+    for job_id in job_ids:
+        view = rig.ledger.views.show_job(job_id)
+        if view.status != JobStatus.DELIVERED:
+            errors = "; ".join(f"{task.kind} {task.sink}: {task.last_error}" for task in view.tasks if task.last_error)
+            raise BenchError(f"job {job_id} is {view.status}, not delivered: {view.reason or errors}")
+        delivered = rig.sink_dir / f"{job_id}.wav"
+        with delivered.open("rb") as file:
+            delivered_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+        if delivered.stat().st_size != size or delivered_sha256 != sha256:
+            raise BenchError(f"the filesystem sink's {delivered.name} differs from the uploaded object")
+    if len(rig.sink.posts) != jobs:
+        raise BenchError(f"the http sink received {len(rig.sink.posts)} POSTs, not {jobs}")
+    for post in rig.sink.posts:
+        if post.size <= size * 4 / 3 or post.file_sha256 != sha256:
+            raise BenchError(
+                f"the http sink received {post.size} bytes whose file part differs from the uploaded object"
+            )
 
-    delivered.unlink()
-    (rig.sink_dir / f"{job_id}.event.json").unlink()
-    rig.client.delete_object(Bucket=BUCKET, Key=output_key)
-    return Result(size_mib, peak_rss_bytes / MIB, wall_seconds, size_mib / wall_seconds)
+    for job_id in job_ids:
+        (rig.sink_dir / f"{job_id}.wav").unlink()
+        (rig.sink_dir / f"{job_id}.event.json").unlink()
+    for key in output_keys:
+        rig.client.delete_object(Bucket=BUCKET, Key=key)
+    return Result(size_mib, jobs, peak_rss_bytes / MIB, wall_seconds, size_mib * jobs / wall_seconds)
 
 
 def submit_job(rig: Rig, output_key: str) -> str:
@@ -267,8 +279,8 @@ def submit_job(rig: Rig, output_key: str) -> str:
     raise BenchError(f"the callback of job {job_id} did not reach the ledger within {CALLBACK_TIMEOUT:.0f} s")
 
 
-def upload_random_object(rig: Rig, key: str, size: int) -> str:
-    """Replace the object at ``key`` with ``size`` random bytes, streamed from disk; return their SHA-256."""
+def upload_random_objects(rig: Rig, keys: list[str], size: int) -> str:
+    """Put the same ``size`` random bytes, streamed from disk, at each of ``keys``; return their SHA-256."""
     source = rig.work / "object.bin"
     sha256 = hashlib.sha256()
     with source.open("wb") as out:
@@ -276,13 +288,14 @@ def upload_random_object(rig: Rig, key: str, size: int) -> str:
             chunk = os.urandom(min(MIB, size - offset))
             sha256.update(chunk)
             out.write(chunk)
-    with source.open("rb") as body:
-        rig.client.put_object(Bucket=BUCKET, Body=body, Key=key)
+    for key in keys:
+        with source.open("rb") as body:
+            rig.client.put_object(Bucket=BUCKET, Body=body, Key=key)
     source.unlink()
     return sha256.hexdigest()
 
 
-def run_worker(rig: Rig) -> tuple[int, float]:
+def run_worker(rig: Rig, timeout: float) -> tuple[int, float]:
     """Run ``cos-webhook worker --burst`` under ``peak_rss.py``; return its peak RSS (bytes) and wall time (s)."""
     result_path = rig.work / "peak_rss.json"
     log_path = rig.work / "worker.log"
@@ -293,7 +306,7 @@ def run_worker(rig: Rig) -> tuple[int, float]:
             command, env=rig.worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            launcher.wait(timeout=WORKER_TIMEOUT)
+            launcher.wait(timeout=timeout)
         finally:
             if launcher.returncode is None:
                 os.killpg(launcher.pid, signal.SIGKILL)
@@ -309,9 +322,11 @@ def run_worker(rig: Rig) -> tuple[int, float]:
 
 def report(results: list[Result]) -> float:
     """Print the table; return the peak RSS of the largest size minus that of the smallest, in MiB."""
-    print(f"{'size MiB':>8}  {'peak RSS MiB':>12}  {'wall s':>7}  {'MiB/s':>7}")
+    print(f"{'size MiB':>8}  {'jobs':>4}  {'peak RSS MiB':>12}  {'wall s':>7}  {'MiB/s':>7}")
     for r in results:
-        print(f"{r.size_mib:>8}  {r.peak_rss_mib:>12.1f}  {r.wall_seconds:>7.2f}  {r.throughput_mib_s:>7.1f}")
+        print(
+            f"{r.size_mib:>8}  {r.jobs:>4}  {r.peak_rss_mib:>12.1f}  {r.wall_seconds:>7.2f}  {r.throughput_mib_s:>7.1f}"
+        )
     smallest = min(results, key=lambda r: r.size_mib)
     largest = max(results, key=lambda r: r.size_mib)
     difference = largest.peak_rss_mib - smallest.peak_rss_mib
@@ -319,29 +334,41 @@ def report(results: list[Result]) -> float:
     return difference
 
 
-def mebibytes(text: str) -> int:
+def positive(text: str) -> int:
     value = int(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be a positive number of MiB, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=mebibytes, nargs="+", default=[1, 200], metavar="MIB", help="default: 1 200")
+    parser.add_argument(
+        "--sizes", type=positive, nargs="+", default=[1, 200, 1024], metavar="MIB", help="default: 1 200 1024"
+    )
+    parser.add_argument("--jobs", type=positive, default=1, metavar="N", help="jobs of each size at once; default: 1")
+    parser.add_argument(
+        "--max-growth", type=float, default=10.0, metavar="MIB", help="the most peak RSS may grow; default: 10"
+    )
     args = parser.parse_args(argv)
     if not WORKER.exists():
         print(f"{WORKER} does not exist: run this with the project's .venv/bin/python", file=sys.stderr)
         return 1
+    concurrency = Settings.model_fields["worker_concurrency"].default
     results: list[Result] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-fetch-memory-") as tmp, start_rig(Path(tmp)) as rig:
-            for size_mib in args.sizes:
-                print(f"delivering {size_mib} MiB ...", file=sys.stderr, flush=True)
-                results.append(measure(rig, size_mib))
+        with tempfile.TemporaryDirectory(prefix="bench-fetch-memory-") as tmp:
+            needed = 2 * max(args.sizes) * MIB * args.jobs + 256 * MIB  # objects and staged files, and some room
+            if (free := shutil.disk_usage(tmp).free) < needed:
+                raise BenchError(f"{tmp} has {free // MIB} MiB free; this run needs {needed // MIB} MiB")
+            with start_rig(Path(tmp)) as rig:
+                for size_mib in args.sizes:
+                    print(f"delivering {args.jobs} job(s) of {size_mib} MiB ...", file=sys.stderr, flush=True)
+                    results.append(measure(rig, size_mib, args.jobs))
     except (BenchError, subprocess.TimeoutExpired) as exc:
         print(f"benchmark FAILED: {exc}", file=sys.stderr)
         return 1
+    print(f"worker concurrency: {concurrency} (the default)")
     difference = report(results)
     RESULTS_PATH.parent.mkdir(exist_ok=True)
     document = {
@@ -349,10 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "worker_concurrency": concurrency,
         "results": [asdict(r) for r in results],
         "peak_rss_difference_mib": difference,
+        "max_growth_mib": args.max_growth,
     }
     RESULTS_PATH.write_text(json.dumps(document, indent=2) + "\n")
+    if difference > args.max_growth:
+        print(f"peak RSS grew by more than {args.max_growth:g} MiB", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import crcmod
@@ -13,7 +14,7 @@ from support.trickle import Trickle, response
 from webhook.cos import make_client, parse_endpoint
 from webhook.crc64 import crc64ecma
 from webhook.fetch import FetchError, describe_object, fetch_object
-from webhook.models import ObjectLocation
+from webhook.models import FetchedFile, ObjectLocation
 from webhook.sandbox import Sandbox
 from webhook.sandbox.faults import Fault
 
@@ -131,3 +132,21 @@ def test_a_delayed_sandbox_answer_passes_the_deadline_then_fetches_fine(sandbox:
     fetched = fetch_object(client, where, str(staging), timeout=10)  # the client is reused afterwards
     assert Path(fetched.path).read_bytes() == data
     assert describe_object(client, where).size == len(data)
+
+
+def test_threads_sharing_one_client_each_fetch_their_own_object_intact(sandbox: Sandbox, tmp_path: Path) -> None:
+    """As a worker's claim threads do: one SDK client (one connection pool) per region for all of them."""
+    client = sandbox.client(REGION)
+    objects = {f"out/{n}.wav": os.urandom(1024 * 1024 + n * 4099) for n in range(8)}
+    for key, data in objects.items():
+        client.put_object(Bucket=BUCKET, Body=data, Key=key)
+
+    def fetch(key: str) -> FetchedFile:
+        return fetch_object(client, ObjectLocation(BUCKET, REGION, key), str(tmp_path))
+
+    with ThreadPoolExecutor(len(objects)) as pool:
+        fetched = dict(zip(objects, pool.map(fetch, objects), strict=True))
+
+    for key, data in objects.items():
+        assert Path(fetched[key].path).read_bytes() == data
+        assert (fetched[key].size, fetched[key].crc64) == (len(data), str(crc64ecma(data)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -14,17 +15,26 @@ import pytest
 
 from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.sandbox import Sandbox
 from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.filesystem import FilesystemSink
 from webhook.sinks.options import FilesystemOptions
+from webhook.staging import Staging
 
 AUDIO = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: more than one copy chunk
+BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 
 
 def make_event(tmp_path: Path, job_id: str = "job-1", key: str = "out/a.wav", content: bytes = AUDIO) -> Event:
-    source = tmp_path / "fetched" / "download.part"
+    """A succeeded job's event, its audio staged as the worker stages it: a new file renamed into place.
+
+    Never rewritten in place: the sink may have hard-linked the previous file.
+    """
+    source = tmp_path / "fetched" / "download.staged"
     source.parent.mkdir(exist_ok=True)
-    source.write_bytes(content)
+    part = source.with_suffix(".part")
+    part.write_bytes(content)
+    part.replace(source)
     job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=ObjectLocation("b-1250000000", "r", key))
     fetched = FetchedFile(path=str(source), size=len(content), crc64="1", content_type="audio/wav")
     return Event(event_id="evt_test", type="job.succeeded", job=job, file=fetched)
@@ -306,3 +316,67 @@ def test_a_directory_the_service_may_not_write_in_fails_the_check(shared_tmp: Pa
     else:
         assert message == f"FAIL  archive: cannot write in {root}: Permission denied"
     assert listing(shared_tmp) == before
+
+
+def staged_event(sandbox: Sandbox, staging: Staging, key: str, content: bytes) -> tuple[Event, Path]:
+    """Job ``job-1``'s event with its output fetched into ``staging`` as the worker does, and the staged file."""
+    client = sandbox.client(REGION)
+    client.put_object(Bucket=BUCKET, Body=content, Key=key)
+    where = ObjectLocation(BUCKET, REGION, key)
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=where)
+    fetched = staging.fetch(client, "job-1", where)
+    assert fetched.path is not None
+    return build_event(job, "filesystem", fetched), Path(fetched.path)
+
+
+def test_a_staged_download_is_hard_linked_into_place(sandbox: Sandbox, tmp_path: Path, root: Path) -> None:
+    staging = Staging(str(tmp_path), 10 * len(AUDIO), "0123abcd")
+    event, staged_path = staged_event(sandbox, staging, "out/a.wav", AUDIO)
+    sink = FilesystemSink(root)
+
+    sink.deliver(event)
+    sink.deliver(event)  # again from the same file: the temporary link and the target are one file
+
+    delivered, staged = (root / "job-1.wav").stat(), staged_path.stat()
+    assert (delivered.st_dev, delivered.st_ino) == (staged.st_dev, staged.st_ino)
+    assert delivered.st_nlink == 2
+    assert stat.S_IMODE(delivered.st_mode) == 0o600
+    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+
+    # A later attempt staging another object replaces the staged file by rename, never in place.
+    staged_event(sandbox, staging, "out/b.wav", b"another object")
+    assert (root / "job-1.wav").stat().st_nlink == 1
+    staging.release("job-1")
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A directory on another filesystem than ``tmp_path``: in /dev/shm, a tmpfs."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
+        pytest.skip("no writable /dev/shm: no second filesystem to stage on, so a hard link cannot be made to fail")
+    if shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("/dev/shm is on the filesystem of pytest's tmp_path: a hard link would not fail")
+    path = Path(tempfile.mkdtemp(dir=shm, prefix="fs-sink-"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_download_staged_on_another_filesystem_is_copied(
+    sandbox: Sandbox, other_filesystem: Path, root: Path
+) -> None:
+    staging = Staging(str(other_filesystem), 10 * len(AUDIO), "0123abcd")
+    event, staged_path = staged_event(sandbox, staging, "out/a.wav", AUDIO)
+
+    FilesystemSink(root).deliver(event)
+
+    delivered, staged = (root / "job-1.wav").stat(), staged_path.stat()
+    assert delivered.st_dev != staged.st_dev  # os.link failed with EXDEV
+    assert (delivered.st_nlink, staged.st_nlink) == (1, 1)
+    assert stat.S_IMODE(delivered.st_mode) == 0o600
+    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+    staging.release("job-1")
+    assert (root / "job-1.wav").read_bytes() == AUDIO

@@ -1,9 +1,15 @@
-"""Staged downloads against the sandbox with the real SDK: fetched once, whole, within a budget."""
+"""Staged downloads against the sandbox with the real SDK: fetched once, whole, within a budget, from many threads."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from webhook.models import ObjectLocation
 from webhook.sandbox import Fault, Sandbox
@@ -73,3 +79,85 @@ def test_sweep_removes_partial_downloads_of_workers_that_are_gone(tmp_path: Path
 
     assert staging.sweep({"0123abcd"}) == 2
     assert sorted(p.name for p in staging.directory.iterdir()) == [mine.name, untagged_new.name]
+
+
+def staged_files(staging: Staging) -> dict[str, int]:
+    """Each staged download's job name and size, checking that nothing else is left in the directory."""
+    names = sorted(path.name for path in staging.directory.iterdir())
+    data = {path.stem: path.stat().st_size for path in staging.directory.glob("*.staged")}
+    assert names == sorted([f"{job}.staged" for job in data] + [f"{job}.json" for job in data])
+    return data
+
+
+def run_threads(count: int, work: Callable[[int], None]) -> None:
+    """``work(n)`` in ``count`` threads at once; raises a failure, one that broke a barrier first."""
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(work, n) for n in range(count)]
+    if failures := [exc for future in futures if (exc := future.exception()) is not None]:
+        raise min(failures, key=lambda exc: isinstance(exc, threading.BrokenBarrierError))
+
+
+def test_no_thread_loses_its_download_to_another_threads_eviction(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Six jobs of 1 MiB fetched at once within a budget of 2.5 MiB: each stays until its thread is done with it."""
+    threads = 6
+    places = [put(sandbox, f"out/{n}.wav", MIB) for n in range(threads)]
+    staging = Staging(str(tmp_path), int(2.5 * MIB), "0123abcd")
+    client = sandbox.client(REGION)
+    all_fetched = threading.Barrier(threads)
+    all_read = threading.Barrier(threads)
+
+    def fetch_then_deliver(n: int) -> None:
+        try:
+            fetched = staging.fetch(client, f"job-{n}", places[n])
+            all_fetched.wait()  # every other thread has published (and evicted) by now
+            assert fetched.path is not None
+            assert Path(fetched.path).read_bytes() == sandbox.object_path(BUCKET, f"out/{n}.wav").read_bytes()
+            all_read.wait()
+        except BaseException:
+            all_fetched.abort()  # the others would wait for this thread for ever
+            all_read.abort()
+            raise
+
+    run_threads(threads, fetch_then_deliver)
+
+    # Over budget while all six were in use; their threads have ended, so the next fetch evicts.
+    assert len(staged_files(staging)) == threads
+    staging.fetch(client, "job-next", put(sandbox, "out/next.wav", MIB))
+    left = staged_files(staging)
+    assert "job-next" in left
+    assert sum(left.values()) <= staging.max_bytes
+
+
+def test_concurrent_fetches_releases_and_evictions_keep_the_directory_consistent(
+    sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    threads, rounds = 4, 6
+    sizes = {(n, r): (n + 1) * 100_000 + r for n in range(threads) for r in range(rounds)}
+    places = {job: put(sandbox, f"out/{job[0]}-{job[1]}.wav", size) for job, size in sizes.items()}
+    staging = Staging(str(tmp_path), 1_000_000, "0123abcd")
+    client = sandbox.client(REGION)
+    sandbox.faults.add(Fault(kind="object GET", delay=0.01))  # longer downloads: more of them overlap
+
+    def churn(n: int) -> None:
+        for r in range(rounds):
+            job_id = f"job-{n}-{r}"
+            fetched = staging.fetch(client, job_id, places[n, r])
+            assert fetched.path is not None
+            assert Path(fetched.path).read_bytes() == sandbox.object_path(BUCKET, f"out/{n}-{r}.wav").read_bytes()
+            if r % 2:  # every delivery done; the others stay staged for a retry
+                staging.release(job_id)
+
+    with caplog.at_level(logging.INFO, logger="webhook.worker"):
+        run_threads(threads, churn)
+    assert any("evicted the staged download" in record.getMessage() for record in caplog.records)
+
+    left = staged_files(staging)
+    assert not any(job.endswith(("-1", "-3", "-5")) for job in left)  # released
+    for job, size in left.items():
+        n, r = (int(part) for part in job.split("-")[1:])
+        assert size == sizes[n, r]
+        assert staging.staged(job, places[n, r]) is not None
+    # Within the budget, unless what the threads were working on at the last eviction was more.
+    assert sum(left.values()) <= max(staging.max_bytes, sum(sizes[n, rounds - 2] for n in range(threads)))
+    staging.fetch(client, "job-next", put(sandbox, "out/next.wav", 1000))  # their threads have ended
+    assert sum(staged_files(staging).values()) <= staging.max_bytes

@@ -3,8 +3,14 @@ to retry, instead of once per attempt.
 
 A download is written to a ``.part`` file named after the worker, checked (length, CRC64), then
 renamed into place with a small JSON file describing it, so a staged object is always whole.
-Staged objects beyond the byte budget are evicted oldest first; ``.part`` files of workers that
-are no longer alive are removed when the worker takes over from them.
+A staged file is never changed once in place (a new download replaces it by rename; recency is
+kept on its JSON file): the filesystem sink may hard-link it, and a delivered file shares its inode.
+Staged objects beyond the byte budget are evicted least recently used first, except those in use;
+``.part`` files of workers that are no longer alive are removed when the worker takes over from them.
+
+The threads of one worker share a :class:`Staging`, each working on another job. A thread's job is
+in use from the moment the thread fetches it until the thread releases it, fetches another job or
+ends: that covers the download and the deliveries from it, and pins at most one job per thread.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import asdict
@@ -42,9 +49,18 @@ class Staging:
         self.max_bytes = max_bytes
         self.tag = tag
         self.min_rate = min_rate
+        # Publishing, releasing and evicting hold it, so that the byte count each eviction works
+        # from is not changed under it and a job marked in use stays where it is.
+        self._lock = threading.Lock()
+        self._in_use: dict[threading.Thread, str] = {}
 
     def fetch(self, client: CosS3Client, job_id: str, where: ObjectLocation) -> FetchedFile:
-        """The job's object, from staging when an earlier attempt downloaded it, else from COS."""
+        """The job's object, from staging when an earlier attempt downloaded it, else from COS.
+
+        The job is in use by the calling thread from now on (see the module's docstring).
+        """
+        with self._lock:
+            self._in_use[threading.current_thread()] = job_id
         if (staged := self.staged(job_id, where)) is not None:
             log.info("reusing the staged download of %s", where.key, extra={"job_id": job_id})
             return staged
@@ -53,12 +69,13 @@ class Staging:
         fetched = fetch_object(client, where, str(self.directory), min_rate=self.min_rate, part_prefix=part_prefix)
         assert fetched.path is not None
         data, meta = self._paths(job_id)
-        os.replace(fetched.path, data)
         description = asdict(fetched) | {"path": None, "where": asdict(where)}
         temporary = meta.with_suffix(f".{self.tag}.tmp")
         temporary.write_text(json.dumps(description))
-        os.replace(temporary, meta)
-        self._evict(keep=data)
+        with self._lock:
+            os.replace(fetched.path, data)
+            os.replace(temporary, meta)
+            self._evict()
         return FetchedFile(**(asdict(fetched) | {"path": str(data)}))
 
     def staged(self, job_id: str, where: ObjectLocation) -> FetchedFile | None:
@@ -68,16 +85,17 @@ class Staging:
             description = json.loads(meta.read_text())
             if description.pop("where") != asdict(where) or data.stat().st_size != description["size"]:
                 return None
-            os.utime(data)  # recently used: evicted last
+            # Recently used: evicted last. The description's time, not the data's: that inode may be a delivered file.
+            os.utime(meta)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return FetchedFile(**(description | {"path": str(data)}))
 
     def release(self, job_id: str) -> None:
-        """No delivery of the job is left to retry: its download goes."""
-        for path in self._paths(job_id):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        """No delivery of the job is left to retry: its download goes, and it is no longer in use."""
+        with self._lock:
+            self._in_use = {thread: job for thread, job in self._in_use.items() if job != job_id}
+            self._remove(job_id)
 
     def sweep(self, live_tags: Collection[str]) -> int:
         """Remove partial downloads of workers not in ``live_tags``; returns how many."""
@@ -98,18 +116,33 @@ class Staging:
         name = job_id if _SAFE.fullmatch(job_id) else hashlib.sha256(job_id.encode()).hexdigest()
         return self.directory / f"{name}.staged", self.directory / f"{name}.json"
 
-    def _evict(self, keep: Path) -> None:
-        """Oldest staged downloads go first until the rest fit the budget (``keep`` stays)."""
-        staged = []
-        for path in self.directory.glob("*.staged"):
+    def _remove(self, name: str) -> None:
+        # Unlinks only these names: a hard link the filesystem sink made keeps the bytes.
+        for path in self._paths(name):
             with contextlib.suppress(FileNotFoundError):
-                info = path.stat()
-                staged.append((info.st_mtime, info.st_size, path))
+                path.unlink()
+
+    def _evict(self) -> None:
+        """Least recently used staged downloads go first until the rest fit the budget; jobs in use stay.
+
+        Called with the lock held.
+        """
+        self._in_use = {thread: job for thread, job in self._in_use.items() if thread.is_alive()}
+        in_use = {self._paths(job)[0] for job in self._in_use.values()}
+        staged = []
+        for data in self.directory.glob("*.staged"):
+            with contextlib.suppress(FileNotFoundError):
+                size = data.stat().st_size
+                try:
+                    used = data.with_suffix(".json").stat().st_mtime
+                except FileNotFoundError:
+                    used = 0.0  # no description: never reusable, so first to go
+                staged.append((used, size, data))
         total = sum(size for _, size, _ in staged)
-        for _, size, path in sorted(staged):
+        for _, size, data in sorted(staged):
             if total <= self.max_bytes:
                 break
-            if path != keep:
-                self.release(path.stem)
+            if data not in in_use:
+                self._remove(data.stem)
                 total -= size
-                log.info("evicted the staged download %s to stay within WEBHOOK_STAGING_MAX_BYTES", path.name)
+                log.info("evicted the staged download %s to stay within WEBHOOK_STAGING_MAX_BYTES", data.name)

@@ -7,8 +7,8 @@ import errno
 import glob
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -20,15 +20,19 @@ from webhook.sinks.common import audio_name, document_name
 from webhook.sinks.options import FilesystemOptions
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_CHUNK = 1024 * 1024
+_CHUNK = 256 * 1024  # as webhook.fetch.CHUNK: one per delivery in flight
 
 
 class FilesystemSink(Sink):
     """Writes each event's audio, then its metadata, atomically into ``root``.
 
     A consumer can rely on this: once ``<job_id>.event.json`` exists, the audio it describes is
-    complete. Temporary files start with a dot so that globbing ``*.event.json`` never sees them.
-    Files are created with mode 0600 (only the service's user can read them).
+    complete, and both survive a power cut. Temporary files start with a dot so that globbing
+    ``*.event.json`` never sees them. Files are created with mode 0600 (only the service's user can
+    read them).
+
+    The audio is a hard link to the worker's staged download when both are on one filesystem (no
+    second copy of the bytes; it keeps the download's mode, 0600, and modification time), else a copy.
     """
 
     def __init__(self, root: Path, name: str = "filesystem") -> None:
@@ -49,10 +53,10 @@ class FilesystemSink(Sink):
             self.root.mkdir(parents=True, exist_ok=True)
             root = self.root.resolve()
             if event.file is not None and event.file.path is not None:
-                with open(event.file.path, "rb") as src:
-                    self._write(root, audio_name("", event.job), lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
+                source = event.file.path
+                self._write(root, audio_name("", event.job), lambda temp: _link_or_copy(source, temp))
             document = document_bytes(event)
-            self._write(root, document_name("", event.job), lambda dst: dst.write(document))
+            self._write(root, document_name("", event.job), lambda temp: _create(temp, lambda dst: dst.write(document)))
         except OSError as exc:
             raise DeliveryError(
                 f"{self.name}: cannot write {exc.filename or self.root}: {exc.strerror or exc}"
@@ -82,7 +86,8 @@ class FilesystemSink(Sink):
             raise DeliveryError(f"{self.name}: cannot create {root}: {nearest} is not writable")
         return f"directory {root} does not exist; will be created on first delivery"
 
-    def _write(self, root: Path, name: str, fill: Callable[[IO[bytes]], object]) -> None:
+    def _write(self, root: Path, name: str, fill: Callable[[Path], None]) -> None:
+        """``fill`` makes a temporary file whose bytes are on disk; it becomes ``name`` by rename."""
         target = root / name
         # The name is already safe; this also refuses a symlink planted at the target that points elsewhere.
         if target.resolve().parent != root:
@@ -91,18 +96,38 @@ class FilesystemSink(Sink):
         for stale in root.glob(f".{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        fd, temp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+        temp = root / f".{name}.{secrets.token_hex(8)}.tmp"
         try:
-            with os.fdopen(fd, "wb") as dst:
-                fill(dst)
-                dst.flush()
-                os.fsync(dst.fileno())
+            fill(temp)
             os.replace(temp, target)
-        except BaseException:
+        finally:
+            # Gone after a rename, except when it was a link to the file already at the target:
+            # rename() between two names of one file leaves both.
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise
-        _fsync_dir(root)
+        # Makes the rename itself durable, so the audio's entry is on disk before the JSON's.
+        _fsync(root)
+
+
+def _create(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as dst:
+        fill(dst)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _link_or_copy(source: str, temp: Path) -> None:
+    try:
+        os.link(source, temp)
+    except OSError:
+        # Another filesystem (EXDEV), links refused (EPERM, e.g. fs.protected_hardlinks) or not
+        # supported: a copy works, or fails with the reason worth reporting.
+        with open(source, "rb") as src:
+            _create(temp, lambda dst: shutil.copyfileobj(src, dst, _CHUNK))
+        return
+    # Staging does not fsync its downloads (most sinks never need that): the first link does.
+    _fsync(temp)
 
 
 def _writable(directory: Path) -> bool:
@@ -110,9 +135,8 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK | os.X_OK)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable, so the audio's entry is on disk before the JSON's.
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -27,7 +27,7 @@ from webhook.sinks import BuildContext, DeliveryError, NotificationSink, Sink
 from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type, unreadable
 from webhook.sinks.options import HttpOptions, NotifyOptions
 
-_CHUNK = 3 * 256 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
+_CHUNK = 3 * 64 * 1024  # a multiple of 3, so base64 chunks concatenate without padding
 # The distribution's version, as `cos-webhook --version` reports it.
 _USER_AGENT = f"cos-webhook/{version('cos-webhook')}"
 _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
