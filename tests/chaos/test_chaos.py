@@ -3,8 +3,9 @@
     .venv/bin/pytest tests/chaos -q -s                         # CI size: 200 callbacks, 10 s CI outage
     CHAOS_CALLBACKS=2000 .venv/bin/pytest tests/chaos -q -s    # the full run, 60 s CI outage
 
-What runs: a PostgreSQL ledger (a private schema), the Procfile's gunicorn with two web
-processes, two ``cos-webhook worker`` processes, the sandbox running every NoiseReduction job
+What runs, once on each ledger (a SQLite file, a private PostgreSQL schema): the Procfile's
+gunicorn with two web processes, two ``cos-webhook worker`` processes with ``WORKER_CONCURRENCY``
+claims in flight each, the sandbox running every NoiseReduction job
 and POSTing its callback, and two sinks: a directory and an http receiver that refuses 30% of
 requests with 503 and trickles its answer to 10% (a ``200 OK`` status line, then a header one
 byte a second that never ends). The workers' http sink deadline is 2 s: a trickled delivery
@@ -86,6 +87,7 @@ HTTP_SINK_TIMEOUT = 2.0  # the workers' deadline for one whole http exchange
 # A trickle the worker has not hung up on by then means its deadline did not cut it off.
 TRICKLE_LIMIT = 10 * HTTP_SINK_TIMEOUT
 DUPLICATE_SHARE = 0.1
+WORKER_CONCURRENCY = 4  # claims in flight per worker: a SIGKILL cuts several deliveries at once
 LEASE_SECONDS = 3  # a killed worker's claim is due again this soon, if its successor has not freed it
 KILL_EVERY = (1.5, 2.5)  # seconds between SIGKILLs, drawn uniformly: "about every 2 s"
 WEB_DOWN_SECONDS = 3.0  # longer than the sandbox's own callback retries (0.2 + 0.5 + 1.0 s)
@@ -102,9 +104,12 @@ FILESYSTEM, HTTP = "filesystem", "http"
 CORRUPT = "corrupt"  # marks a sink-directory problem where a file is present but wrong
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A private PostgreSQL schema; the chaos run is PostgreSQL only."""
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A SQLite file, or a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
     with postgres_schema("chaos") as url:
         yield url
 
@@ -211,11 +216,10 @@ class OutageVerifications:
     latest_after_end: float | None  # seconds from the outage's end to the last of those verifications
 
 
-@pytest.mark.postgres
 @pytest.mark.timeout(DEADLINE + 180)  # the run stops itself at DEADLINE; then teardown
 @pytest.mark.parametrize("callbacks", [CALLBACKS])
 def test_nothing_is_lost_or_corrupted_under_chaos(
-    callbacks: int, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    callbacks: int, ledger_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The sandbox's server logs every request: thousands of lines that would bury a failure report.
     caplog.set_level(logging.WARNING, logger="werkzeug")
@@ -238,7 +242,7 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
             seed=rng.randrange(2**32),
         ) as http_sink,
     ):
-        settings = pipeline_settings(postgres_url, sandbox, sink_dir, http_sink.url + "hooks").replace(
+        settings = pipeline_settings(ledger_url, sandbox, sink_dir, http_sink.url + "hooks").replace(
             retry=RETRY,
             poll_interval=0.1,
             http_sink_timeout=HTTP_SINK_TIMEOUT,
@@ -249,12 +253,13 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
             "WEBHOOK_VERIFY_BACKOFF_CAP": str(VERIFY_BACKOFF_CAP),
             # A SIGKILLed worker cannot remove its staged download; keep those where we can count them.
             "WEBHOOK_TEMP_DIR": str(staging),
+            "WEBHOOK_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
         }
         # settings_env() carries the delivery policy only: the worker processes read verification's
         # from WEBHOOK_VERIFY_* and its defaults. It must outlast the outage, or jobs die of it.
         verify_retry = Settings.from_env(env).verify_retry
         assert patience(verify_retry) > DEADLINE, f"{verify_retry} gives up within the run"
-        ledger = Ledger(postgres_url)
+        ledger = Ledger(ledger_url)
         ledger.migrate()
         web = WebServer(env | {"WEB_CONCURRENCY": "2"}, logs / "web.log")
         fleet = WorkerFleet(env, logs, size=2)
