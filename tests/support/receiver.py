@@ -37,12 +37,14 @@ _CHUNK = 1024 * 1024
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer. ``delay`` is waited after the body has been read, before answering."""
+    """One scripted answer. ``delay`` is waited after the body has been read, before answering;
+    with ``hold``, the answer waits until that event is set."""
 
     status: int = 200
     delay: float = 0.0
     retry_after: str | None = None
     body: bytes = b""
+    hold: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ class Receiver:
             reply = self._replies.pop(0) if len(self._replies) > 1 else self._replies[0]
         if reply.delay:
             self._stopping.wait(reply.delay)
+        while reply.hold is not None and not reply.hold.wait(0.05) and not self._stopping.is_set():
+            pass
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(reply.body)))]
         if reply.retry_after is not None:
             headers.append(("Retry-After", reply.retry_after))
