@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from support.services import postgres_schema
+from support.services import POSTGRES_URL, postgres_schema
 
 import webhook.ledger.queue as queue_module
 from webhook.ledger import (
@@ -27,6 +30,7 @@ from webhook.ledger import (
     utcnow,
 )
 from webhook.ledger.schema import tasks
+from webhook.ledger.wakeup import CHANNEL
 from webhook.models import Callback, Job, JobStatus, ObjectLocation, job_from_json, job_to_dict
 from webhook.triage import triage
 
@@ -360,3 +364,74 @@ def test_a_claim_skips_a_row_another_transaction_holds(postgres_ledger: Ledger) 
     (got,) = claimed
     assert got is not None
     assert got.tasks[0].job_id != held.job_id
+
+
+@contextmanager
+def notifications(ledger: Ledger) -> Iterator[Callable[[], int]]:
+    """A listener on the workers' wake-up channel; calling it counts what arrived since the last call."""
+    url = ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        yield lambda: len(list(listener.notifies(timeout=1, stop_after=1)))
+
+
+def test_every_transaction_that_makes_work_due_wakes_the_workers(postgres_ledger: Ledger) -> None:
+    ledger = postgres_ledger
+    with notifications(ledger) as woken:
+        record(ledger, job(1))  # a new job: the one-statement path
+        assert woken()
+        record(ledger, job(1, state="Failed"))  # another version of a known job: the general path
+        assert woken()
+        assert reject(ledger, claim(ledger), "output differs")
+        assert ledger.jobs.replay(job(1).job_id, ["filesystem"]).verify
+        assert woken()
+
+
+def test_new_jobs_and_known_ones_in_one_callback_are_recorded_together(ledger: Ledger) -> None:
+    record(ledger, job(2))
+    recorded = record(ledger, job(3), job(2), job(1, tag="Other"))
+    assert (recorded.job_ids, recorded.duplicates, recorded.ignored) == (
+        (job(3).job_id, job(1).job_id),
+        (job(2).job_id,),
+        (job(1).job_id,),
+    )
+    assert [(t.kind, t.status) for t in ledger.views.show_job(job(3).job_id).tasks] == [("verify", "pending")]
+    assert ledger.views.show_job(job(1).job_id).status == "ignored"
+
+
+def test_a_connection_the_server_closed_is_replaced_before_it_is_used(postgres_ledger: Ledger) -> None:
+    ledger = postgres_ledger
+    record(ledger, job(1))  # the pool now holds an idle connection
+    with ledger.engine.connect() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    admin = sa.create_engine(POSTGRES_URL)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            while conn.execute(gone, {"pid": pid}).scalar_one():
+                time.sleep(0.01)
+    finally:
+        admin.dispose()
+    assert record(ledger, job(2)).job_ids == (job(2).job_id,)
+
+
+def test_a_writer_takes_the_sqlite_write_lock_as_soon_as_another_process_lets_go(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    first, second = Ledger(url), Ledger(url)  # one engine each, as in two processes
+    first.migrate()
+    try:
+        for hold in (0.02, 0.5):  # within the quick retries, and past them into SQLite's busy handler
+            with first.engine.begin() as holder:
+                waiting = threading.Thread(target=record, args=(second, job(int(hold * 100))))
+                waiting.start()
+                time.sleep(hold)
+                assert waiting.is_alive()  # it waits for the lock rather than failing
+                holder.execute(sa.text("SELECT 1"))
+            waiting.join()
+            assert first.views.show_job(job(int(hold * 100)).job_id).status == "received"
+        with second.engine.connect() as conn:
+            assert conn.execute(sa.text("PRAGMA busy_timeout")).scalar_one() == 30_000
+    finally:
+        first.dispose()
+        second.dispose()

@@ -171,13 +171,37 @@ def test_every_record_of_a_request_carries_the_id_its_response_returns(pipeline:
     assert re.fullmatch("[0-9a-f]{32}", ids[0])
     assert re.fullmatch("[0-9a-f]{32}", ids[2])
     web = [r for r in json_records(log.getvalue()) if r["logger"] in ("webhook.receive", "webhook.app")]
-    by_id = {request_id: [r["msg"] for r in web if r.get("request_id") == request_id] for request_id in ids}
-    assert [len(lines) for lines in by_id.values()] == [2, 2, 2]  # the receive line and the access line each
-    assert by_id[ids[0]][0].startswith("callback stored ")
-    assert by_id[ids[1]][0].startswith("callback refused status=400 ")
-    (access,) = [r for r in web if r["logger"] == "webhook.app" and r["request_id"] == ids[0]]
-    assert (access["method"], access["path"], access["status"]) == ("POST", "/callback/<token>", 200)
+    by_id = {request_id: [r for r in web if r.get("request_id") == request_id] for request_id in ids}
+    assert [len(lines) for lines in by_id.values()] == [1, 1, 1]  # the access line, which says the outcome too
+    (access,), (refusal,), _ = by_id.values()
+    assert (access["logger"], access["method"], access["path"], access["status"]) == (
+        "webhook.app",
+        "POST",
+        "/callback/<token>",
+        200,
+    )
+    assert (access["event"], access["body_format"], access["new"], access["duplicate"], access["ignored"]) == (
+        "TaskFinish",
+        "json",
+        "j-logged",
+        "-",
+        "-",
+    )
+    assert isinstance(access["callback_id"], int)
+    assert (refusal["status"], refusal["reason"]) == (400, refused.json()["error"])
     assert TOKEN not in log.getvalue()
+
+
+def test_a_callback_is_one_text_line_that_says_how_it_was_answered(pipeline: Pipeline) -> None:
+    with root_log(log_format="text") as log:
+        pipeline.post_callback(json_doc(job("j-text")))
+        pipeline.post_callback(json_doc(job("j-text")))
+        requests.post(pipeline.callback_url, data=b"<Response>", timeout=10)
+    lines = [line for line in log.getvalue().splitlines() if " webhook.app " in line or " webhook.receive " in line]
+    assert [line.split(" webhook.app ", 1)[1] for line in lines] == [
+        f"127.0.0.1 POST /callback/<token> 200 id={n} event=TaskFinish format=json {outcome}"
+        for n, outcome in ((1, "new=j-text duplicate=- ignored=-"), (2, "new=- duplicate=j-text ignored=-"))
+    ] + ["127.0.0.1 POST /callback/<token> 400 reason=malformed XML: no element found: line 1, column 10"]
 
 
 def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -191,8 +215,8 @@ def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path
     assert start_worker(env, worker_log, "--burst").wait(timeout=60) == 0
 
     assert pipeline.status("j-forged-bucket") == "rejected"
-    stored = [r for r in json_records(web_log.getvalue()) if r["msg"].startswith("callback stored ")]
-    assert FORGED in stored[0]["msg"]
+    stored = [r for r in json_records(web_log.getvalue()) if "event" in r]
+    assert stored[0]["event"] == "TaskFinish" + FORGED
     (rejected,) = [r for r in json_records(worker_log.read_text()) if r["msg"].startswith("rejected: ")]
     assert FORGED in rejected["msg"]
     assert (rejected["logger"], rejected["level"], rejected["job_id"]) == (

@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
             return response
         path, status = _redacted(request.path), response.status_code
         access = {"remote_addr": request.remote_addr, "method": request.method, "path": path, "status": status}
+        # One line per request: what the view had to say about it (a callback's outcome) is on it too.
+        access |= g.get("access_fields", {})
         log.info("%s %s %s %s", request.remote_addr, request.method, path, status, extra=access)
         return response
 

@@ -9,6 +9,9 @@ What a record is about is given to the log call as ``extra`` (:func:`fields`): `
 ``step``, ``sink`` and ``attempt``; every record written while a web request is served carries
 its ``request_id`` (:func:`begin_request`). JSON has them as keys; text writes ``job=``, ``step=``
 and ``sink=`` before the message, so a message says only what happened (``delivered attempt=1``).
+A web request is one record, its access line; for a callback it also says how it was answered
+(``callback_id``, ``event``, ``new``, ``duplicate``, ``ignored``, or why it was refused), which text
+writes after the message.
 
 Log messages carry values from callbacks (chosen by whoever posts one) and from remote answers
 (CI, COS, sinks). :class:`OneLineFormatter` writes every unprintable character of a rendered
@@ -34,6 +37,16 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 JSON_NAMES = {"asctime": "ts", "levelname": "level", "name": "logger", "message": "msg"}
 # The fields text writes before the message, in this order: what the message is about.
 TEXT_FIELDS = (("job_id", "job"), ("step", "step"), ("sink", "sink"))
+# The fields text writes after the message, in this order: how a callback was answered (its access line).
+TEXT_OUTCOME_FIELDS = (
+    ("callback_id", "id"),
+    ("event", "event"),
+    ("body_format", "format"),
+    ("new", "new"),
+    ("duplicate", "duplicate"),
+    ("ignored", "ignored"),
+    ("reason", "reason"),
+)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # An id a client or proxy sent is kept when it is an id (a UUID, a router's trace id), never text.
@@ -57,7 +70,8 @@ def escape(text: str) -> str:
 class OneLineFormatter(logging.Formatter):
     """:data:`FORMAT`, with the whole rendered record escaped: message, traceback and stack included.
 
-    The record's :data:`TEXT_FIELDS` come first in the message, as ``job=… sink=…``. A traceback
+    The record's :data:`TEXT_FIELDS` come first in the message, as ``job=… sink=…``, and its
+    :data:`TEXT_OUTCOME_FIELDS` last, as ``… new=… duplicate=…``. A traceback
     stays on its record's line with its line breaks written as ``\\n``, so every line of a log
     is exactly one record and starts with this process's timestamp.
     """
@@ -69,7 +83,12 @@ class OneLineFormatter(logging.Formatter):
         about = "".join(
             f"{label}={value} " for key, label in TEXT_FIELDS if (value := getattr(record, key, None)) is not None
         )
-        return FORMAT % (record.__dict__ | {"message": about + record.message})
+        outcome = "".join(
+            f" {label}={value}"
+            for key, label in TEXT_OUTCOME_FIELDS
+            if (value := getattr(record, key, None)) is not None
+        )
+        return FORMAT % (record.__dict__ | {"message": about + record.message + outcome})
 
     def format(self, record: logging.LogRecord) -> str:
         return escape(super().format(record))

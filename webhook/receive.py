@@ -64,7 +64,7 @@ def callback(token: str) -> tuple[Response, int]:
     try:
         parsed = parse_callback(body)
     except CallbackError as exc:
-        log.info("callback refused status=%s reason=%s", exc.status, exc.message)
+        g.access_fields = {"reason": exc.message}
         return error(exc.status, exc.message)
     raw = RawRequest(
         body=body,
@@ -83,15 +83,15 @@ def callback(token: str) -> tuple[Response, int]:
         response, status = error(503, "ledger unavailable, retry later")
         response.headers["Retry-After"] = "30"
         return response, status
-    log.info(
-        "callback stored id=%s event=%s format=%s new=%s duplicate=%s ignored=%s",
-        recorded.callback_id,
-        parsed.event_name,
-        parsed.body_format,
-        ",".join(recorded.job_ids) or "-",
-        ",".join(recorded.duplicates) or "-",
-        ",".join(recorded.ignored) or "-",
-    )
+    # Said by the request's one log line, the access line (webhook.app).
+    g.access_fields = {
+        "callback_id": recorded.callback_id,
+        "event": parsed.event_name,
+        "body_format": parsed.body_format,
+        "new": ",".join(recorded.job_ids) or "-",
+        "duplicate": ",".join(recorded.duplicates) or "-",
+        "ignored": ",".join(recorded.ignored) or "-",
+    }
     g.callback_outcome = metrics.stored_outcome(recorded)
     jobs = [{"job_id": j, "duplicate": False} for j in recorded.job_ids]
     jobs += [{"job_id": j, "duplicate": True} for j in recorded.duplicates]

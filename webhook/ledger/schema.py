@@ -10,8 +10,10 @@ write lock up front (``BEGIN IMMEDIATE``), which is what makes claims exclusive 
 
 from __future__ import annotations
 
+import select
 import sqlite3
 import time
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,6 @@ def _postgres_engine(url: str) -> Engine:
     # into an error the caller answers (503, retry later), not a thread hung forever.
     engine = sa.create_engine(
         url,
-        pool_pre_ping=True,
         pool_timeout=10,
         connect_args={"connect_timeout": 5, "tcp_user_timeout": 30_000, "keepalives_idle": 30},
     )
@@ -166,6 +167,15 @@ def _postgres_engine(url: str) -> Engine:
             cursor.execute("SET statement_timeout = '30s'")
         dbapi_conn.commit()
 
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        # Not a round trip (pool_pre_ping): an idle connection with something to read was closed by the
+        # server (restart, terminated backend) or by something in between. The pool connects anew.
+        idle = select.poll()
+        idle.register(dbapi_conn.fileno(), select.POLLIN)
+        if idle.poll(0):
+            raise sa.exc.DisconnectionError("the database closed the connection while it was idle")
+
     return engine
 
 
@@ -174,21 +184,34 @@ def _sqlite_engine(url: str) -> Engine:
     file_backed = bool(path) and path != ":memory:"
     if file_backed:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    busy_timeout_ms = 30_000
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, decide when transactions begin (see below).
         dbapi_conn.isolation_level = None
-        dbapi_conn.execute("PRAGMA busy_timeout=30000")
+        dbapi_conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         dbapi_conn.execute("PRAGMA foreign_keys=ON")
         if file_backed:
             _use_wal(dbapi_conn)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        # Take the write lock up front: two workers can then never claim the same task.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Take the write lock up front: two workers can then never claim the same task. SQLite's busy handler
+        # sleeps 1, 2, 5, 10 … ms between tries, far longer than a writer holds the lock (and the holder, free
+        # first, took it again): the first ~0.1 s of a wait try every 0.1 ms instead.
+        dbapi_conn: Any = conn.connection.driver_connection
+        dbapi_conn.execute("PRAGMA busy_timeout=0")
+        try:
+            for _ in range(1000):
+                with suppress(sqlite3.OperationalError):
+                    dbapi_conn.execute("BEGIN IMMEDIATE")
+                    return
+                time.sleep(0.0001)
+        finally:
+            dbapi_conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # raises as SQLAlchemy does, or waits on the busy handler
 
     return engine
 
