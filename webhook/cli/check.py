@@ -15,9 +15,9 @@ from webhook.cli.base import echo_text, main, sink_specs
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.ledger import Ledger
+from webhook.ledger.engine import make_engine
 from webhook.ledger.migrate import head as head_revision
 from webhook.ledger.migrate import problem as schema_problem
-from webhook.ledger.schema import make_engine
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import build_sinks
 from webhook.verify import VerifyError, describe_job

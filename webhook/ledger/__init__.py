@@ -13,12 +13,13 @@ import sqlalchemy as sa
 
 from webhook.ledger import migrate
 from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
+from webhook.ledger.engine import make_engine
 from webhook.ledger.jobs import Jobs, RawRequest, Recorded, Replayed
 from webhook.ledger.locks import Locks
 from webhook.ledger.quarantine import Quarantine
 from webhook.ledger.queue import Queue
 from webhook.ledger.retention import Pruned, Retention
-from webhook.ledger.schema import LedgerError, make_engine, utcnow
+from webhook.ledger.schema import LedgerError, utcnow
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
 from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView, Views
 from webhook.ledger.workers import TakenOver, Workers, WorkerView

@@ -4,22 +4,14 @@ The tables here are the head of the migrations (``migrations/versions``): change
 together with a new revision, which ``tests/test_migrations.py`` checks.
 
 Times are naive UTC (:func:`utcnow`), the one representation both databases compare
-correctly. On PostgreSQL every wait is bounded; on SQLite every write transaction takes the
-write lock up front (``BEGIN IMMEDIATE``), which is what makes claims exclusive there.
+correctly. The engines for each database are in :mod:`webhook.ledger.engine`.
 """
 
 from __future__ import annotations
 
-import select
-import sqlite3
-import time
-from contextlib import suppress
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
 
@@ -145,88 +137,6 @@ class LedgerError(Exception):
 def utcnow() -> datetime:
     """Naive UTC: one representation that both SQLite and PostgreSQL compare correctly."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the ledger's database: bounded waits, or SQLite's write lock up front."""
-    return _postgres_engine(url) if not url.startswith("sqlite") else _sqlite_engine(url)
-
-
-def _postgres_engine(url: str) -> Engine:
-    # Bounded waits: a database that stalls (network partition, overloaded server) must turn
-    # into an error the caller answers (503, retry later), not a thread hung forever.
-    engine = sa.create_engine(
-        url,
-        pool_timeout=10,
-        connect_args={"connect_timeout": 5, "tcp_user_timeout": 30_000, "keepalives_idle": 30},
-    )
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        with dbapi_conn.cursor() as cursor:
-            cursor.execute("SET statement_timeout = '30s'")
-        dbapi_conn.commit()
-
-    @sa.event.listens_for(engine, "checkout")
-    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
-        # Not a round trip (pool_pre_ping): an idle connection with something to read was closed by the
-        # server (restart, terminated backend) or by something in between. The pool connects anew.
-        idle = select.poll()
-        idle.register(dbapi_conn.fileno(), select.POLLIN)
-        if idle.poll(0):
-            raise sa.exc.DisconnectionError("the database closed the connection while it was idle")
-
-    return engine
-
-
-def _sqlite_engine(url: str) -> Engine:
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    file_backed = bool(path) and path != ":memory:"
-    if file_backed:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    busy_timeout_ms = 30_000
-    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see below).
-        dbapi_conn.isolation_level = None
-        dbapi_conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-        dbapi_conn.execute("PRAGMA foreign_keys=ON")
-        if file_backed:
-            _use_wal(dbapi_conn)
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Take the write lock up front: two workers can then never claim the same task. SQLite's busy handler
-        # sleeps 1, 2, 5, 10 … ms between tries, far longer than a writer holds the lock (and the holder, free
-        # first, took it again): the first ~0.1 s of a wait try every 0.1 ms instead.
-        dbapi_conn: Any = conn.connection.driver_connection
-        dbapi_conn.execute("PRAGMA busy_timeout=0")
-        try:
-            for _ in range(1000):
-                with suppress(sqlite3.OperationalError):
-                    dbapi_conn.execute("BEGIN IMMEDIATE")
-                    return
-                time.sleep(0.0001)
-        finally:
-            dbapi_conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # raises as SQLAlchemy does, or waits on the busy handler
-
-    return engine
-
-
-def _use_wal(dbapi_conn: Any) -> None:
-    """WAL lets readers run beside the writer. Switching needs an exclusive lock and does not
-    wait on the busy handler, so processes opening a new database together retry here."""
-    for _ in range(200):
-        try:
-            if dbapi_conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
-                return
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.05)
-    raise sqlite3.OperationalError("could not switch the SQLite ledger to WAL mode")
 
 
 # Queue messages (TDMQ) that are not a callback cos-webhook can read, kept as they arrived with the
