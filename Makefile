@@ -35,4 +35,4 @@ browser:
 	fi
 
 bench: $(STAMP)
-	$(BIN)/python bench/fetch_memory.py
+	$(BIN)/python bench/fetch_memory.py --jobs 8

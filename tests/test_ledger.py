@@ -327,6 +327,7 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
                 deadline = time.monotonic() + 10
                 while not watcher.execute(waiting).scalar_one():
                     assert time.monotonic() < deadline, "the other worker never waited for the job row"
+                    watcher.rollback()  # pg_stat_activity is read once per transaction: look again
                     time.sleep(0.01)
         settle(conn, job_id, now)
 

@@ -154,6 +154,8 @@ class Worker:
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 # An outcome could not be recorded: the lease runs out and the task is due again.
                 log.error("ledger unavailable while recording an outcome (%s)", type(exc).__name__)
+            except Exception:  # nothing else may end silently in the pool's future
+                log.exception("claim failed unexpectedly; its tasks are due again when the lease runs out")
 
     def run_once(self) -> bool:
         """Claim and process one unit of work in this thread; False when nothing is due."""
