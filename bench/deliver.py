@@ -398,7 +398,8 @@ def report(
     baseline = baselines[-1]
     print(
         f"deliver: {args.jobs} x {args.size_mib} MiB objects from the sandbox on 127.0.0.1, "
-        f"{args.ledger} ledger, filesystem sink, default worker settings"
+        f"{args.ledger} ledger, filesystem sink, "
+        + (f"worker concurrency {args.concurrency}" if args.concurrency else "default worker settings")
     )
     print(f"{'':<52} {'MiB/s':>8} {'jobs/s':>8} {'seconds':>8}")
     for copy in (baselines[0], workers, *baselines[1:], latency):
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jobs", type=positive, default=100, help="jobs of the latency run (default: 100)")
     parser.add_argument("--idle-jobs", type=int, default=20, help="jobs of the idle probe; 0 skips (default: 20)")
     parser.add_argument("--ledger", choices=LEDGERS, default="sqlite")
+    parser.add_argument("--concurrency", type=positive, help="WEBHOOK_WORKER_CONCURRENCY (default: the worker's)")
     parser.add_argument("--postgres-url", default=POSTGRES_URL, help="default: TEST_POSTGRES_URL or the tests' URL")
     args = parser.parse_args(argv)
     if not COS_WEBHOOK.exists():
@@ -446,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="bench-deliver-") as tmp,
             start_rig(Path(tmp), args.ledger, args.postgres_url) as rig,
         ):
+            if args.concurrency:
+                rig.worker_env["WEBHOOK_WORKER_CONCURRENCY"] = str(args.concurrency)
             print(f"submitting {args.jobs} jobs, uploading their objects ...", file=sys.stderr, flush=True)
             by_job, digests = batch(rig, "throughput", args.jobs, size)
             print(f"baseline, {args.workers} worker processes, baseline again ...", file=sys.stderr, flush=True)
