@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import socket
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,6 +33,7 @@ from webhook.steps import ClientFactory, Steps
 log = logging.getLogger(__name__)
 
 WAIT_SLICE = 0.05  # seconds: how quickly an idle worker notices it was told to stop
+CLAIM_SPACING = 0.05  # seconds between claims while nothing more is due
 
 
 class Worker:
@@ -133,7 +135,9 @@ class Worker:
                 in_flight.add(future)
             if burst and not claims and not in_flight:
                 break
-            if len(claims) < free or not free:
+            if len(claims) < free:
+                self._idle(nothing_more_due=time.monotonic())
+            elif not free:
                 self._idle()
         # What is in flight finishes first (the shutdown bounds how long it may take).
         pool.shutdown(wait=True)
@@ -141,11 +145,18 @@ class Worker:
         log.info("worker %s stopped after %d claims", self.worker_id, finished)
         return finished
 
-    def _idle(self) -> None:
-        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval."""
+    def _idle(self, nothing_more_due: float | None = None) -> None:
+        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval.
+
+        After a claim found no more work (at ``nothing_more_due``), the next comes at least
+        CLAIM_SPACING later: on SQLite every commit wakes the worker, its own included, and an
+        empty claim still takes the write lock its claims in flight are waiting for.
+        """
         for _ in range(max(1, round(self.settings.poll_interval / WAIT_SLICE))):
             if self.wakeup.wait(WAIT_SLICE) or self.stopping.is_set():
-                return
+                break
+        if nothing_more_due is not None and (rest := nothing_more_due + CLAIM_SPACING - time.monotonic()) > 0:
+            self.stopping.wait(rest)
 
     def _run_claim(self, claim: Claim) -> None:
         with self.shutdown.busy():
