@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.services import unavailable
 
 from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
@@ -356,9 +357,9 @@ def other_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A directory on another filesystem than ``tmp_path``: in /dev/shm, a tmpfs."""
     shm = Path("/dev/shm")
     if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
-        pytest.skip("no writable /dev/shm: no second filesystem to stage on, so a hard link cannot be made to fail")
+        unavailable("no writable /dev/shm: no second filesystem to stage on, so a hard link cannot be made to fail")
     if shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("/dev/shm is on the filesystem of pytest's tmp_path: a hard link would not fail")
+        unavailable("/dev/shm is on the filesystem of pytest's tmp_path: a hard link would not fail")
     path = Path(tempfile.mkdtemp(dir=shm, prefix="fs-sink-"))
     yield path
     shutil.rmtree(path)
