@@ -64,6 +64,7 @@ from harness import (
     free_port,
     ledger_url,
     percentile,
+    positive,
     running,
     start,
     wait_http_ok,
@@ -415,13 +416,6 @@ def report(
         )
     ratio = workers.mib_s / baseline.mib_s
     print(f"deliver: {ratio:.2f} x raw SDK copy ({workers.mib_s:.1f} / {baseline.mib_s:.1f} MiB/s)")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
+from harness import positive
 from qcloud_cos import CosS3Client
 
 from webhook.app import create_app
@@ -332,13 +333,6 @@ def report(results: list[Result]) -> float:
     difference = largest.peak_rss_mib - smallest.peak_rss_mib
     print(f"peak RSS at {largest.size_mib} MiB minus at {smallest.size_mib} MiB: {difference:+.1f} MiB")
     return difference
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

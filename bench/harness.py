@@ -7,6 +7,7 @@ workers), and each logs to a file in the benchmark's temporary directory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -138,21 +139,6 @@ def wait_http_ok(url: str, process: Process, timeout: float = 60.0) -> None:
     raise BenchError(f"{process.name} did not answer {url} within {timeout:.0f} s:\n{process.log_text()}")
 
 
-def wait_logged(process: Process, marker: bytes, timeout: float = 60.0, poll: float = 0.005) -> float:
-    """Until ``marker`` is in the process's log; returns the time.monotonic() it was first seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if marker in process.log.read_bytes():
-                return time.monotonic()
-        except FileNotFoundError:
-            pass
-        if not process.alive():
-            raise BenchError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_text()}")
-        time.sleep(poll)
-    raise BenchError(f"{process.name} did not log {marker!r} within {timeout:.0f} s:\n{process.log_text()}")
-
-
 @contextmanager
 def ledger_url(kind: str, work: Path, postgres_url: str = POSTGRES_URL) -> Iterator[str]:
     """A fresh, migrated ledger: a SQLite file in ``work``, or a private PostgreSQL schema dropped afterwards."""
@@ -212,3 +198,11 @@ def write_results(name: str, document: dict[str, Any]) -> Path:
     }
     path.write_text(json.dumps(header | document, indent=2) + "\n")
     return path
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
