@@ -87,7 +87,8 @@ DELIVERY_LATENCY = Histogram(
     "cos_webhook_delivery_latency_seconds",
     "Seconds from a job's first callback being stored to its delivery to the sink (replays included).",
     ["sink"],
-    buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0),
+    # From tens of milliseconds (an idle worker is woken at once) to a day of retries.
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400),
     registry=_OWN,
 )
 _COUNTED: tuple[MetricWrapperBase, ...] = (
