@@ -7,8 +7,13 @@ Durations are short and generous either way; the assertions are about what happe
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from qcloud_cos.cos_exception import CosClientError
 from support.receiver import Receiver
 from support.trickle import Trickle, response, self_signed
 
+from webhook.alarm import ALARMS
 from webhook.cos import client_timeout, cos_deadline, make_client, parse_endpoint
 from webhook.deadline import Deadline, DeadlineExceeded, current, deadline_session, expire_all, transfer_budget
 from webhook.events import build_event
@@ -111,6 +117,23 @@ def test_timers_do_not_outlive_their_deadlines() -> None:
             assert not thread.is_alive(), thread.name
 
 
+def test_deadlines_share_one_alarm_thread() -> None:
+    before = threading.active_count()
+    with ExitStack() as stack:
+        for i in range(200):
+            stack.enter_context(Deadline(60, f"open {i}")).extend(60)
+        assert threading.active_count() <= before + 1  # at most the alarm thread, started now
+        assert ALARMS.pending() >= 200
+
+
+def test_exited_deadlines_leave_no_alarm_set() -> None:
+    before = ALARMS.pending()
+    for _ in range(20):
+        with Deadline(60, "short-lived") as deadline:
+            deadline.extend(60)
+    assert ALARMS.pending() == before
+
+
 # --- the deadline-aware session -------------------------------------------------------------
 
 
@@ -132,6 +155,42 @@ def test_headers_cut_off_mid_way_are_not_an_answer(session: requests.Session, st
         pytest.raises(DeadlineExceeded, match="no complete answer within 1s"),
     ):
         session.get(server.url, timeout=1, stream=stream)
+
+
+def test_an_extended_deadline_cuts_off_at_its_new_time(session: requests.Session) -> None:
+    started = time.monotonic()
+    with Trickle(every=0.1) as server, Deadline(0.2, "GET trickle") as deadline:
+        deadline.extend(0.6)  # the alarm for 0.2s from now must not cut the exchange
+        with pytest.raises(DeadlineExceeded, match=r"no complete answer within 0\.8s"):
+            session.get(server.url, timeout=60)
+    assert time.monotonic() - started >= 0.75
+
+
+def test_a_forked_child_has_deadlines_of_its_own() -> None:
+    with Deadline(60, "in the parent"):
+        pass  # the parent's alarm thread runs when it forks; the child has none
+    with Trickle(every=0.3) as server:  # the parent's threads serve the child too
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: answer through the pipe, and leave without cleanup
+            said = "no answer"
+            try:
+                os.close(read)
+                with deadline_session() as session, Deadline(0.5, "GET from the child"):
+                    session.get(server.url, timeout=60)
+            except requests.RequestException as exc:
+                said = str(exc)
+            finally:
+                os.write(write, said.encode())
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 20)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)  # its exchange was never cut off
+        said = os.read(read, 1000).decode() if ready else "still waiting after 20s"
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert said == "GET from the child: no complete answer within 0.5s (deadline)"
 
 
 def test_a_server_that_never_answers_is_cut_off(session: requests.Session) -> None:

@@ -12,7 +12,7 @@ waiting on it would wait forever. A :class:`Deadline` bounds the whole exchange 
             raise
 
 While a deadline is current (per thread), every connection of a :func:`deadline_session` that
-connects or sends a request belongs to it. When it passes, a timer shuts those sockets down,
+connects or sends a request belongs to it. When it passes, an alarm shuts those sockets down,
 which ends any send or receive blocked on them at once; the session then raises
 :class:`DeadlineExceeded`, and refuses to start requests under a deadline already passed.
 """
@@ -33,6 +33,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import ProxyManager
+
+from webhook.alarm import ALARMS, Alarm
 
 DEFAULT_MIN_RATE = 1024 * 1024
 """Bytes per second a transfer is allowed by default (as ``WEBHOOK_MIN_TRANSFER_RATE``)."""
@@ -75,7 +77,7 @@ class Deadline:
         self._exited_expired: bool | None = None  # frozen at exit
         self._parent: Deadline | None = None
         self._token: contextvars.Token[Deadline | None] | None = None
-        self._timer: threading.Timer | None = None
+        self._alarm: Alarm | None = None
         self._watched: set[_Watching] = set()
 
     def __enter__(self) -> Deadline:
@@ -95,10 +97,10 @@ class Deadline:
     ) -> None:
         with self._lock:
             self._exited_expired = self._passed()
-            timer, self._timer = self._timer, None
+            alarm, self._alarm = self._alarm, None
             self._watched.clear()
-        if timer is not None:
-            timer.cancel()
+        if alarm is not None:
+            ALARMS.cancel(alarm)
         with _active_lock:
             _active.discard(self)
         if self._token is not None:
@@ -191,18 +193,15 @@ class Deadline:
         return chain
 
     def _schedule(self) -> None:
-        """(Re)arm the timer for ``_due``; the caller holds the lock."""
+        """(Re)set the alarm for ``_due``; the caller holds the lock."""
         assert self._due is not None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(max(0.0, self._due - time.monotonic()), self._fire)
-        self._timer.daemon = True
-        self._timer.name = f"deadline {self.what}"[:60]
-        self._timer.start()
+        if self._alarm is not None:
+            ALARMS.cancel(self._alarm)
+        self._alarm = ALARMS.set(self._due, self._fire)
 
     def _fire(self) -> None:
         with self._lock:
-            # A timer replaced by extend() or outlived by exit may still run: it must do nothing.
+            # An alarm replaced by extend() or outlived by exit may still run: it must do nothing.
             if self._exited_expired is not None or self._due is None or time.monotonic() < self._due:
                 return
             watched = list(self._watched)
@@ -361,7 +360,7 @@ def _within(timeout: Any, remaining: float) -> Any:
     elif isinstance(timeout, tuple):
         connect, read = timeout
     else:
-        return timeout  # a urllib3 Timeout object: as given, the timer still applies
+        return timeout  # a urllib3 Timeout object: as given, the alarm still applies
     remaining = max(remaining, 0.001)
     return (
         remaining if connect is None else min(connect, remaining),
@@ -381,7 +380,7 @@ def deadline_session(pool_connections: int = 10, pool_maxsize: int = 10) -> requ
 
 
 def _after_fork() -> None:
-    # The child has none of the parent's threads: their deadlines and timers are gone.
+    # The child has none of the parent's threads: their deadlines (and alarms) are gone.
     global _active_lock
     _active_lock = threading.Lock()
     _active.clear()
