@@ -1,11 +1,15 @@
 """Leasing due tasks to a worker, inside the caller's transaction: the SQL behind
 :meth:`~webhook.ledger.queue.Queue.claim` and behind going on from a verification to the job's
 deliveries without handing them back to the queue first.
+
+A batch of jobs is leased in a fixed number of statements, however many jobs it holds: on
+PostgreSQL each statement is a round trip, and a worker's claims wait on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,8 +22,8 @@ from webhook.models import TaskKind, TaskStatus, VersionStatus
 
 # Built once: a worker claims many times a second, and building a statement costs more than running it.
 _now = sa.bindparam("now", type_=sa.DateTime)
-_job_id = sa.bindparam("job_id", type_=sa.String)
 _ids = sa.bindparam("ids", expanding=True, type_=sa.Integer)
+_job_ids = sa.bindparam("job_ids", expanding=True, type_=sa.String)
 _DUE = sa.and_(
     tasks.c.status == TaskStatus.PENDING,
     tasks.c.run_after <= _now,
@@ -34,15 +38,15 @@ _FIRST_DUE = (
 )
 _DUE_DELIVERIES = (
     sa.select(tasks.c.id)
-    .where(_DUE, tasks.c.job_id == _job_id, tasks.c.kind == TaskKind.DELIVER)
+    .where(_DUE, tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER)
     .with_for_update(skip_locked=True)
 )
-_DELIVERED_TO = sa.select(tasks.c.sink).where(
-    tasks.c.job_id == _job_id, tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DONE
+_DELIVERED_TO = sa.select(tasks.c.job_id, tasks.c.sink).where(
+    tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DONE
 )
 _PENDING_VERSIONS = (
-    sa.select(versions.c.id, versions.c.detail)
-    .where(versions.c.job_id == _job_id, versions.c.status == VersionStatus.PENDING)
+    sa.select(versions.c.job_id, versions.c.id, versions.c.detail)
+    .where(versions.c.job_id.in_(_job_ids), versions.c.status == VersionStatus.PENDING)
     .order_by(versions.c.id)
 )
 _LEASE = (
@@ -54,53 +58,72 @@ _LEASE = (
         attempts=tasks.c.attempts + 1,
         updated_at=_now,
     )
+    .returning(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.attempts)
 )
-_LEASED = sa.select(tasks).where(tasks.c.id.in_(_ids)).order_by(tasks.c.sink)
-_JOB = sa.select(jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id == _job_id)
+_JOBS = sa.select(jobs.c.job_id, jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id.in_(_job_ids))
 
 
 def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, limit: int) -> list[Claim]:
     """Lease due work of up to ``limit`` jobs, oldest first: one claim per job."""
-    rows = conn.execute(_FIRST_DUE, {"now": now, "limit": limit}).all()
-    claims: list[Claim] = []
-    seen: set[str] = set()
-    for row in rows:
-        if row.job_id in seen:  # its other due tasks wait: one claim per job at a time
-            continue
-        seen.add(row.job_id)
-        if row.kind == TaskKind.VERIFY:
-            claims.append(_lease_verify(conn, row.id, row.job_id, worker_id, until, now))
-        elif (deliveries := lease_deliveries(conn, row.job_id, worker_id, until, now)) is not None:
-            claims.append(deliveries)
-    return claims
+    first: dict[str, tuple[int, str]] = {}  # job id -> its oldest due task (id, kind)
+    for row in conn.execute(_FIRST_DUE, {"now": now, "limit": limit}):
+        # A job's other due tasks wait: one claim per job at a time.
+        first.setdefault(row.job_id, (row.id, row.kind))
+    verify = [task_id for task_id, kind in first.values() if kind == TaskKind.VERIFY]
+    deliver = [job_id for job_id, (_, kind) in first.items() if kind == TaskKind.DELIVER]
+    due = _due_deliveries(conn, deliver, now)
+    claims = _lease(conn, verify + due, worker_id, until, now)
+    return [claims[job_id] for job_id in first if job_id in claims]
 
 
 def lease_deliveries(
     conn: Connection, job_id: str, worker_id: str, until: datetime, now: datetime
 ) -> DeliveryClaim | None:
     """Lease every due delivery of ``job_id`` (None if none is): one fetch serves them all."""
-    ids = list(conn.execute(_DUE_DELIVERIES, {"now": now, "job_id": job_id}).scalars())
+    claim = _lease(conn, _due_deliveries(conn, [job_id], now), worker_id, until, now).get(job_id)
+    assert claim is None or isinstance(claim, DeliveryClaim)
+    return claim
+
+
+def _due_deliveries(conn: Connection, job_ids: Collection[str], now: datetime) -> list[int]:
+    if not job_ids:
+        return []
+    return list(conn.execute(_DUE_DELIVERIES, {"now": now, "job_ids": list(job_ids)}).scalars())
+
+
+def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime, now: datetime) -> dict[str, Claim]:
+    """Lease the tasks ``ids`` and build one claim per job from them (verify tasks stand alone)."""
     if not ids:
-        return None
-    rows = _lease(conn, ids, worker_id, until, now)
-    job = conn.execute(_JOB, {"job_id": job_id}).one()
-    delivered_to = conn.execute(_DELIVERED_TO, {"job_id": job_id}).scalars()
-    deliveries = tuple(Delivery(r.id, r.job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
-    return DeliveryClaim(job.detail, deliveries, job.created_at, frozenset(delivered_to))
+        return {}
+    leased = conn.execute(_LEASE, {"ids": list(ids), "worker_id": worker_id, "until": until, "now": now}).all()
+    by_job: dict[str, list[sa.Row[Any]]] = defaultdict(list)
+    for row in leased:
+        by_job[row.job_id].append(row)
+    job_ids = list(by_job)
+    found = {row.job_id: row for row in conn.execute(_JOBS, {"job_ids": job_ids})}
+    verifying = [job_id for job_id, rows in by_job.items() if rows[0].kind == TaskKind.VERIFY]
+    delivering = [job_id for job_id in job_ids if job_id not in verifying]
+    pending = _grouped(conn, _PENDING_VERSIONS, verifying)
+    delivered = _grouped(conn, _DELIVERED_TO, delivering)
+    claims: dict[str, Claim] = {}
+    for job_id, rows in by_job.items():
+        job = found[job_id]
+        if rows[0].kind == TaskKind.VERIFY:
+            (row,) = rows  # a job's verify task is leased alone
+            mine = tuple(Version(v.id, v.detail) for v in pending.get(job_id, ())) or (Version(None, job.detail),)
+            claims[job_id] = VerifyClaim(Task(row.id, job_id, TaskKind.VERIFY, row.attempts), mine, job.created_at)
+        else:
+            rows.sort(key=lambda r: r.sink)
+            deliveries = tuple(Delivery(r.id, job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
+            sinks = frozenset(r.sink for r in delivered.get(job_id, ()))
+            claims[job_id] = DeliveryClaim(job.detail, deliveries, job.created_at, sinks)
+    return claims
 
 
-def _lease_verify(
-    conn: Connection, task_id: int, job_id: str, worker_id: str, until: datetime, now: datetime
-) -> VerifyClaim:
-    (row,) = _lease(conn, [task_id], worker_id, until, now)
-    job = conn.execute(_JOB, {"job_id": job_id}).one()
-    pending = conn.execute(_PENDING_VERSIONS, {"job_id": job_id}).all()
-    found = tuple(Version(v.id, v.detail) for v in pending) or (Version(None, job.detail),)
-    return VerifyClaim(Task(task_id, job_id, TaskKind.VERIFY, row.attempts), found, job.created_at)
-
-
-def _lease(
-    conn: Connection, ids: Sequence[int], worker_id: str, until: datetime, now: datetime
-) -> Sequence[sa.Row[Any, Any]]:
-    conn.execute(_LEASE, {"ids": list(ids), "worker_id": worker_id, "until": until, "now": now})
-    return conn.execute(_LEASED, {"ids": list(ids)}).all()
+def _grouped(conn: Connection, statement: sa.Select[Any], job_ids: list[str]) -> dict[str, list[sa.Row[Any]]]:
+    """The rows of ``statement`` for ``job_ids``, by job; no statement at all when there is no job."""
+    rows: dict[str, list[sa.Row[Any]]] = defaultdict(list)
+    if job_ids:
+        for row in conn.execute(statement, {"job_ids": job_ids}):
+            rows[row.job_id].append(row)
+    return rows

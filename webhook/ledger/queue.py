@@ -142,8 +142,7 @@ class Queue:
 
 
 def settle(conn: Connection, job_id: str, now: datetime) -> None:
-    """Derive the job's status from its deliveries once none is pending."""
-    _lock_job(conn, job_id)
+    """Derive the job's status from its deliveries once none is pending (the caller holds the job's lock)."""
     rows = conn.execute(
         sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
         .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
