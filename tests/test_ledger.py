@@ -171,6 +171,67 @@ def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -
     assert ledger.views.show_job(job(1).job_id).status == JobStatus.VERIFIED
 
 
+def accept_and_claim(ledger: Ledger, got: Claim, sinks: list[str], worker: str = "w1", lease: float = 60) -> object:
+    """As the worker accepts: the new deliveries come back leased to it."""
+    assert isinstance(got, VerifyClaim)
+    version = got.versions[0]
+    return ledger.queue.accept_and_claim(got, worker, sinks, version, job_from_json(version.detail), {}, (), lease)
+
+
+def test_a_verifier_goes_on_to_the_deliveries_it_created(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    verify = claim(ledger)
+    assert isinstance(verify, VerifyClaim)
+    got = accept_and_claim(ledger, verify, ["http", "filesystem"])
+    assert isinstance(got, DeliveryClaim)
+    assert [(d.sink, d.attempts) for d in got.deliveries] == [("filesystem", 1), ("http", 1)]
+    assert (got.detail, got.received_at, got.delivered_to) == (job_json(1), verify.received_at, frozenset())
+    assert ledger.views.show_job(job(1).job_id).status == JobStatus.VERIFIED
+    assert ledger.queue.claim("w2", 60) is None  # leased to w1 already
+    for delivery in got.deliveries:
+        assert ledger.queue.complete(delivery, "w1")
+    assert ledger.views.show_job(job(1).job_id).status == JobStatus.DELIVERED
+
+
+def test_deliveries_a_verifier_leased_are_due_again_when_its_lease_runs_out(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    held = accept_and_claim(ledger, claim(ledger), ["filesystem", "http"], lease=0.2)
+    assert isinstance(held, DeliveryClaim)
+    time.sleep(0.3)
+    again = claim(ledger, "w2")
+    assert isinstance(again, DeliveryClaim)
+    assert [(d.id, d.attempts) for d in again.deliveries] == [(d.id, 2) for d in held.deliveries]
+    assert not ledger.queue.complete(held.deliveries[0], "w1")  # no longer w1's
+
+
+def test_a_verifier_that_lost_its_lease_leases_nothing(ledger: Ledger) -> None:
+    record(ledger, job(1))
+    stale = claim(ledger, "w1", lease=0.2)
+    time.sleep(0.3)
+    claim(ledger, "w2")
+    assert accept_and_claim(ledger, stale, ["filesystem"]) is None
+    assert [t.kind for t in ledger.views.show_job(job(1).job_id).tasks] == ["verify"]
+    assert ledger.views.show_job(job(1).job_id).status == JobStatus.RECEIVED
+
+
+def test_one_claim_takes_due_work_of_several_jobs_oldest_first(ledger: Ledger) -> None:
+    record(ledger, job(1), job(2), job(3))
+    verifying = ledger.queue.claim_many("w1", 60, 10)
+    assert [(type(c), c.tasks[0].job_id) for c in verifying] == [(VerifyClaim, job(n).job_id) for n in (1, 2, 3)]
+    assert [[v.detail for v in c.versions] for c in verifying if isinstance(c, VerifyClaim)] == [
+        [job_json(n)] for n in (1, 2, 3)
+    ]
+    assert accept(ledger, verifying[0], ["filesystem", "http"])
+    assert accept(ledger, verifying[1], ["http"])
+    first = ledger.queue.claim_many("w2", 60, 1)
+    rest = ledger.queue.claim_many("w2", 60, 10)
+    assert [[(d.job_id, d.sink) for d in c.tasks] for c in first + rest] == [
+        [(job(1).job_id, "filesystem"), (job(1).job_id, "http")],
+        [(job(2).job_id, "http")],
+    ]
+    assert ledger.queue.claim_many("w3", 60, 10) == []
+
+
 def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
     record(ledger, job(1))
     accept(ledger, claim(ledger), ["filesystem", "http"])

@@ -139,7 +139,7 @@ class Steps:
                 metrics.attempted(tried, claim.received_at)
                 lease = self.settings.lease_seconds
                 deliveries = self.ledger.queue.accept_and_claim(
-                    task, self.worker_id, sinks, version, job, rejected, tried, lease
+                    claim, self.worker_id, sinks, version, job, rejected, tried, lease
                 )
                 log.info("verified state=%s deliveries=%s", job.state, ",".join(sinks), extra=fields(job))
                 return deliveries

@@ -16,6 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 BUSY_TIMEOUT_MS = 30_000
+# Connections kept open per process, opened only when used. Each claim a worker has in flight,
+# its lease keeper, its heartbeat and its loop hold one at once; past the pool's size a checkout
+# opens a new connection (a new backend on PostgreSQL) and closes it again after one transaction.
+# Beyond it there is no cap: the process's threads bound how many are open at once.
+POOL_SIZE = 20
 
 
 def make_engine(url: str) -> Engine:
@@ -28,7 +33,8 @@ def _postgres_engine(url: str) -> Engine:
     # into an error the caller answers (503, retry later), not a thread hung forever.
     engine = sa.create_engine(
         url,
-        pool_timeout=10,
+        pool_size=POOL_SIZE,
+        max_overflow=-1,
         connect_args={"connect_timeout": 5, "tcp_user_timeout": 30_000, "keepalives_idle": 30},
     )
 
@@ -58,6 +64,8 @@ def _sqlite_engine(url: str) -> Engine:
     connection_class = _writer_connection(threading.Lock())
     engine = sa.create_engine(
         url,
+        pool_size=POOL_SIZE,
+        max_overflow=-1,
         connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False, "factory": connection_class},
     )
 

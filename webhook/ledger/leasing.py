@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
@@ -60,6 +61,20 @@ _LEASE = (
     )
     .returning(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.attempts)
 )
+_RESET = ("status", "attempts", "run_after", "locked_until", "locked_by", "last_error", "updated_at", "done_at")
+
+
+def _insert_or_restart(insert: postgresql.Insert | sqlite.Insert) -> Any:
+    return insert.on_conflict_do_update(
+        index_elements=[tasks.c.job_id, tasks.c.kind, tasks.c.sink],
+        set_={name: insert.excluded[name] for name in _RESET},
+    ).returning(tasks.c.id, tasks.c.sink, tasks.c.attempts)
+
+
+_LEASED_ANEW = {
+    "postgresql": _insert_or_restart(postgresql.insert(tasks)),
+    "sqlite": _insert_or_restart(sqlite.insert(tasks)),
+}
 _JOBS = sa.select(jobs.c.job_id, jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id.in_(_job_ids))
 
 
@@ -76,13 +91,35 @@ def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, 
     return [claims[job_id] for job_id in first if job_id in claims]
 
 
-def lease_deliveries(
-    conn: Connection, job_id: str, worker_id: str, until: datetime, now: datetime
+def lease_new_deliveries(
+    conn: Connection,
+    job_id: str,
+    sinks: Sequence[str],
+    worker_id: str,
+    until: datetime,
+    now: datetime,
+    claimed: tuple[str, datetime],
 ) -> DeliveryClaim | None:
-    """Lease every due delivery of ``job_id`` (None if none is): one fetch serves them all."""
-    claim = _lease(conn, _due_deliveries(conn, [job_id], now), worker_id, until, now).get(job_id)
-    assert claim is None or isinstance(claim, DeliveryClaim)
-    return claim
+    """Make one delivery per sink due with a fresh budget, already leased to ``worker_id`` (one statement).
+
+    ``claimed`` is the job as its verify claim has it (detail, when received). A job being verified
+    has delivered nowhere yet: only rejected jobs and jobs whose verification died are verified
+    again. Should a delivery exist all the same, it is started over.
+    """
+    if not sinks:
+        return None
+    row = {"job_id": job_id, "kind": TaskKind.DELIVER, "status": TaskStatus.PENDING, "attempts": 1,
+           "run_after": now, "locked_until": until, "locked_by": worker_id, "last_error": "", "updated_at": now,
+           "done_at": None}  # fmt: skip
+    leased = conn.execute(_LEASED_ANEW[conn.dialect.name], [row | {"sink": sink} for sink in sinks]).all()
+    detail, received_at = claimed
+    return DeliveryClaim(detail, _deliveries(job_id, leased), received_at)
+
+
+def _deliveries(job_id: str, leased: Sequence[sa.Row[Any]]) -> tuple[Delivery, ...]:
+    """A claim's deliveries, in the order of their sinks' names."""
+    ordered = sorted(leased, key=lambda r: str(r.sink))
+    return tuple(Delivery(r.id, job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in ordered)
 
 
 def _due_deliveries(conn: Connection, job_ids: Collection[str], now: datetime) -> list[int]:
@@ -113,10 +150,8 @@ def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime
             mine = tuple(Version(v.id, v.detail) for v in pending.get(job_id, ())) or (Version(None, job.detail),)
             claims[job_id] = VerifyClaim(Task(row.id, job_id, TaskKind.VERIFY, row.attempts), mine, job.created_at)
         else:
-            rows.sort(key=lambda r: r.sink)
-            deliveries = tuple(Delivery(r.id, job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in rows)
             sinks = frozenset(r.sink for r in delivered.get(job_id, ()))
-            claims[job_id] = DeliveryClaim(job.detail, deliveries, job.created_at, sinks)
+            claims[job_id] = DeliveryClaim(job.detail, _deliveries(job_id, rows), job.created_at, sinks)
     return claims
 
 

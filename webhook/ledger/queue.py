@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, Version
+from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, VerifyClaim, Version
 from webhook.ledger.history import record_attempts
 from webhook.ledger.jobs import schedule, set_status
-from webhook.ledger.leasing import claim_due, lease_deliveries
+from webhook.ledger.leasing import claim_due, lease_new_deliveries
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
@@ -67,11 +67,15 @@ class Queue:
         one delivery per sink is due, and the other versions are ``rejected`` with their reasons."""
         now = utcnow()
         with self._engine.begin() as conn:
-            return _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now)
+            if not _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now):
+                return False
+            for sink in sinks:
+                schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
+        return True
 
     def accept_and_claim(
         self,
-        task: Task,
+        claim: VerifyClaim,
         worker_id: str,
         sinks: Sequence[str],
         accepted: Version,
@@ -84,10 +88,12 @@ class Queue:
         it goes on to fetch and deliver without a second claim. None if the lease was lost or no
         sink takes the job."""
         now = utcnow()
+        until = now + timedelta(seconds=lease_seconds)
         with self._engine.begin() as conn:
-            if not _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now):
+            if not _accept(conn, claim.task, worker_id, sinks, accepted, job, rejected, tried, now):
                 return None
-            return lease_deliveries(conn, task.job_id, worker_id, now + timedelta(seconds=lease_seconds), now)
+            job_id, claimed = claim.task.job_id, (accepted.detail, claim.received_at)
+            return lease_new_deliveries(conn, job_id, sinks, worker_id, until, now, claimed)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
@@ -189,8 +195,6 @@ def _accept(
     )
     _record_verdicts(conn, {accepted.id: ""}, VersionStatus.ACCEPTED)
     _record_verdicts(conn, rejected, VersionStatus.REJECTED)
-    for sink in sinks:
-        schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
     if not sinks:
         set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
     return True
