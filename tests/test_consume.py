@@ -16,6 +16,7 @@ import sqlalchemy.exc
 from click.testing import CliRunner, Result
 from support.pipeline import BUCKET, REGION, Pipeline, pipeline_settings, settings_env, working
 from support.receiver import Receiver
+from support.sink_dir import written
 from support.tdmq import (
     QUEUE,
     as_json,
@@ -266,7 +267,7 @@ def assert_delivered_once(job_ids: list[str], http: Receiver, sink_dir: Path) ->
     """Each job reached each sink once: one http event per job, and its two files."""
     ids = [r.headers["webhook-id"] for r in http.requests]
     assert sorted(ids) == sorted(event_id(job_id, "http") for job_id in job_ids)
-    names = sorted(p.name for p in sink_dir.iterdir())
+    names = written(sink_dir)
     assert names == sorted(f"{job_id}{ext}" for job_id in job_ids for ext in (".wav", ".event.json"))
 
 

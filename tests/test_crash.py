@@ -10,6 +10,7 @@ import pytest
 from support.pipeline import Pipeline, settings_env
 from support.processes import start_worker
 from support.receiver import Reply
+from support.sink_dir import written
 
 from webhook.events import event_id
 
@@ -56,7 +57,7 @@ def test_sigkill_mid_delivery_then_restart_delivers_exactly_once(pipeline: Pipel
         ("filesystem", "done", 1),
         ("http", "done", 2),
     ]
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
+    assert written(pipeline.sink_dir) == [f"{job_id}.event.json", f"{job_id}.wav"]
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes()
     # At least once on the wire, exactly once for a receiver that deduplicates on webhook-id.
     assert len(pipeline.http.requests) == 2

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from support.pipeline import BUCKET, DONE, REGION, Pipeline, forged, settings_env
 from support.receiver import Receiver
+from support.sink_dir import written
 
 from webhook.cli import main
 
@@ -21,7 +22,7 @@ def shown(pipeline: Pipeline, job_id: str) -> dict[str, object]:
 
 def assert_nothing_forwarded(pipeline: Pipeline) -> None:
     assert pipeline.http.requests == []
-    assert not pipeline.sink_dir.exists() or list(pipeline.sink_dir.iterdir()) == []
+    assert not pipeline.sink_dir.exists() or written(pipeline.sink_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -89,6 +90,6 @@ def test_hostile_output_key_cannot_escape_the_sink_directory(pipeline: Pipeline)
     key = "../../escape/../../etc/passwd.wav"
     job_id = pipeline.submit(pipeline.upload_input(), output_key=key)
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
+    assert written(pipeline.sink_dir) == [f"{job_id}.event.json", f"{job_id}.wav"]
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes(key)
     assert not (pipeline.sink_dir.parent / "escape").exists()

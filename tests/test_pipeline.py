@@ -12,6 +12,7 @@ from standardwebhooks.webhooks import Webhook
 from support.pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file
 from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
+from support.sink_dir import written
 
 from webhook.events import event_id
 
@@ -111,7 +112,7 @@ def test_output_key_ending_in_json_is_delivered_beside_its_metadata(pipeline: Pi
 
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
 
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.json"]
+    assert written(pipeline.sink_dir) == [f"{job_id}.event.json", f"{job_id}.json"]
     audio = (pipeline.sink_dir / f"{job_id}.json").read_bytes()
     assert audio == pipeline.output_bytes(key)
     metadata = json.loads((pipeline.sink_dir / f"{job_id}.event.json").read_text())
@@ -128,7 +129,7 @@ def test_duplicate_callback_is_processed_once(pipeline: Pipeline) -> None:
 
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
     assert len(pipeline.http.requests) == 1
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json", f"{job_id}.wav"]
+    assert written(pipeline.sink_dir) == [f"{job_id}.event.json", f"{job_id}.wav"]
 
 
 def test_unknown_job_is_rejected_and_never_forwarded(pipeline: Pipeline) -> None:
@@ -138,7 +139,7 @@ def test_unknown_job_is_rejected_and_never_forwarded(pipeline: Pipeline) -> None
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "rejected"
     assert pipeline.ledger.views.show_job(job_id).reason == f"CI does not know job {job_id} in bucket {BUCKET}"
     assert pipeline.http.requests == []
-    assert not pipeline.sink_dir.exists() or list(pipeline.sink_dir.iterdir()) == []
+    assert not pipeline.sink_dir.exists() or written(pipeline.sink_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_failed_job_is_forwarded_as_a_failure_event_without_fetching(pipeline: P
 
     view = pipeline.ledger.views.show_job(job_id)
     assert view.state == "Failed"
-    assert sorted(p.name for p in pipeline.sink_dir.iterdir()) == [f"{job_id}.event.json"]
+    assert written(pipeline.sink_dir) == [f"{job_id}.event.json"]
     metadata, audio = multipart_file(pipeline.http.requests[0])
     assert (metadata["type"], metadata["file"], audio) == ("job.failed", None, None)
     assert metadata["job"]["state"] == "Failed"

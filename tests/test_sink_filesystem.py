@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.services import unavailable
+from support.sink_dir import written
 
 from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
@@ -67,7 +68,7 @@ def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
     event = make_event(tmp_path)
     sink: Sink = FilesystemSink(root)
     sink.deliver(event)
-    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]  # no temporary files left behind
+    assert written(root) == ["job-1.event.json", "job-1.wav"]  # and no temporary files left behind
     assert (root / "job-1.wav").read_bytes() == AUDIO
     assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
 
@@ -77,7 +78,7 @@ def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
     sink.deliver(make_event(tmp_path, content=b"first"))
     sink.deliver(make_event(tmp_path))
     sink.deliver(make_event(tmp_path))
-    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert written(root) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO
 
 
@@ -85,7 +86,7 @@ def test_failed_job_writes_only_metadata(root: Path) -> None:
     job = Job(job_id="job-2", tag="NoiseReduction", state="Failed", code="InvalidInput", message="bad audio")
     event = Event(event_id="evt_failed", type="job.failed", job=job)
     FilesystemSink(root).deliver(event)
-    assert os.listdir(root) == ["job-2.event.json"]
+    assert written(root) == ["job-2.event.json"]
     assert json.loads((root / "job-2.event.json").read_text())["job"]["message"] == "bad audio"
 
 
@@ -108,7 +109,7 @@ def test_failed_job_writes_only_metadata(root: Path) -> None:
 )
 def test_extension_comes_from_the_key_sanitized(tmp_path: Path, root: Path, key: str, name: str) -> None:
     FilesystemSink(root).deliver(make_event(tmp_path, key=key))
-    assert sorted(os.listdir(root)) == sorted([name, "job-1.event.json"])
+    assert written(root) == sorted([name, "job-1.event.json"])
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_audio_named_like_metadata_is_kept_apart_from_it(tmp_path: Path, root: P
     event = make_event(tmp_path, key=key)
     sink = FilesystemSink(root)
     sink.deliver(event)
-    assert sorted(os.listdir(root)) == sorted([audio, "job-1.event.json"])
+    assert written(root) == sorted([audio, "job-1.event.json"])
     assert (root / audio).read_bytes() == AUDIO
     assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
     assert sink.location(event.job).path == str(root.resolve() / audio)
@@ -171,14 +172,16 @@ def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path,
     with pytest.raises(DeliveryError) as caught:
         FilesystemSink(root).deliver(event)
     assert not caught.value.permanent
-    assert os.listdir(root) == []
+    assert written(root) == []
 
 
 def test_temporary_file_left_by_a_killed_worker_is_cleared_on_retry(tmp_path: Path) -> None:
     root = tmp_path / "out"
-    root.mkdir()
-    leftover = root / ".job-1.wav.abc123.tmp"
+    (root / ".partial").mkdir(parents=True)
+    leftover = root / ".partial" / "job-1.wav.abc123.tmp"
     leftover.write_bytes(b"half an upload")
+    other = root / ".partial" / "job-2.wav.def456.tmp"  # another job's write, perhaps under way
+    other.write_bytes(b"another upload")
     source = tmp_path / "a.wav"
     source.write_bytes(b"RIFF complete")
     job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=ObjectLocation("b-1", "r", "o/a.wav"))
@@ -186,7 +189,8 @@ def test_temporary_file_left_by_a_killed_worker_is_cleared_on_retry(tmp_path: Pa
 
     FilesystemSink(root).deliver(build_event(job, "filesystem", fetched))
 
-    assert sorted(p.name for p in root.iterdir()) == ["job-1.event.json", "job-1.wav"]
+    assert sorted(p.name for p in root.iterdir()) == [".partial", "job-1.event.json", "job-1.wav"]
+    assert [p.name for p in (root / ".partial").iterdir()] == [other.name]
 
 
 @pytest.mark.slow  # 200 deliveries of 1 MiB, each fsynced
@@ -238,7 +242,7 @@ def test_building_and_checking_create_nothing_and_the_first_delivery_creates_the
     assert listing(tmp_path) == before
 
     sink.deliver(make_event(tmp_path))
-    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert written(root) == ["job-1.event.json", "job-1.wav"]
 
 
 def test_checking_a_writable_directory_leaves_no_probe_behind(root: Path) -> None:
@@ -342,7 +346,7 @@ def test_a_staged_download_is_hard_linked_into_place(sandbox: Sandbox, tmp_path:
     assert (delivered.st_dev, delivered.st_ino) == (staged.st_dev, staged.st_ino)
     assert delivered.st_nlink == 2
     assert stat.S_IMODE(delivered.st_mode) == 0o600
-    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert written(root) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO
 
     # A later attempt staging another object replaces the staged file by rename, never in place.
@@ -377,7 +381,7 @@ def test_a_download_staged_on_another_filesystem_is_copied(
     assert delivered.st_dev != staged.st_dev  # os.link failed with EXDEV
     assert (delivered.st_nlink, staged.st_nlink) == (1, 1)
     assert stat.S_IMODE(delivered.st_mode) == 0o600
-    assert sorted(os.listdir(root)) == ["job-1.event.json", "job-1.wav"]
+    assert written(root) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO
     staging.release("job-1")
     assert (root / "job-1.wav").read_bytes() == AUDIO

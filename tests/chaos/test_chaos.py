@@ -70,6 +70,7 @@ from webhook.models import Outcome as AttemptOutcome
 from webhook.retry import RetryPolicy
 from webhook.sandbox import Sandbox, noisy_wav
 from webhook.sandbox.submit import submit_noise_reduction
+from webhook.sinks.filesystem import PARTIAL_DIR
 
 pytestmark = pytest.mark.slow  # minutes of real processes being killed
 
@@ -442,7 +443,7 @@ def observe(
         ledger_status=status,
         unfinished_tasks=unfinished,
         task_attempts=task_attempts,
-        sink_files=sorted(p.name for p in sink_dir.iterdir()) if sink_dir.exists() else [],
+        sink_files=sorted(p.name for p in sink_dir.iterdir() if p.name != PARTIAL_DIR) if sink_dir.exists() else [],
         filesystem_problems=check_directory(sink_dir, expected),
         attempts=list(attempts),
         outage=outage_verifications(verifications, outage),
@@ -467,9 +468,12 @@ def outage_verifications(rows: Sequence[sa.Row[Any]], outage: CiOutage) -> Outag
 
 def check_directory(sink_dir: Path, expected: dict[str, bytes]) -> list[str]:
     """``<job_id>: problem`` for every job whose two files are not exactly right, and any stray file."""
-    names = {p.name for p in sink_dir.iterdir()} if sink_dir.exists() else set()
+    names = {p.name for p in sink_dir.iterdir() if p.name != PARTIAL_DIR} if sink_dir.exists() else set()
     wanted = {f"{job_id}{ext}" for job_id in expected for ext in (".wav", ".event.json")}
     problems = [f"{name}: unexpected file in the sink directory" for name in sorted(names - wanted)]
+    partial = sink_dir / PARTIAL_DIR
+    if partial.is_dir():
+        problems += [f"{PARTIAL_DIR}/{p.name}: temporary file left behind" for p in sorted(partial.iterdir())]
     for job_id, data in expected.items():
         wav, meta = sink_dir / f"{job_id}.wav", sink_dir / f"{job_id}.event.json"
         if not (wav.name in names and meta.name in names):

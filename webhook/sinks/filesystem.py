@@ -21,14 +21,16 @@ from webhook.sinks.options import FilesystemOptions
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CHUNK = 256 * 1024  # as webhook.fetch.CHUNK: one per delivery in flight
+PARTIAL_DIR = ".partial"  # in the sink's directory: files being written, renamed out when complete
 
 
 class FilesystemSink(Sink):
     """Writes each event's audio, then its metadata, atomically into ``root``.
 
     A consumer can rely on this: once ``<job_id>.event.json`` exists, the audio it describes is
-    complete, and both survive a power cut. Temporary files start with a dot so that globbing
-    ``*.event.json`` never sees them. Files are created with mode 0600 (only the service's user can
+    complete, and both survive a power cut. Files are written in the hidden subdirectory
+    ``.partial`` and renamed into place, so globbing ``*.event.json`` never sees them half-written.
+    Files are created with mode 0600 (only the service's user can
     read them).
 
     The audio is a hard link to the worker's staged download when both are on one filesystem (no
@@ -92,11 +94,15 @@ class FilesystemSink(Sink):
         # The name is already safe; this also refuses a symlink planted at the target that points elsewhere.
         if target.resolve().parent != root:
             raise DeliveryError(f"{self.name}: {name!r} resolves outside {root}", permanent=True)
-        # A worker killed mid-write leaves its temporary file behind; the retry clears it.
-        for stale in root.glob(f".{glob.escape(name)}.*.tmp"):
+        # Temporary files live in a directory of their own, which holds only writes under way and
+        # those of killed workers: looking for the latter costs the same however many files the
+        # sink holds. The retry clears them.
+        partial = root / PARTIAL_DIR
+        partial.mkdir(mode=0o700, exist_ok=True)
+        for stale in partial.glob(f"{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        temp = root / f".{name}.{secrets.token_hex(8)}.tmp"
+        temp = partial / f"{name}.{secrets.token_hex(8)}.tmp"
         try:
             fill(temp)
             os.replace(temp, target)
