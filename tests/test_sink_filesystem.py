@@ -149,9 +149,9 @@ def test_hostile_keys_land_inside_root(tmp_path: Path, root: Path, key: str) -> 
     event = make_event(tmp_path, key=key)
     before = tree(tmp_path)
     FilesystemSink(root).deliver(event)
-    written = tree(tmp_path).keys() - before.keys()
-    assert len(written) == 2
-    assert all((tmp_path / name).parent == root for name in written)
+    new_files = tree(tmp_path).keys() - before.keys()
+    assert len(new_files) == 2
+    assert all((tmp_path / name).parent == root for name in new_files)
 
 
 def test_refuses_a_symlink_planted_at_the_target(tmp_path: Path, root: Path) -> None:
@@ -163,6 +163,18 @@ def test_refuses_a_symlink_planted_at_the_target(tmp_path: Path, root: Path) -> 
         FilesystemSink(root).deliver(make_event(tmp_path))
     assert caught.value.permanent
     assert outside.read_bytes() == b"precious"
+
+
+def test_refuses_a_symlink_planted_as_its_partial_directory(tmp_path: Path, root: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root.mkdir(parents=True)
+    (root / ".partial").symlink_to(elsewhere)
+    with pytest.raises(DeliveryError, match=r"'\.partial' resolves outside") as caught:
+        FilesystemSink(root).deliver(make_event(tmp_path))
+    assert caught.value.permanent
+    assert os.listdir(elsewhere) == []
+    assert sorted(os.listdir(root)) == [".partial"]
 
 
 def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path, root: Path) -> None:

@@ -30,8 +30,7 @@ class FilesystemSink(Sink):
     A consumer can rely on this: once ``<job_id>.event.json`` exists, the audio it describes is
     complete, and both survive a power cut. Files are written in the hidden subdirectory
     ``.partial`` and renamed into place, so globbing ``*.event.json`` never sees them half-written.
-    Files are created with mode 0600 (only the service's user can
-    read them).
+    Files are created with mode 0600 (only the service's user can read them).
 
     The audio is a hard link to the worker's staged download when both are on one filesystem (no
     second copy of the bytes; it keeps the download's mode, 0600, and modification time), else a copy.
@@ -99,6 +98,8 @@ class FilesystemSink(Sink):
         # sink holds. The retry clears them.
         partial = root / PARTIAL_DIR
         partial.mkdir(mode=0o700, exist_ok=True)
+        if partial.resolve() != partial:  # a symlink planted there would take the bytes elsewhere first
+            raise DeliveryError(f"{self.name}: {PARTIAL_DIR!r} resolves outside {root}", permanent=True)
         for stale in partial.glob(f"{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
