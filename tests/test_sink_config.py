@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.pipeline import Pipeline, settings_env
 from support.receiver import Receiver, Reply
+from support.sink_dir import written
 
 from webhook.cli import main
 from webhook.config import Settings
@@ -201,7 +202,7 @@ def test_filters_choose_the_sinks_of_each_job(pipeline: Pipeline, tmp_path: Path
         job: [d["sink"] for d in pipeline.ledger.views.show_job(job).to_dict()["deliveries"]] for job in (ok, broken)
     }
     assert sinks_of == {ok: ["filesystem", "http"], broken: ["failures", "filesystem", "http"]}
-    assert sorted(p.name for p in failures.iterdir()) == [f"{broken}.event.json"]
+    assert written(failures) == [f"{broken}.event.json"]
 
 
 def test_each_sink_has_its_own_retry_budget(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ as the worker's do, each get their events there intact.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from support.moto_server import MotoServer
 from support.pipeline import HTTP_SECRET, multipart_file
 from support.receiver import Receiver
 from support.services import require_service
+from support.sink_dir import written
 from support.tcp_proxy import TcpProxy
 
 from webhook.crc64 import crc64ecma
@@ -129,7 +129,7 @@ class FilesystemHarness(Harness):
         self.sink = FilesystemSink(self.root)
 
     def arrivals(self) -> list[Arrival]:
-        return stored(os.listdir(self.root), lambda name: (self.root / name).read_bytes())
+        return stored(written(self.root), lambda name: (self.root / name).read_bytes())
 
     def away(self) -> None:
         self.root.rename(self.aside)
