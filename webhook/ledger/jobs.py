@@ -180,7 +180,7 @@ class Jobs:
                 raise LedgerError(f"job {job_id} is {row.status}: it is waiting for verification, nothing to replay")
             for sink in sinks:
                 schedule(conn, job_id, TaskKind.DELIVER, sink, now)
-                notify(conn)
+            notify(conn)
             set_status(conn, job_id, JobStatus.VERIFIED, "", now)
         return Replayed(job_id, verify=False, sinks=tuple(sinks))
 
