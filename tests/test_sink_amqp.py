@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,29 +189,39 @@ class SteppedClock:
         self.skipped += seconds
 
 
-def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
-    broker: Any,
-    exchange: str,
-    make_sink: SinkFactory,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Idle time is skipped on the sink's clock rather than slept: real time stays far from both the
-    # sink's reconnect point (half the heartbeat) and the broker's drop, however loaded the machine.
-    clock = SteppedClock()
-    monkeypatch.setattr(amqp_module, "time", clock)
-    heartbeat = 60
+HEARTBEAT = 60  # seconds, asked of the broker by the sinks below
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
+    """The sink's clock. Idle time is skipped on it rather than slept: real time stays far from both
+    the sink's reconnect point (half the heartbeat) and the broker's drop, however loaded the machine."""
+    stepped = SteppedClock()
+    monkeypatch.setattr(amqp_module, "time", stepped)
+    return stepped
+
+
+@contextmanager
+def counted_sink(make_sink: SinkFactory) -> Iterator[tuple[TcpProxy, AmqpSink]]:
+    """A checked sink whose connections go through a proxy that counts them."""
     with TcpProxy((HOST, PORT)) as proxy:
-        sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F?heartbeat={heartbeat}")
+        sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F?heartbeat={HEARTBEAT}")
         sink.check()
+        yield proxy, sink
+
+
+def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
+    broker: Any, exchange: str, make_sink: SinkFactory, caplog: pytest.LogCaptureFixture, clock: SteppedClock
+) -> None:
+    with counted_sink(make_sink) as (proxy, sink):
         queue = bound_queue(broker, exchange)
         sink.deliver(succeeded("job-a"))
-        clock.skip(heartbeat / 3)  # idle, but not for half the heartbeat
+        clock.skip(HEARTBEAT / 3)  # idle, but not for half the heartbeat
         sink.deliver(succeeded("job-b"))
         assert proxy.accepted == 1
 
         # Idle for over half the heartbeat: the sink reconnects rather than wait to be dropped.
-        clock.skip(heartbeat / 2 + 1)
+        clock.skip(HEARTBEAT / 2 + 1)
         sink.deliver(succeeded("job-c"))
         assert proxy.accepted == 2
 
@@ -219,18 +230,9 @@ def test_connection_is_reused_and_closed_before_the_broker_would_drop_it(
 
 
 def test_deliveries_at_once_get_a_connection_each_and_idle_ones_are_closed(
-    broker: Any,
-    exchange: str,
-    make_sink: SinkFactory,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    broker: Any, exchange: str, make_sink: SinkFactory, caplog: pytest.LogCaptureFixture, clock: SteppedClock
 ) -> None:
-    clock = SteppedClock()
-    monkeypatch.setattr(amqp_module, "time", clock)
-    heartbeat = 60
-    with TcpProxy((HOST, PORT)) as proxy:
-        sink = make_sink(url=f"amqp://127.0.0.1:{proxy.port}/%2F?heartbeat={heartbeat}")
-        sink.check()
+    with counted_sink(make_sink) as (proxy, sink):
         queue = bound_queue(broker, exchange)
         together = threading.Barrier(3, timeout=30)  # a failing step breaks it rather than hang
 
@@ -245,9 +247,9 @@ def test_deliveries_at_once_get_a_connection_each_and_idle_ones_are_closed(
         # and the two left idle are closed once idle for half the heartbeat, before the broker
         # would drop them.
         sink.deliver(succeeded("job-a"))
-        clock.skip(heartbeat / 3)
+        clock.skip(HEARTBEAT / 3)
         sink.deliver(succeeded("job-b"))
-        clock.skip(heartbeat / 3)
+        clock.skip(HEARTBEAT / 3)
         sink.deliver(succeeded("job-c"))
         assert (proxy.accepted, proxy.settled(1)) == (3, 1)
 
