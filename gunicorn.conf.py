@@ -5,8 +5,8 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from webhook import metrics_dir
-from webhook.logs import gunicorn_logconfig
+from webhook.telemetry import metrics_dir
+from webhook.telemetry.logs import gunicorn_logconfig
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))

@@ -72,17 +72,17 @@ from harness import (
 )
 from qcloud_cos import CosS3Client
 
-from webhook.app import create_app
+from webhook.ci.client import CosEndpoint, make_client
+from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
-from webhook.cos import CosEndpoint, make_client
+from webhook.dev.sandbox import noisy_wav
+from webhook.dev.sandbox.admin import FAULTS_PATH
+from webhook.dev.sandbox.server import SANDBOX_APPID, SANDBOX_ID, SANDBOX_KEY
 from webhook.ledger import Ledger
 from webhook.ledger.schema import jobs
 from webhook.models import JobStatus, ObjectLocation
-from webhook.sandbox import noisy_wav
-from webhook.sandbox.admin import FAULTS_PATH
-from webhook.sandbox.server import SANDBOX_APPID, SANDBOX_ID, SANDBOX_KEY
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 MIB = 1024 * 1024
 REGION = "ap-guangzhou"

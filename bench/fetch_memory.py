@@ -55,13 +55,13 @@ from pathlib import Path
 from harness import positive
 from qcloud_cos import CosS3Client
 
-from webhook.app import create_app
+from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
+from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.ledger import Ledger, LedgerError
 from webhook.models import JobStatus, ObjectLocation
-from webhook.sandbox import Sandbox, noisy_wav
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 MIB = 1024 * 1024
 REGION = "ap-guangzhou"
@@ -176,7 +176,7 @@ class Rig:
 def serving(server: HTTPServer) -> Iterator[str]:
     """Serve in a background thread; yield the base URL.
 
-    For the http sink receiver: a plain ``http.server``, which ``webhook.serving.BackgroundServer``
+    For the http sink receiver: a plain ``http.server``, which ``webhook.web.server.BackgroundServer``
     (for WSGI apps) cannot run.
     """
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

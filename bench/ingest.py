@@ -13,7 +13,7 @@ is needed because ``gunicorn.conf.py`` sets 4 threads, and gunicorn silently run
 instead of ``sync`` when threads > 1; the worker class each arbiter logs must be the same for
 both apps, or the benchmark stops. ``wrk`` (``-t2 -c8`` by default; installed with apt-get when
 missing and this runs as root) sends XML callbacks shaped exactly like the sandbox's
-(``webhook.sandbox.jobs``), each with a new JobId, to the real token URL: a 2 s warm-up, then
+(``webhook.dev.sandbox.jobs``), each with a new JobId, to the real token URL: a 2 s warm-up, then
 ``--seconds`` measured. The machine's speed drifts (its cores are shared), so each ledger's run is
 bracketed by two runs of the bare app, and the ceiling is their mean. One request is checked
 first: the real app must answer 200 with one new, not duplicate, job, or the benchmark stops.
@@ -77,8 +77,8 @@ from harness import (
     write_results,
 )
 
+from webhook.dev.sandbox.jobs import MediaJob
 from webhook.models import JobState
-from webhook.sandbox.jobs import MediaJob
 
 WARM_UP_SECONDS = 2
 # gunicorn.conf.py asks for 4 threads, and gunicorn quietly runs gthread instead of sync when threads > 1.

@@ -14,10 +14,10 @@ from support.pipeline import Pipeline, pipeline_settings
 from support.receiver import Receiver
 from support.services import IN_CI, postgres_schema
 
-from webhook.app import create_app
+from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Ledger
-from webhook.sandbox import Sandbox
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 # Hypothesis examples per property test: "ci" (CI=true) runs today's full 12,000; "dev" is a quick inner loop.
 hypothesis.settings.register_profile("ci", max_examples=2_000)

@@ -12,12 +12,12 @@ import pytest
 import requests
 from support.samples import DOC_JSON
 
-from webhook.app import create_app
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.ledger import Ledger
 from webhook.ledger.schema import callbacks
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 OLD, NEW = "old-token-0123456789", "new-token-0123456789"
 

@@ -28,10 +28,10 @@ from support.pipeline import Pipeline, multipart_file
 from support.samples import DOC_JSON, DOC_XML, body, job
 from support.services import require_service
 
-from webhook.app import create_app
 from webhook.config import Settings
 from webhook.ledger import Ledger
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI_PATH = ROOT / "openapi.yaml"

@@ -9,7 +9,7 @@ from support.pipeline import DONE, Pipeline, settings_env
 from support.receiver import Reply
 
 from webhook.cli import main
-from webhook.sandbox import Fault
+from webhook.dev.sandbox import Fault
 
 
 def show(pipeline: Pipeline, *args: str) -> str:

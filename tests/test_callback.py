@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from support.samples import BAD_INPUTS, DOC_JOB, DOC_JSON, DOC_XML, DROP, FORMATS, JOB_ID, body, job, operation
 
-from webhook.callback import CallbackError, parse_callback
+from webhook.intake.callback import CallbackError, parse_callback
 from webhook.models import Callback, CosHeader, Job, Workflow
 
 WORKFLOW = {

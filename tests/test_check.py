@@ -9,9 +9,9 @@ from click.testing import CliRunner, Result
 from support.pipeline import BUCKET, REGION, TOKEN, settings_env
 
 from webhook.cli import main
+from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Ledger
 from webhook.ledger.migrate import head
-from webhook.sandbox import Sandbox
 
 TOKEN_OK = "ok    callback token: 1 configured"
 CI_OK = f"ok    ci: {BUCKET} ({REGION}) accepts the credentials"

@@ -31,16 +31,16 @@ from support.tdmq import (
     tdmq_env,
 )
 
-from webhook import consume
-from webhook.callback import CallbackError
 from webhook.cli import main
-from webhook.events import event_id
+from webhook.dev.sandbox import Sandbox, noisy_wav
+from webhook.dev.sandbox.cmq import CmqFault
+from webhook.intake import consumer as consume
+from webhook.intake.callback import CallbackError
 from webhook.ledger import Ledger
 from webhook.ledger.quarantine import Quarantine
 from webhook.ledger.schema import callbacks
 from webhook.models import Callback
-from webhook.sandbox import Sandbox, noisy_wav
-from webhook.sandbox.cmq import CmqFault
+from webhook.sinks.events import event_id
 
 
 @pytest.fixture

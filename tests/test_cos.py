@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.cos import CosEndpoint, client_error, make_client, service_error
-from webhook.fetch import FetchError, describe_object
+from webhook.ci.client import CosEndpoint, client_error, make_client, service_error
+from webhook.ci.fetch import FetchError, describe_object
+from webhook.ci.verify import VerifyError, describe_job
+from webhook.dev.sandbox import Sandbox
 from webhook.models import ObjectLocation
-from webhook.sandbox import Sandbox
-from webhook.verify import VerifyError, describe_job
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 REQUEST_ID = r"\(request_id=[0-9a-f]{32}\)$"  # the sandbox's, as COS names each answer

@@ -12,7 +12,7 @@ from support.processes import start_worker
 from support.receiver import Reply
 from support.sink_dir import written
 
-from webhook.events import event_id
+from webhook.sinks.events import event_id
 
 pytestmark = pytest.mark.slow  # worker processes, SIGKILLed and restarted
 

@@ -14,11 +14,11 @@ from support.pipeline import DONE, TOKEN, Pipeline, forged
 from support.receiver import Reply
 from werkzeug.test import TestResponse
 
-from webhook.app import create_app
 from webhook.config import Settings
-from webhook.dashboard import auth, pages
-from webhook.events import event_id
 from webhook.ledger import Ledger
+from webhook.sinks.events import event_id
+from webhook.web.app import create_app
+from webhook.web.dashboard import auth, pages
 
 PASSWORD = "correct horse battery staple"
 SCRIPT = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"

@@ -24,8 +24,8 @@ from support.pipeline import DONE, Pipeline
 from support.receiver import Reply
 from support.services import unavailable
 
-from webhook.app import create_app
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 PASSWORD = "correct horse battery staple"
 # Would set the title, raise an alert and mark the window if the page ever let it run.

@@ -23,14 +23,14 @@ from support.receiver import Receiver
 from support.trickle import Trickle, response, self_signed
 
 from webhook.alarm import ALARMS
-from webhook.cos import client_timeout, cos_deadline, make_client, parse_endpoint
+from webhook.ci.client import client_timeout, cos_deadline, make_client, parse_endpoint
+from webhook.ci.verify import VerifyError, describe_job
 from webhook.deadline import Deadline, DeadlineExceeded, current, deadline_session, expire_all, transfer_budget
-from webhook.events import build_event
 from webhook.models import Job
 from webhook.sinks import DeliveryError
 from webhook.sinks.cos import CosSink
+from webhook.sinks.events import build_event
 from webhook.sinks.options import CosOptions
-from webhook.verify import VerifyError, describe_job
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 

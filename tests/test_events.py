@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-import webhook.events
-from webhook.events import SCHEMA, build_event, event_document, event_id
+import webhook.sinks.events
 from webhook.models import CosHeader, FetchedFile, Job, ObjectLocation
+from webhook.sinks.events import SCHEMA, build_event, event_document, event_id
 
 # The job the module docstring's example describes.
 EXAMPLE_JOB = Job(
@@ -50,7 +50,7 @@ def test_event_id_separates_job_and_sink() -> None:
 
 
 def test_docstring_example_matches_the_metadata() -> None:
-    doc = webhook.events.__doc__
+    doc = webhook.sinks.events.__doc__
     assert doc is not None
     example = doc[doc.index("::") + 2 : doc.index("A failed job")]
     assert event_document(build_event(EXAMPLE_JOB, "filesystem", EXAMPLE_FILE)) == json.loads(example)

@@ -19,10 +19,10 @@ from support.processes import start_worker, wait_healthy, web
 from support.sink_dir import written
 from support.tcp_proxy import TcpProxy
 
-from webhook.cos import make_client
-from webhook.crc64 import crc64ecma
-from webhook.sandbox import Fault
-from webhook.worker import Worker
+from webhook.ci.client import make_client
+from webhook.ci.crc64 import crc64ecma
+from webhook.dev.sandbox import Fault
+from webhook.worker.runtime import Worker
 
 OUTPUT = "out/denoised.wav"
 

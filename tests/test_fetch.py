@@ -11,12 +11,12 @@ import crcmod
 import pytest
 from support.trickle import Trickle, response
 
-from webhook.cos import make_client, parse_endpoint
-from webhook.crc64 import crc64ecma
-from webhook.fetch import FetchError, describe_object, fetch_object
+from webhook.ci.client import make_client, parse_endpoint
+from webhook.ci.crc64 import crc64ecma
+from webhook.ci.fetch import FetchError, describe_object, fetch_object
+from webhook.dev.sandbox import Sandbox
+from webhook.dev.sandbox.faults import Fault
 from webhook.models import FetchedFile, ObjectLocation
-from webhook.sandbox import Sandbox
-from webhook.sandbox.faults import Fault
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 REQUEST_ID = r"\(request_id=[0-9a-f]{32}\)$"  # the sandbox's, as COS names each answer
@@ -58,7 +58,7 @@ def test_missing_object_leaves_no_temp_file(sandbox: Sandbox, tmp_path: Path) ->
 
 
 def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
-    from webhook.cos import make_client
+    from webhook.ci.client import make_client
 
     client = make_client(sandbox.secret_id, "not-the-key", REGION, sandbox.endpoint)
     with pytest.raises(FetchError, match=r"^COS answered 403 SignatureDoesNotMatch for out/a\.wav: .+ " + REQUEST_ID):
@@ -66,7 +66,7 @@ def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
 
 
 def test_unreachable_cos(tmp_path: Path) -> None:
-    from webhook.cos import CosEndpoint, make_client
+    from webhook.ci.client import CosEndpoint, make_client
 
     client = make_client("id", "key", REGION, CosEndpoint("http", "127.0.0.1", 9))
     with pytest.raises(FetchError, match=r"^COS unreachable: "):

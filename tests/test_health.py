@@ -15,11 +15,11 @@ from support.endpoint import TOKEN
 from support.samples import DOC_JSON
 from support.tcp_proxy import TcpProxy
 
-from webhook import health
-from webhook.app import create_app
 from webhook.config import Settings
 from webhook.ledger import Ledger
-from webhook.serving import BackgroundServer
+from webhook.web import health
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 PROBES = ("/livez", "/readyz", "/healthz")
 
@@ -95,5 +95,5 @@ def test_probes_and_scrapes_are_not_in_the_access_log(ledger: Ledger, caplog: py
         for path in (*PROBES, "/metrics"):
             requests.get(f"{url}{path}", timeout=30)
         requests.post(f"{url}/callback/{TOKEN}", data=DOC_JSON, timeout=30)
-    access = [r.getMessage() for r in caplog.records if r.name == "webhook.app"]
+    access = [r.getMessage() for r in caplog.records if r.name == "webhook.web.app"]
     assert access == ["127.0.0.1 POST /callback/<token> 200"]

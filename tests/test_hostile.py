@@ -25,9 +25,9 @@ from support.endpoint import NOTHING, TOKEN, post, row_counts, serving
 from support.processes import wait_healthy, web
 from support.samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation
 
-import webhook.callback
-from webhook.callback import MAX_XML_DEPTH, CallbackError, parse_callback
+import webhook.intake.callback
 from webhook.config import Settings
+from webhook.intake.callback import MAX_XML_DEPTH, CallbackError, parse_callback
 from webhook.ledger import Ledger
 from webhook.ledger.schema import callbacks
 from webhook.models import Job
@@ -207,7 +207,7 @@ def test_xml_bomb_is_refused_by_the_parser_even_if_the_text_check_misses_it(
     monkeypatch: pytest.MonkeyPatch, tripwire: int, name: str
 ) -> None:
     # Belt and braces: with the pattern check disabled, expat's own DOCTYPE handler still refuses it.
-    monkeypatch.setattr(webhook.callback, "_DTD", re.compile(r"(?!)"))
+    monkeypatch.setattr(webhook.intake.callback, "_DTD", re.compile(r"(?!)"))
     peak_before = peak_rss()
 
     with pytest.raises(CallbackError) as raised:
@@ -304,13 +304,13 @@ def test_100k_jobs_are_refused_413_under_the_default_limit(ledger: Ledger, base_
 @pytest.mark.parametrize("sent", [MANY_JSON, MANY_XML], ids=["json", "xml"])
 def test_job_count_is_checked_before_any_job_is_normalized(monkeypatch: pytest.MonkeyPatch, sent: bytes) -> None:
     normalized: list[str] = []
-    real_parse_job = webhook.callback.parse_job
+    real_parse_job = webhook.intake.callback.parse_job
 
     def counting_parse_job(item: Any, where: str) -> Job:
         normalized.append(where)
         return real_parse_job(item, where)
 
-    monkeypatch.setattr(webhook.callback, "parse_job", counting_parse_job)
+    monkeypatch.setattr(webhook.intake.callback, "parse_job", counting_parse_job)
 
     with pytest.raises(CallbackError) as raised:
         parse_callback(sent)

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from support.services import POSTGRES_URL, postgres_schema
 
 import webhook.ledger.queue as queue_module
+from webhook.intake.triage import triage
 from webhook.ledger import (
     Claim,
     Delivery,
@@ -33,7 +34,6 @@ from webhook.ledger import (
 from webhook.ledger.schema import tasks
 from webhook.ledger.wakeup import CHANNEL
 from webhook.models import Callback, Job, JobStatus, ObjectLocation, job_from_json, job_to_dict
-from webhook.triage import triage
 
 TAGS = frozenset({"NoiseReduction"})
 RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")

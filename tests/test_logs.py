@@ -17,10 +17,10 @@ from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env
 from support.processes import start_worker, wait_healthy, web
 from support.samples import DOC_JOB, body, job, json_doc
 
+from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Delivery
-from webhook.logs import JsonLineFormatter, OneLineFormatter, escape, fields, formatter
 from webhook.models import TaskKind
-from webhook.sandbox import Sandbox
+from webhook.telemetry.logs import JsonLineFormatter, OneLineFormatter, escape, fields, formatter
 
 # A value that, written raw, would end its record and start a line claiming a delivery.
 FORGED = "\n2026-01-01 00:00:00 INFO webhook.worker job=x sink=y delivered"
@@ -170,12 +170,12 @@ def test_every_record_of_a_request_carries_the_id_its_response_returns(pipeline:
     assert ids[1] == "router-7f3a.42"  # a router's id is kept, to follow a request across both logs
     assert re.fullmatch("[0-9a-f]{32}", ids[0])
     assert re.fullmatch("[0-9a-f]{32}", ids[2])
-    web = [r for r in json_records(log.getvalue()) if r["logger"] in ("webhook.receive", "webhook.app")]
+    web = [r for r in json_records(log.getvalue()) if r["logger"] in ("webhook.intake.http", "webhook.web.app")]
     by_id = {request_id: [r for r in web if r.get("request_id") == request_id] for request_id in ids}
     assert [len(lines) for lines in by_id.values()] == [1, 1, 1]  # the access line, which says the outcome too
     (access,), (refusal,), _ = by_id.values()
     assert (access["logger"], access["method"], access["path"], access["status"]) == (
-        "webhook.app",
+        "webhook.web.app",
         "POST",
         "/callback/<token>",
         200,
@@ -197,8 +197,10 @@ def test_a_callback_is_one_text_line_that_says_how_it_was_answered(pipeline: Pip
         pipeline.post_callback(json_doc(job("j-text")))
         pipeline.post_callback(json_doc(job("j-text")))
         requests.post(pipeline.callback_url, data=b"<Response>", timeout=10)
-    lines = [line for line in log.getvalue().splitlines() if " webhook.app " in line or " webhook.receive " in line]
-    assert [line.split(" webhook.app ", 1)[1] for line in lines] == [
+    lines = [
+        line for line in log.getvalue().splitlines() if " webhook.web.app " in line or " webhook.intake.http " in line
+    ]
+    assert [line.split(" webhook.web.app ", 1)[1] for line in lines] == [
         f"127.0.0.1 POST /callback/<token> 200 id={n} event=TaskFinish format=json {outcome}"
         for n, outcome in ((1, "new=j-text duplicate=- ignored=-"), (2, "new=- duplicate=j-text ignored=-"))
     ] + ["127.0.0.1 POST /callback/<token> 400 reason=malformed XML: no element found: line 1, column 10"]
@@ -247,7 +249,7 @@ def test_gunicorn_writes_its_own_lines_as_json(pipeline: Pipeline, tmp_path: Pat
     assert any(msg.startswith("Starting gunicorn ") for msg in own)
     assert any(msg.startswith("Listening at: ") for msg in own)
     assert any(msg.startswith("Booting worker with pid: ") for msg in own)
-    (access,) = [r for r in found if r["logger"] == "webhook.app"]
+    (access,) = [r for r in found if r["logger"] == "webhook.web.app"]
     assert (access["path"], access["status"], access["request_id"]) == (
         "/callback/<token>",
         200,

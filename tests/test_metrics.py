@@ -24,16 +24,17 @@ from support.processes import free_port, start_worker, wait_healthy, web
 from support.receiver import Reply
 from support.samples import DOC_JSON, body, job
 
-from webhook import liveness, metrics, metrics_dir
-from webhook.app import create_app
-from webhook.callback import parse_callback
 from webhook.config import Settings
+from webhook.intake.callback import parse_callback
+from webhook.intake.triage import triage
 from webhook.ledger import DeliveryClaim, Ledger, LedgerStats, RawRequest, TaskGroup, VerifyClaim
 from webhook.ledger import stats as ledger_stats
 from webhook.ledger.schema import tasks, workers
 from webhook.models import JobStatus, job_from_json
-from webhook.serving import BackgroundServer
-from webhook.triage import triage
+from webhook.telemetry import metrics, metrics_dir
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
+from webhook.worker import liveness
 
 EXPECTED = {
     "cos_webhook_callbacks": "counter",

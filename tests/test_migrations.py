@@ -14,11 +14,11 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from support.processes import COS_WEBHOOK
 
-from webhook.app import create_app
 from webhook.cli import main
 from webhook.config import Settings
 from webhook.ledger import Ledger, LedgerError, migrate
 from webhook.ledger.schema import metadata
+from webhook.web.app import create_app
 
 T0 = "2026-01-01 00:00:00"
 

@@ -14,7 +14,7 @@ from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
 from support.sink_dir import written
 
-from webhook.events import event_id
+from webhook.sinks.events import event_id
 
 
 def stored(pipeline: Pipeline, job_id: str) -> None:

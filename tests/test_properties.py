@@ -34,13 +34,13 @@ from hypothesis import strategies as st
 from support.endpoint import row_counts
 from support.samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation, to_xml
 
-from webhook.app import create_app
-from webhook.callback import MAX_FIELD_LENGTH, MAX_JOBS_PER_CALLBACK, CallbackError, parse_callback
 from webhook.config import Settings
+from webhook.intake.callback import MAX_FIELD_LENGTH, MAX_JOBS_PER_CALLBACK, CallbackError, parse_callback
 from webhook.ledger import Ledger
 from webhook.ledger.schema import jobs
 from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow, job_to_dict
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 pytestmark = pytest.mark.slow  # seconds even under the dev profile; minutes under ci
 

@@ -20,12 +20,11 @@ from support.pipeline import BUCKET, DONE, REGION, Pipeline, multipart_file, set
 from support.processes import start_worker
 from support.receiver import Receiver
 
-from webhook.callback import parse_job
 from webhook.cli import main
 from webhook.config import ConfigError, Settings
-from webhook.ledger import Ledger, utcnow
-from webhook.ledger.schema import callbacks, locks
-from webhook.reconcile import (
+from webhook.dev.sandbox import Fault
+from webhook.intake.callback import parse_job
+from webhook.intake.reconcile import (
     LOCK,
     RUNTIME_MARGIN,
     Listed,
@@ -35,7 +34,8 @@ from webhook.reconcile import (
     reconcile,
     to_record,
 )
-from webhook.sandbox import Fault
+from webhook.ledger import Ledger, utcnow
+from webhook.ledger.schema import callbacks, locks
 
 FINISHED = "Success,Failed,Cancel"
 
@@ -83,7 +83,7 @@ def test_lost_callbacks_are_found_recorded_and_delivered_once(
 ) -> None:
     ids = submit_lost(pipeline, lost_url, 40)
     wait_finished(pipeline, 40)
-    monkeypatch.setattr("webhook.reconcile.PAGE_SIZE", 7)  # 40 jobs take six pages: NextToken is followed
+    monkeypatch.setattr("webhook.intake.reconcile.PAGE_SIZE", 7)  # 40 jobs take six pages: NextToken is followed
 
     found = run_reconcile(pipeline)
 
@@ -266,7 +266,9 @@ def count_statements(ledger: Ledger) -> Callable[[], int]:
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "webhook.reconcile" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "webhook.intake.reconcile" and r.levelno >= logging.WARNING
+    ]
 
 
 def test_two_workers_ticking_together_run_once_per_interval(pipeline: Pipeline, lost_url: str) -> None:
@@ -330,7 +332,7 @@ def test_ci_failing_is_one_warning_and_the_next_interval_tries_again(
     clock = Clock()
     reconciler = periodic(pipeline, "worker-a", clock)
     pipeline.sandbox.faults.add(Fault(kind="CI list", status=503))
-    caplog.set_level(logging.INFO, logger="webhook.reconcile")
+    caplog.set_level(logging.INFO, logger="webhook.intake.reconcile")
 
     assert reconciler.tick() is None
 
@@ -355,7 +357,7 @@ def test_ci_failing_is_one_warning_and_the_next_interval_tries_again(
 def test_a_ledger_away_is_one_warning_not_an_exception(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.db'}")  # its directory does not exist
     reconciler = PeriodicReconcile(Settings(reconcile_interval=5), ledger, "worker-a", Clock())
-    caplog.set_level(logging.INFO, logger="webhook.reconcile")
+    caplog.set_level(logging.INFO, logger="webhook.intake.reconcile")
 
     assert reconciler.tick() is None
 

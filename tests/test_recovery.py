@@ -17,14 +17,14 @@ from support.receiver import Receiver
 from support.samples import body, job
 
 from webhook.cli import main
+from webhook.dev.sandbox import Fault
 from webhook.ledger import Ledger
 from webhook.ledger.schema import jobs, versions
 from webhook.models import Event
-from webhook.sandbox import Fault
 from webhook.sinks import Sink
 from webhook.sinks.config import SPECS
 from webhook.sinks.options import FilesystemOptions
-from webhook.worker import Worker
+from webhook.worker.runtime import Worker
 
 
 def genuine_callback(pipeline: Pipeline) -> tuple[str, bytes]:

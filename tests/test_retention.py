@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from test_ledger import job
 
 from webhook.cli import main
+from webhook.intake.triage import triage
 from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import Callback, JobStatus
-from webhook.periodic import PeriodicPrune
-from webhook.triage import triage
+from webhook.worker.periodic import PeriodicPrune
 
 TAGS = frozenset({"NoiseReduction"})
 TABLES = (callbacks, jobs, versions, tasks, attempts)

@@ -30,12 +30,12 @@ from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
 from urllib3.exceptions import ProtocolError
 
-from webhook.callback import parse_callback
-from webhook.cos import CosEndpoint, make_client
-from webhook.crc64 import crc64ecma
+from webhook.ci.client import CosEndpoint, make_client
+from webhook.ci.crc64 import crc64ecma
+from webhook.dev.sandbox import Fault, Sandbox, noisy_wav
+from webhook.dev.sandbox.server import FAULTS_PATH
+from webhook.intake.callback import parse_callback
 from webhook.models import ObjectLocation
-from webhook.sandbox import Fault, Sandbox, noisy_wav
-from webhook.sandbox.server import FAULTS_PATH
 
 BUCKET = "examplebucket-1250000000"
 OTHER_BUCKET = "otherbucket-1250000000"
@@ -631,7 +631,7 @@ def test_serve_prints_settings_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = f"import pathlib, webhook.sandbox as s; s.serve('127.0.0.1', {port}, pathlib.Path({str(tmp_path)!r}))"
+    code = f"import pathlib, webhook.dev.sandbox as s; s.serve('127.0.0.1', {port}, pathlib.Path({str(tmp_path)!r}))"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

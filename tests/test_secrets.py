@@ -13,9 +13,9 @@ from support.processes import start_worker, wait_healthy, web
 from support.receiver import Receiver, Reply
 
 from webhook.cli import main
+from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Ledger
 from webhook.ledger.schema import metadata
-from webhook.sandbox import Sandbox
 
 SECRET_ID = "AKIDdistinctSecretId4711"
 SECRET_KEY = "SKEYdistinctSecretKey0815"

@@ -24,12 +24,12 @@ from support.tcp_proxy import TcpProxy
 
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.events import SCHEMA, event_document, event_id
 from webhook.models import Event, FileLocation
 from webhook.sinks import DeliveryError
 from webhook.sinks import amqp as amqp_module
 from webhook.sinks.amqp import AmqpSink
 from webhook.sinks.config import build_sinks
+from webhook.sinks.events import SCHEMA, event_document, event_id
 from webhook.sinks.options import AmqpOptions
 
 HOST, PORT = "127.0.0.1", 5672

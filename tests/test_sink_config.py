@@ -19,11 +19,11 @@ from support.sink_dir import written
 from webhook.cli import main
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.events import build_event
 from webhook.models import Job
 from webhook.sinks.config import build_sinks
+from webhook.sinks.events import build_event
 from webhook.sinks.options import HttpOptions
-from webhook.worker import Worker
+from webhook.worker.runtime import Worker
 
 DONE = {"delivered", "rejected", "dead"}
 

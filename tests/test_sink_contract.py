@@ -30,13 +30,13 @@ from support.services import require_service
 from support.sink_dir import written
 from support.tcp_proxy import TcpProxy
 
-from webhook.crc64 import crc64ecma
-from webhook.events import SCHEMA, build_event, event_document
+from webhook.ci.crc64 import crc64ecma
+from webhook.dev.sandbox import Sandbox
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sandbox import Sandbox
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.amqp import AmqpSink
 from webhook.sinks.cos import CosSink
+from webhook.sinks.events import SCHEMA, build_event, event_document
 from webhook.sinks.filesystem import FilesystemSink
 from webhook.sinks.http import HttpNotifySink, HttpPoster, HttpSink
 from webhook.sinks.options import AmqpOptions, CosOptions, RedisOptions, S3Options

@@ -14,15 +14,15 @@ import pytest
 import requests
 from support.pipeline import Pipeline
 
-from webhook.crc64 import crc64ecma
+from webhook.ci.crc64 import crc64ecma
+from webhook.dev.sandbox import Sandbox
 from webhook.errors import ConfigError
-from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sandbox import Sandbox
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.cos import CosSink
+from webhook.sinks.events import build_event, event_document
 from webhook.sinks.options import CosOptions
-from webhook.worker import Worker
+from webhook.worker.runtime import Worker
 
 SOURCE, DEST = "audio-1250000000", "archive-1250000000"
 REGION, OTHER_REGION = "ap-guangzhou", "ap-shanghai"

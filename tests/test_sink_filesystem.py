@@ -15,13 +15,13 @@ import pytest
 from support.services import unavailable
 from support.sink_dir import written
 
-from webhook.events import build_event, event_document
+from webhook.dev.sandbox import Sandbox
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
-from webhook.sandbox import Sandbox
 from webhook.sinks import BuildContext, DeliveryError, Sink
+from webhook.sinks.events import build_event, event_document
 from webhook.sinks.filesystem import FilesystemSink
 from webhook.sinks.options import FilesystemOptions
-from webhook.staging import Staging
+from webhook.worker.staging import Staging
 
 AUDIO = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: more than one copy chunk
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"

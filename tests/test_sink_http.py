@@ -25,9 +25,9 @@ from support.trickle import Trickle
 from werkzeug.datastructures import FileStorage
 
 from webhook.deadline import expire_all
-from webhook.events import build_event, event_document
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.events import build_event, event_document
 from webhook.sinks.http import HttpNotifySink, HttpSink
 from webhook.sinks.options import HttpOptions
 from webhook.sinks.registry import build_sink

@@ -21,10 +21,10 @@ from support.receiver import Receiver, Reply
 
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.events import build_event, event_document, event_id
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import build_sinks
+from webhook.sinks.events import build_event, event_document, event_id
 from webhook.sinks.options import S3Options
 from webhook.sinks.s3 import S3Sink
 

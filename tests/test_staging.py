@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from webhook.dev.sandbox import Fault, Sandbox
 from webhook.models import ObjectLocation
-from webhook.sandbox import Fault, Sandbox
-from webhook.staging import Staging
+from webhook.worker.staging import Staging
 
 BUCKET, REGION = "audio-1250000000", "ap-guangzhou"
 MIB = 1024 * 1024

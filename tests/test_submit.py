@@ -14,14 +14,13 @@ from support.pipeline import BUCKET, REGION, TOKEN, Pipeline, settings_env, work
 from support.receiver import Reply
 from support.tdmq import QUEUE, consumer, consuming, tdmq_env
 
+from webhook.ci.queue import list_queues
+from webhook.ci.submit import SubmitError, choose_bucket, submit_noise_reduction
 from webhook.cli import main
 from webhook.config import Settings
+from webhook.dev.sandbox import noisy_wav
+from webhook.dev.sandbox.jobs import new_job
 from webhook.models import ObjectLocation
-from webhook.sandbox import noisy_wav
-from webhook.sandbox.jobs import new_job
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.speech_queue import list_queues
-from webhook.submission import SubmitError, choose_bucket
 
 QUICK = ("--interval", "0.05", "--timeout", "60")
 

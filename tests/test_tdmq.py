@@ -14,15 +14,14 @@ import requests
 from support.pipeline import BUCKET, REGION
 from support.tdmq import MQ, QUEUE, as_json, as_xml, client, forged_document, submit_with_tdmq
 
+from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
-from webhook.consume import Unreadable, explain, read_message
+from webhook.dev.sandbox import Sandbox, noisy_wav
+from webhook.dev.sandbox.cmq import CmqFault, verify_signature
+from webhook.dev.sandbox.jobs import JobRequestError, new_job
 from webhook.errors import ConfigError
-from webhook.models import ObjectLocation
-from webhook.sandbox import Sandbox, noisy_wav
-from webhook.sandbox.cmq import CmqFault, verify_signature
-from webhook.sandbox.jobs import JobRequestError, new_job
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.tdmq import (
+from webhook.intake.consumer import Unreadable, explain, read_message
+from webhook.intake.tdmq import (
     PATH,
     CmqClient,
     CmqError,
@@ -34,6 +33,7 @@ from webhook.tdmq import (
     sign,
     string_to_sign,
 )
+from webhook.models import ObjectLocation
 
 # The example of TDMQ-CMQ's signature document (406/5906), as it was published before its keys were
 # masked: a SendMessage request, its parameters, and the signature the document gives for them.

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
+from webhook.ci.verify import Accept, Allowlist, Reject, Wait, decide
 from webhook.models import Job, ObjectLocation
-from webhook.verify import Accept, Allowlist, Reject, Wait, decide
 
 ALLOW = Allowlist(
     buckets=frozenset({"audio-1250000000"}), regions=frozenset({"ap-guangzhou"}), tags=frozenset({"NoiseReduction"})

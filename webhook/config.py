@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from qcloud_cos import CosS3Client
 
+from webhook.ci.client import CosEndpoint, make_client
 from webhook.config_values import (
     Count,
     DatabaseUrl,
@@ -41,7 +42,6 @@ from webhook.config_values import (
     Port,
     Tokens,
 )
-from webhook.cos import CosEndpoint, make_client
 from webhook.errors import ConfigError
 from webhook.retry import RetryPolicy
 from webhook.sinks import BuildContext

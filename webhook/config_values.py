@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, NonNegativeInt
 
-from webhook.cos import CosEndpoint, parse_endpoint
+from webhook.ci.client import CosEndpoint, parse_endpoint
 
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 

@@ -17,9 +17,9 @@ from typing import Any
 import requests
 from support.processes import free_port, start_worker, wait_healthy, web
 
+from webhook.dev.sandbox import Sandbox, SentCallback
+from webhook.dev.sandbox.faults import Fault
 from webhook.ledger import utcnow
-from webhook.sandbox import Sandbox, SentCallback
-from webhook.sandbox.faults import Fault
 
 
 class Background(threading.Thread):

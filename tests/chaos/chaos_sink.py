@@ -44,8 +44,8 @@ from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 from werkzeug.wsgi import get_input_stream
 
-from webhook.crc64 import crc64ecma
-from webhook.serving import BackgroundServer
+from webhook.ci.crc64 import crc64ecma
+from webhook.web.server import BackgroundServer
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

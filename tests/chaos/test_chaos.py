@@ -59,17 +59,17 @@ from qcloud_cos import CosS3Client
 from support.pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
 from support.services import postgres_schema
 
+from webhook.ci.crc64 import crc64ecma
+from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
-from webhook.crc64 import crc64ecma
-from webhook.events import event_id
+from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.ledger import Ledger
 from webhook.ledger.schema import attempts as attempt_rows
 from webhook.ledger.schema import jobs, tasks
 from webhook.models import ObjectLocation, Step
 from webhook.models import Outcome as AttemptOutcome
 from webhook.retry import RetryPolicy
-from webhook.sandbox import Sandbox, noisy_wav
-from webhook.sandbox.submit import submit_noise_reduction
+from webhook.sinks.events import event_id
 from webhook.sinks.filesystem import PARTIAL_DIR
 
 pytestmark = pytest.mark.slow  # minutes of real processes being killed

@@ -9,11 +9,11 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
-from webhook.app import create_app
 from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.ledger.schema import callbacks, jobs, tasks, versions
-from webhook.serving import BackgroundServer
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 TOKEN = "cb-0123456789abcdef_ROTATE.1"
 NOTHING = {"callbacks": 0, "jobs": 0, "job_versions": 0, "tasks": 0}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from webhook.events import build_event
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.sinks.events import build_event
 
 OUTPUT = ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a.wav")
 PRESIGNED = "https://audio-1250000000.cos.ap-guangzhou.myqcloud.com/out/a.wav?sign=abc"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from webhook.logs import setup_logging
+from webhook.telemetry.logs import setup_logging
 
-# What webhook.logs.FORMAT renders at the start of every record: "2026-01-31 12:00:00,123 INFO webhook.x ".
+# What webhook.telemetry.logs.FORMAT renders at the start of every record: "2026-01-31 12:00:00,123 INFO webhook.x ".
 RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+ ")
 
 

@@ -15,13 +15,13 @@ from typing import Any
 import requests
 
 from support.receiver import ReceivedRequest, Receiver
+from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
+from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.ledger import Ledger, LedgerError
 from webhook.models import ObjectLocation
 from webhook.retry import RetryPolicy
-from webhook.sandbox import Sandbox, noisy_wav
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.worker import Worker
+from webhook.worker.runtime import Worker
 
 REGION = "ap-guangzhou"
 BUCKET = "audio-1250000000"

@@ -30,7 +30,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wsgi import get_input_stream
 
-from webhook.serving import BackgroundServer
+from webhook.web.server import BackgroundServer
 
 _CHUNK = 1024 * 1024
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from webhook.sandbox import jobs
-from webhook.sandbox.audio import reduce_noise
+from webhook.dev.sandbox import jobs
+from webhook.dev.sandbox.audio import reduce_noise
 
 WAIT = 60.0  # seconds: a generous bound on every wait, so that a failing test ends
 

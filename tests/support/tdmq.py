@@ -16,14 +16,14 @@ import xmltodict
 
 from support.pipeline import BUCKET, REGION
 from support.processes import BIN, ROOT, procfile
-from webhook.consume import Consumer
+from webhook.ci.submit import submit_noise_reduction
+from webhook.dev.sandbox import Sandbox
+from webhook.intake.consumer import Consumer
+from webhook.intake.tdmq import CmqClient
 from webhook.ledger import Ledger
 from webhook.ledger.schema import callbacks, jobs, versions
 from webhook.models import ObjectLocation
 from webhook.retry import RetryPolicy
-from webhook.sandbox import Sandbox
-from webhook.sandbox.submit import submit_noise_reduction
-from webhook.tdmq import CmqClient
 
 QUEUE = "cos-webhook-callbacks"
 MQ = {"MqRegion": "gz", "MqMode": "Queue", "MqName": QUEUE}

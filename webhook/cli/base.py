@@ -14,8 +14,8 @@ import sqlalchemy.exc
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.ledger import Ledger, LedgerError, utcnow
-from webhook.logs import escape
 from webhook.sinks.config import SinkSpec
+from webhook.telemetry.logs import escape
 
 
 def open_ledger(settings: Settings) -> Ledger:

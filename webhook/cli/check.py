@@ -11,6 +11,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import sqlalchemy.pool
 
+from webhook.ci.verify import VerifyError, describe_job
 from webhook.cli.base import echo_text, main, sink_specs
 from webhook.config import Settings
 from webhook.errors import ConfigError
@@ -20,7 +21,6 @@ from webhook.ledger.migrate import head as head_revision
 from webhook.ledger.migrate import problem as schema_problem
 from webhook.sinks import DeliveryError
 from webhook.sinks.config import build_sinks
-from webhook.verify import VerifyError, describe_job
 
 
 @main.command()

@@ -9,10 +9,10 @@ import click
 
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
+from webhook.intake.tdmq import MAX_BATCH, MAX_WAIT
 from webhook.ledger import Ledger
 from webhook.ledger.quarantine import KeptMessage
-from webhook.logs import setup_logging
-from webhook.tdmq import MAX_BATCH, MAX_WAIT
+from webhook.telemetry.logs import setup_logging
 
 
 @main.command()
@@ -26,8 +26,8 @@ from webhook.tdmq import MAX_BATCH, MAX_WAIT
 )
 def consume(batch: int, wait: int) -> None:
     """Receive CI's callbacks from the TDMQ (CMQ) queues of WEBHOOK_TDMQ_QUEUE and record them."""
-    from webhook.consume import Consumer, ConsumerStopped
-    from webhook.tdmq import CmqClient
+    from webhook.intake.consumer import Consumer, ConsumerStopped
+    from webhook.intake.tdmq import CmqClient
 
     settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
@@ -100,7 +100,7 @@ def messages_show(message_id: int, as_json: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every message still quarantined.")
 def messages_reparse(message_ids: tuple[int, ...], everything: bool) -> None:
     """Read kept messages again (after a fix) and record those that are callbacks now."""
-    from webhook.consume import reparse
+    from webhook.intake.consumer import reparse
 
     if bool(message_ids) == everything:
         raise click.UsageError("give message ids or --all")

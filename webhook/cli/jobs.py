@@ -13,7 +13,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows, sink_specs
 from webhook.config import Settings
 from webhook.ledger import DeadLetter, JobView, utcnow
-from webhook.replaying import replay_job, replay_letter
+from webhook.worker.replay import replay_job, replay_letter
 
 
 @main.group()
@@ -133,8 +133,8 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def reconcile(since: datetime, as_json: bool) -> None:
     """Find finished jobs whose callback never came (CI's job list) and record them for the worker."""
-    from webhook.reconcile import ReconcileError
-    from webhook.reconcile import reconcile as run_reconcile
+    from webhook.intake.reconcile import ReconcileError
+    from webhook.intake.reconcile import reconcile as run_reconcile
 
     settings = Settings.from_env()
     settings.check_worker()

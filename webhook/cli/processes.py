@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from webhook import metrics_dir
 from webhook.cli.base import main
 from webhook.config import Settings
-from webhook.logs import setup_logging
+from webhook.telemetry import metrics_dir
+from webhook.telemetry.logs import setup_logging
 
 if TYPE_CHECKING:
-    from webhook.worker import Worker
+    from webhook.worker.runtime import Worker
 
 
 @main.command()
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def serve(host: str, port: int) -> None:
     """Run the callback receiver with the development server (production: gunicorn, see Procfile)."""
     metrics_dir.count_in_process()  # one process: before prometheus-client is imported
-    from webhook.app import create_app
+    from webhook.web.app import create_app
 
     settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
@@ -39,7 +39,7 @@ def serve(host: str, port: int) -> None:
 def worker(burst: bool) -> None:
     """Verify, fetch and deliver recorded jobs; serve /metrics on WEBHOOK_WORKER_METRICS_PORT if set."""
     metrics_dir.count_in_process()  # before prometheus-client is imported
-    from webhook.worker import Worker
+    from webhook.worker.runtime import Worker
 
     settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
@@ -55,7 +55,8 @@ def worker(burst: bool) -> None:
 @contextlib.contextmanager
 def _worker_metrics(settings: Settings, w: Worker) -> Iterator[None]:
     """The worker's own /metrics, on WEBHOOK_WORKER_METRICS_PORT, while it runs."""
-    from webhook import health, metrics
+    from webhook.telemetry import metrics
+    from webhook.web import health
 
     metrics.expect_sinks(w.sinks)
     if (port := settings.worker_metrics_port) is None:
@@ -78,7 +79,7 @@ def _worker_metrics(settings: Settings, w: Worker) -> Iterator[None]:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Where objects are kept.")
 def sandbox(host: str, port: int, root: Path | None) -> None:
     """Run the local COS/CI sandbox: develop without a cloud account."""
-    from webhook.sandbox import serve as serve_sandbox
+    from webhook.dev.sandbox import serve as serve_sandbox
 
     setup_logging("INFO", "auto")
     serve_sandbox(host, port, root)
@@ -90,7 +91,7 @@ def sandbox(host: str, port: int, root: Path | None) -> None:
 @click.option("--seconds", default=5.0, show_default=True, help="Length of the generated noisy recording.")
 def demo(callback_format: str, output: Path, seconds: float) -> None:
     """Run sandbox, receiver and worker; denoise a generated WAV end to end; print where it landed."""
-    from webhook.demo import run_demo
+    from webhook.dev.demo import run_demo
 
     setup_logging("WARNING", "auto")
     sys.exit(run_demo(callback_format, output, seconds))

@@ -6,12 +6,8 @@ import json
 
 import click
 
-from webhook.cli.base import echo_text, main
-from webhook.config import Settings
-from webhook.ledger import Ledger
-from webhook.logs import escape
-from webhook.speech_queue import QueueView, list_queues, register
-from webhook.submission import (
+from webhook.ci.queue import QueueView, list_queues, register
+from webhook.ci.submit import (
     SubmitError,
     callback_queue,
     callback_url,
@@ -20,6 +16,10 @@ from webhook.submission import (
     follow,
     submit_job,
 )
+from webhook.cli.base import echo_text, main
+from webhook.config import Settings
+from webhook.ledger import Ledger
+from webhook.telemetry.logs import escape
 
 _FORMAT = click.Choice(["JSON", "XML"], case_sensitive=False)
 _BUCKET_HELP = "BucketName-APPID; default: the only bucket of WEBHOOK_ALLOWED_BUCKETS."

@@ -18,10 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from webhook.intake.triage import Triaged
 from webhook.ledger.schema import JOB_WIDE, LedgerError, callbacks, jobs, tasks, utcnow, versions
 from webhook.ledger.wakeup import CHANNEL, notify
 from webhook.models import Callback, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_dict
-from webhook.triage import Triaged
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from webhook.ledger.schema import jobs as job_rows
 from webhook.ledger.schema import tasks, utcnow, workers
 from webhook.models import JobStatus, TaskKind, TaskStatus
 
-STALE_BEATS = 3  # as webhook.liveness judges: silent for this many heartbeat intervals is dead
+STALE_BEATS = 3  # as webhook.worker.liveness judges: silent for this many heartbeat intervals is dead
 
 
 class TaskGroup(NamedTuple):

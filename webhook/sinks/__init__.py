@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhook.cos import DEFAULT_TIMEOUT, CosEndpoint
+from webhook.ci.client import DEFAULT_TIMEOUT, CosEndpoint
 from webhook.deadline import DEFAULT_MIN_RATE
 from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation, Job, ObjectLocation

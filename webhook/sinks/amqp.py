@@ -21,9 +21,9 @@ from pika.exceptions import (
 )
 
 from webhook.errors import ConfigError
-from webhook.events import SCHEMA, event_document
 from webhook.models import Event
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.events import SCHEMA, event_document
 from webhook.sinks.options import AmqpOptions
 
 TIMEOUT = 10.0  # seconds for connecting and for each broker reply other than the publisher confirm

@@ -11,9 +11,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from webhook.events import document_bytes
 from webhook.models import Event, Job
 from webhook.sinks import DeliveryError, Sink
+from webhook.sinks.events import document_bytes
 from webhook.sinks.options import CosOptions, S3Options
 
 # Exactly one dot: what keeps the audio's name apart from the metadata document's (see audio_name).

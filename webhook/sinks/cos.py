@@ -7,11 +7,11 @@ from typing import Any
 
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.cos import DEFAULT_TIMEOUT, CosEndpoint, make_client, parse_endpoint
-from webhook.crc64 import crc64ecma
+from webhook.ci.client import DEFAULT_TIMEOUT, CosEndpoint, make_client, parse_endpoint
+from webhook.ci.crc64 import crc64ecma
+from webhook.ci.fetch import presigned_url
 from webhook.deadline import DEFAULT_MIN_RATE, Deadline, current, transfer_budget
 from webhook.errors import ConfigError
-from webhook.fetch import presigned_url
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError
 from webhook.sinks.common import (

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from webhook.events import document_bytes
 from webhook.models import Event, FileLocation, Job
 from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.common import audio_name, document_name
+from webhook.sinks.events import document_bytes
 from webhook.sinks.options import FilesystemOptions
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_CHUNK = 256 * 1024  # as webhook.fetch.CHUNK: one per delivery in flight
+_CHUNK = 256 * 1024  # as webhook.ci.fetch.CHUNK: one per delivery in flight
 PARTIAL_DIR = ".partial"  # in the sink's directory: files being written, renamed out when complete
 
 

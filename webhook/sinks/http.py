@@ -21,10 +21,10 @@ import requests
 
 from webhook.deadline import DEFAULT_MIN_RATE, Deadline, deadline_session, transfer_budget
 from webhook.errors import ConfigError
-from webhook.events import event_document
 from webhook.models import Event, FetchedFile
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink, Sink
 from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type, unreadable
+from webhook.sinks.events import event_document
 from webhook.sinks.options import HttpOptions, NotifyOptions
 
 _CHUNK = 3 * 64 * 1024  # a multiple of 3, so base64 chunks concatenate without padding

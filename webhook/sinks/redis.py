@@ -11,9 +11,9 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from webhook.errors import ConfigError
-from webhook.events import SCHEMA, event_document
 from webhook.models import Event
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.events import SCHEMA, event_document
 from webhook.sinks.options import RedisOptions
 
 TIMEOUT = 10.0  # seconds for connecting and for each command's answer
@@ -24,7 +24,7 @@ _PERMANENT = (AuthenticationError, AuthorizationError, NoPermissionError)
 class RedisSink(NotificationSink):
     """``XADD <stream> MAXLEN ~ <maxlen> *`` with ``event_id``, ``type``, ``job_id``, ``schema`` and ``data``.
 
-    ``data`` is the event's JSON document (:func:`webhook.events.event_document`), whose ``file``
+    ``data`` is the event's JSON document (:func:`webhook.sinks.events.event_document`), whose ``file``
     says where the audio is. Delivery is at least once: an entry whose reply was lost (a timeout
     after the command was sent) is added again on the next attempt, with the same ``event_id``,
     so consumers deduplicate on it. ``password`` (from ``password_env``) is used unless the URL

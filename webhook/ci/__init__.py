@@ -1,0 +1,1 @@
+"""Cloud Infinite: the SDK client, verifying a job (DescribeMediaJob), fetching its output, submitting jobs."""

@@ -1,0 +1,127 @@
+"""Download a job's output object from COS to a local file, streamed and integrity-checked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from qcloud_cos import CosS3Client
+from qcloud_cos.cos_exception import CosClientError, CosServiceError
+
+from webhook.ci.client import client_error, cos_deadline, service_error
+from webhook.ci.crc64 import crc64ecma
+from webhook.deadline import DEFAULT_MIN_RATE, Deadline, transfer_budget
+from webhook.models import FetchedFile, ObjectLocation
+
+# Each download in flight holds one chunk, and a worker runs WEBHOOK_WORKER_CONCURRENCY of them; past
+# 256 KiB, larger chunks buy no speed (bench/fetch_memory.py), only memory.
+CHUNK = 256 * 1024
+PART_PREFIX = "cos-webhook-"  # of partial downloads (see webhook.worker.staging for their cleanup)
+
+
+class FetchError(Exception):
+    """The object could not be fetched intact; worth retrying."""
+
+
+def fetch_object(
+    client: CosS3Client,
+    where: ObjectLocation,
+    temp_dir: str | None = None,
+    *,
+    timeout: float | None = None,
+    min_rate: int = DEFAULT_MIN_RATE,
+    part_prefix: str = PART_PREFIX,
+) -> FetchedFile:
+    """Stream ``where`` into a temp file; check its length and CRC64 against COS's headers.
+
+    The whole download has a deadline: ``timeout`` seconds (default: the client's) for COS to
+    answer, plus the object's length at ``min_rate`` bytes/s once its headers say how long it is.
+    Past it the download is abandoned and the partial file removed. The file is named
+    ``<part_prefix><random>.part`` in ``temp_dir``; the caller owns it and must remove it.
+    """
+    with cos_deadline(client, f"GetObject {where.key}", timeout) as deadline:
+        with _cos_errors(where, deadline):
+            response: dict[str, Any] = client.get_object(Bucket=where.bucket, Key=where.key)
+        headers = {k.lower(): v for k, v in response.items() if k != "Body"}
+        deadline.extend(transfer_budget(0.0, _length(headers), min_rate))
+        raw = response["Body"].get_raw_stream()
+        fd, path = tempfile.mkstemp(prefix=part_prefix, suffix=".part", dir=temp_dir or None)
+        size, crc = 0, 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := raw.read(CHUNK, decode_content=False):
+                    size += len(chunk)
+                    crc = crc64ecma(chunk, crc)
+                    out.write(chunk)
+            _check(headers, size, crc, where)
+        except Exception as exc:
+            os.unlink(path)
+            raw.close()  # the connection may hold the rest of the body: not reusable
+            if deadline.expired:
+                reason = deadline.passed_message()
+                raise FetchError(f"download of {where.key} broke off after {size} bytes: {reason}") from None
+            if isinstance(exc, FetchError):
+                raise
+            raise FetchError(f"download of {where.key} broke off after {size} bytes: {str(exc)[:200]}") from None
+        finally:
+            raw.release_conn()
+    return FetchedFile(
+        path=path,
+        size=size,
+        crc64=str(crc),
+        content_type=headers.get("content-type", "application/octet-stream"),
+        etag=headers.get("etag", "").strip('"'),
+    )
+
+
+@contextmanager
+def _cos_errors(where: ObjectLocation, deadline: Deadline) -> Iterator[None]:
+    try:
+        yield
+    except CosServiceError as exc:
+        code, detail = service_error(exc)
+        raise FetchError(f"COS answered {code} for {where.key}: {detail}") from None
+    except CosClientError as exc:
+        if deadline.expired:
+            raise FetchError(f"COS {deadline.what}: {deadline.passed_message()}") from None
+        raise FetchError(f"COS unreachable: {client_error(exc)}") from None
+
+
+def _length(headers: dict[str, str]) -> int:
+    value = headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
+def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) -> None:
+    expected_size = headers.get("content-length")
+    if expected_size is not None and int(expected_size) != size:
+        raise FetchError(f"{where.key} truncated: got {size} of {expected_size} bytes")
+    expected_crc = headers.get("x-cos-hash-crc64ecma")
+    if expected_crc is not None and expected_crc != str(crc):
+        raise FetchError(f"{where.key} failed its CRC64 check: COS says {expected_crc}, got {crc}")
+
+
+def describe_object(client: CosS3Client, where: ObjectLocation, *, timeout: float | None = None) -> FetchedFile:
+    """The object's size, CRC64 and type from a HEAD, for sinks that need no bytes.
+
+    ``timeout`` (default: the client's) is the deadline of the whole exchange.
+    """
+    with cos_deadline(client, f"HeadObject {where.key}", timeout) as deadline, _cos_errors(where, deadline):
+        response: dict[str, Any] = client.head_object(Bucket=where.bucket, Key=where.key)
+    headers = {k.lower(): v for k, v in response.items()}
+    return FetchedFile(
+        path=None,
+        size=int(headers.get("content-length", 0)),
+        crc64=headers.get("x-cos-hash-crc64ecma", ""),
+        content_type=headers.get("content-type", "application/octet-stream"),
+        etag=headers.get("etag", "").strip('"'),
+    )
+
+
+def presigned_url(client: CosS3Client, where: ObjectLocation, seconds: int) -> str:
+    """A GET URL for ``where`` that works without credentials for ``seconds``."""
+    url: str = client.get_presigned_url(Bucket=where.bucket, Key=where.key, Method="GET", Expired=seconds)
+    return url

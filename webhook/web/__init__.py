@@ -1,0 +1,1 @@
+"""The web process: the Flask app factory, health and metrics endpoints, the dashboard."""

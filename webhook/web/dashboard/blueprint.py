@@ -1,0 +1,108 @@
+"""The dashboard's blueprint and what every page shares: the login guard, headers, errors, formatting."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from webhook.ledger import utcnow
+from webhook.web.dashboard.auth import COOKIE_PATH, CSRF_FIELD, check_csrf, csrf_token, log_out, state
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    url_prefix=COOKIE_PATH,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+
+# Reachable without logging in: the login form and the stylesheet it uses.
+_OPEN = {"dashboard.login", "dashboard.static"}
+
+# Nothing inline and nothing from elsewhere: should a ledger value ever reach the page unescaped,
+# the browser still runs none of it.
+_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+@bp.before_request
+def _guard() -> BaseResponse | None:
+    if request.endpoint not in _OPEN:
+        standing = state()
+        if standing != "in":
+            log_out()
+            if standing == "expired":
+                flash("Your session expired: log in again.")
+            # After login, a page comes back; a form sent with an expired session is not resent.
+            wanted = request.full_path.rstrip("?") if request.method == "GET" else None
+            return redirect(url_for("dashboard.login", next=wanted), 303)
+    if request.method == "POST":
+        check_csrf()
+    return None
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = _POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    if request.endpoint != "dashboard.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def _error(exc: HTTPException) -> tuple[str, int]:
+    status = exc.code or 500
+    return render_template("error.html", status=status, title=exc.name, message=exc.description), status
+
+
+@bp.app_template_filter("when")
+def _when(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}" if value else "—"
+
+
+@bp.app_template_filter("ago")
+def _ago(value: datetime | None) -> str:
+    """How long before now, e.g. ``4m 12s``; ``in 30s`` for a time still to come."""
+    if value is None:
+        return "—"
+    seconds = int((utcnow() - value).total_seconds())
+    text = duration(abs(seconds))
+    return text if seconds >= 0 else f"in {text}"
+
+
+@bp.app_template_filter("duration")
+def duration(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600}h"
+
+
+@bp.app_context_processor
+def _shared() -> dict[str, Any]:
+    return {"csrf_token": csrf_token, "csrf_field": CSRF_FIELD}
+
+
+def local_target(target: str | None, default: str) -> str:
+    """``target`` if it is a path of the dashboard, else ``default``: never a redirect elsewhere."""
+    if not target:
+        return default
+    parts = urlsplit(target)
+    inside = parts.path == COOKIE_PATH or parts.path.startswith(COOKIE_PATH + "/")
+    if parts.scheme or parts.netloc or not inside or "\\" in target or target.startswith("//"):
+        return default
+    return target

@@ -1,0 +1,101 @@
+"""Work one worker at a time does now and then (reconcile, prune), under a named ledger lock.
+
+A worker calls :meth:`Periodic.tick` on each turn of its loop; until the interval has passed since
+this process last ran (or tried), that is a comparison of ``clock()`` and nothing else. When due,
+whoever wins the ledger lock runs; the lock is held for one interval and not released, so however
+many workers tick, one run happens per interval: the others find it held, and the winner's next
+turn takes it again. If the winner stops, another takes over once its lock runs out.
+
+Failures (a remote refusing, the ledger away) are one WARNING line and are tried again an
+interval later; they never reach the worker's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Generic, TypeVar
+
+import sqlalchemy as sa
+
+from webhook.ledger import Ledger, utcnow
+from webhook.ledger.retention import Pruned
+from webhook.telemetry.logs import escape
+
+Result = TypeVar("Result")
+
+
+class Periodic(ABC, Generic[Result]):
+    """Runs :meth:`run` every ``interval`` seconds under the ledger lock ``lock``, one holder at a time."""
+
+    lock: str  # the ledger lock's name, and what the log lines call this work
+
+    def __init__(
+        self, ledger: Ledger, holder: str, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ledger = ledger
+        self.holder = holder
+        self.interval = interval
+        self._clock = clock
+        self._next: float | None = None  # clock() at which the next run is due; None: the first tick
+        self.runs = 0  # runs that completed
+        self.failures = 0  # runs (or lock attempts) that failed
+        self.last: Result | None = None  # what the last completed run returned
+        self.log = logging.getLogger(type(self).__module__)  # the module that says what the work is
+
+    def due(self) -> bool:
+        return self._next is None or self._clock() >= self._next
+
+    def tick(self) -> Result | None:
+        """Run if due and this holder wins the lock; what the run returned, else None."""
+        if not self.due():
+            return None
+        self._next = self._clock() + self.interval
+        try:
+            if not self.ledger.locks.acquire(self.lock, self.holder, self.interval):
+                return None
+            result = self.run()
+        except Exception as exc:  # the worker's loop must go on: the next interval tries again
+            self.failures += 1
+            self.log.warning("%s failed, next try in %gs: %s", self.lock, self.interval, escape(self.reason(exc))[:500])
+            return None
+        self.runs += 1
+        self.last = result
+        return result
+
+    @abstractmethod
+    def run(self) -> Result:
+        """One run, with its own log line."""
+
+    def reason(self, exc: Exception) -> str:
+        """A failure on one line, without secrets."""
+        if isinstance(exc, sa.exc.SQLAlchemyError):
+            # Its text carries the statement and parameters; the kind says enough.
+            return f"ledger unavailable ({type(exc).__name__})"
+        return f"{type(exc).__name__}: {exc}"
+
+
+class PeriodicPrune(Periodic[Pruned]):
+    """Prunes finished jobs older than ``retention_days`` every ``interval`` seconds (one worker at a time)."""
+
+    lock = "prune"
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        holder: str,
+        retention_days: float,
+        interval: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(ledger, holder, interval, clock)
+        self.retention_days = retention_days
+
+    def run(self) -> Pruned:
+        pruned = self.ledger.retention.prune(utcnow() - timedelta(days=self.retention_days))
+        if pruned.jobs or pruned.callbacks:
+            self.log.info("pruned %s finished over %g days ago", pruned.line(), self.retention_days)
+        return pruned

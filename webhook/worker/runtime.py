@@ -1,0 +1,202 @@
+"""The worker: claim due work from the ledger and run each claim's steps in a thread of its own.
+
+Up to ``WEBHOOK_WORKER_CONCURRENCY`` claims are in flight per process, so cloud latency
+overlaps and a slow job or sink holds up no other. An idle worker sleeps until the ledger says
+there may be work (:class:`~webhook.ledger.wakeup.Wakeup`), at most the poll interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import sqlalchemy.exc
+
+from webhook.config import Settings
+from webhook.intake.reconcile import PeriodicReconcile
+from webhook.ledger import Claim, Ledger, TakenOver
+from webhook.ledger.wakeup import Wakeup
+from webhook.retry import RetryPolicy, backoff_delay
+from webhook.sinks import Sink
+from webhook.sinks.config import SinkSpec, build_sinks
+from webhook.worker.liveness import Heartbeat, Leases, Shutdown
+from webhook.worker.periodic import PeriodicPrune
+from webhook.worker.pipeline import ClientFactory, Steps
+from webhook.worker.staging import Staging
+
+log = logging.getLogger("webhook.worker")
+
+WAIT_SLICE = 0.05  # seconds: how quickly an idle worker notices it was told to stop
+CLAIM_SPACING = 0.05  # seconds between claims while nothing more is due
+
+
+class Worker:
+    """Claims due work and runs it, ``settings.worker_concurrency`` claims at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        specs: list[SinkSpec],
+        sinks: dict[str, Sink],
+        client_for_region: ClientFactory,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.sinks = sinks
+        tag = uuid.uuid4().hex[:8]  # names this worker's partial downloads
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{tag}"
+        self.staging = Staging(settings.temp_dir, settings.staging_max_bytes, tag, settings.min_transfer_rate)
+        self.heartbeat = Heartbeat(ledger, self.worker_id, settings.heartbeat_seconds, self._took_over)
+        self.shutdown = Shutdown(settings.shutdown_seconds, self._hard_stop)
+        self.stopping = self.shutdown.stopping
+        self.wakeup = Wakeup(ledger.engine)
+        self.steps = Steps(
+            settings,
+            ledger,
+            {spec.name: spec for spec in specs},
+            sinks,
+            client_for_region,
+            self.worker_id,
+            self.staging,
+            self.shutdown,
+            Leases(ledger, self.worker_id, settings.lease_seconds),
+        )
+        self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
+        self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
+        settings.check_worker()
+        specs = settings.require_sinks()
+        sinks = build_sinks(specs, settings.build_context())
+        ledger = ledger or Ledger(settings.database_url)
+        ledger.prepare(settings.auto_migrate)
+        # One client per region, kept: its session pools the connections.
+        return cls(settings, ledger, specs, sinks, functools.cache(settings.cos_client))
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def run(self, burst: bool = False) -> int:
+        """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
+        log.info(
+            "worker %s started sinks=%s concurrency=%d burst=%s",
+            self.worker_id,
+            ",".join(self.sinks),
+            self.settings.worker_concurrency,
+            burst,
+        )
+        self.wakeup.start()
+        try:
+            with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="claim") as pool:
+                return self._loop(pool, burst)
+        finally:
+            self.wakeup.stop()
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # then the leases run out instead
+                self.heartbeat.stop()
+
+    def _loop(self, pool: ThreadPoolExecutor, burst: bool) -> int:
+        outage = finished = 0
+        in_flight: set[Future[None]] = set()
+        # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
+        patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
+        while not self.stopping.is_set():
+            done = {future for future in in_flight if future.done()}
+            in_flight -= done
+            finished += len(done)
+            free = self.settings.worker_concurrency - len(in_flight)
+            try:
+                if not self.heartbeat.running:
+                    self.heartbeat.start()
+                    self._took_over(None)
+                self.reconciler.tick()
+                self.pruner.tick()
+                claims = self.ledger.queue.claim_many(self.worker_id, self.settings.lease_seconds, free) if free else []
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # The ledger is away (database restarting, network): nothing was lost — a claimed
+                # task's lease runs out and it becomes due again. Wait and try again.
+                outage += 1
+                delay = backoff_delay(outage, patience)
+                log.error("ledger unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                self.stopping.wait(delay)
+                continue
+            if outage:
+                log.info("ledger reachable again after %d failed attempts", outage)
+                outage = 0
+            for claim in claims:
+                future = pool.submit(self._run_claim, claim)
+                future.add_done_callback(lambda _: self.wakeup.event.set())  # a slot is free
+                in_flight.add(future)
+            if burst and not claims and not in_flight:
+                break
+            if len(claims) < free:
+                self._idle(nothing_more_due=time.monotonic())
+            elif not free:
+                self._idle()
+        # What is in flight finishes first (the shutdown bounds how long it may take).
+        pool.shutdown(wait=True)
+        finished += len(in_flight)
+        log.info("worker %s stopped after %d claims", self.worker_id, finished)
+        return finished
+
+    def _idle(self, nothing_more_due: float | None = None) -> None:
+        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval.
+
+        After a claim found no more work (at ``nothing_more_due``), the next comes at least
+        CLAIM_SPACING later: on SQLite every commit wakes the worker, its own included, and an
+        empty claim still takes the write lock its claims in flight are waiting for.
+        """
+        for _ in range(max(1, round(self.settings.poll_interval / WAIT_SLICE))):
+            if self.wakeup.wait(WAIT_SLICE) or self.stopping.is_set():
+                break
+        if nothing_more_due is not None and (rest := nothing_more_due + CLAIM_SPACING - time.monotonic()) > 0:
+            self.stopping.wait(rest)
+
+    def _run_claim(self, claim: Claim) -> None:
+        with self.shutdown.busy():
+            try:
+                self.steps.run(claim)
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # An outcome could not be recorded: the lease runs out and the task is due again.
+                log.error("ledger unavailable while recording an outcome (%s)", type(exc).__name__)
+            except Exception:  # nothing else may end silently in the pool's future
+                log.exception("claim failed unexpectedly; its tasks are due again when the lease runs out")
+
+    def run_once(self) -> bool:
+        """Claim and process one unit of work in this thread; False when nothing is due."""
+        if not self.heartbeat.running:
+            self.heartbeat.beat()  # registered, so others leave our leases alone
+        claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
+        if claim is None:
+            return False
+        with self.shutdown.busy():
+            self.steps.run(claim)
+        return True
+
+    def close(self) -> None:
+        """Release every sink's connections (queues and streams hold sockets open)."""
+        self.steps.leases.stop()
+        for sink in self.sinks.values():
+            sink.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the worker within WEBHOOK_SHUTDOWN_SECONDS (see :class:`Shutdown`)."""
+        self.shutdown.install_signal_handlers()
+
+    def _hard_stop(self) -> None:
+        # Stuck in a call no deadline covers: give the work back and go before the PaaS's SIGKILL.
+        released = self.ledger.workers.leave(self.worker_id)
+        log.error("worker %s stopped hard after its shutdown budget; released %d leases", self.worker_id, released)
+        os._exit(1)
+
+    def _took_over(self, taken: TakenOver | None) -> None:
+        """Remove partial downloads of workers that are gone (at start: of any no longer alive)."""
+        live = {worker.id.rsplit(":", 1)[-1] for worker in self.ledger.workers.live()}
+        if removed := self.staging.sweep(live):
+            log.info("removed %d partial downloads of stopped workers", removed)
