@@ -72,9 +72,10 @@ from harness import (
 )
 from qcloud_cos import CosS3Client
 
-from webhook.ci.client import CosEndpoint, make_client
+from webhook.ci.client import make_client
 from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
+from webhook.config_values import CosEndpoint
 from webhook.dev.sandbox import noisy_wav
 from webhook.dev.sandbox.admin import FAULTS_PATH
 from webhook.dev.sandbox.server import SANDBOX_APPID, SANDBOX_ID, SANDBOX_KEY

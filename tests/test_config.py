@@ -1,7 +1,7 @@
 import pytest
 
-from webhook.ci.client import CosEndpoint
 from webhook.config import Settings
+from webhook.config_values import CosEndpoint
 from webhook.errors import ConfigError
 
 GOOD = {

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import CosEndpoint, client_error, make_client, service_error
+from webhook.ci.client import client_error, make_client, service_error
 from webhook.ci.fetch import FetchError, describe_object
 from webhook.ci.verify import VerifyError, describe_job
+from webhook.config_values import CosEndpoint
 from webhook.dev.sandbox import Sandbox
 from webhook.models import ObjectLocation
 

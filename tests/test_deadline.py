@@ -23,8 +23,9 @@ from support.receiver import Receiver
 from support.trickle import Trickle, response, self_signed
 
 from webhook.alarm import ALARMS
-from webhook.ci.client import client_timeout, cos_deadline, make_client, parse_endpoint
+from webhook.ci.client import client_timeout, cos_deadline, make_client
 from webhook.ci.verify import VerifyError, describe_job
+from webhook.config_values import parse_endpoint
 from webhook.deadline import Deadline, DeadlineExceeded, current, deadline_session, expire_all, transfer_budget
 from webhook.models import Job
 from webhook.sinks import DeliveryError

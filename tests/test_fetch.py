@@ -11,9 +11,10 @@ import crcmod
 import pytest
 from support.trickle import Trickle, response
 
-from webhook.ci.client import make_client, parse_endpoint
+from webhook.ci.client import make_client
 from webhook.ci.crc64 import crc64ecma
 from webhook.ci.fetch import FetchError, describe_object, fetch_object
+from webhook.config_values import parse_endpoint
 from webhook.dev.sandbox import Sandbox
 from webhook.dev.sandbox.faults import Fault
 from webhook.models import FetchedFile, ObjectLocation
@@ -66,7 +67,8 @@ def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
 
 
 def test_unreachable_cos(tmp_path: Path) -> None:
-    from webhook.ci.client import CosEndpoint, make_client
+    from webhook.ci.client import make_client
+    from webhook.config_values import CosEndpoint
 
     client = make_client("id", "key", REGION, CosEndpoint("http", "127.0.0.1", 9))
     with pytest.raises(FetchError, match=r"^COS unreachable: "):

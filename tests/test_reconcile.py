@@ -20,6 +20,7 @@ from support.pipeline import BUCKET, DONE, REGION, Pipeline, multipart_file, set
 from support.processes import start_worker
 from support.receiver import Receiver
 
+from webhook.ci.listing import Listed, creation_time
 from webhook.cli import main
 from webhook.config import ConfigError, Settings
 from webhook.dev.sandbox import Fault
@@ -27,10 +28,8 @@ from webhook.intake.callback import parse_job
 from webhook.intake.reconcile import (
     LOCK,
     RUNTIME_MARGIN,
-    Listed,
     PeriodicReconcile,
     Summary,
-    creation_time,
     reconcile,
     to_record,
 )
@@ -83,7 +82,7 @@ def test_lost_callbacks_are_found_recorded_and_delivered_once(
 ) -> None:
     ids = submit_lost(pipeline, lost_url, 40)
     wait_finished(pipeline, 40)
-    monkeypatch.setattr("webhook.intake.reconcile.PAGE_SIZE", 7)  # 40 jobs take six pages: NextToken is followed
+    monkeypatch.setattr("webhook.ci.listing.PAGE_SIZE", 7)  # 40 jobs take six pages: NextToken is followed
 
     found = run_reconcile(pipeline)
 

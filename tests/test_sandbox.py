@@ -30,8 +30,9 @@ from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
 from urllib3.exceptions import ProtocolError
 
-from webhook.ci.client import CosEndpoint, make_client
+from webhook.ci.client import make_client
 from webhook.ci.crc64 import crc64ecma
+from webhook.config_values import CosEndpoint
 from webhook.dev.sandbox import Fault, Sandbox, noisy_wav
 from webhook.dev.sandbox.server import FAULTS_PATH
 from webhook.intake.callback import parse_callback

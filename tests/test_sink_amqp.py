@@ -28,7 +28,7 @@ from webhook.models import Event, FileLocation
 from webhook.sinks import DeliveryError
 from webhook.sinks import amqp as amqp_module
 from webhook.sinks.amqp import AmqpSink
-from webhook.sinks.config import build_sinks
+from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.events import SCHEMA, event_document, event_id
 from webhook.sinks.options import AmqpOptions
 
@@ -356,7 +356,7 @@ options = {{ url = "{URL}", exchange = "{exchange}", username_env = "AMQP_USER",
     )
 
     def built(environ: dict[str, str]) -> AmqpSink:
-        (sink,) = build_sinks(Settings(config_path=str(config)).sinks, Settings().build_context(environ)).values()
+        (sink,) = build_sinks(Settings(config_path=str(config)).sinks, sink_context(Settings(), environ)).values()
         assert isinstance(sink, AmqpSink)
         return sink
 

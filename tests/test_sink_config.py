@@ -20,7 +20,7 @@ from webhook.cli import main
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.models import Job
-from webhook.sinks.config import build_sinks
+from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.events import build_event
 from webhook.sinks.options import HttpOptions
 from webhook.worker.runtime import Worker
@@ -148,8 +148,8 @@ def test_secret_comes_from_the_named_variable(tmp_path: Path, secret: str, key: 
         )
         specs = Settings(config_path=str(path)).sink_specs()
         with pytest.raises(ConfigError, match=r"^sink hook: environment variable HOOK_SECRET is not set$"):
-            build_sinks(specs, Settings().build_context({}))
-        context = Settings(http_sink_secret="whsec_b3RoZXI=").build_context({"HOOK_SECRET": secret})
+            build_sinks(specs, sink_context(Settings(), {}))
+        context = sink_context(Settings(http_sink_secret="whsec_b3RoZXI="), {"HOOK_SECRET": secret})
         hook = build_sinks(specs, context)["hook"]
         failed = Job(job_id="j1", tag="NoiseReduction", state="Failed")
         hook.deliver(build_event(failed, "hook", None))
@@ -174,7 +174,7 @@ def test_missing_extra_names_the_install_command(tmp_path: Path, monkeypatch: py
     with pytest.raises(
         ConfigError, match=r"^sink q \(type redis\) needs the redis extra: pip install 'cos-webhook\[redis\]'$"
     ):
-        build_sinks(Settings(config_path=str(path)).sink_specs(), Settings().build_context({}))
+        build_sinks(Settings(config_path=str(path)).sink_specs(), sink_context(Settings(), {}))
 
 
 # -- in the worker ------------------------------------------------------------------------------

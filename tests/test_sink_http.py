@@ -27,10 +27,10 @@ from werkzeug.datastructures import FileStorage
 from webhook.deadline import expire_all
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.build import build_sink
 from webhook.sinks.events import build_event, event_document
 from webhook.sinks.http import HttpNotifySink, HttpSink
 from webhook.sinks.options import HttpOptions
-from webhook.sinks.registry import build_sink
 
 KEY = bytes(range(32))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()

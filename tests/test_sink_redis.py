@@ -24,7 +24,7 @@ from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation
 from webhook.sinks import DeliveryError
-from webhook.sinks.config import build_sinks
+from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.events import SCHEMA, event_document, event_id
 from webhook.sinks.options import RedisOptions
 from webhook.sinks.redis import RedisSink
@@ -245,7 +245,7 @@ type = "redis"
 options = {{ url = "redis://127.0.0.1:{private_redis}/0", stream = "{stream}", password_env = "TEST_REDIS_PASSWORD" }}
 """
     )
-    context = Settings().build_context({"TEST_REDIS_PASSWORD": "s3cret"})
+    context = sink_context(Settings(), {"TEST_REDIS_PASSWORD": "s3cret"})
     (sink,) = build_sinks(Settings(config_path=str(config)).sinks, context).values()
     try:
         assert isinstance(sink, RedisSink)

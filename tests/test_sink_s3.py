@@ -23,7 +23,7 @@ from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.models import Event, FetchedFile, Job, ObjectLocation
 from webhook.sinks import DeliveryError
-from webhook.sinks.config import build_sinks
+from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.events import build_event, event_document, event_id
 from webhook.sinks.options import S3Options
 from webhook.sinks.s3 import S3Sink
@@ -369,12 +369,12 @@ def test_declared_in_toml_and_built_with_credentials_from_the_environment(
 ) -> None:
     config = write_config(tmp_path / "sinks.toml", moto, bucket)
     environ = {"ARCHIVE_KEY_ID": KEY_ID, "ARCHIVE_SECRET": SECRET}
-    sinks = build_sinks(Settings(config_path=str(config)).sinks, Settings().build_context(environ))
+    sinks = build_sinks(Settings(config_path=str(config)).sinks, sink_context(Settings(), environ))
     assert isinstance(sinks["archive"], S3Sink)
     assert sinks["archive"].check().startswith(f"bucket {bucket} is reachable")
 
     with pytest.raises(ConfigError, match="sink archive: set both ARCHIVE_KEY_ID and ARCHIVE_SECRET"):
-        build_sinks(Settings(config_path=str(config)).sinks, Settings().build_context({"ARCHIVE_KEY_ID": KEY_ID}))
+        build_sinks(Settings(config_path=str(config)).sinks, sink_context(Settings(), {"ARCHIVE_KEY_ID": KEY_ID}))
 
 
 def test_callback_to_s3_end_to_end(

@@ -14,7 +14,7 @@ import requests
 from support.pipeline import BUCKET, REGION
 from support.tdmq import MQ, QUEUE, as_json, as_xml, client, forged_document, submit_with_tdmq
 
-from webhook.ci.submit import submit_noise_reduction
+from webhook.ci.submit import mq_config, submit_noise_reduction
 from webhook.config import Settings
 from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.dev.sandbox.cmq import CmqFault, verify_signature
@@ -28,7 +28,6 @@ from webhook.intake.tdmq import (
     _answer,
     credentials,
     host_of,
-    mq_config,
     parse_messages,
     sign,
     string_to_sign,

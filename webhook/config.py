@@ -4,6 +4,9 @@
 ``WEBHOOK_CONFIG`` names (default ``./cos-webhook.toml``, ignored when absent). Built directly,
 ``Settings(...)`` takes only what it is given (and the file, if ``config_path`` is). Every
 problem raises :class:`ConfigError` naming the variable, or the file and its key.
+
+Settings only validate: the clients and sinks they describe are built where they are used
+(:func:`webhook.ci.client.client_for`, :mod:`webhook.sinks.build`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-from qcloud_cos import CosS3Client
 
-from webhook.ci.client import CosEndpoint, make_client
 from webhook.config_values import (
     Count,
     DatabaseUrl,
@@ -44,10 +45,9 @@ from webhook.config_values import (
 )
 from webhook.errors import ConfigError
 from webhook.retry import RetryPolicy
-from webhook.sinks import BuildContext
 from webhook.sinks.config import AnySinkSpec, SinkSpec, environment_sinks, load_sinks, reference_problem
 
-__all__ = ["ConfigError", "CosEndpoint", "Settings"]
+__all__ = ["ConfigError", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
 DEFAULT_CONFIG_PATH = "cos-webhook.toml"
@@ -240,10 +240,6 @@ class Settings(BaseSettings):
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def cos_client(self, region: str | None = None) -> CosS3Client:
-        """An SDK client with these credentials for ``region`` (default ``COS_REGION``)."""
-        return make_client(self.secret_id, self.secret_key, region or self.region, self.cos_endpoint, self.cos_timeout)
-
     def sink_specs(self) -> list[SinkSpec]:
         """Every configured sink: the environment's simple ones, then the file's."""
         return [
@@ -252,21 +248,6 @@ class Settings(BaseSettings):
             ),
             *self.sinks,
         ]
-
-    def build_context(self, environ: Mapping[str, str] | None = None) -> BuildContext:
-        """What building sinks needs: secrets by variable name (these settings win), the COS endpoint."""
-        env = dict(os.environ if environ is None else environ)
-        known = {
-            "WEBHOOK_HTTP_SINK_SECRET": self.http_sink_secret,
-            "COS_SECRET_ID": self.secret_id,
-            "COS_SECRET_KEY": self.secret_key,
-        }
-        return BuildContext(
-            env | {name: value for name, value in known.items() if value},
-            self.cos_endpoint,
-            cos_timeout=self.cos_timeout,
-            min_transfer_rate=self.min_transfer_rate,
-        )
 
     def check_receiver(self) -> None:
         """What the web process needs."""

@@ -8,13 +8,36 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, NonNegativeInt
 
-from webhook.ci.client import CosEndpoint, parse_endpoint
-
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+
+@dataclass(frozen=True)
+class CosEndpoint:
+    """Where the SDK sends requests instead of the public endpoints (sandbox, private link)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+
+def parse_endpoint(url: str) -> CosEndpoint:
+    """``scheme://host[:port]`` as the SDK needs it; :class:`ValueError` saying what is wrong otherwise."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parts.path not in ("", "/"):
+        raise ValueError("must be scheme://host[:port] with no path")
+    return CosEndpoint(scheme=parts.scheme, host=parts.hostname, port=port)
 
 
 def _names(value: Any) -> Any:

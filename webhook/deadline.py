@@ -38,6 +38,8 @@ from webhook.alarm import ALARMS, Alarm
 
 DEFAULT_MIN_RATE = 1024 * 1024
 """Bytes per second a transfer is allowed by default (as ``WEBHOOK_MIN_TRANSFER_RATE``)."""
+DEFAULT_TIMEOUT = 30.0
+"""Seconds one whole exchange with COS or CI is allowed by default (as ``WEBHOOK_COS_TIMEOUT``)."""
 
 _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("deadline", default=None)
 _active: set[Deadline] = set()  # every entered, not yet exited deadline in the process

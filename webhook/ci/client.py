@@ -1,41 +1,27 @@
-"""Build the cos-python-sdk-v5 client from settings (public endpoints, a private one, or the sandbox)."""
+"""The one way to COS and CI: cos-python-sdk-v5 clients, and the SDK's errors in our own words.
+
+:func:`make_client` builds every SDK client the product uses (public endpoints, a private one,
+or the sandbox); :func:`client_for` is the service's own, from its settings, and :func:`signer`
+the one that presigns URLs for others. :func:`cloud_error` is the one reading of what the SDK
+raises (:data:`SDK_ERRORS`): each stage puts its line into its own error (``VerifyError``,
+``FetchError``, ``SubmitError``, ``ReconcileError``, a sink's ``DeliveryError``).
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.deadline import Deadline, deadline_session
+from webhook.config import Settings
+from webhook.config_values import CosEndpoint
+from webhook.deadline import DEFAULT_TIMEOUT, Deadline, current, deadline_session
 
-DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class CosEndpoint:
-    """Where the SDK sends requests instead of the public endpoints (sandbox, private link)."""
-
-    scheme: str
-    host: str
-    port: int | None
-
-
-def parse_endpoint(url: str) -> CosEndpoint:
-    """``scheme://host[:port]`` as the SDK needs it; :class:`ValueError` saying what is wrong otherwise."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
-    if parts.path not in ("", "/"):
-        raise ValueError("must be scheme://host[:port] with no path")
-    return CosEndpoint(scheme=parts.scheme, host=parts.hostname, port=port)
+SDK_ERRORS = (CosServiceError, CosClientError)
+"""What an SDK call raises: COS or CI answered with an error, or no answer came."""
 
 
 def make_client(
@@ -68,6 +54,25 @@ def make_client(
     return CosS3Client(config, retry=1, session=deadline_session())
 
 
+def client_for(settings: Settings, region: str | None = None) -> CosS3Client:
+    """The service's client for ``region`` (default ``COS_REGION``): its own credentials, through
+    ``WEBHOOK_COS_ENDPOINT`` when that is set, each exchange bounded by ``WEBHOOK_COS_TIMEOUT``."""
+    return make_client(
+        settings.secret_id, settings.secret_key, region or settings.region, settings.cos_endpoint, settings.cos_timeout
+    )
+
+
+def signer(secret_id: str, secret_key: str, region: str) -> CosS3Client:
+    """A client that only presigns URLs, for others to use.
+
+    A presigned URL must name the bucket's own host (``<bucket>.cos.<region>.myqcloud.com``), which
+    its signature covers: a client aimed at an endpoint override's address would put that address
+    there instead, so this one never is (against the sandbox, ``Sandbox.request_target`` sends the
+    URL there).
+    """
+    return make_client(secret_id, secret_key, region)
+
+
 def client_timeout(client: CosS3Client) -> float:
     """The ``timeout`` the client was made with: the deadline of each of its exchanges."""
     timeout = client.get_conf()._timeout
@@ -77,15 +82,60 @@ def client_timeout(client: CosS3Client) -> float:
 def cos_deadline(client: CosS3Client, what: str, timeout: float | None = None) -> Deadline:
     """A :class:`~webhook.deadline.Deadline` for one call of ``client`` (``timeout`` or the client's).
 
-    ::
+    ``what`` names the call as error lines do (``CI API``, ``COS GetObject <key>``): a call that
+    runs out of time fails with ``<what>: <why>`` (see :func:`cloud_error`). ::
 
-        with cos_deadline(client, "DescribeMediaJob") as deadline:
+        with cos_deadline(client, "CI API"):
             try:
                 client.ci_get_media_jobs(...)
-            except CosClientError:
-                if deadline.expired: ...  # deadline.passed_message() says why
+            except SDK_ERRORS as exc:
+                raise VerifyError(str(cloud_error(exc, CI))) from None
     """
     return Deadline(client_timeout(client) if timeout is None else timeout, what)
+
+
+@dataclass(frozen=True)
+class Api:
+    """Who answers a call (``CI``, ``COS``), and how a call that reached nothing names where it went."""
+
+    name: str
+    address: str
+
+
+CI = Api("CI", "CI API")
+COS = Api("COS", "COS")
+
+
+class CloudError(Exception):
+    """A COS or CI call that failed, as one line (the SDK's own text can hold whole bodies and retry logs).
+
+    ``status``, ``code`` and ``message`` are what COS or CI answered: None, "" and "" when no
+    answer came (unreachable, or out of time).
+    """
+
+    def __init__(self, line: str, status: int | None = None, code: str = "", message: str = "") -> None:
+        super().__init__(line)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def cloud_error(exc: CosServiceError | CosClientError, api: Api, subject: str = "") -> CloudError:
+    """What the SDK raised, as a :class:`CloudError` whose line is one of:
+
+    - ``<api> answered <status> <code>[ for <subject>]: <message> (request_id=<id>)``;
+    - ``<what the current deadline names>: <why it passed>``, for a call that ran out of time;
+    - ``<api address> unreachable: <the first line of the SDK's text>``.
+    """
+    if isinstance(exc, CosServiceError):
+        code, message, _ = _answer(exc)
+        status, detail = service_error(exc)
+        about = f" for {subject}" if subject else ""
+        return CloudError(f"{api.name} answered {status}{about}: {detail}", exc.get_status_code(), code, message)
+    deadline = current()
+    if deadline is not None and deadline.expired:
+        return CloudError(f"{deadline.what}: {deadline.passed_message()}")
+    return CloudError(f"{api.address} unreachable: {client_error(exc)}")
 
 
 def service_error(exc: CosServiceError) -> tuple[str, str]:
@@ -94,13 +144,7 @@ def service_error(exc: CosServiceError) -> tuple[str, str]:
     The SDK keeps the whole multi-line XML error body; its code, message and request id (the one
     Tencent's support asks for) are what an operator needs.
     """
-    digest = exc.get_digest_msg()
-    if isinstance(digest, Mapping):  # the parsed <Error>, or for a HEAD (no body) the headers
-        fields = [digest.get("code"), digest.get("message"), digest.get("requestid") or digest.get("x-cos-request-id")]
-    else:  # a body the SDK could not digest, e.g. CI's <Response> errors, which have no <Resource>
-        origin = str(exc.get_origin_msg())
-        fields = [_xml_text(origin, name) for name in ("Code", "Message", "RequestId")]
-    code, message, request_id = (_first_line(str(field or "")) for field in fields)
+    code, message, request_id = _answer(exc)
     detail = " ".join(filter(None, (message, f"(request_id={request_id or 'unknown'})")))
     return f"{exc.get_status_code()} {code or 'Unknown'}", detail
 
@@ -108,6 +152,18 @@ def service_error(exc: CosServiceError) -> tuple[str, str]:
 def client_error(exc: CosClientError) -> str:
     """Why the SDK could not reach COS or CI: the first line of its text (which can hold a whole body)."""
     return _first_line(str(exc), limit=300)
+
+
+def _answer(exc: CosServiceError) -> tuple[str, str, str]:
+    """The error answer's code, message and request id, each on one line ("" when it has none)."""
+    digest = exc.get_digest_msg()
+    if isinstance(digest, Mapping):  # the parsed <Error>, or for a HEAD (no body) the headers
+        fields = [digest.get("code"), digest.get("message"), digest.get("requestid") or digest.get("x-cos-request-id")]
+    else:  # a body the SDK could not digest, e.g. CI's <Response> errors, which have no <Resource>
+        origin = str(exc.get_origin_msg())
+        fields = [_xml_text(origin, name) for name in ("Code", "Message", "RequestId")]
+    code, message, request_id = (_first_line(str(field or "")) for field in fields)
+    return code, message, request_id
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -9,11 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from qcloud_cos import CosS3Client
-from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import client_error, cos_deadline, service_error
+from webhook.ci.client import COS, SDK_ERRORS, cloud_error, cos_deadline
 from webhook.ci.crc64 import crc64ecma
-from webhook.deadline import DEFAULT_MIN_RATE, Deadline, transfer_budget
+from webhook.deadline import DEFAULT_MIN_RATE, transfer_budget
 from webhook.models import FetchedFile, ObjectLocation
 
 # Each download in flight holds one chunk, and a worker runs WEBHOOK_WORKER_CONCURRENCY of them; past
@@ -42,8 +41,8 @@ def fetch_object(
     Past it the download is abandoned and the partial file removed. The file is named
     ``<part_prefix><random>.part`` in ``temp_dir``; the caller owns it and must remove it.
     """
-    with cos_deadline(client, f"GetObject {where.key}", timeout) as deadline:
-        with _cos_errors(where, deadline):
+    with cos_deadline(client, f"COS GetObject {where.key}", timeout) as deadline:
+        with _cos_errors(where):
             response: dict[str, Any] = client.get_object(Bucket=where.bucket, Key=where.key)
         headers = {k.lower(): v for k, v in response.items() if k != "Body"}
         deadline.extend(transfer_budget(0.0, _length(headers), min_rate))
@@ -78,16 +77,11 @@ def fetch_object(
 
 
 @contextmanager
-def _cos_errors(where: ObjectLocation, deadline: Deadline) -> Iterator[None]:
+def _cos_errors(where: ObjectLocation) -> Iterator[None]:
     try:
         yield
-    except CosServiceError as exc:
-        code, detail = service_error(exc)
-        raise FetchError(f"COS answered {code} for {where.key}: {detail}") from None
-    except CosClientError as exc:
-        if deadline.expired:
-            raise FetchError(f"COS {deadline.what}: {deadline.passed_message()}") from None
-        raise FetchError(f"COS unreachable: {client_error(exc)}") from None
+    except SDK_ERRORS as exc:
+        raise FetchError(str(cloud_error(exc, COS, where.key))) from None
 
 
 def _length(headers: dict[str, str]) -> int:
@@ -109,7 +103,7 @@ def describe_object(client: CosS3Client, where: ObjectLocation, *, timeout: floa
 
     ``timeout`` (default: the client's) is the deadline of the whole exchange.
     """
-    with cos_deadline(client, f"HeadObject {where.key}", timeout) as deadline, _cos_errors(where, deadline):
+    with cos_deadline(client, f"COS HeadObject {where.key}", timeout), _cos_errors(where):
         response: dict[str, Any] = client.head_object(Bucket=where.bucket, Key=where.key)
     headers = {k.lower(): v for k, v in response.items()}
     return FetchedFile(

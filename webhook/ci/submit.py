@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcloud_cos import CosS3Client
-from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import client_error, service_error
+from webhook.ci.client import CI, COS, SDK_ERRORS, Api, client_for, cloud_error
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.intake.tdmq import mq_config
 from webhook.ledger import LedgerError
 from webhook.ledger.views import Views
 from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
 
+CI_REGIONS = ("sh", "bj", "gz", "cd", "hk")  # what CI takes as MqRegion
 # Statuses a job does not leave on its own (replay can bring a rejected or dead one back).
 FINAL = frozenset({JobStatus.DELIVERED, JobStatus.DEAD, JobStatus.REJECTED, JobStatus.IGNORED})
 
@@ -71,15 +70,23 @@ class SubmitError(Exception):
 
 
 @contextmanager
-def explained(what: str) -> Iterator[None]:
+def explained(what: str, api: Api = CI) -> Iterator[None]:
     """Turn the SDK's errors inside the block into a :class:`SubmitError` that starts with ``what``."""
     try:
         yield
-    except CosServiceError as exc:
-        status, detail = service_error(exc)
-        raise SubmitError(f"{what}: CI answered {status}: {detail}") from None
-    except CosClientError as exc:
-        raise SubmitError(f"{what}: {client_error(exc)}") from None
+    except SDK_ERRORS as exc:
+        raise SubmitError(f"{what}: {cloud_error(exc, api)}") from None
+
+
+def mq_config(region: str, queue: str) -> dict[str, str]:
+    """CI's ``CallBackMqConfig`` (also a queue NotifyConfig's Mq fields) for CMQ queue ``queue`` in ``region``."""
+    if region not in CI_REGIONS:
+        raise ConfigError(
+            f"WEBHOOK_TDMQ_REGION must be one of {', '.join(CI_REGIONS)} for CI's callbacks, not {region!r}"
+        )
+    if not queue:
+        raise ConfigError("WEBHOOK_TDMQ_QUEUE is not set (the CMQ queue CI sends callbacks to)")
+    return {"MqRegion": region, "MqMode": "Queue", "MqName": queue}
 
 
 def callback_url(settings: Settings) -> str:
@@ -130,7 +137,7 @@ def ci_client(settings: Settings) -> CosS3Client:
     ):
         if not value:
             raise SubmitError(f"{name} is not set")
-    return settings.cos_client()
+    return client_for(settings)
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def submit_job(
     uploaded_from: Path | None = None
     if path.is_file():
         key = input_key or f"input/{path.name}"
-        with explained(f"uploading {path} to {bucket}/{key}"), path.open("rb") as body:
+        with explained(f"uploading {path} to {bucket}/{key}", COS), path.open("rb") as body:
             # A file object is sent as the request body in chunks, never read into memory whole.
             client.put_object(Bucket=bucket, Body=body, Key=key)
         uploaded_from = path
@@ -174,13 +181,11 @@ def submit_job(
         key = source
         try:
             client.head_object(Bucket=bucket, Key=key)
-        except CosServiceError as exc:
-            if exc.get_status_code() != 404:
-                status, detail = service_error(exc)
-                raise SubmitError(f"looking for {bucket}/{key}: COS answered {status}: {detail}") from None
-            raise SubmitError(f"{source} is neither a local file nor an object in {bucket}") from None
-        except CosClientError as exc:
-            raise SubmitError(f"looking for {bucket}/{key}: {client_error(exc)}") from None
+        except SDK_ERRORS as exc:
+            error = cloud_error(exc, COS)
+            if error.status == 404:
+                raise SubmitError(f"{source} is neither a local file nor an object in {bucket}") from None
+            raise SubmitError(f"looking for {bucket}/{key}: {error}") from None
     output = ObjectLocation(bucket, settings.region, output_key)
     with explained(f"submitting the job for {bucket}/{key}"):
         job_id = submit_noise_reduction(

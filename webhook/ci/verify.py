@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcloud_cos import CosS3Client
-from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import client_error, cos_deadline, service_error
+from webhook.ci.client import CI, SDK_ERRORS, cloud_error, cos_deadline
 from webhook.intake.callback import CallbackError, parse_job
 from webhook.models import Job, JobState, ObjectLocation
 
@@ -112,16 +111,11 @@ def describe_job(client: CosS3Client, bucket: str, job_id: str) -> Job | None:
     The whole exchange has the client's timeout as its deadline; past it the answer is abandoned
     and the job is checked again later, like any other CI outage.
     """
-    with cos_deadline(client, f"DescribeMediaJob {job_id}") as deadline:
+    with cos_deadline(client, CI.address):
         try:
             answer: dict[str, Any] = client.ci_get_media_jobs(Bucket=bucket, JobIDs=job_id)
-        except CosServiceError as exc:
-            code, detail = service_error(exc)
-            raise VerifyError(f"CI answered {code}: {detail}") from None
-        except CosClientError as exc:
-            if deadline.expired:
-                raise VerifyError(f"CI API: {deadline.passed_message()}") from None
-            raise VerifyError(f"CI API unreachable: {client_error(exc)}") from None
+        except SDK_ERRORS as exc:
+            raise VerifyError(str(cloud_error(exc, CI))) from None
     for index, item in enumerate(answer.get("JobsDetail") or []):
         try:
             job = parse_job(item, f"DescribeMediaJob JobsDetail[{index}]")

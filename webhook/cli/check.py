@@ -11,6 +11,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import sqlalchemy.pool
 
+from webhook.ci.client import client_for
 from webhook.ci.verify import VerifyError, describe_job
 from webhook.cli.base import echo_text, main, sink_specs
 from webhook.config import Settings
@@ -20,7 +21,7 @@ from webhook.ledger.engine import make_engine
 from webhook.ledger.migrate import head as head_revision
 from webhook.ledger.migrate import problem as schema_problem
 from webhook.sinks import DeliveryError
-from webhook.sinks.config import build_sinks
+from webhook.sinks.build import build_sinks, sink_context
 
 
 @main.command()
@@ -35,7 +36,7 @@ def check() -> None:
         echo_text(verdict)
     for name, spec in specs.items():
         try:
-            sink = build_sinks([spec], settings.build_context())[name]
+            sink = build_sinks([spec], sink_context(settings))[name]
             verdict = sink.check()
             sink.close()
         except (ConfigError, DeliveryError) as exc:
@@ -102,7 +103,7 @@ def _check_ci(settings: Settings) -> list[str]:
         settings.check_worker()
     except ConfigError as exc:
         return [f"FAIL  worker settings: {exc}"]
-    client = settings.cos_client()
+    client = client_for(settings)
     verdicts = []
     for bucket in sorted(settings.allowed_buckets):
         try:

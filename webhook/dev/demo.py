@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from webhook.ci.client import client_for
 from webhook.ci.submit import submit_noise_reduction
 from webhook.dev.sandbox import Sandbox
 from webhook.dev.sandbox.audio import noisy_wav
@@ -52,7 +53,7 @@ def run_demo(callback_format: str, output: Path, seconds: float, timeout: float 
         with BackgroundServer(create_app(settings, ledger), name="demo-receiver") as receiver, _running(worker):
             click.echo(f"sandbox   {sandbox.url} (COS and CI APIs)")
             click.echo(f"receiver  {receiver.url}/callback/<token>")
-            client = settings.cos_client(REGION)
+            client = client_for(settings, REGION)
 
             started = time.monotonic()
             source = work / "noisy.wav"

@@ -6,9 +6,9 @@ of every allowlisted bucket created since a given time, and records each one the
 have through the same ingest path as a received callback (``Jobs.record`` after ``triage``), marked
 as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
 
-:func:`to_record` is the pure decision; :func:`list_finished` (the SDK) and :func:`known_job_ids`
-(a read-only query on the ledger) are the I/O edges. :class:`PeriodicReconcile` is how a worker
-runs it on its own, one worker at a time.
+:func:`to_record` is the pure decision; :func:`~webhook.ci.listing.list_finished` (the CI API)
+and :func:`known_job_ids` (a read-only query on the ledger) are the I/O edges.
+:class:`PeriodicReconcile` is how a worker runs it on its own, one worker at a time.
 """
 
 from __future__ import annotations
@@ -18,31 +18,25 @@ import logging
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from qcloud_cos import CosS3Client
-from qcloud_cos.cos_exception import CosClientError, CosServiceError
 from sqlalchemy.engine import Engine
 
-from webhook.ci.client import client_error, service_error
+from webhook.ci.client import CloudError, client_for
+from webhook.ci.listing import FINISHED, Listed, creation_time, list_finished
 from webhook.config import Settings
-from webhook.intake.callback import CallbackError, parse_job
 from webhook.intake.triage import FORWARDED_EVENT, triage
 from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.ledger.schema import jobs
-from webhook.models import Callback, Job, JobState
+from webhook.models import Callback
 from webhook.telemetry.logs import escape
 from webhook.worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
-TAG = "NoiseReduction"
-FINISHED = (JobState.SUCCESS, JobState.FAILED, JobState.CANCEL)
-PAGE_SIZE = 100  # the largest page DescribeMediaJobs gives
 FOUND_BY = {"X-Found-By": "reconcile"}  # stored with the request, so `jobs show` can tell it from a callback
-_BEIJING = timezone(timedelta(hours=8))  # CI's examples write every time in UTC+8
 _IDS_PER_QUERY = 500  # well under every database's limit of bound parameters
 LOCK = "reconcile"  # the ledger lock that lets one worker at a time run it
 # How much further back than two intervals a worker's run lists. CI lists jobs by creation time,
@@ -58,14 +52,6 @@ class ReconcileError(Exception):
     def __init__(self, bucket: str, message: str) -> None:
         super().__init__(f"bucket {bucket}: {message}")
         self.bucket = bucket
-
-
-@dataclass(frozen=True)
-class Listed:
-    """A job as DescribeMediaJobs listed it: parsed, and the ``JobsDetail`` element it came from."""
-
-    job: Job
-    detail: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -106,12 +92,6 @@ class Summary:
         )
 
 
-def creation_time(when: datetime) -> str:
-    """``when`` (naive UTC, or aware) as DescribeMediaJobs takes it: ``2001-01-01T08:00:00+0800``."""
-    aware = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return aware.astimezone(_BEIJING).strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
 def to_record(listed: Sequence[Listed], known: Set[str]) -> list[Listed]:
     """The listed jobs to record: finished, not in the ledger, each once (pages can overlap)."""
     wanted: dict[str, Listed] = {}
@@ -128,56 +108,19 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
     which of several allowed regions holds which bucket). Raises :class:`ReconcileError` on the
     first bucket CI cannot list; what was recorded before stays (a second run records nothing twice).
     """
-    client = settings.cos_client()
+    client = client_for(settings)
     start = creation_time(since)
     results = []
     for bucket in sorted(settings.allowed_buckets):
-        listed = list_finished(client, bucket, start, settings.reconcile_queue_ids)
+        try:
+            listed = list_finished(client, bucket, start, settings.reconcile_queue_ids)
+        except CloudError as exc:
+            raise ReconcileError(bucket, str(exc)) from None
         listed_ids = {item.job.job_id for item in listed}
         known = known_job_ids(ledger.engine, sorted(listed_ids))
         recorded = [job_id for item in to_record(listed, known) for job_id in record(ledger, item, settings)]
         results.append(BucketResult(bucket, settings.region, len(listed_ids), len(known), tuple(recorded)))
     return Summary(start, tuple(results))
-
-
-def list_finished(client: CosS3Client, bucket: str, start: str, queue_ids: Sequence[str]) -> list[Listed]:
-    """Every finished job of ``bucket`` created after ``start``, of ``queue_ids`` (none: every queue), page by page."""
-    listed: list[Listed] = []
-    for queue_id in queue_ids or (None,):
-        token = ""
-        while True:
-            answer = _list_page(client, bucket, start, queue_id, token)
-            for index, item in enumerate(answer.get("JobsDetail") or []):
-                try:
-                    listed.append(Listed(parse_job(item, f"DescribeMediaJobs JobsDetail[{index}]"), item))
-                except CallbackError as exc:
-                    raise ReconcileError(bucket, f"unreadable DescribeMediaJobs answer: {exc.message}") from None
-            next_token = answer.get("NextToken") or ""
-            # The last page has an empty token; one that does not move on would page forever.
-            if not next_token or next_token == token:
-                break
-            token = next_token
-    return listed
-
-
-def _list_page(client: CosS3Client, bucket: str, start: str, queue_id: str | None, token: str) -> dict[str, Any]:
-    try:
-        answer: dict[str, Any] = client.ci_list_media_jobs(
-            Bucket=bucket,
-            Tag=TAG,
-            QueueId=queue_id,
-            StartCreationTime=start,
-            OrderByTime="Asc",
-            States=",".join(FINISHED),
-            Size=PAGE_SIZE,
-            NextToken=token,
-        )
-    except CosServiceError as exc:
-        code, detail = service_error(exc)
-        raise ReconcileError(bucket, f"CI answered {code}: {detail}") from None
-    except CosClientError as exc:
-        raise ReconcileError(bucket, f"CI API unreachable: {client_error(exc)}") from None
-    return answer
 
 
 def known_job_ids(engine: Engine, job_ids: Sequence[str]) -> set[str]:

@@ -54,7 +54,6 @@ from webhook.deadline import Deadline, deadline_session
 from webhook.errors import ConfigError
 
 PATH = "/v2/index.php"
-CI_REGIONS = ("sh", "bj", "gz", "cd", "hk")  # what CI takes as MqRegion
 MAX_BATCH = 16
 MAX_WAIT = 30
 
@@ -106,17 +105,6 @@ def host_of(endpoint: str) -> str:
     if parts.port is not None and parts.port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{parts.port}"
     return host
-
-
-def mq_config(region: str, queue: str) -> dict[str, str]:
-    """CI's ``CallBackMqConfig`` (also a queue NotifyConfig's Mq fields) for CMQ queue ``queue`` in ``region``."""
-    if region not in CI_REGIONS:
-        raise ConfigError(
-            f"WEBHOOK_TDMQ_REGION must be one of {', '.join(CI_REGIONS)} for CI's callbacks, not {region!r}"
-        )
-    if not queue:
-        raise ConfigError("WEBHOOK_TDMQ_QUEUE is not set (the CMQ queue CI sends callbacks to)")
-    return {"MqRegion": region, "MqMode": "Queue", "MqName": queue}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 :class:`Sink` is the interface; :class:`NotificationSink` the base of sinks that send a message
 saying where the file is instead of the file. Which types exist, and how one is built from its
-``[[sinks]]`` table, is in :mod:`webhook.sinks.registry`.
+``[[sinks]]`` table, is in :mod:`webhook.sinks.registry`; building them, in :mod:`webhook.sinks.build`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhook.ci.client import DEFAULT_TIMEOUT, CosEndpoint
-from webhook.deadline import DEFAULT_MIN_RATE
+from webhook.config_values import CosEndpoint
+from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT
 from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation, Job, ObjectLocation
 from webhook.sinks.options import NotifyOptions

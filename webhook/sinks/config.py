@@ -4,6 +4,8 @@ Each sink has a name, a type, its options, filters (``events``, ``tags``) and it
 policy. Secrets are never written in the file: options ending in ``_env`` name the environment
 variable that holds them. A problem in the file raises :class:`ConfigError` naming the file,
 the key and the reason, so a bad file stops start-up with a message that says what to fix.
+
+Only validation: the sinks are built from these specs by :mod:`webhook.sinks.build`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from webhook.errors import ConfigError
 from webhook.models import Job
 from webhook.retry import RetryPolicy
-from webhook.sinks import BuildContext, Sink
 from webhook.sinks.options import FilesystemOptions, HttpMode, HttpOptions, NotifyOptions, SinkOptions
-from webhook.sinks.registry import SINK_TYPES, build_sink
+from webhook.sinks.registry import SINK_TYPES
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
@@ -98,11 +99,6 @@ def reference_problem(specs: list[SinkSpec]) -> str | None:
             kinds = _either(name for name, sink_type in SINK_TYPES.items() if sink_type.stores)
             return f"sink {spec.name}: options.file_from {spec.options.file_from!r} is not a {kinds} sink"
     return None
-
-
-def build_sinks(specs: list[SinkSpec], context: BuildContext) -> dict[str, Sink]:
-    """Build each declared sink; :class:`ConfigError` names the sink and what is missing."""
-    return {spec.name: build_sink(spec.type, spec.name, spec.options, context) for spec in specs}
 
 
 def _key(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:

@@ -7,10 +7,11 @@ from typing import Any
 
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import DEFAULT_TIMEOUT, CosEndpoint, make_client, parse_endpoint
+from webhook.ci.client import COS, CloudError, cloud_error, make_client, signer
 from webhook.ci.crc64 import crc64ecma
 from webhook.ci.fetch import presigned_url
-from webhook.deadline import DEFAULT_MIN_RATE, Deadline, current, transfer_budget
+from webhook.config_values import CosEndpoint, parse_endpoint
+from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT, Deadline, current, transfer_budget
 from webhook.errors import ConfigError
 from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError
@@ -73,9 +74,7 @@ class CosSink(BucketSink):
             raise ConfigError(f"sink {name}: options.endpoint {exc}") from None
         try:
             self._client = make_client(secret_id, secret_key, options.region, endpoint, timeout)
-            # Presigned URLs are for others, so they must name the bucket's own host, which their
-            # signature covers; a client aimed at an endpoint's IP would put that IP there instead.
-            self._signer = make_client(secret_id, secret_key, options.region)
+            self._signer = signer(secret_id, secret_key, options.region)
         except CosClientError as exc:
             raise ConfigError(f"sink {name}: {exc}") from None
 
@@ -179,7 +178,7 @@ class CosSink(BucketSink):
         try:
             response: dict[str, Any] = method(*args, **kwargs)
         except CosServiceError as exc:
-            raise self._refused(where, exc) from exc
+            raise self._refused(where, cloud_error(exc, COS)) from exc
         except CosClientError as exc:
             deadline = current()
             if deadline is not None and deadline.expired:
@@ -188,16 +187,14 @@ class CosSink(BucketSink):
             raise DeliveryError(f"{where}: COS unreachable: {os_reason(exc)}") from exc
         return response
 
-    def _refused(self, where: str, exc: CosServiceError) -> DeliveryError:
-        status = exc.get_status_code()
-        # A HEAD has no body, so the SDK keeps the response headers there and has no code to report.
-        digest = exc.get_digest_msg()
-        code = str(digest.get("code", "")) if isinstance(digest, dict) else ""
-        reason = f"HTTP {status}" + (f" {code}" if code else "")
-        if message := printable(str(digest.get("message", "")) if isinstance(digest, dict) else ""):
+    def _refused(self, where: str, answer: CloudError) -> DeliveryError:
+        status = answer.status or 0
+        # A HEAD has no body, so COS's answer to one has no code to report.
+        reason = f"HTTP {status}" + (f" {answer.code}" if answer.code else "")
+        if message := printable(answer.message):
             reason += f": {message}"
         if self._secret_key:
             reason = reason.replace(self._secret_key, "[redacted]")
         # Below 400: a copy that failed after COS had already answered 200 (the error is in the body).
-        retryable = code in _RETRYABLE_CODES or status in (408, 429) or status >= 500 or status < 400
+        retryable = answer.code in _RETRYABLE_CODES or status in (408, 429) or status >= 500 or status < 400
         return DeliveryError(f"{where}: {reason}", permanent=not retryable)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from qcloud_cos import CosS3Client
 
-from webhook.ci.client import make_client
+from webhook.ci.client import signer
 from webhook.ci.fetch import FetchError, describe_object, presigned_url
 from webhook.ci.verify import (
     Accept,
@@ -256,10 +256,7 @@ class Steps:
         return self.settings.redact(text)[:500]
 
     def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
-        # Signed for the public host: a URL for WEBHOOK_COS_ENDPOINT's address would lose the
-        # bucket name and carry a signature over that address.
-        public = make_client(self.settings.secret_id, self.settings.secret_key, where.region)
-        return presigned_url(public, where, seconds)
+        return presigned_url(signer(self.settings.secret_id, self.settings.secret_key, where.region), where, seconds)
 
     def _policy(self, task: Task) -> RetryPolicy:
         if not isinstance(task, Delivery):

@@ -18,13 +18,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import sqlalchemy.exc
 
+from webhook.ci.client import client_for
 from webhook.config import Settings
 from webhook.intake.reconcile import PeriodicReconcile
 from webhook.ledger import Claim, Ledger, TakenOver
 from webhook.ledger.wakeup import Wakeup
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import Sink
-from webhook.sinks.config import SinkSpec, build_sinks
+from webhook.sinks.build import build_sinks, sink_context
+from webhook.sinks.config import SinkSpec
 from webhook.worker.liveness import Heartbeat, Leases, Shutdown
 from webhook.worker.periodic import PeriodicPrune
 from webhook.worker.pipeline import ClientFactory, Steps
@@ -75,11 +77,11 @@ class Worker:
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
         settings.check_worker()
         specs = settings.require_sinks()
-        sinks = build_sinks(specs, settings.build_context())
+        sinks = build_sinks(specs, sink_context(settings))
         ledger = ledger or Ledger(settings.database_url)
         ledger.prepare(settings.auto_migrate)
         # One client per region, kept: its session pools the connections.
-        return cls(settings, ledger, specs, sinks, functools.cache(settings.cos_client))
+        return cls(settings, ledger, specs, sinks, functools.cache(functools.partial(client_for, settings)))
 
     # -- loop ------------------------------------------------------------------------------
 

@@ -51,8 +51,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from qcloud_cos import CosS3Client
 
-from webhook.ci.client import CosEndpoint, make_client
+from webhook.ci.client import make_client
 from webhook.config import Settings
+from webhook.config_values import CosEndpoint
 from webhook.dev.sandbox.admin import FAULTS_PATH
 from webhook.dev.sandbox.api import SandboxApp
 from webhook.dev.sandbox.cmq import FAULTS_PATH as CMQ_FAULTS_PATH
@@ -213,7 +214,7 @@ def serve(host: str, port: int, root: Path | None = None) -> None:
         print(f"  WEBHOOK_TDMQ_ENDPOINT={sandbox.url}")
         print("  WEBHOOK_TDMQ_REGION=gz")
         print("  WEBHOOK_TDMQ_QUEUE=<any queue name: created on first use>")
-        print(f"Inject faults with POST {sandbox.url}{FAULTS_PATH} (see webhook/sandbox/faults.py)")
-        print(f"and, for TDMQ, POST {sandbox.url}{CMQ_FAULTS_PATH} (see webhook/sandbox/cmq.py).")
+        print(f"Inject faults with POST {sandbox.url}{FAULTS_PATH} (see webhook/dev/sandbox/faults.py)")
+        print(f"and, for TDMQ, POST {sandbox.url}{CMQ_FAULTS_PATH} (see webhook/dev/sandbox/cmq.py).")
         print("Press Ctrl+C to stop.", flush=True)
         threading.Event().wait()
