@@ -38,7 +38,7 @@ from webhook.sinks.amqp import AmqpSink
 from webhook.sinks.cos import CosSink
 from webhook.sinks.events import SCHEMA, build_event, event_document
 from webhook.sinks.filesystem import FilesystemSink
-from webhook.sinks.http import HttpNotifySink, HttpPoster, HttpSink
+from webhook.sinks.http import HttpMultipartSink, HttpNotifySink, HttpPostSink
 from webhook.sinks.options import AmqpOptions, CosOptions, RedisOptions, S3Options
 from webhook.sinks.redis import RedisSink
 from webhook.sinks.s3 import S3Sink
@@ -144,7 +144,7 @@ class HttpHarness(Harness):
     """A recording receiver of multipart bodies; away, it is stopped, and back on the same port."""
 
     delivery_refused = "http: request failed: Connection refused"
-    sink_class: type[HttpPoster] = HttpSink
+    sink_class: type[HttpPostSink] = HttpMultipartSink
 
     def __init__(self, tmp_path: Path, stack: ExitStack) -> None:
         super().__init__(tmp_path, stack)

@@ -29,7 +29,7 @@ from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
 from webhook.sinks.build import build_sink
 from webhook.sinks.events import build_event, event_document
-from webhook.sinks.http import HttpNotifySink, HttpSink
+from webhook.sinks.http import HttpMultipartSink, HttpNotifySink
 from webhook.sinks.options import HttpOptions
 
 KEY = bytes(range(32))
@@ -83,19 +83,19 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def sink(receiver: Receiver) -> Iterator[HttpSink]:
-    http = HttpSink(receiver.url + "hook?token=query-secret", SECRET, timeout=5)
+def sink(receiver: Receiver) -> Iterator[HttpMultipartSink]:
+    http = HttpMultipartSink(receiver.url + "hook?token=query-secret", SECRET, timeout=5)
     yield http
     http.close()
 
 
-def deliver_error(sink: HttpSink, event: Event) -> DeliveryError:
+def deliver_error(sink: HttpMultipartSink, event: Event) -> DeliveryError:
     with pytest.raises(DeliveryError) as caught:
         sink.deliver(event)
     return caught.value
 
 
-def test_signature_verifies_with_standardwebhooks(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+def test_signature_verifies_with_standardwebhooks(tmp_path: Path, receiver: Receiver, sink: HttpMultipartSink) -> None:
     # Binary audio: the reference library reads the body as UTF-8, which the base64 file part allows.
     sink.deliver(succeeded(tmp_path, bytes(range(256)) * 100))
     sink.deliver(failed())
@@ -106,7 +106,7 @@ def test_signature_verifies_with_standardwebhooks(tmp_path: Path, receiver: Rece
 
 def test_raw_secret_is_used_as_utf8_bytes(receiver: Receiver) -> None:
     raw = "not-base64: ünïcode secret"
-    http = HttpSink(receiver.url, raw)
+    http = HttpMultipartSink(receiver.url, raw)
     http.deliver(failed())
     http.close()
     (request,) = receiver.requests
@@ -114,7 +114,7 @@ def test_raw_secret_is_used_as_utf8_bytes(receiver: Receiver) -> None:
     Webhook(raw.encode()).verify(request.body, request.headers, json_parse=False)
 
 
-def test_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+def test_headers(tmp_path: Path, receiver: Receiver, sink: HttpMultipartSink) -> None:
     event = succeeded(tmp_path, b"x" * 1000)
     sink.deliver(event)
     sink.deliver(event)
@@ -130,7 +130,7 @@ def test_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
     assert first.headers["content-type"].startswith("multipart/form-data; boundary=")
 
 
-def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Receiver, sink: HttpMultipartSink) -> None:
     audio = bytes(range(256)) * 5000 + b"\r\n--not-a-boundary--\r\n"  # binary, with CRLFs and dashes
     event = succeeded(tmp_path, audio)
     sink.deliver(event)
@@ -146,7 +146,7 @@ def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Rec
     assert file_bytes(files["file"]) == audio
 
 
-def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> None:
+def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpMultipartSink) -> None:
     event = failed()
     sink.deliver(event)
     form, files = receiver.requests[0].form()
@@ -154,7 +154,9 @@ def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpSink) -> N
     assert json.loads(form["metadata"]) == event_document(event)
 
 
-def test_awkward_file_name_cannot_break_the_part_headers(tmp_path: Path, receiver: Receiver, sink: HttpSink) -> None:
+def test_awkward_file_name_cannot_break_the_part_headers(
+    tmp_path: Path, receiver: Receiver, sink: HttpMultipartSink
+) -> None:
     event = succeeded(tmp_path, b"audio", key='out/a"b\r\nContent-Type: text/html\r\n\r\nü.wav')
     sink.deliver(event)
     form, files = receiver.requests[0].form()
@@ -164,7 +166,7 @@ def test_awkward_file_name_cannot_break_the_part_headers(tmp_path: Path, receive
     assert file_bytes(files["file"]) == b"audio"
 
 
-def test_429_passes_on_retry_after(receiver: Receiver, sink: HttpSink) -> None:
+def test_429_passes_on_retry_after(receiver: Receiver, sink: HttpMultipartSink) -> None:
     receiver.reply(Reply(429, retry_after="7"))
     error = deliver_error(sink, failed())
     assert error.retry_after == 7
@@ -172,7 +174,7 @@ def test_429_passes_on_retry_after(receiver: Receiver, sink: HttpSink) -> None:
     assert error.message.startswith("http: HTTP 429 Too Many Requests")
 
 
-def test_retry_after_as_http_date(receiver: Receiver, sink: HttpSink) -> None:
+def test_retry_after_as_http_date(receiver: Receiver, sink: HttpMultipartSink) -> None:
     receiver.reply(Reply(503, retry_after=format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)))
     error = deliver_error(sink, failed())
     assert error.retry_after is not None
@@ -180,13 +182,13 @@ def test_retry_after_as_http_date(receiver: Receiver, sink: HttpSink) -> None:
 
 
 @pytest.mark.parametrize("value", ["soon", "-5", "1.5", ""])
-def test_unusable_retry_after_is_ignored(receiver: Receiver, sink: HttpSink, value: str) -> None:
+def test_unusable_retry_after_is_ignored(receiver: Receiver, sink: HttpMultipartSink, value: str) -> None:
     receiver.reply(Reply(503, retry_after=value))
     assert deliver_error(sink, failed()).retry_after is None
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 409, 425])
-def test_retryable_statuses(receiver: Receiver, sink: HttpSink, status: int) -> None:
+def test_retryable_statuses(receiver: Receiver, sink: HttpMultipartSink, status: int) -> None:
     receiver.reply(Reply(status, body=b"try later"))
     error = deliver_error(sink, failed())
     assert not error.permanent
@@ -196,7 +198,7 @@ def test_retryable_statuses(receiver: Receiver, sink: HttpSink, status: int) -> 
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 413, 422, 301, 307])
-def test_permanent_statuses(receiver: Receiver, sink: HttpSink, status: int) -> None:
+def test_permanent_statuses(receiver: Receiver, sink: HttpMultipartSink, status: int) -> None:
     receiver.reply(Reply(status))
     error = deliver_error(sink, failed())
     assert error.permanent
@@ -204,7 +206,7 @@ def test_permanent_statuses(receiver: Receiver, sink: HttpSink, status: int) -> 
     assert len(receiver.requests) == 1  # redirects are not followed
 
 
-def test_recovers_after_a_failure(receiver: Receiver, sink: HttpSink) -> None:
+def test_recovers_after_a_failure(receiver: Receiver, sink: HttpMultipartSink) -> None:
     receiver.reply(Reply(503), Reply(204))
     deliver_error(sink, failed())
     sink.deliver(failed())
@@ -213,7 +215,7 @@ def test_recovers_after_a_failure(receiver: Receiver, sink: HttpSink) -> None:
 
 def test_timeout_is_retryable(receiver: Receiver) -> None:
     receiver.reply(Reply(200, delay=10))
-    http = HttpSink(receiver.url, SECRET, timeout=0.5)
+    http = HttpMultipartSink(receiver.url, SECRET, timeout=0.5)
     started = time.monotonic()
     error = deliver_error(http, failed())
     http.close()
@@ -225,7 +227,7 @@ def test_timeout_is_retryable(receiver: Receiver) -> None:
 def test_a_trickling_answer_passes_the_deadline() -> None:
     # One byte every 0.3 s never trips a per-read timeout of 1 s; the deadline of the whole POST does.
     with Trickle(every=0.3) as server:
-        http = HttpSink(server.url, SECRET, timeout=1)
+        http = HttpMultipartSink(server.url, SECRET, timeout=1)
         error = deliver_error(http, failed())
         http.close()
     assert not error.permanent
@@ -234,7 +236,7 @@ def test_a_trickling_answer_passes_the_deadline() -> None:
 
 def test_a_status_line_then_trickling_headers_is_not_a_delivery() -> None:
     with Trickle(every=0.3, head=len(b"HTTP/1.1 200 OK\r\n")) as server:
-        http = HttpSink(server.url, SECRET, timeout=1)
+        http = HttpMultipartSink(server.url, SECRET, timeout=1)
         error = deliver_error(http, failed())
         http.close()
     assert error.message == "http: no complete answer within 1s (deadline)"
@@ -242,7 +244,7 @@ def test_a_status_line_then_trickling_headers_is_not_a_delivery() -> None:
 
 def test_a_receiver_that_never_answers_passes_the_deadline() -> None:
     with Trickle(answer=None) as server:
-        http = HttpSink(server.url, SECRET, timeout=1)
+        http = HttpMultipartSink(server.url, SECRET, timeout=1)
         error = deliver_error(http, failed())
         http.close()
     assert not error.permanent
@@ -253,7 +255,7 @@ def test_a_receiver_that_reads_the_upload_slowly_passes_the_deadline(tmp_path: P
     # Far more than socket buffers hold, at an allowed rate that leaves the upload no extra time.
     event = succeeded(tmp_path, size=16 * MiB)
     with Trickle(answer=None, read_every=0.1) as server:
-        http = HttpSink(server.url, SECRET, timeout=1, min_rate=10**12)
+        http = HttpMultipartSink(server.url, SECRET, timeout=1, min_rate=10**12)
         error = deliver_error(http, event)
         http.close()
     assert not error.permanent
@@ -262,7 +264,7 @@ def test_a_receiver_that_reads_the_upload_slowly_passes_the_deadline(tmp_path: P
 
 def test_the_upload_gets_its_time_at_the_minimum_rate(tmp_path: Path, receiver: Receiver) -> None:
     event = succeeded(tmp_path, b"x" * 1500)
-    http = HttpSink(receiver.url, SECRET, timeout=0.2, min_rate=3000)
+    http = HttpMultipartSink(receiver.url, SECRET, timeout=0.2, min_rate=3000)
     receiver.reply(Reply(200, delay=10))
     error = deliver_error(http, event)
     http.close()
@@ -282,7 +284,7 @@ def test_expire_all_abandons_a_delivery_stuck_on_a_trickling_receiver() -> None:
             errors.append(exc)
 
     with Trickle(every=0.3) as server:
-        http = HttpSink(server.url, SECRET, timeout=60)
+        http = HttpMultipartSink(server.url, SECRET, timeout=60)
         worker = threading.Thread(target=deliver, daemon=True)
         worker.start()
         server.wait_for_requests(1)
@@ -297,13 +299,13 @@ def test_connection_refused_is_retryable() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    http = HttpSink(f"http://user:password@127.0.0.1:{port}/hook?token=query-secret", SECRET, timeout=2)
+    http = HttpMultipartSink(f"http://user:password@127.0.0.1:{port}/hook?token=query-secret", SECRET, timeout=2)
     error = deliver_error(http, failed())
     assert not error.permanent
     assert error.message == "http: request failed: Connection refused"
 
 
-def test_missing_file_is_retryable(tmp_path: Path, sink: HttpSink) -> None:
+def test_missing_file_is_retryable(tmp_path: Path, sink: HttpMultipartSink) -> None:
     event = succeeded(tmp_path, b"audio")
     assert event.file is not None
     Path(event.file.path).unlink()
@@ -312,7 +314,7 @@ def test_missing_file_is_retryable(tmp_path: Path, sink: HttpSink) -> None:
     assert "cannot read" in error.message
 
 
-def test_secret_never_appears_in_errors(receiver: Receiver, sink: HttpSink) -> None:
+def test_secret_never_appears_in_errors(receiver: Receiver, sink: HttpMultipartSink) -> None:
     encoded = SECRET.removeprefix("whsec_")
     replies = [
         Reply(400, body=f"bad signature for {SECRET}".encode()),
@@ -322,7 +324,7 @@ def test_secret_never_appears_in_errors(receiver: Receiver, sink: HttpSink) -> N
         Reply(200, delay=10),
     ]
     messages: list[str] = []
-    http = HttpSink(receiver.url + "?token=query-secret", SECRET, timeout=0.5)
+    http = HttpMultipartSink(receiver.url + "?token=query-secret", SECRET, timeout=0.5)
     for reply in replies:
         receiver.reply(reply)
         error = deliver_error(http, failed())
@@ -338,7 +340,7 @@ def test_secret_never_appears_in_errors(receiver: Receiver, sink: HttpSink) -> N
 @pytest.mark.parametrize("secret", ["", "whsec_", "whsec_not base64!"])
 def test_bad_secrets_are_refused_without_echo(secret: str) -> None:
     with pytest.raises(ValueError, match="HTTP sink secret") as caught:
-        HttpSink("http://127.0.0.1:9/", secret)
+        HttpMultipartSink("http://127.0.0.1:9/", secret)
     assert "base64!" not in str(caught.value)
 
 
@@ -349,7 +351,7 @@ def test_large_file_is_streamed(tmp_path: Path) -> None:
     with open(event.file.path, "rb") as source:
         expected = sha256_of(source)
     with Receiver(memory_limit=MiB) as receiver:
-        http = HttpSink(receiver.url, SECRET)
+        http = HttpMultipartSink(receiver.url, SECRET)
         tracemalloc.start()
         try:
             http.deliver(event)
@@ -420,14 +422,14 @@ def test_json_mode_needs_no_bytes_and_shares_the_status_handling(receiver: Recei
 
 @pytest.mark.parametrize(
     ("mode", "sink_class"),
-    [({}, HttpNotifySink), ({"mode": "json"}, HttpNotifySink), ({"mode": "multipart"}, HttpSink)],
+    [({}, HttpNotifySink), ({"mode": "json"}, HttpNotifySink), ({"mode": "multipart"}, HttpMultipartSink)],
     ids=["default", "json", "multipart"],
 )
 def test_mode_chooses_what_is_built(mode: dict[str, str], sink_class: type) -> None:
     options = HttpOptions.model_validate({"url": "http://127.0.0.1:9/", "secret_env": "HOOK"} | mode)
     built = build_sink("http", "hook", options, BuildContext({"HOOK": SECRET}))
     assert type(built) is sink_class
-    assert built.needs_bytes(located().job) is (sink_class is HttpSink)
+    assert built.needs_bytes(located().job) is (sink_class is HttpMultipartSink)
     built.close()
 
 

@@ -2,7 +2,7 @@
 
 ``mode = "json"`` (:class:`HttpNotifySink`, the default) sends the event document alone, with
 ``file.location`` saying where to download the audio, as the notification sinks do.
-``mode = "multipart"`` (:class:`HttpSink`) pushes the document and the audio in one body.
+``mode = "multipart"`` (:class:`HttpMultipartSink`) pushes the document and the audio in one body.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
 
-class HttpPoster(Sink):
-    """What both modes share: one signed POST of a body to ``url``, with its deadline and error handling.
+class HttpPostSink(Sink):
+    """The ``http`` sink type: one signed POST per event to ``url``, with its deadline and error handling.
+
+    Built as the subclass its ``mode`` names (:meth:`from_options`), which decides the body.
 
     Each request carries ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
     (https://www.standardwebhooks.com) plus ``Idempotency-Key``, all derived from the event id,
@@ -63,13 +65,13 @@ class HttpPoster(Sink):
         self._session.headers["User-Agent"] = _USER_AGENT
 
     @classmethod
-    def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpPoster:
-        """The sink of ``options.mode``: :class:`HttpNotifySink` for json, :class:`HttpSink` for multipart."""
+    def from_options(cls, name: str, options: HttpOptions, context: BuildContext) -> HttpPostSink:
+        """The sink of ``options.mode``: :class:`HttpNotifySink` for json, :class:`HttpMultipartSink` for multipart."""
         try:
             secret = context.secret(name, options.secret_env) or ""
             rate = context.min_transfer_rate
             if options.mode == "multipart":
-                return HttpSink(options.url, secret, options.timeout, name=name, min_rate=rate)
+                return HttpMultipartSink(options.url, secret, options.timeout, name=name, min_rate=rate)
             return HttpNotifySink(options.url, secret, options.timeout, name=name, min_rate=rate, options=options)
         except ValueError as exc:
             raise ConfigError(f"sink {name}: {options.secret_env}: {exc}") from None
@@ -143,7 +145,7 @@ class HttpPoster(Sink):
         )
 
 
-class HttpNotifySink(HttpPoster, NotificationSink):
+class HttpNotifySink(HttpPostSink, NotificationSink):
     """``mode = "json"``: POSTs the event document alone as ``application/json``.
 
     The worker never downloads the audio for it: ``file.location`` names CI's output object, or
@@ -169,7 +171,7 @@ class HttpNotifySink(HttpPoster, NotificationSink):
         self._post(event.event_id, json.dumps(event_document(event), ensure_ascii=False).encode(), "application/json")
 
 
-class HttpSink(HttpPoster):
+class HttpMultipartSink(HttpPostSink):
     """``mode = "multipart"``: POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio).
 
     The body is streamed from disk twice, once to sign it and once to send it, and is never

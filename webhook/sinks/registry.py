@@ -30,7 +30,7 @@ class SinkType:
 
 SINK_TYPES: dict[str, SinkType] = {
     "filesystem": SinkType(FilesystemOptions, "webhook.sinks.filesystem:FilesystemSink", stores=True),
-    "http": SinkType(HttpOptions, "webhook.sinks.http:HttpPoster"),
+    "http": SinkType(HttpOptions, "webhook.sinks.http:HttpPostSink"),
     "cos": SinkType(CosOptions, "webhook.sinks.cos:CosSink", stores=True),
     "s3": SinkType(S3Options, "webhook.sinks.s3:S3Sink", extra="s3", stores=True),
     "redis": SinkType(RedisOptions, "webhook.sinks.redis:RedisSink", extra="redis"),
