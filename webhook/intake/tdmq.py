@@ -79,10 +79,6 @@ def public_endpoint(region: str) -> str:
     return f"https://cmq-{region}.public.tencenttdmq.com"
 
 
-def private_endpoint(region: str) -> str:
-    return f"http://{region}.mqadapter.cmq.tencentyun.com"
-
-
 def string_to_sign(method: str, host: str, path: str, params: Mapping[str, str]) -> str:
     """What is signed: method, host and path, then every parameter but ``Signature``, sorted by key."""
     pairs = "&".join(f"{key.replace('_', '.')}={params[key]}" for key in sorted(params) if key != "Signature")
