@@ -20,7 +20,7 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30
 keepalive = 5
 # The app's records and gunicorn's own (boots, worker timeouts, tracebacks) in one format,
-# WEBHOOK_LOG_FORMAT's, one record per line (see webhook/logs.py). gunicorn's access log stays off:
+# WEBHOOK_LOG_FORMAT's, one record per line (see webhook/telemetry/logs.py). gunicorn's access log stays off:
 # it would print the callback token from the URL; the app logs each request itself, redacted.
 accesslog = None
 errorlog = "-"
@@ -38,7 +38,7 @@ logger_class = _NoAccessLog
 
 
 # Metrics: every web process counts into files in PROMETHEUS_MULTIPROC_DIR, and a scrape of any of
-# them sums them all (webhook/metrics_dir.py). The variable is set here, in the master, before it
+# them sums them all (webhook/telemetry/metrics_dir.py). The variable is set here, in the master, before it
 # forks the processes that import the app (so this must not become preload_app).
 def on_starting(server: object) -> None:
     metrics_dir.prepare()

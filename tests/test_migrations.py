@@ -18,7 +18,7 @@ from webhook.cli import main
 from webhook.config import Settings
 from webhook.ledger import Ledger, LedgerError, migrate
 from webhook.ledger.schema import metadata
-from webhook.web.app import create_app
+from webhook.web.launch import web_app as create_app
 
 T0 = "2026-01-01 00:00:00"
 

@@ -26,12 +26,9 @@ if TYPE_CHECKING:
 def serve(host: str, port: int) -> None:
     """Run the callback receiver with the development server (production: gunicorn, see Procfile)."""
     metrics_dir.count_in_process()  # one process: before prometheus-client is imported
-    from webhook.web.app import create_app
+    from webhook.web.launch import web_app
 
-    settings = Settings.from_env()
-    setup_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    app.run(host=host, port=port, threaded=True)
+    web_app().run(host=host, port=port, threaded=True)
 
 
 @main.command()

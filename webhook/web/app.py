@@ -1,9 +1,12 @@
-"""The Flask application factory."""
+"""The Flask application: :func:`create_app` builds it, and does nothing else.
+
+Starting a web process (logging, the ledger's schema, a worker beside the handlers) is
+:mod:`webhook.web.launch`'s; what the blueprints share is in :mod:`webhook.web.common`.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -13,20 +16,20 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from webhook.config import Settings
 from webhook.intake import http as receive
 from webhook.ledger import Ledger
-from webhook.telemetry.logs import REQUEST_ID_HEADER, begin_request, end_request, setup_logging
+from webhook.telemetry.logs import REQUEST_ID_HEADER, begin_request, end_request
 from webhook.web import dashboard, health
 from webhook.web.common import EXTENSION, Runtime, error, in_networks
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> Flask:
-    """Build the web app; reads settings from the environment unless given."""
-    settings = settings or Settings.from_env()
+def create_app(settings: Settings, ledger: Ledger | None = None) -> Flask:
+    """The web app for ``settings``, recording into ``ledger`` (default: the one they name).
+
+    Nothing is migrated, checked or started: the app touches the ledger only when it serves.
+    """
     settings.check_receiver()
-    setup_logging(settings.log_level, settings.log_format)
     ledger = ledger or Ledger(settings.database_url)
-    ledger.prepare(settings.auto_migrate)
 
     app = _App(__name__)
     _trace_requests(app)  # first: whatever runs before the view logs with the request's id
@@ -71,8 +74,6 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
         log.info("%s %s %s %s", request.remote_addr, request.method, path, status, extra=access)
         return response
 
-    if settings.run_worker_in_web:
-        _start_worker_thread(settings, ledger)
     return app
 
 
@@ -106,11 +107,3 @@ class _App(Flask):
 def _redacted(path: str) -> str:
     """The request path without the callback token, which is a credential."""
     return "/callback/<token>" if path.startswith("/callback/") else path
-
-
-def _start_worker_thread(settings: Settings, ledger: Ledger) -> None:
-    """Single-process deploys: run a worker beside the web handlers."""
-    from webhook.worker.runtime import Worker
-
-    worker = Worker.from_settings(settings, ledger)
-    threading.Thread(target=worker.run, name="cos-webhook-worker", daemon=True).start()

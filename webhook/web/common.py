@@ -1,4 +1,8 @@
-"""What every blueprint shares: the app's runtime (settings and ledger), source checks, JSON error answers."""
+"""What the app's blueprints share (receive, health, dashboard): the settings and ledger the app was
+built with (:func:`runtime`), source address checks and JSON error answers.
+
+The app itself is built in :mod:`webhook.web.app`; a web process starts in :mod:`webhook.web.launch`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Serve a WSGI app on a real socket from a background thread: the sandbox, the demo, tests, benchmarks."""
+"""Serve a WSGI app on a real socket from a background thread, inside a process that does something else.
+
+The sandbox, the demo, a worker's own ``/metrics``, tests and benchmarks use it; the web
+processes of a deployment are gunicorn's instead (:mod:`webhook.web.launch`).
+"""
 
 from __future__ import annotations
 
