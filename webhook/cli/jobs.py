@@ -1,19 +1,16 @@
-"""Commands that look into the ledger and give jobs another chance: jobs, replay, reconcile, dead."""
+"""Commands that look into the ledger, changing nothing: jobs list, jobs show, dead list."""
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import click
 
-from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows, sink_specs
+from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
-from webhook.ledger import DeadLetter, JobView, utcnow
-from webhook.worker.replay import replay_job, replay_letter
+from webhook.ledger import DeadLetter, JobView
 
 
 @main.group()
@@ -90,67 +87,6 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
             echo_text(f"  | {line}")
 
 
-@main.command()
-@click.argument("job_id", required=False)
-@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable); default every sink that takes it.")
-@click.option("--dead", is_flag=True, help="Replay every dead letter: verify again, or deliver again to its sink.")
-@click.option("--rejected", is_flag=True, help="Verify every rejected job again.")
-@click.option("--since", callback=parse_since, help="With --dead or --rejected: only those since (2h, 3d, ISO time).")
-def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: bool, since: datetime | None) -> None:
-    """Give a job another chance: verify it again if it was rejected or its verification died,
-    else deliver it again; or do so for every dead letter (--dead) or rejected job (--rejected)."""
-    settings = Settings.from_env()
-    specs = sink_specs(settings)
-    unknown = [s for s in sinks if s not in specs]
-    if unknown:
-        raise click.ClickException(f"unknown sink {unknown[0]!r}; configured: {', '.join(specs) or 'none'}")
-    if [bool(job_id), dead, rejected].count(True) != 1:
-        raise click.UsageError("give a JOB_ID, --dead or --rejected")
-    ledger = open_ledger(settings)
-    if job_id:
-        replayed = replay_job(ledger, specs, job_id, sinks)
-        if replayed.verify:
-            click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
-        else:
-            click.echo(f"replay of {job_id} scheduled for: {', '.join(replayed.sinks) or 'no sink'}")
-        return
-    if dead:
-        letters = [d for d in ledger.views.dead_letters(since=since) if not sinks or d.sink in sinks]
-        todo = [functools.partial(replay_letter, ledger, letter) for letter in letters]
-        what = "dead letters"
-    else:
-        rejected_ids = ledger.views.rejected_jobs(since=since)
-        todo = [functools.partial(ledger.jobs.replay, rejected_id, []) for rejected_id in rejected_ids]
-        what = "rejected jobs"
-    with click.progressbar(todo, label=f"replaying {what}", show_pos=True, file=sys.stderr) as bar:
-        for replay_one in bar:
-            replay_one()
-    click.echo(f"{len(todo)} {what} scheduled again")
-
-
-@main.command()
-@click.option("--since", default="24h", show_default=True, callback=parse_since, help="Jobs created since (2h).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def reconcile(since: datetime, as_json: bool) -> None:
-    """Find finished jobs whose callback never came (CI's job list) and record them for the worker."""
-    from webhook.intake.reconcile import ReconcileError
-    from webhook.intake.reconcile import reconcile as run_reconcile
-
-    settings = Settings.from_env()
-    settings.check_worker()
-    try:
-        summary = run_reconcile(settings, open_ledger(settings), since)
-    except ReconcileError as exc:
-        raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps(summary.to_dict()))
-        return
-    for bucket in summary.buckets:
-        for job_id in bucket.recorded:
-            echo_text(f"recorded {job_id} ({bucket.bucket})")
-    echo_text(summary.line())
-
-
 @main.group()
 def dead() -> None:
     """Dead letters: verifications and deliveries that ran out of attempts or were refused for good."""
@@ -198,23 +134,3 @@ def _step(step: dict[str, Any]) -> str:
     if step["last_error"]:
         text += f" last_error={step['last_error']}"
     return text
-
-
-@main.command()
-@click.option(
-    "--older-than",
-    "before",
-    callback=parse_since,
-    help="Finished before this (30d, ISO time); default: retention.",
-)
-@click.option("--dry-run", is_flag=True, help="Only count what would go.")
-def prune(before: datetime | None, dry_run: bool) -> None:
-    """Remove finished jobs (delivered, rejected, ignored) older than the retention, with their
-    callbacks, tasks and attempts. Dead and undelivered work is never pruned."""
-    settings = Settings.from_env()
-    ledger = open_ledger(settings)
-    before = before or utcnow() - timedelta(days=settings.retention_days)
-    if dry_run:
-        click.echo(f"would prune {ledger.retention.would_prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")
-        return
-    click.echo(f"pruned {ledger.retention.prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")

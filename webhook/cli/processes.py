@@ -1,12 +1,10 @@
-"""Commands that run the service's processes: receiver, worker, sandbox and the demo."""
+"""Commands that run the service's processes: the receiver (serve) and the worker."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -68,27 +66,3 @@ def _worker_metrics(settings: Settings, w: Worker) -> Iterator[None]:
         yield
     finally:
         server.stop()
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=9000, show_default=True, type=int)
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Where objects are kept.")
-def sandbox(host: str, port: int, root: Path | None) -> None:
-    """Run the local COS/CI sandbox: develop without a cloud account."""
-    from webhook.dev.sandbox import serve as serve_sandbox
-
-    setup_logging("INFO", "auto")
-    serve_sandbox(host, port, root)
-
-
-@main.command()
-@click.option("--format", "callback_format", type=click.Choice(["json", "xml"]), default="json", show_default=True)
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"))
-@click.option("--seconds", default=5.0, show_default=True, help="Length of the generated noisy recording.")
-def demo(callback_format: str, output: Path, seconds: float) -> None:
-    """Run sandbox, receiver and worker; denoise a generated WAV end to end; print where it landed."""
-    from webhook.dev.demo import run_demo
-
-    setup_logging("WARNING", "auto")
-    sys.exit(run_demo(callback_format, output, seconds))
