@@ -1,7 +1,7 @@
 """Commands for development, with no cloud account: the local COS/CI sandbox and the demo.
 
-The only production module that reaches into :mod:`webhook.dev`, and only when one of these
-commands runs: every other command starts without loading the sandbox.
+The one module outside :mod:`webhook.dev` that imports it, and only when one of these commands
+runs: the service itself never loads the sandbox.
 """
 
 from __future__ import annotations
