@@ -20,7 +20,7 @@ from webhook.ci.client import client_error, service_error
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.intake.tdmq import mq_config
-from webhook.ledger import LedgerError
+from webhook.ledger import UnknownJob
 from webhook.ledger.views import Views
 from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
 
@@ -214,7 +214,7 @@ def follow(
     while True:
         try:
             view = views.show_job(job_id)
-        except LedgerError:
+        except UnknownJob:
             status, reason, state, problems, failure = "", "", "", "", ""
         else:
             status, reason, state = view.status, view.reason, view.state

@@ -3,12 +3,12 @@
 Tencent documents no retry of a callback that fails; its safety net is to list jobs with the CI
 API (DescribeMediaJobs, ``GET /jobs``). :func:`reconcile` lists the finished NoiseReduction jobs
 of every allowlisted bucket created since a given time, and records each one the ledger does not
-have through the same ingest path as a received callback (``Jobs.record`` after ``triage``), marked
-as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
+have through the same ingest path as a received callback (:func:`~webhook.intake.record.record_callback`),
+marked as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
 
-:func:`to_record` is the pure decision; :func:`list_finished` (the SDK) and :func:`known_job_ids`
-(a read-only query on the ledger) are the I/O edges. :class:`PeriodicReconcile` is how a worker
-runs it on its own, one worker at a time.
+:func:`to_record` is the pure decision; :func:`list_finished` (the SDK) and
+:meth:`~webhook.ledger.jobs.Jobs.known` (a read-only query on the ledger) are the I/O edges.
+:class:`PeriodicReconcile` is how a worker runs it on its own, one worker at a time.
 """
 
 from __future__ import annotations
@@ -21,17 +21,15 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import sqlalchemy as sa
 from qcloud_cos import CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
-from sqlalchemy.engine import Engine
 
 from webhook.ci.client import client_error, service_error
 from webhook.config import Settings
 from webhook.intake.callback import CallbackError, parse_job
-from webhook.intake.triage import FORWARDED_EVENT, triage
+from webhook.intake.record import record_callback
+from webhook.intake.triage import FORWARDED_EVENT
 from webhook.ledger import Ledger, RawRequest, utcnow
-from webhook.ledger.schema import jobs
 from webhook.models import Callback, Job, JobState
 from webhook.telemetry.logs import escape
 from webhook.worker.periodic import Periodic
@@ -43,7 +41,6 @@ FINISHED = (JobState.SUCCESS, JobState.FAILED, JobState.CANCEL)
 PAGE_SIZE = 100  # the largest page DescribeMediaJobs gives
 FOUND_BY = {"X-Found-By": "reconcile"}  # stored with the request, so `jobs show` can tell it from a callback
 _BEIJING = timezone(timedelta(hours=8))  # CI's examples write every time in UTC+8
-_IDS_PER_QUERY = 500  # well under every database's limit of bound parameters
 LOCK = "reconcile"  # the ledger lock that lets one worker at a time run it
 # How much further back than two intervals a worker's run lists. CI lists jobs by creation time,
 # so a job is only found while its creation is inside the window: this covers jobs that ran this
@@ -134,7 +131,7 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
     for bucket in sorted(settings.allowed_buckets):
         listed = list_finished(client, bucket, start, settings.reconcile_queue_ids)
         listed_ids = {item.job.job_id for item in listed}
-        known = known_job_ids(ledger.engine, sorted(listed_ids))
+        known = ledger.jobs.known(sorted(listed_ids))
         recorded = [job_id for item in to_record(listed, known) for job_id in record(ledger, item, settings)]
         results.append(BucketResult(bucket, settings.region, len(listed_ids), len(known), tuple(recorded)))
     return Summary(start, tuple(results))
@@ -180,16 +177,6 @@ def _list_page(client: CosS3Client, bucket: str, start: str, queue_id: str | Non
     return answer
 
 
-def known_job_ids(engine: Engine, job_ids: Sequence[str]) -> set[str]:
-    """Which of ``job_ids`` the ledger has (read-only, a few ids per query)."""
-    known: set[str] = set()
-    with engine.connect() as conn:
-        for first in range(0, len(job_ids), _IDS_PER_QUERY):
-            chunk = job_ids[first : first + _IDS_PER_QUERY]
-            known.update(conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(chunk))).scalars())
-    return known
-
-
 def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
     """Record ``item`` as the callback CI would have sent for it; the ids the ledger took as new."""
     raw = RawRequest(
@@ -199,7 +186,7 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
         remote_addr="reconcile",
     )
     callback = Callback(event_name=FORWARDED_EVENT, jobs=(item.job,), body_format="json")
-    recorded = ledger.jobs.record(raw, callback, triage(callback, settings.allowed_tags))
+    recorded = record_callback(ledger, raw, callback, settings.allowed_tags)
     for job_id in recorded.job_ids:
         log.info("reconcile recorded state=%s", item.job.state, extra={"job_id": job_id})
     return recorded.job_ids
