@@ -35,8 +35,8 @@ WITH input AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(%(jobs)s AS json)
     state text, status text, reason text, detail text, digest text)) WITH ORDINALITY AS i (job_id, tag, state,
     status, reason, detail, digest, n)
 ), known AS (  -- looked up job by job: a join would read the whole table (json_to_recordset looks large)
-    SELECT * FROM (SELECT job_id, (SELECT j.status FROM jobs AS j WHERE j.job_id = i.job_id), status AS wanted,
-        digest, detail FROM input AS i) AS k WHERE status IS NOT NULL
+    SELECT * FROM (SELECT i.job_id, (SELECT j.status FROM jobs AS j WHERE j.job_id = i.job_id) AS status,
+        i.status AS wanted, i.digest, i.detail FROM input AS i) AS k WHERE status IS NOT NULL
 ), go AS (SELECT WHERE NOT EXISTS (SELECT FROM known WHERE job_id <> ALL (CAST(%(locked)s AS text[])))
 ), holder AS (SELECT id FROM callbacks WHERE sha256 = %(body_sha256)s AND body_of IS NULL LIMIT 1
 ), stored AS (
