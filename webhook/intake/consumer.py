@@ -1,9 +1,10 @@
 """``cos-webhook consume``: receive CI's callbacks from TDMQ (CMQ) queues instead of over HTTP.
 
 For each queue, one thread loops: long-poll a batch (BatchReceiveMessage), record each message
-exactly as ``POST /callback`` records a body (parse, then :func:`~webhook.intake.record.record_callback`;
-a job already known is a duplicate), then delete the batch's receipt handles, only after those commits. A message that
-is not a readable callback is kept in the ledger with the reason (:mod:`webhook.ledger.quarantine`)
+exactly as ``POST /callback`` records a body (parse, then
+:func:`~webhook.intake.record.record_callback`; a job already known is a duplicate), then delete the
+batch's receipt handles, only after those commits. A message that is not a readable callback, or
+that the ledger refuses, is kept in the ledger with the reason (:mod:`webhook.ledger.quarantine`)
 and deleted once kept, so it cannot block the queue. Delivery is at least once: a message whose
 delete is lost, or that was in hand when the process died, comes back after the queue's
 visibility timeout and is recorded again as a duplicate, which changes nothing.

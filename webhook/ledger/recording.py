@@ -2,7 +2,7 @@
 task, in one transaction. A job already known is a duplicate unless the callback says something new
 about it that verification has yet to hear (see :meth:`SqliteRecording._reopen`).
 
-One implementation per database, and both store the same rows (``tests/test_ledger.py`` compares
+One implementation per database, and both store the same rows (``tests/test_recording.py`` compares
 them): on SQLite, SQLAlchemy Core statements inside the write lock (here); on PostgreSQL, one
 statement that is a transaction of its own when every job is new (:mod:`webhook.ledger.recording_pg`).
 What they share is built here first, before any transaction begins: on SQLite the transaction holds
