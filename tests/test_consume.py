@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import sqlalchemy.exc
 from click.testing import CliRunner, Result
 from support.pipeline import BUCKET, REGION, Pipeline, pipeline_settings, settings_env, working
 from support.receiver import Receiver
@@ -36,7 +35,7 @@ from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.dev.sandbox.cmq import CmqFault
 from webhook.intake import consumer as consume
 from webhook.intake.callback import CallbackError
-from webhook.ledger import Ledger
+from webhook.ledger import Ledger, LedgerUnavailable
 from webhook.ledger.quarantine import Quarantine
 from webhook.ledger.schema import callbacks
 from webhook.models import Callback
@@ -200,7 +199,7 @@ def test_rate_limits_server_errors_and_failed_deletes_are_waited_out(ledger: Led
 def test_a_ledger_outage_leaves_the_batch_on_the_queue(sandbox: Sandbox, tmp_path: Path) -> None:
     client(sandbox).send(QUEUE, as_json(forged_document("j1")))
     unmigrated = Ledger(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every write fails
-    with pytest.raises(sqlalchemy.exc.OperationalError):
+    with pytest.raises(LedgerUnavailable, match=r"^ledger unavailable \(OperationalError\)$"):
         consumer(sandbox, unmigrated, wait=0).poll_once(QUEUE)
     assert sandbox.cmq.pending(QUEUE) == 1  # not deleted: it comes back after the visibility timeout
     unmigrated.dispose()

@@ -55,11 +55,11 @@ def test_a_missing_table_makes_the_process_unready_but_alive(ledger: Ledger) -> 
 
 
 def test_schema_problem_names_every_missing_table(ledger: Ledger) -> None:
-    assert health.schema_problem(ledger.engine) is None
+    assert ledger.schema_problem() is None
     with ledger.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE attempts"))
         conn.execute(sa.text("DROP TABLE locks"))
-    assert health.schema_problem(ledger.engine) == "the ledger lacks tables attempts, locks (run cos-webhook migrate)"
+    assert ledger.schema_problem() == "the ledger lacks tables attempts, locks (run cos-webhook migrate)"
 
 
 @pytest.mark.postgres

@@ -64,11 +64,12 @@ def claim(ledger: Ledger, worker: str = "w1", lease: float = 60) -> Claim:
     return got
 
 
-def accept(ledger: Ledger, got: Claim, sinks: list[str], worker: str = "w1") -> bool:
-    """Verification passed for the claim's first version, as the worker records it."""
+def accept(ledger: Ledger, got: Claim, sinks: list[str], worker: str = "w1", lease: float = 60) -> DeliveryClaim | None:
+    """Verification passed for the claim's first version, as the worker records it: the job's new
+    deliveries come back leased to it (None if it lost its lease)."""
     assert isinstance(got, VerifyClaim)
     version = got.versions[0]
-    return ledger.queue.accept(got.task, worker, sinks, version, job_from_json(version.detail), {})
+    return ledger.queue.accept_and_claim(got, worker, sinks, version, job_from_json(version.detail), {}, (), lease)
 
 
 def reject(ledger: Ledger, got: Claim, reason: str, worker: str = "w1") -> bool:
@@ -161,28 +162,21 @@ def test_concurrent_claimers_never_share_a_task(ledger: Ledger) -> None:
     assert len(seen) == 40
 
 
-def test_accept_creates_one_delivery_per_sink_claimed_together(ledger: Ledger) -> None:
+def test_deliveries_another_worker_left_are_claimed_together(ledger: Ledger) -> None:
     record(ledger, job(1))
-    verify = claim(ledger)
-    assert accept(ledger, verify, ["filesystem", "http"])
-    deliver = claim(ledger)
+    assert accept(ledger, claim(ledger), ["filesystem", "http"])
+    assert ledger.workers.leave("w1") == 2  # w1 stops: its leased deliveries are due again
+    deliver = claim(ledger, "w2")
     assert isinstance(deliver, DeliveryClaim)
     assert [d.sink for d in deliver.deliveries] == ["filesystem", "http"]
     assert ledger.views.show_job(job(1).job_id).status == JobStatus.VERIFIED
-
-
-def accept_and_claim(ledger: Ledger, got: Claim, sinks: list[str], worker: str = "w1", lease: float = 60) -> object:
-    """As the worker accepts: the new deliveries come back leased to it."""
-    assert isinstance(got, VerifyClaim)
-    version = got.versions[0]
-    return ledger.queue.accept_and_claim(got, worker, sinks, version, job_from_json(version.detail), {}, (), lease)
 
 
 def test_a_verifier_goes_on_to_the_deliveries_it_created(ledger: Ledger) -> None:
     record(ledger, job(1))
     verify = claim(ledger)
     assert isinstance(verify, VerifyClaim)
-    got = accept_and_claim(ledger, verify, ["http", "filesystem"])
+    got = accept(ledger, verify, ["http", "filesystem"])
     assert isinstance(got, DeliveryClaim)
     assert [(d.sink, d.attempts) for d in got.deliveries] == [("filesystem", 1), ("http", 1)]
     assert (got.detail, got.received_at, got.delivered_to) == (job_json(1), verify.received_at, frozenset())
@@ -195,7 +189,7 @@ def test_a_verifier_goes_on_to_the_deliveries_it_created(ledger: Ledger) -> None
 
 def test_deliveries_a_verifier_leased_are_due_again_when_its_lease_runs_out(ledger: Ledger) -> None:
     record(ledger, job(1))
-    held = accept_and_claim(ledger, claim(ledger), ["filesystem", "http"], lease=0.2)
+    held = accept(ledger, claim(ledger), ["filesystem", "http"], lease=0.2)
     assert isinstance(held, DeliveryClaim)
     time.sleep(0.3)
     again = claim(ledger, "w2")
@@ -209,7 +203,7 @@ def test_a_verifier_that_lost_its_lease_leases_nothing(ledger: Ledger) -> None:
     stale = claim(ledger, "w1", lease=0.2)
     time.sleep(0.3)
     claim(ledger, "w2")
-    assert accept_and_claim(ledger, stale, ["filesystem"]) is None
+    assert accept(ledger, stale, ["filesystem"]) is None
     assert [t.kind for t in ledger.views.show_job(job(1).job_id).tasks] == ["verify"]
     assert ledger.views.show_job(job(1).job_id).status == JobStatus.RECEIVED
 
@@ -223,6 +217,8 @@ def test_one_claim_takes_due_work_of_several_jobs_oldest_first(ledger: Ledger) -
     ]
     assert accept(ledger, verifying[0], ["filesystem", "http"])
     assert accept(ledger, verifying[1], ["http"])
+    assert accept(ledger, verifying[2], []) is None  # no sink takes it: nothing to deliver
+    ledger.workers.leave("w1")  # the deliveries w1 went on to are due again, for others to claim
     first = ledger.queue.claim_many("w2", 60, 1)
     rest = ledger.queue.claim_many("w2", 60, 10)
     assert [[(d.job_id, d.sink) for d in c.tasks] for c in first + rest] == [
@@ -234,8 +230,9 @@ def test_one_claim_takes_due_work_of_several_jobs_oldest_first(ledger: Ledger) -
 
 def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
     record(ledger, job(1))
-    accept(ledger, claim(ledger), ["filesystem", "http"])
-    fs, http = deliveries(ledger)
+    accepted = accept(ledger, claim(ledger), ["filesystem", "http"])
+    assert accepted is not None
+    fs, http = accepted.deliveries
     assert ledger.queue.complete(fs, "w1")
     assert ledger.queue.retry_later(http, "w1", "503 from sink", delay=0)
     assert ledger.views.show_job(job(1).job_id).status == "verified"
@@ -277,8 +274,9 @@ def test_rejected_job_gets_no_deliveries_until_replayed_then_is_verified_again(l
 
 def test_dead_delivery_makes_the_job_dead_and_replay_revives_it(ledger: Ledger) -> None:
     record(ledger, job(1))
-    accept(ledger, claim(ledger), ["http"])
-    assert ledger.queue.give_up(claim(ledger).tasks[0], "w1", "sink answered 410")
+    accepted = accept(ledger, claim(ledger), ["http"])
+    assert accepted is not None
+    assert ledger.queue.give_up(accepted.deliveries[0], "w1", "sink answered 410")
     assert ledger.views.show_job(job(1).job_id).status == "dead"
     assert ledger.jobs.replay(job(1).job_id, ["http"]) == Replayed(job(1).job_id, verify=False, sinks=("http",))
     again = claim(ledger)
@@ -314,8 +312,9 @@ def test_a_waiting_job_has_nothing_to_replay(ledger: Ledger) -> None:
 
 def test_replay_to_a_new_sink_adds_a_delivery(ledger: Ledger) -> None:
     record(ledger, job(1))
-    accept(ledger, claim(ledger), ["filesystem"])
-    ledger.queue.complete(claim(ledger).tasks[0], "w1")
+    accepted = accept(ledger, claim(ledger), ["filesystem"])
+    assert accepted is not None
+    ledger.queue.complete(accepted.deliveries[0], "w1")
     ledger.jobs.replay(job(1).job_id, ["http"])
     assert [d.sink for d in deliveries(ledger)] == ["http"]
 
@@ -368,6 +367,7 @@ def test_deliveries_finished_at_once_by_two_workers_settle_the_job(
     ledger = postgres_ledger
     record(ledger, job(1))
     assert accept(ledger, claim(ledger), ["filesystem", "http"])
+    ledger.workers.leave("w1")  # its deliveries are due again, for the two workers below
     # Two workers hold one delivery each, as SKIP LOCKED gives when they poll at the same instant.
     with ledger.engine.begin() as conn:
         conn.execute(tasks.update().where(tasks.c.sink == "http").values(run_after=utcnow() + timedelta(hours=1)))

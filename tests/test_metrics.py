@@ -27,14 +27,12 @@ from support.samples import DOC_JSON, body, job
 from webhook.config import Settings
 from webhook.intake.callback import parse_callback
 from webhook.intake.triage import triage
-from webhook.ledger import DeliveryClaim, Ledger, LedgerStats, RawRequest, TaskGroup, VerifyClaim
-from webhook.ledger import stats as ledger_stats
+from webhook.ledger import DeliveryClaim, Ledger, LedgerStats, LedgerUnavailable, RawRequest, TaskGroup, VerifyClaim
 from webhook.ledger.schema import tasks, workers
 from webhook.models import JobStatus, job_from_json
 from webhook.telemetry import metrics, metrics_dir
 from webhook.web.app import create_app
 from webhook.web.server import BackgroundServer
-from webhook.worker import liveness
 
 EXPECTED = {
     "cos_webhook_callbacks": "counter",
@@ -198,8 +196,8 @@ def test_the_stats_snapshot_counts_due_leased_dead_and_live(ledger: Ledger) -> N
     verify = ledger.queue.claim("w1", 60)
     assert isinstance(verify, VerifyClaim)
     (version,) = verify.versions
-    ledger.queue.accept(verify.task, "w1", ["archive", "hook"], version, job_from_json(version.detail), {})
-    deliveries = ledger.queue.claim("w1", 60)
+    accepted = job_from_json(version.detail)
+    deliveries = ledger.queue.accept_and_claim(verify, "w1", ["archive", "hook"], version, accepted, {}, (), 60)
     assert isinstance(deliveries, DeliveryClaim)
     archive, hook = deliveries.deliveries
     record_job(ledger, "j000000000000000000000000000000bb")
@@ -220,7 +218,7 @@ def test_the_stats_snapshot_counts_due_leased_dead_and_live(ledger: Ledger) -> N
     assert all(age >= 0 for age in stats.oldest_due_seconds.values())
     assert stats.dead == {TaskGroup("deliver", "hook"): 1}
     assert stats.groups == [TaskGroup("deliver", "archive"), TaskGroup("deliver", "hook"), TaskGroup("verify", "")]
-    assert (stats.total_due, stats.total_dead, stats.live_workers) == (2, 1, 1)
+    assert (sum(stats.due.values()), sum(stats.dead.values()), stats.live_workers) == (2, 1, 1)
 
 
 # -- the ledger's gauges are cached ----------------------------------------------------------------------
@@ -263,7 +261,7 @@ def test_the_cache_expires_and_a_failed_read_leaves_the_gauges_empty() -> None:
     def read() -> LedgerStats:
         reads.append(now[0])
         if fail[0]:
-            raise sa.exc.OperationalError("SELECT", {}, Exception("ledger away"))
+            raise LedgerUnavailable("OperationalError", "ledger away")
         return LedgerStats(
             taken_at=datetime(2026, 1, 1),
             jobs={"received": 2},
@@ -450,7 +448,3 @@ def test_the_multiprocess_directory_is_made_or_emptied(monkeypatch: pytest.Monke
 
     metrics_dir.count_in_process()
     assert metrics_dir.VARIABLE not in os.environ
-
-
-def test_live_workers_are_judged_as_liveness_judges_them() -> None:
-    assert ledger_stats.STALE_BEATS == liveness.STALE_BEATS

@@ -134,6 +134,15 @@ class Callback:
 
 
 @dataclass(frozen=True)
+class Triaged:
+    """One job of a callback and what becomes of it: ``forward``, or recorded only for ``reason``."""
+
+    job: Job
+    forward: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class FetchedFile:
     """A job's output object: downloaded to ``path`` and checked, or only described (``path`` None).
 

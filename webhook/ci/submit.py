@@ -18,7 +18,7 @@ from qcloud_cos import CosS3Client
 from webhook.ci.client import CI, COS, SDK_ERRORS, Api, client_for, cloud_error
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.ledger import LedgerError
+from webhook.ledger import UnknownJob
 from webhook.ledger.views import Views
 from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
 
@@ -219,7 +219,7 @@ def follow(
     while True:
         try:
             view = views.show_job(job_id)
-        except LedgerError:
+        except UnknownJob:
             status, reason, state, problems, failure = "", "", "", "", ""
         else:
             status, reason, state = view.status, view.reason, view.state

@@ -8,12 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy.engine
-import sqlalchemy.exc
 
 from webhook.config import Settings
 from webhook.errors import ConfigError
-from webhook.ledger import Ledger, LedgerError, utcnow
+from webhook.ledger import Ledger, LedgerError, LedgerUnavailable, utcnow
 from webhook.sinks.config import SinkSpec
 from webhook.telemetry.logs import escape
 
@@ -53,13 +51,11 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except ConfigError as exc:
             raise click.ClickException(f"configuration error: {exc}") from None
+        except LedgerUnavailable as exc:
+            click.echo(f"Error: the ledger at {exc.where} is unreachable ({exc.kind})", err=True)
+            ctx.exit(2)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from None
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            url = sqlalchemy.engine.make_url(Settings.from_env().database_url)
-            where = url.render_as_string(hide_password=True)
-            click.echo(f"Error: the ledger at {where} is unreachable ({type(exc).__name__})", err=True)
-            ctx.exit(2)
 
 
 @click.group(cls=_Commands)

@@ -17,7 +17,7 @@ from webhook.ci.client import client_for
 from webhook.ci.submit import submit_noise_reduction
 from webhook.dev.sandbox import Sandbox
 from webhook.dev.sandbox.audio import noisy_wav
-from webhook.ledger import Ledger, LedgerError
+from webhook.ledger import Ledger, UnknownJob
 from webhook.models import JobStatus, ObjectLocation
 from webhook.web.app import create_app
 from webhook.web.server import BackgroundServer
@@ -104,7 +104,7 @@ def _wait_for(ledger: Ledger, job_id: str, wanted: set[JobStatus], timeout: floa
     while time.monotonic() < deadline:
         try:
             status = ledger.views.show_job(job_id).status
-        except LedgerError:
+        except UnknownJob:
             status = ""
         if status in wanted:
             return status

@@ -1,9 +1,10 @@
 """``cos-webhook consume``: receive CI's callbacks from TDMQ (CMQ) queues instead of over HTTP.
 
 For each queue, one thread loops: long-poll a batch (BatchReceiveMessage), record each message
-exactly as ``POST /callback`` records a body (parse, triage, one transaction; a job already known
-is a duplicate), then delete the batch's receipt handles, only after those commits. A message that
-is not a readable callback is kept in the ledger with the reason (:mod:`webhook.ledger.quarantine`)
+exactly as ``POST /callback`` records a body (parse, then
+:func:`~webhook.intake.record.record_callback`; a job already known is a duplicate), then delete the
+batch's receipt handles, only after those commits. A message that is not a readable callback, or
+that the ledger refuses, is kept in the ledger with the reason (:mod:`webhook.ledger.quarantine`)
 and deleted once kept, so it cannot block the queue. Delivery is at least once: a message whose
 delete is lost, or that was in hand when the process died, comes back after the queue's
 visibility timeout and is recorded again as a duplicate, which changes nothing.
@@ -27,14 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-import sqlalchemy.exc
-
 from webhook.deadline import Deadline
 from webhook.intake.callback import CallbackError, parse_callback
+from webhook.intake.record import record_callback
 from webhook.intake.tdmq import AUTH_FAILED, NO_QUEUE, STALE_HANDLE, CmqClient, CmqError, Message
-from webhook.intake.triage import triage
-from webhook.ledger import Ledger, RawRequest, Recorded
-from webhook.ledger.quarantine import KeptMessage
+from webhook.ledger import KeptMessage, Ledger, LedgerRefused, LedgerUnavailable, RawRequest
 from webhook.models import Callback
 from webhook.retry import RetryPolicy, backoff_delay
 
@@ -212,8 +210,8 @@ class Consumer:
                     self.stop("refused for good")
                     break
                 problem = str(exc)
-            except sqlalchemy.exc.SQLAlchemyError as exc:
-                problem = f"ledger unavailable ({type(exc).__name__})"
+            except LedgerUnavailable as exc:
+                problem = str(exc)
             except Exception as exc:  # anything unforeseen: the messages come back, try again later
                 log.exception("consumer of queue %s failed", queue)
                 problem = f"{type(exc).__name__}: {exc}"
@@ -228,11 +226,11 @@ class Consumer:
         """Receive one batch from ``queue``, record it, delete what was stored; how many messages came."""
         messages = self._receive(queue)
         stored: list[str] = []
-        outage: sqlalchemy.exc.SQLAlchemyError | None = None
+        outage: LedgerUnavailable | None = None
         for message in messages:
             try:
                 self._take(queue, message)
-            except sqlalchemy.exc.SQLAlchemyError as exc:
+            except LedgerUnavailable as exc:
                 outage = exc  # this one and the rest come back after the visibility timeout
                 break
             stored.append(message.receipt_handle)
@@ -263,10 +261,10 @@ class Consumer:
         headers = {"X-Tdmq-Queue": queue, "X-Tdmq-Msg-Id": message.msg_id, "X-Tdmq-Body": read.encoding}
         raw = RawRequest(body=read.body, content_type=_content_type(read), headers=headers, remote_addr=REMOTE_ADDR)
         try:
-            recorded = self._record(raw, read.callback)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.DataError) as exc:
+            recorded = record_callback(self.ledger, raw, read.callback, self.allowed_tags)
+        except LedgerRefused as exc:
             # Not the ledger's health but this message's content: kept, rather than back for ever.
-            self._keep(queue, message, f"the ledger refused it: {type(exc).__name__}: {exc.orig}")
+            self._keep(queue, message, f"the ledger refused it: {exc.kind}: {exc.detail}")
             return
         log.info(
             "tdmq message stored queue=%s msg=%s callback=%s event=%s new=%s duplicate=%s ignored=%s",
@@ -278,13 +276,6 @@ class Consumer:
             ",".join(recorded.duplicates) or "-",
             ",".join(recorded.ignored) or "-",
         )
-
-    def _record(self, raw: RawRequest, callback: Callback) -> Recorded:
-        try:
-            return self.ledger.jobs.record(raw, callback, triage(callback, self.allowed_tags))
-        except sqlalchemy.exc.IntegrityError:
-            # Once more, in case another consumer recorded the same job at the same moment.
-            return self.ledger.jobs.record(raw, callback, triage(callback, self.allowed_tags))
 
     def _keep(self, queue: str, message: Message, reason: str) -> None:
         kept = self.quarantine.keep(queue, message.msg_id, message.body.encode("utf-8", "surrogatepass"), reason)
@@ -338,7 +329,7 @@ def reparse(ledger: Ledger, allowed_tags: frozenset[str], kept: KeptMessage) -> 
         "X-Reparsed-From": f"message {kept.id}",
     }
     raw = RawRequest(body=read.body, content_type=_content_type(read), headers=headers, remote_addr=REMOTE_ADDR)
-    recorded = ledger.jobs.record(raw, read.callback, triage(read.callback, allowed_tags))
+    recorded = record_callback(ledger, raw, read.callback, allowed_tags)
     quarantine.resolve(kept.id, recorded.callback_id)
     jobs = ",".join((*recorded.job_ids, *recorded.duplicates)) or "no job"
     return Reparsed(kept.id, True, f"recorded as callback {recorded.callback_id} ({jobs})")

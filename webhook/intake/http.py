@@ -6,13 +6,12 @@ import hmac
 import logging
 import time
 
-import sqlalchemy.exc
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from webhook.intake.callback import CallbackError, parse_callback
-from webhook.intake.triage import triage
-from webhook.ledger import RawRequest
+from webhook.intake.record import record_callback
+from webhook.ledger import LedgerUnavailable, RawRequest
 from webhook.telemetry import metrics
 from webhook.web.common import error, runtime
 
@@ -75,8 +74,8 @@ def callback(token: str) -> tuple[Response, int]:
         remote_addr=request.remote_addr or "",
     )
     try:
-        recorded = rt.ledger.jobs.record(raw, parsed, triage(parsed, rt.settings.allowed_tags))
-    except sqlalchemy.exc.SQLAlchemyError:
+        recorded = record_callback(rt.ledger, raw, parsed, rt.settings.allowed_tags)
+    except LedgerUnavailable:
         # Whatever kept the ledger from committing (outage, full disk, a broken schema), the callback
         # is not stored: answer so that a sender that retries sends it again, never a bare 500.
         log.exception("ledger unavailable; callback not stored")

@@ -3,11 +3,11 @@
 Tencent documents no retry of a callback that fails; its safety net is to list jobs with the CI
 API (DescribeMediaJobs, ``GET /jobs``). :func:`reconcile` lists the finished NoiseReduction jobs
 of every allowlisted bucket created since a given time, and records each one the ledger does not
-have through the same ingest path as a received callback (``Jobs.record`` after ``triage``), marked
-as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
+have through the same ingest path as a received callback (:func:`~webhook.intake.record.record_callback`),
+marked as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
 
 :func:`to_record` is the pure decision; :func:`~webhook.ci.listing.list_finished` (the CI API)
-and :func:`known_job_ids` (a read-only query on the ledger) are the I/O edges.
+and :meth:`~webhook.ledger.jobs.Jobs.known` (a read-only query on the ledger) are the I/O edges.
 :class:`PeriodicReconcile` is how a worker runs it on its own, one worker at a time.
 """
 
@@ -21,15 +21,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-
 from webhook.ci.client import CloudError, client_for
 from webhook.ci.listing import FINISHED, Listed, creation_time, list_finished
 from webhook.config import Settings
-from webhook.intake.triage import FORWARDED_EVENT, triage
+from webhook.intake.record import record_callback
+from webhook.intake.triage import FORWARDED_EVENT
 from webhook.ledger import Ledger, RawRequest, utcnow
-from webhook.ledger.schema import jobs
 from webhook.models import Callback
 from webhook.telemetry.logs import escape
 from webhook.worker.periodic import Periodic
@@ -37,7 +34,6 @@ from webhook.worker.periodic import Periodic
 log = logging.getLogger(__name__)
 
 FOUND_BY = {"X-Found-By": "reconcile"}  # stored with the request, so `jobs show` can tell it from a callback
-_IDS_PER_QUERY = 500  # well under every database's limit of bound parameters
 LOCK = "reconcile"  # the ledger lock that lets one worker at a time run it
 # How much further back than two intervals a worker's run lists. CI lists jobs by creation time,
 # so a job is only found while its creation is inside the window: this covers jobs that ran this
@@ -117,20 +113,10 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
         except CloudError as exc:
             raise ReconcileError(bucket, str(exc)) from None
         listed_ids = {item.job.job_id for item in listed}
-        known = known_job_ids(ledger.engine, sorted(listed_ids))
+        known = ledger.jobs.known(sorted(listed_ids))
         recorded = [job_id for item in to_record(listed, known) for job_id in record(ledger, item, settings)]
         results.append(BucketResult(bucket, settings.region, len(listed_ids), len(known), tuple(recorded)))
     return Summary(start, tuple(results))
-
-
-def known_job_ids(engine: Engine, job_ids: Sequence[str]) -> set[str]:
-    """Which of ``job_ids`` the ledger has (read-only, a few ids per query)."""
-    known: set[str] = set()
-    with engine.connect() as conn:
-        for first in range(0, len(job_ids), _IDS_PER_QUERY):
-            chunk = job_ids[first : first + _IDS_PER_QUERY]
-            known.update(conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(chunk))).scalars())
-    return known
 
 
 def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
@@ -142,7 +128,7 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
         remote_addr="reconcile",
     )
     callback = Callback(event_name=FORWARDED_EVENT, jobs=(item.job,), body_format="json")
-    recorded = ledger.jobs.record(raw, callback, triage(callback, settings.allowed_tags))
+    recorded = record_callback(ledger, raw, callback, settings.allowed_tags)
     for job_id in recorded.job_ids:
         log.info("reconcile recorded state=%s", item.job.state, extra={"job_id": job_id})
     return recorded.job_ids

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from webhook.models import Callback, Job
+from webhook.models import Callback, Triaged
 
 FORWARDED_EVENT = "TaskFinish"
-
-
-@dataclass(frozen=True)
-class Triaged:
-    """One job of a callback and what becomes of it: ``forward``, or recorded only for ``reason``."""
-
-    job: Job
-    forward: bool
-    reason: str = ""
 
 
 def triage(callback: Callback, allowed_tags: frozenset[str]) -> tuple[Triaged, ...]:

@@ -2,9 +2,11 @@
 
 ``Ledger(url)`` holds the engine and what is done with it: :attr:`~Ledger.jobs` (record
 callbacks, replay), :attr:`~Ledger.queue` (claim, lease, outcomes), :attr:`~Ledger.views` (what
-operators read), :attr:`~Ledger.workers` (heartbeats, takeover), :attr:`~Ledger.locks` and
-:attr:`~Ledger.stats` (the whole ledger at a glance: metrics, overviews).
-The tables are in :mod:`webhook.ledger.schema`.
+operators read), :attr:`~Ledger.browse` (jobs page by page, recent activity),
+:attr:`~Ledger.workers` (heartbeats, takeover), :attr:`~Ledger.locks`, :attr:`~Ledger.retention`,
+:attr:`~Ledger.quarantine` and :attr:`~Ledger.stats` (the whole ledger at a glance: metrics,
+overviews). The tables are in :mod:`webhook.ledger.schema` and stay inside this package: what the
+database raises leaves it as :class:`LedgerUnavailable` (see :mod:`webhook.ledger.errors`).
 """
 
 from __future__ import annotations
@@ -12,41 +14,55 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from webhook.ledger import migrate
+from webhook.ledger.browse import Browse, JobFilter, JobPage, JobRow, StepCounts
 from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
-from webhook.ledger.engine import make_engine
-from webhook.ledger.jobs import Jobs, RawRequest, Recorded, Replayed
+from webhook.ledger.engine import make_engine, read_only_engine
+from webhook.ledger.errors import LedgerError, LedgerRefused, LedgerUnavailable, UnknownJob, connect
+from webhook.ledger.jobs import Jobs, Replayed
 from webhook.ledger.locks import Locks
-from webhook.ledger.quarantine import Quarantine
+from webhook.ledger.quarantine import KeptMessage, Quarantine
 from webhook.ledger.queue import Queue
+from webhook.ledger.readiness import Readiness
+from webhook.ledger.recording import RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
-from webhook.ledger.schema import LedgerError, utcnow
+from webhook.ledger.schema import utcnow
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
 from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView, Views
-from webhook.ledger.workers import TakenOver, Workers, WorkerView
+from webhook.ledger.workers import STALE_BEATS, TakenOver, Workers, WorkerView
 
 __all__ = [
+    "STALE_BEATS",
     "Attempt",
     "AttemptView",
     "Claim",
     "DeadLetter",
     "Delivery",
     "DeliveryClaim",
+    "JobFilter",
+    "JobPage",
+    "JobRow",
     "JobView",
+    "KeptMessage",
     "Ledger",
     "LedgerError",
+    "LedgerRefused",
     "LedgerStats",
+    "LedgerUnavailable",
     "Locks",
     "Pruned",
     "RawCallback",
     "RawRequest",
+    "Readiness",
     "Recorded",
     "Replayed",
     "Stats",
+    "StepCounts",
     "TakenOver",
     "Task",
     "TaskGroup",
     "TaskView",
     "Trying",
+    "UnknownJob",
     "VerifyClaim",
     "Version",
     "VersionView",
@@ -57,14 +73,19 @@ __all__ = [
 
 
 class Ledger:
-    """The service's durable state, at ``url`` (``sqlite:///…`` or ``postgresql+psycopg://…``)."""
+    """The service's durable state, at ``url`` (``sqlite:///…`` or ``postgresql+psycopg://…``).
 
-    def __init__(self, url: str) -> None:
+    ``read_only``: a ledger that is only read and creates nothing, not even a SQLite file (raises
+    :class:`LedgerError` if that file does not exist), as ``cos-webhook check`` reads it.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = read_only_engine(url) if read_only else make_engine(url)
         self.jobs = Jobs(self.engine)
         self.queue = Queue(self.engine)
         self.views = Views(self.engine)
+        self.browse = Browse(self.engine)
         self.locks = Locks(self.engine)
         self.workers = Workers(self.engine)
         self.retention = Retention(self.engine)
@@ -77,7 +98,7 @@ class Ledger:
 
     def schema_problem(self) -> str | None:
         """Why the schema is not what this version needs (e.g. "run cos-webhook migrate"), or None."""
-        return migrate.problem(self.engine)
+        return migrate.schema_problem(self.engine)
 
     def prepare(self, auto_migrate: bool) -> None:
         """Before a process serves: migrate when allowed (``WEBHOOK_AUTO_MIGRATE``), else refuse a
@@ -92,9 +113,13 @@ class Ledger:
         if (problem := self.schema_problem()) is not None:
             raise LedgerError(problem)
 
+    def readiness(self, timeout: float) -> Readiness:
+        """A readiness check of its own (see :class:`Readiness`), answered within ``timeout`` seconds."""
+        return Readiness(self.engine.url, timeout)
+
     def ping(self) -> None:
-        """Raise unless the database answers."""
-        with self.engine.connect() as conn:
+        """Raise :class:`LedgerUnavailable` unless the database answers."""
+        with connect(self.engine) as conn:
             conn.execute(sa.text("SELECT 1"))
 
     def dispose(self) -> None:

@@ -14,6 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from webhook.ledger.errors import LedgerError
 
 BUSY_TIMEOUT_MS = 30_000
 # Connections kept open per process, opened only when used. Each claim a worker has in flight,
@@ -26,6 +29,25 @@ POOL_SIZE = 20
 def make_engine(url: str) -> Engine:
     """An engine tuned for the ledger's database: bounded waits, or SQLite's write lock up front."""
     return _postgres_engine(url) if not url.startswith("sqlite") else _sqlite_engine(url)
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine that reads the ledger at ``url`` and creates nothing there, not even a SQLite file:
+    raises :class:`~webhook.ledger.errors.LedgerError` if that file does not exist."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return make_engine(url)
+    path = Path(parsed.database).absolute()
+    if not path.exists():
+        raise LedgerError(f"sqlite database {path} does not exist (run cos-webhook migrate)")
+    # ``mode=ro`` alone is not enough for the ledger's WAL database: when no process has it open (no
+    # ``-wal`` or ``-shm`` file), a read-only connection creates both and, unable to checkpoint,
+    # leaves them behind. Then every committed page is in the main file, so it is read as immutable,
+    # which takes no locks and touches no other file. A database some process has open (or left
+    # open when it was killed) is read through its WAL as usual.
+    in_use = any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    uri = f"{path.as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
+    return sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=10), poolclass=NullPool)
 
 
 def _postgres_engine(url: str) -> Engine:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.errors import begin
 from webhook.ledger.schema import locks, utcnow
 
 
@@ -15,18 +17,13 @@ class Locks:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
 
     def acquire(self, name: str, holder: str, seconds: float) -> bool:
         """Hold ``name`` for ``seconds`` unless another holder's lease on it is still running."""
-        try:
-            return self._acquire(name, holder, seconds)
-        except sa.exc.IntegrityError:  # another process inserted the lock first
-            return False
-
-    def _acquire(self, name: str, holder: str, seconds: float) -> bool:
         now = utcnow()
         until = now + timedelta(seconds=seconds)
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             taken = conn.execute(
                 locks.update()
                 .where(locks.c.name == name, sa.or_(locks.c.until < now, locks.c.holder == holder))
@@ -34,12 +31,7 @@ class Locks:
             ).rowcount
             if taken:
                 return True
-            if conn.execute(sa.select(locks.c.name).where(locks.c.name == name)).first() is not None:
-                return False
-            # First use of this name: two processes may get here together, the primary key lets one win.
-            conn.execute(locks.insert().values(name=name, holder=holder, until=until))
-            return True
-
-    def release(self, name: str, holder: str) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(locks.delete().where(locks.c.name == name, locks.c.holder == holder))
+            # First use of this name, or another holder's: two processes may get here together, the
+            # primary key lets one win.
+            first = self._dialect.insert(locks).values(name=name, holder=holder, until=until)
+            return conn.execute(first.on_conflict_do_nothing().returning(locks.c.name)).first() is not None

@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
+from webhook.ledger.errors import connect
 from webhook.ledger.schema import metadata
 
 BASELINE = "0001"
@@ -55,7 +56,7 @@ def current(conn: Connection) -> str | None:
 
 def upgrade(engine: Engine, target: str = "head") -> None:
     """Migrate to ``target``: safe when several processes do it at once, and on a ledger with rows."""
-    with engine.connect() as conn:
+    with connect(engine) as conn:
         if engine.dialect.name == "sqlite":
             # Rebuilding a table (SQLite's way to alter one) must not trip the foreign keys of rows
             # pointing at it. The pragma only takes effect outside a transaction: set it on the
@@ -78,9 +79,12 @@ def upgrade(engine: Engine, target: str = "head") -> None:
                 conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
 
 
-def problem(engine: Engine) -> str | None:
-    """Why processes must not use this ledger as it is (read only), or None when it is current."""
-    with engine.connect() as conn:
+def schema_problem(engine: Engine) -> str | None:
+    """Why processes must not use this ledger as it is, or None when its schema is current (read only).
+
+    The one schema check: processes starting, ``cos-webhook check`` and the readiness probe all ask it.
+    """
+    with connect(engine) as conn:
         revision = current(conn)
         tables = set(sa.inspect(conn).get_table_names())
     wanted = head()

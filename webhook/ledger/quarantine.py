@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from webhook.ledger.schema import LedgerError, messages, utcnow
+from webhook.ledger.errors import LedgerError, begin, connect
+from webhook.ledger.schema import messages, utcnow
 
 QUARANTINED = "quarantined"
 RECORDED = "recorded"
@@ -76,7 +77,7 @@ class Quarantine:
             index_elements=[messages.c.queue, messages.c.msg_id],
             set_={"deliveries": messages.c.deliveries + 1, "updated_at": now},
         ).returning(messages.c.id)
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             return int(conn.execute(upsert).scalar_one())
 
     def listed(
@@ -88,11 +89,11 @@ class Quarantine:
             query = query.where(messages.c.status == status)
         if since is not None:
             query = query.where(messages.c.updated_at >= since)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return [_kept(row) for row in conn.execute(query)]
 
     def get(self, message_id: int) -> KeptMessage:
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).first()
         if row is None:
             raise LedgerError(f"no kept message #{message_id}")
@@ -109,11 +110,11 @@ class Quarantine:
     def count(self) -> int:
         """Messages still quarantined, for metrics."""
         query = sa.select(sa.func.count()).select_from(messages).where(messages.c.status == QUARANTINED)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     def _update(self, message_id: int, **values: Any) -> None:
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             updated = conn.execute(
                 messages.update().where(messages.c.id == message_id).values(**values, updated_at=utcnow())
             ).rowcount

@@ -16,9 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
-from webhook.ledger.jobs import schedule, set_status
 from webhook.ledger.leasing import claim_due, lease_new_deliveries
+from webhook.ledger.scheduling import set_status
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
 
@@ -40,38 +41,18 @@ class Queue:
     def claim_many(self, worker_id: str, lease_seconds: float, limit: int) -> list[Claim]:
         """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             return claim_due(conn, worker_id, now + timedelta(seconds=lease_seconds), now, limit)
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks are still ours."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             return conn.execute(
                 tasks.update()
                 .where(tasks.c.id.in_(task_ids), tasks.c.locked_by == worker_id)
                 .values(locked_until=now + timedelta(seconds=lease_seconds))
             ).rowcount
-
-    def accept(
-        self,
-        task: Task,
-        worker_id: str,
-        sinks: Sequence[str],
-        accepted: Version,
-        job: Job,
-        rejected: Verdicts,
-        tried: Attempts = (),
-    ) -> bool:
-        """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version,
-        one delivery per sink is due, and the other versions are ``rejected`` with their reasons."""
-        now = utcnow()
-        with self._engine.begin() as conn:
-            if not _accept(conn, task, worker_id, sinks, accepted, job, rejected, tried, now):
-                return False
-            for sink in sinks:
-                schedule(conn, task.job_id, TaskKind.DELIVER, sink, now)
-        return True
 
     def accept_and_claim(
         self,
@@ -84,12 +65,13 @@ class Queue:
         tried: Attempts,
         lease_seconds: float,
     ) -> DeliveryClaim | None:
-        """:meth:`accept`, with the new deliveries leased to the same worker in the same transaction:
-        it goes on to fetch and deliver without a second claim. None if the lease was lost or no
-        sink takes the job."""
+        """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version, the
+        other versions are ``rejected`` with their reasons, and one delivery per sink is leased to the
+        same worker in the same transaction, which goes on to fetch and deliver without a second
+        claim. None if the lease was lost or no sink takes the job."""
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             if not _accept(conn, claim.task, worker_id, sinks, accepted, job, rejected, tried, now):
                 return None
             job_id, claimed = claim.task.job_id, (accepted.detail, claim.received_at)
@@ -98,7 +80,7 @@ class Queue:
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now, tried):
                 return False
             _record_verdicts(conn, rejected, VersionStatus.REJECTED)
@@ -108,7 +90,7 @@ class Queue:
     def complete(self, task: Task, worker_id: str, tried: Attempts = ()) -> bool:
         """The delivery happened; the job is delivered once none of its deliveries is pending."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
@@ -118,7 +100,7 @@ class Queue:
     def retry_later(self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = ()) -> bool:
         """The step failed but may succeed later: due again after ``delay`` seconds."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             record_attempts(conn, task.job_id, worker_id, tried)
             updated = conn.execute(
                 tasks.update()
@@ -136,7 +118,7 @@ class Queue:
     def give_up(self, task: Task, worker_id: str, error: str, tried: Attempts = ()) -> bool:
         """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DEAD, error, now, tried):
                 return False

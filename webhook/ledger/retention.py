@@ -13,6 +13,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import JobStatus
 
@@ -44,13 +45,13 @@ class Retention:
         that nothing left names; one short transaction per ``batch`` rows."""
         pruned = Pruned()
         while ids := self._finished_jobs(before, batch):
-            with self._engine.begin() as conn:
+            with begin(self._engine) as conn:
                 for table in (attempts, tasks, versions, jobs):
                     gone = conn.execute(table.delete().where(table.c.job_id.in_(ids))).rowcount
                     pruned.rows[table.name] = pruned.rows.get(table.name, 0) + gone
             pruned.jobs += len(ids)
         while numbers := self._unnamed_callbacks(before, batch):
-            with self._engine.begin() as conn:
+            with begin(self._engine) as conn:
                 pruned.callbacks += conn.execute(callbacks.delete().where(callbacks.c.id.in_(numbers))).rowcount
         pruned.rows["callbacks"] = pruned.callbacks
         return pruned
@@ -58,7 +59,7 @@ class Retention:
     def would_prune(self, before: datetime) -> Pruned:
         """What :meth:`prune` would remove now, counted without a write."""
         job_ids = sa.select(jobs.c.job_id).where(_finished(before))
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             rows = {
                 table.name: conn.execute(
                     sa.select(sa.func.count()).select_from(table).where(table.c.job_id.in_(job_ids))
@@ -78,7 +79,7 @@ class Retention:
         return Pruned(jobs=rows["jobs"], callbacks=rows["callbacks"], rows=rows)
 
     def _finished_jobs(self, before: datetime, batch: int) -> list[str]:
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             query = sa.select(jobs.c.job_id).where(_finished(before)).limit(batch)
             return list(conn.execute(query).scalars())
 
@@ -90,7 +91,7 @@ class Retention:
             sa.select(callbacks.c.body_of).where(callbacks.c.body_of.is_not(None)),
         )
         query = sa.select(callbacks.c.id).where(callbacks.c.received_at < before, callbacks.c.id.not_in(named))
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return [int(n) for n in conn.execute(query.limit(batch)).scalars()]
 
 

@@ -130,10 +130,6 @@ locks = sa.Table(
 JOB_WIDE = ""
 
 
-class LedgerError(Exception):
-    """A ledger operation that cannot be carried out as asked (unknown job, bad replay)."""
-
-
 def utcnow() -> datetime:
     """Naive UTC: one representation that both SQLite and PostgreSQL compare correctly."""
     return datetime.now(UTC).replace(tzinfo=None)

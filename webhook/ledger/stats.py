@@ -15,11 +15,11 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.errors import connect
 from webhook.ledger.schema import jobs as job_rows
 from webhook.ledger.schema import tasks, utcnow, workers
+from webhook.ledger.workers import STALE_BEATS
 from webhook.models import JobStatus, TaskKind, TaskStatus
-
-STALE_BEATS = 3  # as webhook.worker.liveness judges: silent for this many heartbeat intervals is dead
 
 
 class TaskGroup(NamedTuple):
@@ -50,14 +50,6 @@ class LedgerStats:
         found = {TaskGroup(TaskKind.VERIFY.value, ""), *self.due, *self.dead}
         return sorted(found)
 
-    @property
-    def total_due(self) -> int:
-        return sum(self.due.values())
-
-    @property
-    def total_dead(self) -> int:
-        return sum(self.dead.values())
-
 
 class Stats:
     """Aggregate reads over the whole ledger; none takes a write lock."""
@@ -78,7 +70,7 @@ class Stats:
             sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < now),
         )
         group = (tasks.c.kind, tasks.c.sink)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             by_status = conn.execute(sa.select(job_rows.c.status, sa.func.count()).group_by(job_rows.c.status)).all()
             due_rows = conn.execute(
                 sa.select(*group, sa.func.count(), sa.func.min(tasks.c.run_after)).where(due_now).group_by(*group)

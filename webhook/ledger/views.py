@@ -9,7 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from webhook.ledger.schema import LedgerError, attempts, callbacks, jobs, tasks, versions
+from webhook.ledger.errors import UnknownJob, connect
+from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_json, job_to_dict
 
 
@@ -136,14 +137,14 @@ class Views:
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.job_id).limit(limit)
         if status:
             query = query.where(jobs.c.status == status)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return [_job_view(row, ()) for row in conn.execute(query)]
 
     def show_job(self, job_id: str) -> JobView:
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
             if row is None:
-                raise LedgerError(f"no job {job_id!r} in the ledger")
+                raise UnknownJob(job_id)
             task_rows = conn.execute(
                 sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.kind.desc(), tasks.c.sink)
             ).all()
@@ -177,7 +178,7 @@ class Views:
             .where(callbacks.c.id.in_(named))
             .order_by(callbacks.c.id)
         )
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return [
                 RawCallback(r.id, r.received_at, r.remote_addr, r.content_type, r.headers, r.stored_body)
                 for r in conn.execute(query)
@@ -190,7 +191,7 @@ class Views:
             query = query.where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == sink)
         if since is not None:
             query = query.where(tasks.c.done_at >= since)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return [
                 DeadLetter(r.kind, r.job_id, r.sink or None, r.attempts, r.last_error, r.done_at)
                 for r in conn.execute(query)
@@ -201,12 +202,12 @@ class Views:
         query = sa.select(jobs.c.job_id).where(jobs.c.status == JobStatus.REJECTED).order_by(jobs.c.updated_at)
         if since is not None:
             query = query.where(jobs.c.updated_at >= since)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return list(conn.execute(query).scalars())
 
     def counts(self) -> dict[str, int]:
         """Jobs per status and due tasks, for health and metrics."""
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
             pending = conn.execute(
                 sa.select(sa.func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.PENDING)

@@ -9,8 +9,11 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import tasks, utcnow, workers
 from webhook.models import TaskStatus
+
+STALE_BEATS = 3  # a worker silent for this many heartbeat intervals is taken for dead
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Workers:
     def beat(self, worker_id: str, host: str, pid: int) -> None:
         """Record that ``worker_id`` is alive now (its first beat registers it)."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             renewed = conn.execute(workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now)).rowcount
             if not renewed:
                 conn.execute(
@@ -48,7 +51,7 @@ class Workers:
 
     def leave(self, worker_id: str) -> int:
         """A worker stopping: its row goes, and so do the leases it still holds; returns how many."""
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             conn.execute(workers.delete().where(workers.c.id == worker_id))
             return conn.execute(
                 tasks.update()
@@ -60,7 +63,7 @@ class Workers:
         """Remove workers silent for ``stale_after`` seconds, or whose process on ``host`` is gone, and
         release every lease held by a worker without a row: those tasks are due again at once."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with begin(self._engine) as conn:
             rows = conn.execute(sa.select(workers.c.id, workers.c.host, workers.c.pid, workers.c.heartbeat_at)).all()
             stale = now - timedelta(seconds=stale_after)
             dead = tuple(r.id for r in rows if r.heartbeat_at < stale or (r.host == host and not pid_alive(r.pid)))
@@ -78,6 +81,6 @@ class Workers:
         return TakenOver(dead, released)
 
     def live(self) -> list[WorkerView]:
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             rows = conn.execute(sa.select(workers).order_by(workers.c.started_at)).all()
         return [WorkerView(r.id, r.host, r.pid, r.started_at, r.heartbeat_at) for r in rows]

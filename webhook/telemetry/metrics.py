@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
-import sqlalchemy.exc
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase, disable_created_metrics
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from webhook.ledger import Attempt, Recorded, utcnow
+from webhook.ledger import Attempt, LedgerUnavailable, Recorded, utcnow
 from webhook.ledger.stats import LedgerStats
 from webhook.models import Outcome, Step
 from webhook.telemetry.metrics_dir import VARIABLE
@@ -205,8 +204,8 @@ class LedgerCollector:
             if self._read_at is None or self._clock() - self._read_at >= self._ttl:
                 try:
                     self._stats = self._read()
-                except sqlalchemy.exc.SQLAlchemyError as exc:
-                    log.warning("metrics: ledger gauges unavailable (%s: %s)", type(exc).__name__, exc)
+                except LedgerUnavailable as exc:
+                    log.warning("metrics: ledger gauges unavailable (%s: %s)", exc.kind, exc.detail)
                     self._stats = None
                 self._read_at = self._clock()
             return self._stats

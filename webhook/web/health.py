@@ -12,18 +12,14 @@ from __future__ import annotations
 import functools
 import hmac
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
-from sqlalchemy.engine import URL, Engine
-from sqlalchemy.pool import NullPool
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from webhook.config import Settings
-from webhook.ledger import Ledger, migrate
+from webhook.ledger import Ledger, Readiness
 from webhook.telemetry import metrics
 from webhook.web.common import EXTENSION, Runtime, error, in_networks, runtime
 from webhook.web.server import BackgroundServer
@@ -42,7 +38,7 @@ def livez() -> tuple[Response, int]:
 @bp.get("/readyz")
 @bp.get("/healthz")
 def readyz() -> tuple[Response, int]:
-    if (problem := _observed(current_app).probe.problem()) is not None:
+    if (problem := _observed(current_app).readiness.problem()) is not None:
         return jsonify(status="unavailable", reason=problem), 503
     return jsonify(status="ok"), 200
 
@@ -53,11 +49,6 @@ def metrics_endpoint() -> tuple[Response, int]:
         return error(403, refusal)
     body = metrics.render(_observed(current_app).registry)
     return Response(body, content_type=metrics.CONTENT_TYPE), 200
-
-
-def schema_problem(engine: Engine) -> str | None:
-    """Why the ledger's schema is not what this version needs (behind its migrations), or None."""
-    return migrate.problem(engine)
 
 
 def metrics_server(settings: Settings, ledger: Ledger, port: int) -> BackgroundServer:
@@ -96,44 +87,10 @@ def _bearer_matches(header: str, token: str) -> bool:
 # -- per-app state ---------------------------------------------------------------------------------
 
 
-class _Probe:
-    """The readiness check, on a connection of its own (not the pool's, which callbacks may hold),
-    answered within :data:`READY_TIMEOUT`. One check runs at a time; callers during it share it."""
-
-    def __init__(self, url: URL) -> None:
-        postgres = url.get_backend_name() == "postgresql"
-        # libpq waits at least 2 s to connect; the answer is still given after READY_TIMEOUT.
-        args = {"connect_timeout": 2} if postgres else {"timeout": READY_TIMEOUT, "check_same_thread": False}
-        self._engine = sa.create_engine(url, poolclass=NullPool, connect_args=args)
-        self._lock = threading.Lock()
-        self._running: Future[str | None] | None = None
-
-    def problem(self) -> str | None:
-        with self._lock:
-            if self._running is None or self._running.done():
-                self._running = Future()
-                threading.Thread(target=self._check, args=(self._running,), name="readyz", daemon=True).start()
-            running = self._running
-        try:
-            return running.result(timeout=READY_TIMEOUT)
-        except TimeoutError:
-            return f"the ledger did not answer within {READY_TIMEOUT:g} s"
-
-    def _check(self, result: Future[str | None]) -> None:
-        try:
-            with self._engine.connect() as conn:
-                if self._engine.dialect.name == "postgresql":
-                    conn.execute(sa.text("SET LOCAL statement_timeout = 1000"))
-                conn.execute(sa.text("SELECT 1"))
-            result.set_result(schema_problem(self._engine))
-        except Exception as exc:  # whatever it is, the answer is "not ready", with its kind
-            result.set_result(f"the ledger is unreachable ({type(exc).__name__})")
-
-
 @dataclass(frozen=True)
 class _Observed:
     registry: CollectorRegistry
-    probe: _Probe
+    readiness: Readiness
 
 
 _OBSERVED = "cos_webhook_observed"
@@ -147,5 +104,5 @@ def _observed(app: Flask) -> _Observed:
         if found is None:
             rt = runtime(app)
             read = functools.partial(rt.ledger.stats.snapshot, rt.settings.heartbeat_seconds)
-            found = app.extensions[_OBSERVED] = _Observed(metrics.registry(read), _Probe(rt.ledger.engine.url))
+            found = app.extensions[_OBSERVED] = _Observed(metrics.registry(read), rt.ledger.readiness(READY_TIMEOUT))
         return found

@@ -18,11 +18,10 @@ from contextlib import contextmanager
 from types import FrameType
 
 from webhook.deadline import Deadline
-from webhook.ledger import Ledger, TakenOver
+from webhook.ledger import STALE_BEATS, Ledger, TakenOver
 
 log = logging.getLogger("webhook.worker")
 
-STALE_BEATS = 3  # a worker silent for this many heartbeat intervals is dead
 SHUTDOWN = "abandoned: worker shutting down"
 HARD_STOP_GRACE = 3.0  # seconds after abandoning before a worker stuck outside any deadline exits
 

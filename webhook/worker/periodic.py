@@ -19,10 +19,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Generic, TypeVar
 
-import sqlalchemy as sa
-
-from webhook.ledger import Ledger, utcnow
-from webhook.ledger.retention import Pruned
+from webhook.ledger import Ledger, LedgerUnavailable, Pruned, utcnow
 from webhook.telemetry.logs import escape
 
 Result = TypeVar("Result")
@@ -72,9 +69,8 @@ class Periodic(ABC, Generic[Result]):
 
     def reason(self, exc: Exception) -> str:
         """A failure on one line, without secrets."""
-        if isinstance(exc, sa.exc.SQLAlchemyError):
-            # Its text carries the statement and parameters; the kind says enough.
-            return f"ledger unavailable ({type(exc).__name__})"
+        if isinstance(exc, LedgerUnavailable):
+            return str(exc)
         return f"{type(exc).__name__}: {exc}"
 
 

@@ -16,12 +16,10 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import sqlalchemy.exc
-
 from webhook.ci.client import client_for
 from webhook.config import Settings
 from webhook.intake.reconcile import PeriodicReconcile
-from webhook.ledger import Claim, Ledger, TakenOver
+from webhook.ledger import Claim, Ledger, LedgerUnavailable, TakenOver
 from webhook.ledger.wakeup import Wakeup
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import Sink
@@ -100,7 +98,7 @@ class Worker:
                 return self._loop(pool, burst)
         finally:
             self.wakeup.stop()
-            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # then the leases run out instead
+            with contextlib.suppress(LedgerUnavailable):  # then the leases run out instead
                 self.heartbeat.stop()
 
     def _loop(self, pool: ThreadPoolExecutor, burst: bool) -> int:
@@ -120,12 +118,12 @@ class Worker:
                 self.reconciler.tick()
                 self.pruner.tick()
                 claims = self.ledger.queue.claim_many(self.worker_id, self.settings.lease_seconds, free) if free else []
-            except sqlalchemy.exc.SQLAlchemyError as exc:
+            except LedgerUnavailable as exc:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
                 # task's lease runs out and it becomes due again. Wait and try again.
                 outage += 1
                 delay = backoff_delay(outage, patience)
-                log.error("ledger unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                log.error("ledger unavailable (%s); retrying in %.1fs", exc.kind, delay)
                 self.stopping.wait(delay)
                 continue
             if outage:
@@ -164,9 +162,9 @@ class Worker:
         with self.shutdown.busy():
             try:
                 self.steps.run(claim)
-            except sqlalchemy.exc.SQLAlchemyError as exc:
+            except LedgerUnavailable as exc:
                 # An outcome could not be recorded: the lease runs out and the task is due again.
-                log.error("ledger unavailable while recording an outcome (%s)", type(exc).__name__)
+                log.error("ledger unavailable while recording an outcome (%s)", exc.kind)
             except Exception:  # nothing else may end silently in the pool's future
                 log.exception("claim failed unexpectedly; its tasks are due again when the lease runs out")
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import abort, current_app, render_template, request
 
-from webhook.ledger import LedgerError, utcnow
-from webhook.ledger.stats import STALE_BEATS
+from webhook.ledger import STALE_BEATS, JobFilter, UnknownJob, utcnow
 from webhook.models import JobStatus, TaskKind
 from webhook.web.common import Runtime, runtime
 from webhook.web.dashboard.blueprint import bp
 from webhook.web.dashboard.detail import callback_entries, event_documents, lanes, verified
-from webhook.web.dashboard.queries import JobFilter, Queries, parse_when
 
 PER_PAGE = 50
 MAX_PAGE = 100_000  # keeps the offset within what every database takes
@@ -23,10 +21,6 @@ RECENT = timedelta(hours=1)
 
 def _rt() -> Runtime:
     return runtime(current_app)
-
-
-def _queries() -> Queries:
-    return Queries(_rt().ledger.engine)
 
 
 def _stale_after() -> timedelta:
@@ -48,7 +42,7 @@ def overview() -> str:
         page="overview",
         stats=stats,
         backlog=backlog,
-        recent=_queries().attempts_since(now - RECENT),
+        recent=rt.ledger.browse.attempts_since(now - RECENT),
         stale=max(0, len(rt.ledger.workers.live()) - stats.live_workers),
     )
 
@@ -74,8 +68,8 @@ def jobs() -> str:
         search=args.get("q", "").strip(),
     )
     page = args.get("page", "1")
-    queries = _queries()
-    found = queries.find_jobs(wanted, min(int(page), MAX_PAGE) if page.isdigit() else 1, PER_PAGE)
+    browse = _rt().ledger.browse
+    found = browse.find_jobs(wanted, min(int(page), MAX_PAGE) if page.isdigit() else 1, PER_PAGE)
     configured = [spec.name for spec in _rt().settings.sink_specs()]
     # Only these go back into the page links: url_for reads some names (_external, _scheme) itself.
     filters = {k: v for k, v in args.items() if k in FILTERS and v}
@@ -86,8 +80,8 @@ def jobs() -> str:
         filters=filters,
         problems=problems,
         statuses=list(JobStatus),
-        tags=queries.tags(),
-        sinks=sorted(set(configured) | set(queries.delivery_sinks())),
+        tags=browse.tags(),
+        sinks=sorted(set(configured) | set(browse.delivery_sinks())),
     )
 
 
@@ -96,7 +90,7 @@ def job(job_id: str) -> str:
     ledger = _rt().ledger
     try:
         view = ledger.views.show_job(job_id)
-    except LedgerError:
+    except UnknownJob:
         abort(404, "No job with this JobId is in the ledger.")
     configured = {spec.name for spec in _rt().settings.sink_specs()}
     return render_template(
@@ -143,7 +137,25 @@ def workers() -> str:
         "workers.html",
         page="workers",
         workers=_rt().ledger.workers.live(),
-        leases=_queries().leases(now),
+        leases=_rt().ledger.browse.leases(now),
         stale_after=_stale_after(),
         now=now,
     )
+
+
+def parse_when(text: str, now: datetime) -> datetime | None:
+    """``2h``, ``30m``, ``3d`` ago, or an ISO date/time in UTC; None for an empty field.
+
+    Raises :class:`ValueError` saying what is accepted.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - timedelta(**{units[text[-1]]: int(text[:-1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration like 2h or 3d nor an ISO date/time (UTC)") from None
+    return when.replace(tzinfo=None) - (when.utcoffset() or timedelta())

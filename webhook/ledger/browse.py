@@ -1,14 +1,15 @@
-"""What the dashboard reads beyond the ledger's own views: read-only queries on its tables."""
+"""Browsing the ledger: jobs page by page with filters, and what happened lately (the dashboard's pages)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.errors import connect
 from webhook.ledger.schema import attempts, jobs, tasks
 from webhook.models import Outcome, TaskKind, TaskStatus, job_from_json
 
@@ -23,23 +24,6 @@ class JobFilter:
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
     search: str = ""  # part of the JobId
-
-    def where(self) -> list[sa.ColumnElement[bool]]:
-        found: list[sa.ColumnElement[bool]] = []
-        if self.status:
-            found.append(jobs.c.status == self.status)
-        if self.tag:
-            found.append(jobs.c.tag == self.tag)
-        if self.sink:
-            delivered = sa.select(tasks.c.job_id).where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == self.sink)
-            found.append(jobs.c.job_id.in_(delivered))
-        if self.since is not None:
-            found.append(jobs.c.created_at >= self.since)
-        if self.until is not None:
-            found.append(jobs.c.created_at < self.until)
-        if self.search:
-            found.append(jobs.c.job_id.contains(self.search, autoescape=True))
-        return found
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,7 @@ class StepCounts:
         return self.outcomes[Outcome.RETRY] + self.outcomes[Outcome.DEAD]
 
 
-class Queries:
+class Browse:
     """Read-only: none of these takes a write lock."""
 
     def __init__(self, engine: Engine) -> None:
@@ -91,7 +75,7 @@ class Queries:
 
     def find_jobs(self, wanted: JobFilter, page: int = 1, per_page: int = 50) -> JobPage:
         """One page of the jobs that match, newest first."""
-        conditions = wanted.where()
+        conditions = _conditions(wanted)
         listing = (
             sa.select(jobs)
             .where(*conditions)
@@ -100,7 +84,7 @@ class Queries:
             .offset((max(page, 1) - 1) * per_page)
         )
         counting = sa.select(sa.func.count()).select_from(jobs).where(*conditions)
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             total = int(conn.execute(counting).scalar_one())
             rows = [
                 JobRow(r.job_id, r.tag, r.state, r.status, r.reason, _user_data(r.detail), r.created_at, r.updated_at)
@@ -109,13 +93,13 @@ class Queries:
         return JobPage(rows, total, max(page, 1), per_page)
 
     def tags(self) -> list[str]:
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return sorted(conn.execute(sa.select(jobs.c.tag).distinct()).scalars())
 
     def delivery_sinks(self) -> list[str]:
         """Every sink the ledger has deliveries for (one may no longer be configured)."""
         query = sa.select(tasks.c.sink).where(tasks.c.kind == TaskKind.DELIVER).distinct()
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return sorted(conn.execute(query).scalars())
 
     def attempts_since(self, since: datetime) -> list[StepCounts]:
@@ -126,7 +110,7 @@ class Queries:
             .group_by(attempts.c.kind, attempts.c.sink, attempts.c.outcome)
         )
         counts: dict[tuple[str, str], StepCounts] = {}
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             for kind, sink, outcome, n in conn.execute(query):
                 entry = counts.setdefault((kind, sink), StepCounts(kind, sink))
                 entry.outcomes[outcome] += int(n)
@@ -140,8 +124,26 @@ class Queries:
             .where(tasks.c.status == TaskStatus.PENDING, tasks.c.locked_by.is_not(None), tasks.c.locked_until > now)
             .group_by(tasks.c.locked_by)
         )
-        with self._engine.connect() as conn:
+        with connect(self._engine) as conn:
             return {str(worker): int(n) for worker, n in conn.execute(query)}
+
+
+def _conditions(wanted: JobFilter) -> list[sa.ColumnElement[bool]]:
+    found: list[sa.ColumnElement[bool]] = []
+    if wanted.status:
+        found.append(jobs.c.status == wanted.status)
+    if wanted.tag:
+        found.append(jobs.c.tag == wanted.tag)
+    if wanted.sink:
+        delivered = sa.select(tasks.c.job_id).where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == wanted.sink)
+        found.append(jobs.c.job_id.in_(delivered))
+    if wanted.since is not None:
+        found.append(jobs.c.created_at >= wanted.since)
+    if wanted.until is not None:
+        found.append(jobs.c.created_at < wanted.until)
+    if wanted.search:
+        found.append(jobs.c.job_id.contains(wanted.search, autoescape=True))
+    return found
 
 
 def _user_data(detail: str) -> str:
@@ -149,21 +151,3 @@ def _user_data(detail: str) -> str:
         return job_from_json(detail).user_data
     except ValueError:
         return ""
-
-
-def parse_when(text: str, now: datetime) -> datetime | None:
-    """``2h``, ``30m``, ``3d`` ago, or an ISO date/time in UTC; None for an empty field.
-
-    Raises :class:`ValueError` saying what is accepted.
-    """
-    text = text.strip()
-    if not text:
-        return None
-    units = {"m": "minutes", "h": "hours", "d": "days"}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - timedelta(**{units[text[-1]]: int(text[:-1])})
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a duration like 2h or 3d nor an ISO date/time (UTC)") from None
-    return when.replace(tzinfo=None) - (when.utcoffset() or timedelta())

@@ -1,0 +1,52 @@
+"""Making a job's tasks due, and setting its status, inside the caller's transaction.
+
+Recording a callback (on SQLite), replaying a job and closing a task's outcome all change a job
+this way; the caller holds the job row's lock where two writers could meet.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from webhook.ledger.schema import JOB_WIDE, jobs, tasks, versions
+from webhook.models import JobStatus, TaskKind, TaskStatus, VersionStatus
+
+
+def schedule(conn: Connection, job_id: str, kind: TaskKind, sink: str | None, now: datetime) -> None:
+    """Make the job's task of ``kind`` (for ``sink``) due now with a fresh budget, creating it if needed."""
+    row = task_row(job_id, kind, sink, now)
+    which = (tasks.c.job_id == job_id, tasks.c.kind == kind, tasks.c.sink == row["sink"])
+    fresh = {"locked_by": None, "locked_until": None, "done_at": None} | row
+    if not conn.execute(tasks.update().where(*which).values(fresh)).rowcount:
+        conn.execute(tasks.insert().values(row))
+
+
+def set_status(conn: Connection, job_id: str, status: JobStatus, reason: str, now: datetime) -> None:
+    conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(status=status, reason=reason, updated_at=now))
+
+
+def reverify(conn: Connection, job_id: str, now: datetime) -> None:
+    """Verify every version of the job again from scratch: CI's answer or the allowlist may have changed."""
+    conn.execute(versions.update().where(versions.c.job_id == job_id).values(status=VersionStatus.PENDING, reason=""))
+    schedule(conn, job_id, TaskKind.VERIFY, None, now)
+    set_status(conn, job_id, JobStatus.RECEIVED, "", now)
+
+
+def unverified(conn: Connection, job_id: str, status: str) -> bool:
+    """Rejected, or dead before any delivery was scheduled (its verification gave up)."""
+    if status == JobStatus.REJECTED:
+        return True
+    if status != JobStatus.DEAD:
+        return False
+    deliveries = sa.select(tasks.c.id).where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
+    return conn.execute(deliveries.limit(1)).first() is None
+
+
+def task_row(job_id: str, kind: TaskKind, sink: str | None, now: datetime) -> dict[str, Any]:
+    """A task due now with a fresh budget, as a row in ``tasks``."""
+    return {"job_id": job_id, "kind": kind, "sink": JOB_WIDE if sink is None else sink, "status": TaskStatus.PENDING,
+            "attempts": 0, "run_after": now, "last_error": "", "updated_at": now}  # fmt: skip
