@@ -460,6 +460,6 @@ def test_worker_processes_reconcile_on_their_own(pipeline: Pipeline, lost_url: s
     runs = [
         m
         for line in lines
-        if (m := re.search(r" INFO webhook\.reconcile reconcile since=\S+ .* recorded=(\d+) ", line))
+        if (m := re.search(r" INFO webhook\.intake\.reconcile reconcile since=\S+ .* recorded=(\d+) ", line))
     ]
     assert sum(int(m[1]) for m in runs) == 40

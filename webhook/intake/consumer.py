@@ -154,8 +154,7 @@ class Consumer:
         self.shutdown = Shutdown(shutdown_seconds, "consumer", _hard_stop, interrupt=self._cut_polls)
         self.stopping = self.shutdown.stopping
         self.failure: str | None = None
-        # Reentrant: stopping also happens in a signal handler, which may interrupt the main thread here.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # a poll is registered, or the shutdown has begun, never both unseen
         self._polls: set[Deadline] = set()
 
     # -- running ------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class Periodic(ABC, Generic[Result]):
 
     def caught_up(self) -> bool:
         """Neither due nor running now (a burst waits for that before it ends)."""
-        return not self._ticking and not self.due()
+        # In this order: a tick marks itself running before it moves the next run on.
+        return not self.due() and not self._ticking
 
     def run(self, stopping: threading.Event) -> None:
         while True:
