@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from sqlalchemy.engine import make_url
-from support.pipeline import BUCKET, DONE, TOKEN, Pipeline, multipart_file, settings_env
+from support.pipeline import BUCKET, DONE, TOKEN, Pipeline, multipart_file, run_one, settings_env
 from support.processes import start_worker, wait_healthy, web
 from support.sink_dir import written
 from support.tcp_proxy import TcpProxy
@@ -29,7 +29,7 @@ OUTPUT = "out/denoised.wav"
 
 def attempt(pipeline: Pipeline, worker: Worker) -> None:
     """Let ``worker`` run the next due task (a retry is due after a short backoff)."""
-    pipeline.wait_until(worker.run_once, timeout=20, what="a due task")
+    pipeline.wait_until(lambda: run_one(worker), timeout=20, what="a due task")
 
 
 def assert_nothing_forwarded(pipeline: Pipeline) -> None:
@@ -118,7 +118,7 @@ def test_slow_object_get_times_out_then_slow_enough_is_delivered(pipeline: Pipel
     settings = pipeline.settings
 
     def client_timeout(seconds: float) -> None:
-        worker.steps.client_for_region = lambda region: make_client(
+        worker.pipeline.client_for_region = lambda region: make_client(
             settings.secret_id, settings.secret_key, region, settings.cos_endpoint, timeout=seconds
         )
 

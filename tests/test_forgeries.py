@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from support.pipeline import BUCKET, DONE, REGION, Pipeline, forged, settings_env
+from support.pipeline import BUCKET, DONE, REGION, Pipeline, forged, run_one, settings_env
 from support.receiver import Receiver
 from support.sink_dir import written
 
@@ -80,7 +80,7 @@ def test_forged_variant_of_a_genuine_job_is_rejected(
 def test_tag_not_allowed_is_recorded_and_never_verified(pipeline: Pipeline) -> None:
     job_id = "j" + "1" * 32
     assert pipeline.post_callback(forged(job_id, Tag="VoiceSeparate")).json()["ignored"] == [job_id]
-    assert not pipeline.worker().run_once()
+    assert not run_one(pipeline.worker())
     view = shown(pipeline, job_id)
     assert (view["status"], view["reason"]) == ("ignored", "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS")
     assert_nothing_forwarded(pipeline)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 from standardwebhooks.webhooks import Webhook
-from support.pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file
+from support.pipeline import BUCKET, DONE, HTTP_SECRET, REGION, Pipeline, forged, multipart_file, run_one
 from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
 from support.sink_dir import written
@@ -184,7 +184,7 @@ def test_job_ci_still_reports_running_is_checked_again(pipeline: Pipeline, monke
         # A callback that runs ahead of CI: verification must wait, not trust it.
         assert pipeline.post_callback(forged(job_id)).status_code == 200
         worker = pipeline.worker()
-        assert worker.run_once()
+        assert run_one(worker)
         view = pipeline.ledger.views.show_job(job_id).to_dict()
         assert view["status"] == "received"
         assert view["verify"][0]["last_error"] == "CI reports the job Running"
@@ -234,7 +234,7 @@ def test_corrupt_object_is_retried_and_never_forwarded(pipeline: Pipeline) -> No
     on_disk.write_bytes(good[:100] + bytes(b ^ 0xFF for b in good[100:200]) + good[200:])
 
     worker = pipeline.worker()
-    assert worker.run_once()  # verified, then the fetch fails its check
+    assert run_one(worker)  # verified, then the fetch fails its check
     view = pipeline.ledger.views.show_job(job_id).to_dict()
     assert view["status"] == "verified"
     assert all("failed its CRC64 check" in d["last_error"] for d in view["deliveries"])

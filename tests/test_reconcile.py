@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from support.logs import records
-from support.pipeline import BUCKET, DONE, REGION, Pipeline, multipart_file, settings_env
+from support.pipeline import BUCKET, DONE, REGION, Pipeline, multipart_file, settings_env, working
 from support.processes import start_worker
 from support.receiver import Receiver
 
@@ -370,6 +370,32 @@ def test_each_run_lists_two_intervals_and_the_margin_back(pipeline: Pipeline) ->
     now = datetime(2024, 5, 1, 12, 0, 0)
 
     assert reconciler.window(now) == now - timedelta(seconds=1200 + RUNTIME_MARGIN)
+
+
+def test_a_slow_ci_listing_does_not_hold_up_claiming(pipeline: Pipeline) -> None:
+    # The worker's first reconcile starts at once and its listing hangs; claiming goes on beside it.
+    hanging = pipeline.sandbox.faults.add(Fault(kind="CI list", delay=120))
+    job_id = pipeline.submit(pipeline.upload_input())
+    with working(pipeline.settings, pipeline.ledger) as worker:
+        pipeline.wait_until(lambda: hanging.fired == 1, what="the worker's reconcile to list")
+        pipeline.wait_until(lambda: pipeline.status(job_id) in DONE, what="the job to be delivered")
+        assert pipeline.status(job_id) == "delivered"
+        assert (worker.reconciler.runs, worker.reconciler.failures) == (0, 0)  # still listing
+        pipeline.sandbox.faults.clear()  # ends the listing, so the worker can stop
+    assert worker.reconciler.runs == 1
+
+
+def test_a_burst_delivers_what_its_reconcile_finds(pipeline: Pipeline, lost_url: str) -> None:
+    ids = submit_lost(pipeline, lost_url, 2)
+    wait_finished(pipeline, 2)
+    worker = pipeline.worker()
+    try:
+        assert worker.run(burst=True) == 2
+    finally:
+        worker.close()
+
+    assert worker.reconciler.recorded == 2
+    assert [pipeline.status(job_id) for job_id in ids] == ["delivered", "delivered"]
 
 
 @pytest.mark.slow

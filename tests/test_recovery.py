@@ -130,7 +130,7 @@ def test_a_sink_that_raises_costs_only_its_own_delivery_attempts(pipeline: Pipel
     worker = pipeline.worker()
     options = FilesystemOptions(dir=str(tmp_path / "unused"))
     retry = pipeline.settings.retry
-    worker.steps.specs["buggy"] = SPECS["filesystem"](name="buggy", type="filesystem", options=options, retry=retry)
+    worker.pipeline.specs["buggy"] = SPECS["filesystem"](name="buggy", type="filesystem", options=options, retry=retry)
     worker.sinks["buggy"] = buggy = Exploding("buggy")
     first = pipeline.submit(pipeline.upload_input())
     second = pipeline.submit(pipeline.upload_input("in/second.wav"), output_key="out/second.wav")
@@ -165,8 +165,8 @@ def test_a_job_rejected_or_dead_in_verification_is_verified_again_by_a_repeated_
     allowlist = pipeline.settings.allowed_buckets
     if status == "rejected":  # the allowlist did not have the bucket yet
         worker = pipeline.worker()
-        allow = worker.steps.allow
-        worker.steps.allow = type(allow)(frozenset({"other-1250000000"}), allow.regions, allow.tags)
+        allow = worker.pipeline.allow
+        worker.pipeline.allow = type(allow)(frozenset({"other-1250000000"}), allow.regions, allow.tags)
     else:  # CI was away for the whole verification budget
         pipeline.sandbox.faults.add(Fault(kind="CI describe", status=503))
         worker = Worker.from_settings(pipeline.settings.replace(verify_retry=pipeline.settings.retry), pipeline.ledger)

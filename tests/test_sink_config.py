@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from support.pipeline import Pipeline, settings_env
+from support.pipeline import Pipeline, run_one, settings_env
 from support.receiver import Receiver, Reply
 from support.sink_dir import written
 
@@ -235,7 +235,7 @@ def test_max_age_ends_retries(pipeline: Pipeline, tmp_path: Path) -> None:
     job_id = pipeline.submit(pipeline.upload_input())
     worker = pipeline.worker()
     pipeline.drain(worker, job_id, {"verified"})
-    worker.run_once()
+    run_one(worker)
     deliveries = {d["sink"]: d for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]}
     assert deliveries["fresh-only"]["status"] == "dead"
     assert deliveries["fresh-only"]["attempts"] == 1

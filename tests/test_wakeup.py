@@ -21,11 +21,14 @@ NEVER = 3600.0
 
 @pytest.fixture
 def wakeup(ledger: Ledger) -> Iterator[Wakeup]:
-    waiting = Wakeup(ledger.engine)
-    waiting.start()
+    """A worker's wake-up service, watching in a thread of its own."""
+    waiting, stopping = Wakeup(ledger.engine), threading.Event()
+    watching = threading.Thread(target=waiting.run, args=(stopping,), name=waiting.name, daemon=True)
+    watching.start()
     waiting.wait(5)  # the first check (or LISTEN) reports anything before it: start from quiet
     yield waiting
-    waiting.stop()
+    stopping.set()
+    watching.join(timeout=10)
 
 
 def test_a_committed_callback_wakes_a_waiting_worker(ledger: Ledger, wakeup: Wakeup) -> None:

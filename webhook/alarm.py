@@ -9,6 +9,10 @@ callback at its due time from a single daemon thread, started on first use::
     ALARMS.cancel(alarm)  # it will not fire (unless it is firing already)
 
 Callbacks run one after another in that thread, so they must be quick and never block.
+
+The thread lives as long as the process and is not one of a worker's services
+(:mod:`webhook.worker.services`): web processes set deadlines too, and a deadline must never find
+its alarms stopped, not even while a worker stops. A forked child starts its own on first use.
 """
 
 from __future__ import annotations

@@ -132,12 +132,23 @@ class Pipeline:
                 raise AssertionError(
                     f"job {job_id} stuck at {status!r}: {self.ledger.views.show_job(job_id).to_dict()}"
                 )
-            if not worker.run_once():
+            if not run_one(worker):
                 time.sleep(0.01)
         return status
 
     def output_bytes(self, key: str = "out/denoised.wav") -> bytes:
         return self.sandbox.object_path(BUCKET, key).read_bytes()
+
+
+def run_one(worker: Worker) -> bool:
+    """Claim one unit of due work and run it through the worker's pipeline in this thread, as its
+    claim loop would; False when nothing is due."""
+    worker.heartbeat.beat()  # registered, so other workers leave its lease alone
+    claim = worker.ledger.queue.claim(worker.worker_id, worker.settings.lease_seconds)
+    if claim is None:
+        return False
+    worker.pipeline.run(claim)
+    return True
 
 
 @contextmanager

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
+import threading
 from typing import TYPE_CHECKING
 
 import click
@@ -15,6 +14,7 @@ from webhook.telemetry import metrics_dir
 from webhook.telemetry.logs import setup_logging
 
 if TYPE_CHECKING:
+    from webhook.web.server import BackgroundServer
     from webhook.worker.runtime import Worker
 
 
@@ -34,35 +34,47 @@ def serve(host: str, port: int) -> None:
 def worker(burst: bool) -> None:
     """Verify, fetch and deliver recorded jobs; serve /metrics on WEBHOOK_WORKER_METRICS_PORT if set."""
     metrics_dir.count_in_process()  # before prometheus-client is imported
+    from webhook.telemetry import metrics
     from webhook.worker.runtime import Worker
+    from webhook.worker.services import ServiceFailed
 
     settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_format)
     w = Worker.from_settings(settings)
+    metrics.expect_sinks(w.sinks)
     w.install_signal_handlers()
     try:
-        with _worker_metrics(settings, w):
-            w.run(burst=burst)
+        w.run(burst=burst, metrics_server=_metrics_server(settings, w))
+    except ServiceFailed as exc:
+        raise click.ClickException(f"the worker stopped: {exc}") from None
     finally:
         w.close()
 
 
-@contextlib.contextmanager
-def _worker_metrics(settings: Settings, w: Worker) -> Iterator[None]:
-    """The worker's own /metrics, on WEBHOOK_WORKER_METRICS_PORT, while it runs."""
-    from webhook.telemetry import metrics
+class MetricsServer:
+    """The worker's own /metrics (and probes) as one of its services: served until the worker stops."""
+
+    name = "metrics server"
+
+    def __init__(self, server: BackgroundServer) -> None:
+        self.server = server
+
+    def run(self, stopping: threading.Event) -> None:
+        try:
+            stopping.wait()
+        finally:
+            self.server.stop()
+
+
+def _metrics_server(settings: Settings, w: Worker) -> MetricsServer | None:
+    """On WEBHOOK_WORKER_METRICS_PORT, listening already: a port that is taken stops the command at once."""
     from webhook.web import health
 
-    metrics.expect_sinks(w.sinks)
     if (port := settings.worker_metrics_port) is None:
-        yield
-        return
+        return None
     try:
         server = health.metrics_server(settings, w.ledger, port).start()
     except OSError as exc:
         raise click.ClickException(f"WEBHOOK_WORKER_METRICS_PORT: cannot listen on port {port}: {exc}") from None
     logging.getLogger("webhook.worker").info("metrics on port %d: /metrics, /livez, /readyz", port)
-    try:
-        yield
-    finally:
-        server.stop()
+    return MetricsServer(server)

@@ -21,12 +21,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import signal
+import os
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import FrameType
 
 from webhook.deadline import Deadline
 from webhook.intake.callback import CallbackError, parse_callback
@@ -35,12 +33,12 @@ from webhook.intake.tdmq import AUTH_FAILED, NO_QUEUE, STALE_HANDLE, CmqClient, 
 from webhook.ledger import KeptMessage, Ledger, LedgerRefused, LedgerUnavailable, RawRequest
 from webhook.models import Callback
 from webhook.retry import RetryPolicy, backoff_delay
+from webhook.worker.services import Services, Shutdown
 
 log = logging.getLogger(__name__)
 
 REMOTE_ADDR = "tdmq"  # where a callback came from, in the ledger (an HTTP one has the client's address)
 _DOCUMENT_STARTS = ("<", "{", "[")
-_HARD_STOP_GRACE = 3.0
 _IDLE_PAUSE = 1.0
 
 
@@ -108,8 +106,26 @@ class ConsumerStopped(Exception):
     """TDMQ refused for good (credentials, policy, queue name): retrying cannot help."""
 
 
+class QueueLoop:
+    """A consumer's service for one queue: receive, record, delete, until stopped."""
+
+    def __init__(self, consumer: Consumer, queue: str) -> None:
+        self.consumer = consumer
+        self.queue = queue
+        self.name = f"consume {queue}"
+
+    def run(self, stopping: threading.Event) -> None:
+        self.consumer.consume(self.queue, stopping)
+
+
+def _hard_stop() -> None:
+    # Stuck in a call no deadline covers: what is in hand comes back after the visibility timeout.
+    log.error("consumer stopped hard after its shutdown budget")
+    os._exit(1)
+
+
 class Consumer:
-    """Consumes ``queues``, one thread each, until :meth:`stop` (or a signal) or a refusal for good."""
+    """Consumes ``queues``, one service each, until :meth:`stop` (or a signal) or a refusal for good."""
 
     def __init__(
         self,
@@ -129,13 +145,14 @@ class Consumer:
         self.allowed_tags = allowed_tags
         self.batch = batch
         self.wait = wait
-        self.shutdown_seconds = shutdown_seconds
         self.patience = patience
         self.quarantine = ledger.quarantine
-        self.stopping = threading.Event()
+        # Stopping cuts the long polls in flight at once: whatever they would have handed over
+        # comes back after the visibility timeout. Batches in hand get the budget.
+        self.shutdown = Shutdown(shutdown_seconds, "consumer", _hard_stop, interrupt=self._cut_polls)
+        self.stopping = self.shutdown.stopping
         self.failure: str | None = None
-        # Reentrant: stop() also runs in a signal handler, which may interrupt the main thread in stop().
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # a poll is registered, or the shutdown has begun, never both unseen
         self._polls: set[Deadline] = set()
 
     # -- running ------------------------------------------------------------------------------
@@ -149,57 +166,33 @@ class Consumer:
             self.batch,
             self.wait,
         )
-        threads = [
-            threading.Thread(target=self._loop, args=(queue,), name=f"consume {queue}", daemon=True)
-            for queue in self.queues
-        ]
-        for thread in threads:
-            thread.start()
-        # Polled, not a bare wait: the main thread must stay free to run signal handlers.
-        while not self.stopping.wait(0.5):
-            if not any(thread.is_alive() for thread in threads):
-                break
-        self._finish(threads)
+        Services([QueueLoop(self, queue) for queue in self.queues], self.shutdown).run()
+        log.info("consumer stopped")
         if self.failure is not None:
             raise ConsumerStopped(self.failure)
 
     def stop(self, why: str) -> None:
         """Receive no more: cut the long polls in flight; batches in hand are finished."""
+        self.shutdown.begin(why)
+
+    def install_signal_handlers(self) -> None:
+        self.shutdown.install_signal_handlers()
+
+    def _cut_polls(self) -> None:
         with self._lock:
-            if not self.stopping.is_set():
-                log.info("consumer stopping (%s); batches in hand have %gs", why, self.shutdown_seconds)
-            self.stopping.set()
             polls = list(self._polls)
         for poll in polls:
             poll.expire_now("consumer stopping")
 
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: FrameType | None) -> None:
-            self.stop(f"signal {signal.Signals(signum).name}")
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-    def _finish(self, threads: list[threading.Thread]) -> None:
-        self.stop("every queue stopped" if self.failure is None else "refused for good")
-        until = time.monotonic() + self.shutdown_seconds
-        for thread in threads:
-            thread.join(max(until - time.monotonic(), 0.0))
-        if any(thread.is_alive() for thread in threads):
-            log.warning("batches in hand did not finish within %gs: abandoning them", self.shutdown_seconds)
-            Deadline.expire_all("abandoned: consumer shutting down")
-            for thread in threads:
-                thread.join(_HARD_STOP_GRACE)
-        log.info("consumer stopped")
-
-    def _loop(self, queue: str) -> None:
+    def consume(self, queue: str, stopping: threading.Event) -> None:
+        """Poll ``queue`` until stopped, waiting out what may pass; a refusal for good stops the consumer."""
         failures = 0
-        while not self.stopping.is_set():
+        while not stopping.is_set() and not self.stopping.is_set():
             try:
                 received = self.poll_once(queue)
                 failures = 0
                 if not received and self.wait < 1:
-                    self.stopping.wait(_IDLE_PAUSE)  # no long polling: do not ask again at once
+                    stopping.wait(_IDLE_PAUSE)  # no long polling: do not ask again at once
                 continue
             except CmqError as exc:
                 if self.stopping.is_set():
@@ -218,7 +211,7 @@ class Consumer:
             failures += 1
             delay = backoff_delay(failures, self.patience)
             log.warning("queue %s: %s; trying again in %.1fs", queue, problem, delay)
-            self.stopping.wait(delay)
+            stopping.wait(delay)
 
     # -- one batch ----------------------------------------------------------------------------
 

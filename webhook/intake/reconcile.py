@@ -8,7 +8,7 @@ marked as found by reconcile. From there the worker verifies, fetches and delive
 
 :func:`to_record` is the pure decision; :func:`~webhook.ci.listing.list_finished` (the CI API)
 and :meth:`~webhook.ledger.jobs.Jobs.known` (a read-only query on the ledger) are the I/O edges.
-:class:`PeriodicReconcile` is how a worker runs it on its own, one worker at a time.
+:class:`PeriodicReconcile` is the worker's service that runs it on its own, one worker at a time.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
 
 
 class PeriodicReconcile(Periodic[Summary]):
-    """Runs :func:`reconcile` every ``settings.reconcile_interval`` seconds, one worker at a time
-    (see :class:`~webhook.worker.periodic.Periodic`).
+    """The worker's service that runs :func:`reconcile` every ``settings.reconcile_interval`` seconds,
+    one worker at a time (see :class:`~webhook.worker.periodic.Periodic`).
 
     Runs are at most about two intervals apart (when the lock's holder stops, another takes over
     once it runs out), so each run lists the jobs created in the last ``2 * interval +
@@ -158,7 +158,7 @@ class PeriodicReconcile(Periodic[Summary]):
         """Where the run at ``now`` starts listing: two intervals and :data:`RUNTIME_MARGIN` back."""
         return now - timedelta(seconds=2 * self.interval + RUNTIME_MARGIN)
 
-    def run(self) -> Summary:
+    def work(self) -> Summary:
         summary = reconcile(self.settings, self.ledger, self.window(utcnow()))
         totals = summary.to_dict()
         recorded = totals["recorded"]

@@ -13,7 +13,6 @@ import logging
 import sqlite3
 import threading
 from contextlib import closing
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -32,32 +31,23 @@ def notify(conn: Connection) -> None:
 
 
 class Wakeup:
-    """An event set when the ledger may hold new work; a background thread watches the database."""
+    """An event set when the ledger may hold new work; as a worker's service, it watches the database."""
+
+    name = "wakeup"
 
     def __init__(self, engine: Engine) -> None:
         self.event = threading.Event()
         self._engine = engine
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
+    def run(self, stopping: threading.Event) -> None:
+        """Watch until ``stopping`` is set."""
         url = self._engine.url
         if url.get_backend_name() == "postgresql":
-            target: Any = self._listen
+            self._listen(stopping)
         elif url.database and url.database != ":memory:":
-            target = self._watch_file
+            self._watch_file(stopping)
         else:
-            return  # an in-memory database has no other writers to notice
-        self._thread = threading.Thread(target=target, name="wakeup", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+            stopping.wait()  # an in-memory database has no other writers to notice
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a wake-up; True if one came. Clears it either way."""
@@ -65,32 +55,32 @@ class Wakeup:
         self.event.clear()
         return woken
 
-    def _listen(self) -> None:
+    def _listen(self, stopping: threading.Event) -> None:
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        while not self._stop.is_set():
+        while not stopping.is_set():
             try:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     self.event.set()  # anything committed while we were not listening
-                    while not self._stop.is_set():
+                    while not stopping.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self.event.set()
             except psycopg.Error as exc:
                 log.warning("cannot listen for new work (%s); polling until it can", type(exc).__name__)
-                self._stop.wait(5)
+                stopping.wait(5)
 
-    def _watch_file(self) -> None:
+    def _watch_file(self, stopping: threading.Event) -> None:
         database = self._engine.url.database
         assert database is not None
         seen: int | None = None
-        while not self._stop.wait(SQLITE_CHECK_SECONDS):
+        while not stopping.wait(SQLITE_CHECK_SECONDS):
             try:
                 with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)) as conn:
-                    while not self._stop.wait(SQLITE_CHECK_SECONDS):
+                    while not stopping.wait(SQLITE_CHECK_SECONDS):
                         version = conn.execute("PRAGMA data_version").fetchone()[0]
                         if version != seen:
                             seen = version
                             self.event.set()
             except sqlite3.Error as exc:
                 log.warning("cannot watch the ledger file (%s); polling until it can", exc)
-                self._stop.wait(5)
+                stopping.wait(5)

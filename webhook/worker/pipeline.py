@@ -1,11 +1,14 @@
-"""What a worker does with one claim: verify the job, fetch its object, deliver it to each sink,
-and record every outcome; a failure costs only the tasks it happened to.
+"""What a worker does with one claim: verify the job, fetch its object, deliver it to each sink;
+a failure costs only the tasks it happened to.
+
+The steps decide what became of each task (:mod:`webhook.worker.outcomes`) and hand each
+outcome, as soon as it is decided, to the one :class:`~webhook.worker.outcomes.Recorder`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from qcloud_cos import CosS3Client
 
@@ -24,26 +27,26 @@ from webhook.ci.verify import (
     precheck,
 )
 from webhook.config import Settings
-from webhook.ledger import (
-    Attempt,
-    Claim,
-    Delivery,
-    DeliveryClaim,
-    Ledger,
-    Task,
-    Trying,
-    VerifyClaim,
-    Version,
-    utcnow,
-)
+from webhook.ledger import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
 from webhook.models import FetchedFile, Job, ObjectLocation, Outcome, Step, job_from_json
-from webhook.retry import RetryPolicy, backoff_delay, why_over
+from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import DeliveryError, NotificationSink, Sink
 from webhook.sinks.config import SinkSpec
 from webhook.sinks.events import build_event
-from webhook.telemetry import metrics
 from webhook.telemetry.logs import fields
-from webhook.worker.liveness import SHUTDOWN, Leases, Shutdown
+from webhook.worker.liveness import Leases
+from webhook.worker.outcomes import (
+    Abandoned,
+    Accepted,
+    Delivered,
+    Failed,
+    Recorder,
+    Rejected,
+    RetryLater,
+    TaskOutcome,
+    after_failure,
+)
+from webhook.worker.services import Shutdown
 from webhook.worker.staging import Staging
 
 log = logging.getLogger("webhook.worker")
@@ -51,27 +54,25 @@ log = logging.getLogger("webhook.worker")
 ClientFactory = Callable[[str], CosS3Client]
 
 
-class Steps:
+class Pipeline:
     """One claim at a time per call; a worker calls :meth:`run` from several threads, each with its own claim."""
 
     def __init__(
         self,
         settings: Settings,
-        ledger: Ledger,
+        recorder: Recorder,
         specs: dict[str, SinkSpec],
         sinks: dict[str, Sink],
         client_for_region: ClientFactory,
-        worker_id: str,
         staging: Staging,
         shutdown: Shutdown,
         leases: Leases,
     ) -> None:
         self.settings = settings
-        self.ledger = ledger
+        self.recorder = recorder
         self.specs = specs
         self.sinks = sinks
         self.client_for_region = client_for_region
-        self.worker_id = worker_id
         self.staging = staging
         self.shutdown = shutdown
         self.leases = leases
@@ -89,20 +90,21 @@ class Steps:
             try:
                 match claim:
                     case VerifyClaim():
-                        return self._verify(claim)
+                        return self.recorder.record(self._verify(claim), claim.received_at)
                     case DeliveryClaim():
-                        self._deliver(claim)
+                        for outcome in self._deliver(claim):
+                            self.recorder.record(outcome, claim.received_at)
             except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
                 log.exception("step failed unexpectedly", extra={"job_id": claim.tasks[0].job_id})
                 for task in claim.tasks:
-                    self._failed(
-                        task, claim, self._error_text(exc), self._policy(task), started, code=type(exc).__name__
-                    )
+                    error, code = self._error_text(exc), type(exc).__name__
+                    failed = self._failed(task, claim, error, self._policy(task), started, code=code)
+                    self.recorder.record(failed, claim.received_at)
         return None
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _verify(self, claim: VerifyClaim) -> DeliveryClaim | None:
+    def _verify(self, claim: VerifyClaim) -> TaskOutcome:
         task = claim.task
         trying = Trying(Step.VERIFY)
         judged: list[tuple[Version, Job | None, Verdict]] = []
@@ -121,49 +123,38 @@ class Steps:
                     try:
                         reported[where] = describe_job(self.client_for_region(where[0]), where[1], job.job_id)
                     except VerifyError as exc:
-                        self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
-                        return None
+                        return self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
                 verdict = decide(job, reported[where], self.allow)
             judged.append((version, job, verdict))
         rejected = {version.id: verdict.reason for version, _, verdict in judged if isinstance(verdict, Reject)}
         if not any(job for _, job, _ in judged):
             # Nothing CI could be asked about: a dead task to look at, not a verdict on the job.
             reasons = "; ".join(dict.fromkeys(rejected.values()))
-            self._failed(task, claim, reasons, self._policy(task), trying, final="nothing readable to verify")
-            return None
+            return self._failed(task, claim, reasons, self._policy(task), trying, final="nothing readable to verify")
         match overall([verdict for _, _, verdict in judged]):
             case Accept():
                 version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
-                sinks = sorted(name for name, spec in self.specs.items() if spec.accepts(job))
-                tried = [trying.ended(Outcome.OK)]
-                metrics.attempted(tried, claim.received_at)
-                lease = self.settings.lease_seconds
-                deliveries = self.ledger.queue.accept_and_claim(
-                    claim, self.worker_id, sinks, version, job, rejected, tried, lease
-                )
-                log.info("verified state=%s deliveries=%s", job.state, ",".join(sinks), extra=fields(job))
-                return deliveries
+                sinks = tuple(sorted(name for name, spec in self.specs.items() if spec.accepts(job)))
+                return Accepted(claim, (trying.ended(Outcome.OK),), version, job, sinks, rejected)
             case Reject(reason):
-                tried = [trying.ended(Outcome.REJECTED, reason)]
-                metrics.attempted(tried, claim.received_at)
-                self.ledger.queue.reject(task, self.worker_id, reason, rejected, tried)
-                log.warning("rejected: %s", reason, extra=fields(task))
+                return Rejected(task, (trying.ended(Outcome.REJECTED, reason),), reason, rejected)
             case Wait(reason):
-                self._failed(task, claim, reason, self.settings.verify_retry, trying)
-        return None
+                return self._failed(task, claim, reason, self.settings.verify_retry, trying)
+        raise AssertionError("overall() gives Accept, Reject or Wait")
 
-    def _deliver(self, claim: DeliveryClaim) -> None:
+    def _deliver(self, claim: DeliveryClaim) -> Iterator[TaskOutcome]:
+        """Each delivery's outcome in turn, each recorded before the next delivery starts."""
         try:
             job = job_from_json(claim.detail)
         except ValueError as exc:
             for delivery in claim.deliveries:
                 trying = Trying(Step.DELIVER, delivery.sink)
                 error = f"unreadable job row: {exc}"
-                self._failed(delivery, claim, error, self._policy(delivery), trying, final="unreadable")
+                yield self._failed(delivery, claim, error, self._policy(delivery), trying, final="unreadable")
             return
         for unknown in (d for d in claim.deliveries if d.sink not in self.sinks):
             error = f"sink {unknown.sink} is not configured in this worker"
-            self._failed(unknown, claim, error, self.settings.retry, Trying(Step.DELIVER, unknown.sink))
+            yield self._failed(unknown, claim, error, self.settings.retry, Trying(Step.DELIVER, unknown.sink))
         # Storage sinks first: a notification may point at the copy one of them makes.
         deliveries = sorted(
             (d for d in claim.deliveries if d.sink in self.sinks),
@@ -183,7 +174,8 @@ class Steps:
                 for n, delivery in enumerate(deliveries):
                     trying = Trying(Step.DELIVER, delivery.sink)
                     also = [fetching] if n == 0 else []
-                    self._failed(delivery, claim, error, self._policy(delivery), trying, also=also, delay=together)
+                    policy = self._policy(delivery)
+                    yield self._failed(delivery, claim, error, policy, trying, also=also, delay=together)
                 return
             fetch_attempts.append(fetching.ended(Outcome.OK))
             log.info("fetched=%s %s bytes=%d", bool(fetched.path), job.output.key, fetched.size, extra=fields(job))
@@ -192,9 +184,10 @@ class Steps:
         for delivery in deliveries:
             outcome = self._deliver_to(delivery, claim, job, fetched, stored, fetch_attempts)
             fetch_attempts = []
-            if outcome is Outcome.OK:
+            yield outcome
+            if isinstance(outcome, Delivered):
                 stored[delivery.sink] = self.sinks[delivery.sink]
-            retrying = retrying or outcome in (Outcome.RETRY, Outcome.ABANDONED)
+            retrying = retrying or isinstance(outcome, RetryLater | Abandoned)
         if fetched is not None and fetched.path is not None and not retrying:
             self.staging.release(job.job_id)
 
@@ -206,12 +199,13 @@ class Steps:
         fetched: FetchedFile | None,
         stored: dict[str, Sink],
         recorded: Sequence[Attempt],
-    ) -> Outcome:
+    ) -> Delivered | Failed:
         """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
         sink = self.sinks[delivery.sink]
         trying = Trying(Step.DELIVER, delivery.sink)
+        policy = self._policy(delivery)
         if self.shutdown.abandoning.is_set():
-            return self._failed(delivery, claim, "not started", self._policy(delivery), trying, recorded=recorded)
+            return self._failed(delivery, claim, "not started", policy, trying, recorded=recorded)
         try:
             location = None
             if fetched and isinstance(sink, NotificationSink):
@@ -223,7 +217,7 @@ class Steps:
                 delivery,
                 claim,
                 exc.message,
-                self._policy(delivery),
+                policy,
                 trying,
                 recorded=recorded,
                 retry_after=exc.retry_after,
@@ -233,16 +227,8 @@ class Steps:
         except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
             log.exception("failed unexpectedly", extra=fields(delivery))
             error = self._error_text(exc)
-            return self._failed(
-                delivery, claim, error, self._policy(delivery), trying, recorded=recorded, code=type(exc).__name__
-            )
-        done = [*recorded, trying.ended(Outcome.OK)]
-        metrics.attempted(done, claim.received_at)
-        if self.ledger.queue.complete(delivery, self.worker_id, done):
-            log.info("delivered attempt=%d", delivery.attempts, extra=fields(delivery))
-        else:
-            log.warning("delivered but the lease was lost", extra=fields(delivery))
-        return Outcome.OK
+            return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=type(exc).__name__)
+        return Delivered(delivery, (*recorded, trying.ended(Outcome.OK)))
 
     def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
         client = self.client_for_region(where.region)
@@ -278,34 +264,21 @@ class Steps:
         final: str | None = None,
         delay: float | None = None,
         code: str = "",
-    ) -> Outcome:
-        """Schedule the task again with backoff, or mark it dead once retrying cannot help.
-
-        ``final`` says why retrying cannot help at all (e.g. "refused permanently"); the dead
-        task's error then says so, as it says when the attempts or ``max_age`` ran out. ``tried``
-        and ``also`` (a fetch the task depended on) are recorded with this outcome, after the
-        attempts already ``recorded``.
-        """
-        if self.shutdown.abandoning.is_set():
-            # Cut off by a shutdown: due again at once, for a worker that is not stopping.
-            error = f"{error} ({SHUTDOWN})"
-            attempts = [*recorded, *(t.ended(Outcome.ABANDONED, error, code) for t in (*also, tried))]
-            metrics.attempted(attempts, claim.received_at)
-            self.ledger.queue.retry_later(task, self.worker_id, error, 0.0, attempts)
-            log.warning("attempt %d abandoned at shutdown: %s", task.attempts, error, extra=fields(task, step=True))
-            return Outcome.ABANDONED
-        over = why_over(task.attempts, policy, (utcnow() - claim.received_at).total_seconds(), final)
-        if over is not None:
-            error = f"{error} ({over})"
-        outcome = Outcome.DEAD if over is not None else Outcome.RETRY
-        attempts = [*recorded, *(t.ended(outcome, error, code) for t in (*also, tried))]
-        metrics.attempted(attempts, claim.received_at)
-        if over is not None:
-            self.ledger.queue.give_up(task, self.worker_id, error, attempts)
-            log.error("dead after %d attempts: %s", task.attempts, error, extra=fields(task, step=True))
-            return outcome
-        if delay is None:
-            delay = backoff_delay(task.attempts, policy, retry_after)
-        self.ledger.queue.retry_later(task, self.worker_id, error, delay, attempts)
-        log.warning("attempt %d failed, retry in %.1fs: %s", task.attempts, delay, error, extra=fields(task, step=True))
-        return outcome
+    ) -> Failed:
+        """:func:`~webhook.worker.outcomes.after_failure` for a task of ``claim``; abandoned while the
+        worker's shutdown is cutting off its work in hand."""
+        abandoned = self.shutdown.abandoned if self.shutdown.abandoning.is_set() else None
+        return after_failure(
+            task,
+            claim.received_at,
+            error,
+            policy,
+            tried,
+            abandoned=abandoned,
+            also=also,
+            recorded=recorded,
+            retry_after=retry_after,
+            final=final,
+            delay=delay,
+            code=code,
+        )

@@ -1,33 +1,44 @@
-"""The worker: claim due work from the ledger and run each claim's steps in a thread of its own.
+"""The worker: named services that run together, the claim loop among them.
 
-Up to ``WEBHOOK_WORKER_CONCURRENCY`` claims are in flight per process, so cloud latency
-overlaps and a slow job or sink holds up no other. An idle worker sleeps until the ledger says
-there may be work (:class:`~webhook.ledger.wakeup.Wakeup`), at most the poll interval.
+:class:`Worker` owns its services (:mod:`webhook.worker.services`): the heartbeat and the lease
+renewal (:mod:`~webhook.worker.liveness`), the wake-up (:class:`~webhook.ledger.wakeup.Wakeup`),
+reconcile and prune (:mod:`~webhook.worker.periodic`), the metrics server when one is
+configured, and the :class:`ClaimLoop`. They start together and stop together; one failing stops
+the worker with a non-zero exit.
+
+The claim loop claims due work and runs each claim's pipeline in a thread of its own: up to
+``WEBHOOK_WORKER_CONCURRENCY`` claims are in flight per process, so cloud latency overlaps and a
+slow job or sink holds up no other. An idle worker sleeps until the ledger says there may be
+work, at most the poll interval.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from webhook.ci.client import client_for
 from webhook.config import Settings
 from webhook.intake.reconcile import PeriodicReconcile
-from webhook.ledger import Claim, Ledger, LedgerUnavailable, TakenOver
+from webhook.ledger import Claim, Ledger, LedgerUnavailable
 from webhook.ledger.wakeup import Wakeup
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import Sink
 from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.config import SinkSpec
-from webhook.worker.liveness import Heartbeat, Leases, Shutdown
-from webhook.worker.periodic import PeriodicPrune
-from webhook.worker.pipeline import ClientFactory, Steps
+from webhook.worker.liveness import Heartbeat, Leases
+from webhook.worker.outcomes import Recorder
+from webhook.worker.periodic import Periodic, PeriodicPrune
+from webhook.worker.pipeline import ClientFactory, Pipeline
+from webhook.worker.services import Service, Services, Shutdown
 from webhook.worker.staging import Staging
 
 log = logging.getLogger("webhook.worker")
@@ -37,7 +48,7 @@ CLAIM_SPACING = 0.05  # seconds between claims while nothing more is due
 
 
 class Worker:
-    """Claims due work and runs it, ``settings.worker_concurrency`` claims at a time."""
+    """Claims due work and runs it, ``settings.worker_concurrency`` claims at a time, beside its other services."""
 
     def __init__(
         self,
@@ -53,23 +64,23 @@ class Worker:
         tag = uuid.uuid4().hex[:8]  # names this worker's partial downloads
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{tag}"
         self.staging = Staging(settings.temp_dir, settings.staging_max_bytes, tag, settings.min_transfer_rate)
-        self.heartbeat = Heartbeat(ledger, self.worker_id, settings.heartbeat_seconds, self._took_over)
-        self.shutdown = Shutdown(settings.shutdown_seconds, self._hard_stop)
+        self.shutdown = Shutdown(settings.shutdown_seconds, "worker", self._hard_stop)
         self.stopping = self.shutdown.stopping
+        self.heartbeat = Heartbeat(ledger, self.worker_id, settings.heartbeat_seconds, self._took_over)
+        self.leases = Leases(ledger, self.worker_id, settings.lease_seconds)
         self.wakeup = Wakeup(ledger.engine)
-        self.steps = Steps(
+        self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
+        self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
+        self.pipeline = Pipeline(
             settings,
-            ledger,
+            Recorder(ledger, self.worker_id, settings.lease_seconds),
             {spec.name: spec for spec in specs},
             sinks,
             client_for_region,
-            self.worker_id,
             self.staging,
             self.shutdown,
-            Leases(ledger, self.worker_id, settings.lease_seconds),
+            self.leases,
         )
-        self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
-        self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
@@ -81,10 +92,11 @@ class Worker:
         # One client per region, kept: its session pools the connections.
         return cls(settings, ledger, specs, sinks, functools.cache(functools.partial(client_for, settings)))
 
-    # -- loop ------------------------------------------------------------------------------
+    def run(self, burst: bool = False, metrics_server: Service | None = None) -> int:
+        """Run every service until stopped (or, with ``burst``, until nothing is due); returns claims run.
 
-    def run(self, burst: bool = False) -> int:
-        """Process work until stopped (or, with ``burst``, until nothing is due). Returns claims run."""
+        Raises :class:`~webhook.worker.services.ServiceFailed` when a service failed.
+        """
         log.info(
             "worker %s started sinks=%s concurrency=%d burst=%s",
             self.worker_id,
@@ -92,96 +104,15 @@ class Worker:
             self.settings.worker_concurrency,
             burst,
         )
-        self.wakeup.start()
-        try:
-            with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="claim") as pool:
-                return self._loop(pool, burst)
-        finally:
-            self.wakeup.stop()
-            with contextlib.suppress(LedgerUnavailable):  # then the leases run out instead
-                self.heartbeat.stop()
-
-    def _loop(self, pool: ThreadPoolExecutor, burst: bool) -> int:
-        outage = finished = 0
-        in_flight: set[Future[None]] = set()
-        # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
-        patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
-        while not self.stopping.is_set():
-            done = {future for future in in_flight if future.done()}
-            in_flight -= done
-            finished += len(done)
-            free = self.settings.worker_concurrency - len(in_flight)
-            try:
-                if not self.heartbeat.running:
-                    self.heartbeat.start()
-                    self._took_over(None)
-                self.reconciler.tick()
-                self.pruner.tick()
-                claims = self.ledger.queue.claim_many(self.worker_id, self.settings.lease_seconds, free) if free else []
-            except LedgerUnavailable as exc:
-                # The ledger is away (database restarting, network): nothing was lost — a claimed
-                # task's lease runs out and it becomes due again. Wait and try again.
-                outage += 1
-                delay = backoff_delay(outage, patience)
-                log.error("ledger unavailable (%s); retrying in %.1fs", exc.kind, delay)
-                self.stopping.wait(delay)
-                continue
-            if outage:
-                log.info("ledger reachable again after %d failed attempts", outage)
-                outage = 0
-            for claim in claims:
-                future = pool.submit(self._run_claim, claim)
-                future.add_done_callback(lambda _: self.wakeup.event.set())  # a slot is free
-                in_flight.add(future)
-            if burst and not claims and not in_flight:
-                break
-            if len(claims) < free:
-                self._idle(nothing_more_due=time.monotonic())
-            elif not free:
-                self._idle()
-        # What is in flight finishes first (the shutdown bounds how long it may take).
-        pool.shutdown(wait=True)
-        finished += len(in_flight)
-        log.info("worker %s stopped after %d claims", self.worker_id, finished)
-        return finished
-
-    def _idle(self, nothing_more_due: float | None = None) -> None:
-        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval.
-
-        After a claim found no more work (at ``nothing_more_due``), the next comes at least
-        CLAIM_SPACING later: on SQLite every commit wakes the worker, its own included, and an
-        empty claim still takes the write lock its claims in flight are waiting for.
-        """
-        for _ in range(max(1, round(self.settings.poll_interval / WAIT_SLICE))):
-            if self.wakeup.wait(WAIT_SLICE) or self.stopping.is_set():
-                break
-        if nothing_more_due is not None and (rest := nothing_more_due + CLAIM_SPACING - time.monotonic()) > 0:
-            self.stopping.wait(rest)
-
-    def _run_claim(self, claim: Claim) -> None:
-        with self.shutdown.busy():
-            try:
-                self.steps.run(claim)
-            except LedgerUnavailable as exc:
-                # An outcome could not be recorded: the lease runs out and the task is due again.
-                log.error("ledger unavailable while recording an outcome (%s)", exc.kind)
-            except Exception:  # nothing else may end silently in the pool's future
-                log.exception("claim failed unexpectedly; its tasks are due again when the lease runs out")
-
-    def run_once(self) -> bool:
-        """Claim and process one unit of work in this thread; False when nothing is due."""
-        if not self.heartbeat.running:
-            self.heartbeat.beat()  # registered, so others leave our leases alone
-        claim = self.ledger.queue.claim(self.worker_id, self.settings.lease_seconds)
-        if claim is None:
-            return False
-        with self.shutdown.busy():
-            self.steps.run(claim)
-        return True
+        periodic = (self.reconciler, self.pruner)
+        claims = ClaimLoop(self, periodic if burst else None)
+        extra = [metrics_server] if metrics_server is not None else []
+        # Started in this order, stopped in reverse: the claim loop finishes its work in hand first.
+        Services([self.heartbeat, self.leases, self.wakeup, *periodic, *extra, claims], self.shutdown).run()
+        return claims.finished
 
     def close(self) -> None:
         """Release every sink's connections (queues and streams hold sockets open)."""
-        self.steps.leases.stop()
         for sink in self.sinks.values():
             sink.close()
 
@@ -195,8 +126,98 @@ class Worker:
         log.error("worker %s stopped hard after its shutdown budget; released %d leases", self.worker_id, released)
         os._exit(1)
 
-    def _took_over(self, taken: TakenOver | None) -> None:
+    def _took_over(self) -> None:
         """Remove partial downloads of workers that are gone (at start: of any no longer alive)."""
         live = {worker.id.rsplit(":", 1)[-1] for worker in self.ledger.workers.live()}
         if removed := self.staging.sweep(live):
             log.info("removed %d partial downloads of stopped workers", removed)
+
+
+class ClaimLoop:
+    """The worker's service that claims due work once the worker is registered, and runs it.
+
+    With ``burst`` (the periodic services of the run), it ends once nothing is due, none of its
+    claims is in flight and each periodic service has caught up: what reconcile records in a
+    burst is delivered in it.
+    """
+
+    name = "claim loop"
+
+    def __init__(self, worker: Worker, burst: Sequence[Periodic[Any]] | None = None) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.burst = burst
+        self.finished = 0  # claims run
+
+    def run(self, stopping: threading.Event) -> None:
+        with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="claim") as pool:
+            self._loop(pool, stopping)
+
+    def _loop(self, pool: ThreadPoolExecutor, stopping: threading.Event) -> None:
+        worker, queue, wakeup = self.worker, self.worker.ledger.queue, self.worker.wakeup
+        outage = 0
+        in_flight: set[Future[None]] = set()
+        # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
+        patience = RetryPolicy(backoff_base=self.settings.poll_interval, backoff_cap=30.0)
+        while not stopping.is_set():
+            done = {future for future in in_flight if future.done()}
+            in_flight -= done
+            self.finished += len(done)
+            if not worker.heartbeat.running:
+                worker.heartbeat.registered.wait(WAIT_SLICE)  # others would take over an unregistered worker's leases
+                continue
+            free = self.settings.worker_concurrency - len(in_flight)
+            try:
+                claims = queue.claim_many(worker.worker_id, self.settings.lease_seconds, free) if free else []
+            except LedgerUnavailable as exc:
+                # The ledger is away (database restarting, network): nothing was lost — a claimed
+                # task's lease runs out and it becomes due again. Wait and try again.
+                outage += 1
+                delay = backoff_delay(outage, patience)
+                log.error("ledger unavailable (%s); retrying in %.1fs", exc.kind, delay)
+                stopping.wait(delay)
+                continue
+            if outage:
+                log.info("ledger reachable again after %d failed attempts", outage)
+                outage = 0
+            for claim in claims:
+                future = pool.submit(self._run_claim, claim)
+                future.add_done_callback(lambda _: wakeup.event.set())  # a slot is free
+                in_flight.add(future)
+            if self._burst_done(claims, in_flight):
+                break
+            if len(claims) < free:
+                self._idle(stopping, nothing_more_due=time.monotonic())
+            elif not free:
+                self._idle(stopping)
+        # What is in flight finishes first (the shutdown bounds how long it may take).
+        pool.shutdown(wait=True)
+        self.finished += len(in_flight)
+        log.info("worker %s stopped after %d claims", worker.worker_id, self.finished)
+
+    def _burst_done(self, claims: list[Claim], in_flight: set[Future[None]]) -> bool:
+        if self.burst is None or claims or in_flight:
+            return False
+        return all(periodic.caught_up() for periodic in self.burst)
+
+    def _idle(self, stopping: threading.Event, nothing_more_due: float | None = None) -> None:
+        """Until new work may be due: a wake-up, a finished claim, a stop, or the poll interval.
+
+        After a claim found no more work (at ``nothing_more_due``), the next comes at least
+        CLAIM_SPACING later: on SQLite every commit wakes the worker, its own included, and an
+        empty claim still takes the write lock its claims in flight are waiting for.
+        """
+        for _ in range(max(1, round(self.settings.poll_interval / WAIT_SLICE))):
+            if self.worker.wakeup.wait(WAIT_SLICE) or stopping.is_set():
+                break
+        if nothing_more_due is not None and (rest := nothing_more_due + CLAIM_SPACING - time.monotonic()) > 0:
+            stopping.wait(rest)
+
+    def _run_claim(self, claim: Claim) -> None:
+        try:
+            self.worker.pipeline.run(claim)
+        except LedgerUnavailable as exc:
+            # An outcome could not be recorded: the lease runs out and the task is due again.
+            log.error("ledger unavailable while recording an outcome (%s)", exc.kind)
+        except Exception:  # nothing else may end silently in the pool's future
+            log.exception("claim failed unexpectedly; its tasks are due again when the lease runs out")
