@@ -8,11 +8,9 @@ outcome, as soon as it is decided, to the one :class:`~webhook.worker.outcomes.R
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from qcloud_cos import CosS3Client
-
-from webhook.ci.client import signer
+from webhook.ci.client import ClientFactory, signer
 from webhook.ci.fetch import FetchError, describe_object, presigned_url
 from webhook.ci.verify import (
     Accept,
@@ -50,8 +48,6 @@ from webhook.worker.services import Shutdown
 from webhook.worker.staging import Staging
 
 log = logging.getLogger("webhook.worker")
-
-ClientFactory = Callable[[str], CosS3Client]
 
 
 class Pipeline:

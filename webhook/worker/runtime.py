@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from webhook.ci.client import client_for
+from webhook.ci.client import ClientFactory, client_for
 from webhook.config import Settings
 from webhook.intake.reconcile import PeriodicReconcile
 from webhook.ledger import Claim, Ledger, LedgerUnavailable
@@ -37,7 +37,7 @@ from webhook.sinks.config import SinkSpec
 from webhook.worker.liveness import Heartbeat, Leases
 from webhook.worker.outcomes import Recorder
 from webhook.worker.periodic import Periodic, PeriodicPrune
-from webhook.worker.pipeline import ClientFactory, Pipeline
+from webhook.worker.pipeline import Pipeline
 from webhook.worker.services import Service, Services, Shutdown
 from webhook.worker.staging import Staging
 
