@@ -25,9 +25,11 @@ from webhook.ledger import (
     DeliveryClaim,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     RawRequest,
     Recorded,
     Replayed,
+    UnknownJob,
     VerifyClaim,
     utcnow,
 )
@@ -320,8 +322,26 @@ def test_replay_to_a_new_sink_adds_a_delivery(ledger: Ledger) -> None:
 
 
 def test_unknown_job(ledger: Ledger) -> None:
-    with pytest.raises(LedgerError, match="no job 'nope' in the ledger"):
+    with pytest.raises(UnknownJob, match="no job 'nope' in the ledger"):
         ledger.views.show_job("nope")
+    with pytest.raises(UnknownJob, match="no job 'nope' in the ledger"):
+        ledger.jobs.replay("nope", ["filesystem"])
+
+
+def test_what_the_database_raises_leaves_the_ledger_as_its_own_error(ledger: Ledger) -> None:
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE job_versions"))  # a broken schema: every callback fails to commit
+    with pytest.raises(LedgerUnavailable) as caught:
+        record(ledger, job(1))
+    failure = caught.value
+    expected = "OperationalError" if ledger.engine.dialect.name == "sqlite" else "ProgrammingError"
+    assert (str(failure), failure.kind) == (f"ledger unavailable ({expected})", expected)
+    assert "job_versions" in failure.detail  # the driver's own message, first line only
+    assert "INSERT" not in failure.detail  # never the statement
+    assert failure.where == ledger.engine.url.render_as_string(hide_password=True)
+    assert isinstance(failure.__cause__, sa.exc.SQLAlchemyError | psycopg.Error)
+    with pytest.raises(LedgerUnavailable):
+        ledger.views.raw_callbacks(job(1).job_id)  # reads, too
 
 
 def test_counts(ledger: Ledger) -> None:

@@ -56,11 +56,16 @@ class LedgerRefused(LedgerUnavailable):
 # SQLite write lock taken up front, PostgreSQL's one-statement ingest).
 _DATABASE_ERRORS = (sa.exc.SQLAlchemyError, sqlite3.Error, psycopg.Error)
 _REFUSALS = (sa.exc.IntegrityError, sa.exc.DataError, sqlite3.IntegrityError, psycopg.IntegrityError, psycopg.DataError)
+# The kinds of database error every driver has (PEP 249): a driver's own subclass (psycopg's
+# UndefinedTable) is named by the kind it is (ProgrammingError), as SQLAlchemy's wrapper would be.
+_KINDS = frozenset({"InterfaceError", "DataError", "OperationalError", "IntegrityError", "InternalError",
+                    "ProgrammingError", "NotSupportedError", "DatabaseError"})  # fmt: skip
 
 
 def _ledger_error(exc: BaseException, engine: Engine) -> LedgerUnavailable:
+    kind = next((cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in _KINDS), type(exc).__name__)
     lines = str(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc).splitlines()
-    args = (type(exc).__name__, lines[0][:200] if lines else "", engine.url.render_as_string(hide_password=True))
+    args = (kind, lines[0][:200] if lines else "", engine.url.render_as_string(hide_password=True))
     if isinstance(exc, _REFUSALS):
         return LedgerRefused(*args)
     return LedgerUnavailable(*args)
