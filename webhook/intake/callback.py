@@ -14,11 +14,22 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow
+from webhook.models import (
+    Callback,
+    CosHeader,
+    FileDigest,
+    Job,
+    JobState,
+    MediaSummary,
+    ObjectLocation,
+    OutputFile,
+    Workflow,
+)
 
 TASK_FINISH = "TaskFinish"
 MAX_JOBS_PER_CALLBACK = 100
 MAX_FIELD_LENGTH = 4096
+MAX_OUTPUT_NAMES = 1000  # object names (and their digests) one job's MediaResult may list
 # CI's deepest element is about 7 levels down (Response/JobsDetail/Operation/MediaResult/…).
 MAX_XML_DEPTH = 100
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -203,14 +214,20 @@ def parse_job(item: Any, where: str) -> Job:
         sample_rate=_string(noise, "SampleRate", nr_where) or _string(noise, "Samplerate", nr_where),
         cos_headers=_cos_headers(_container(item, "Input", where), f"{where}.Input"),
         workflow=_workflow(item, where),
+        progress=_string(item, "Progress", where),
+        sub_tag=_string(item, "SubTag", where),
+        output_files=_output_files(operation, op_where),
+        media_info=_media_summary(operation, op_where),
     )
 
 
 def _string(container: dict[str, Any], key: str, where: str) -> str:
-    value = container.get(key)
+    return _text(container.get(key), f"{where}.{key}" if where else key)
+
+
+def _text(value: Any, name: str) -> str:
     if value is None:  # absent, or an empty XML element
         return ""
-    name = f"{where}.{key}" if where else key
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise CallbackError(f"{name} must be a string")
     text = str(value)
@@ -226,6 +243,11 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
 def _blank(value: Any) -> bool:
     """An empty element: None in JSON or for ``<X/>``, only whitespace for an indented ``<X>\n</X>``."""
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _items(value: Any) -> list[Any]:
+    """An element that may appear once or repeated (XML), or be one value or a list (JSON); blanks dropped."""
+    return [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
 
 
 def _container(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -250,12 +272,8 @@ def _location(container: dict[str, Any], key: str, bucket_key: str, where: str) 
 
 
 def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
-    value = input_.get("CosHeaders")
-    if _blank(value):
-        return ()
-    items = [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
     headers = []
-    for index, item in enumerate(items):
+    for index, item in enumerate(_items(input_.get("CosHeaders"))):
         inner = f"{where}.CosHeaders[{index}]"
         if not isinstance(item, dict):
             raise CallbackError(f"{inner} must be an object")
@@ -273,4 +291,68 @@ def _workflow(item: dict[str, Any], where: str) -> Workflow | None:
         run_id=_string(value, "RunId", inner),
         workflow_id=_string(value, "WorkflowId", inner),
         workflow_name=_string(value, "WorkflowName", inner),
+    )
+
+
+def _output_files(operation: dict[str, Any], where: str) -> tuple[OutputFile, ...]:
+    """``MediaResult/OutputFile``: one or several, each with one or several ``ObjectName``.
+
+    Placeholders CI sends for outputs a job did not make (``<SpriteOutputFile>`` with empty
+    fields, ``<ObjectPrefix/>``) are dropped, so what remains names objects that exist.
+    """
+    result = _container(operation, "MediaResult", where)
+    files: list[OutputFile] = []
+    names = 0
+    for index, item in enumerate(_items(result.get("OutputFile"))):
+        inner = f"{where}.MediaResult.OutputFile[{index}]"
+        if not isinstance(item, dict):
+            raise CallbackError(f"{inner} must be an object")
+        found = OutputFile(
+            bucket=_string(item, "Bucket", inner),
+            region=_string(item, "Region", inner),
+            object_names=tuple(
+                _text(name, f"{inner}.ObjectName[{n}]") for n, name in enumerate(_items(item.get("ObjectName")))
+            ),
+            object_prefix=_string(item, "ObjectPrefix", inner),
+            digests=_digests(item, inner),
+        )
+        names += len(found.object_names) + len(found.digests)
+        if names > MAX_OUTPUT_NAMES:
+            raise CallbackError(f"{where}.MediaResult lists more than {MAX_OUTPUT_NAMES} objects")
+        if found.object_names or found.object_prefix:
+            files.append(found)
+    return tuple(files)
+
+
+def _digests(output_file: dict[str, Any], where: str) -> tuple[FileDigest, ...]:
+    digests = []
+    for index, item in enumerate(_items(output_file.get("Md5Info"))):
+        inner = f"{where}.Md5Info[{index}]"
+        if not isinstance(item, dict):
+            raise CallbackError(f"{inner} must be an object")
+        digest = FileDigest(_string(item, "ObjectName", inner), _string(item, "Md5", inner).lower())
+        if digest.object_name and digest.md5:
+            digests.append(digest)
+    return tuple(digests)
+
+
+def _media_summary(operation: dict[str, Any], where: str) -> MediaSummary | None:
+    """The parts of ``MediaInfo`` an audio receiver needs: the container, and the first audio stream."""
+    info = _container(operation, "MediaInfo", where)
+    if not info:
+        return None
+    inner = f"{where}.MediaInfo"
+    container = _container(info, "Format", inner)
+    streams = _container(info, "Stream", inner)
+    audios = _items(streams.get("Audio"))
+    audio = audios[0] if audios and isinstance(audios[0], dict) else {}
+    at = f"{inner}.Stream.Audio"
+    return MediaSummary(
+        format_name=_string(container, "FormatName", f"{inner}.Format"),
+        duration=_string(container, "Duration", f"{inner}.Format"),
+        size=_string(container, "Size", f"{inner}.Format"),
+        bitrate=_string(container, "Bitrate", f"{inner}.Format"),
+        audio_codec=_string(audio, "CodecName", at),
+        sample_rate=_string(audio, "SampleRate", at),
+        channels=_string(audio, "Channel", at),
     )
