@@ -186,6 +186,7 @@ class FetchedFile:
     crc64: str
     content_type: str
     etag: str = ""
+    md5: str = ""  # CI's MD5 of the object, checked against the bytes fetched; empty if CI gave none
 
 
 @dataclass(frozen=True)
