@@ -11,15 +11,21 @@ from support.shapes import (
     JOB_ID,
     OUTPUT_MD5,
     REGION,
+    WORKFLOW_JOB_ID,
     as_json,
     as_xml,
     detail,
     empty_locations,
     object_only_input,
     several_files,
+    workflow_execution,
+    workflow_json,
+    workflow_task,
+    workflow_xml,
 )
 
 from webhook.intake.callback import MAX_OUTPUT_NAMES, CallbackError, parse_callback
+from webhook.intake.triage import triage
 from webhook.models import CosHeader, FileDigest, Job, MediaSummary, ObjectLocation, OutputFile, Workflow
 
 ENCODERS: dict[str, Callable[[dict[str, Any]], bytes]] = {"xml": as_xml, "json": as_json}
@@ -155,3 +161,62 @@ def test_a_malformed_media_result_is_refused_with_its_place(result: Any, message
         parse_callback(as_json(detail(Operation={"MediaResult": result})))
 
     assert (caught.value.status, caught.value.message) == (400, message)
+
+
+WORKFLOW_ENCODERS: dict[str, Callable[[dict[str, Any]], bytes]] = {"xml": workflow_xml, "json": workflow_json}
+
+
+@pytest.mark.parametrize("fmt", WORKFLOW_ENCODERS)
+def test_a_workflow_run_reports_each_task_as_a_job(fmt: str) -> None:
+    callback = parse_callback(WORKFLOW_ENCODERS[fmt](workflow_execution()))
+
+    assert callback.event_name == "WorkflowFinish"
+    denoise, snapshot = callback.jobs
+    assert (denoise.job_id, denoise.tag, denoise.state) == (WORKFLOW_JOB_ID, "NoiseReduction", "Success")
+    assert denoise.input == ObjectLocation("", "", "calls/2024/0305/raw.wav")
+    assert denoise.output is None  # DescribeMediaJob tells
+    assert denoise.workflow == Workflow(
+        "NoiseReduction_1709600000000",
+        "i6b5a4c3d2e1f11ef9a8b525400e1f2a3",
+        "w4c3b2a19f8e74d6c5b4a39281706f5e4",
+        "calls-denoise",
+    )
+    assert denoise.cos_headers == (CosHeader("Content-Type", "audio/wav"),)
+    assert (snapshot.tag, snapshot.workflow and snapshot.workflow.name) == ("Snapshot", "Snapshot_1")
+
+
+def test_workflow_tasks_of_an_allowed_tag_are_forwarded_the_others_recorded() -> None:
+    callback = parse_callback(workflow_json(workflow_execution()))
+
+    denoise, snapshot = triage(callback, frozenset({"NoiseReduction"}))
+
+    assert (denoise.forward, denoise.reason) == (True, "")
+    assert (snapshot.forward, snapshot.reason) == (False, "tag Snapshot is not in WEBHOOK_ALLOWED_TAGS")
+
+
+def test_a_task_that_never_ran_is_left_out() -> None:
+    skipped = workflow_task(JobId=None, State="Skipped")
+    callback = parse_callback(workflow_json(workflow_execution(workflow_task(), skipped)))
+
+    assert [job.job_id for job in callback.jobs] == [WORKFLOW_JOB_ID]
+
+
+def test_a_workflow_event_without_its_execution_is_recorded_with_no_jobs() -> None:
+    assert parse_callback(b'{"EventName": "WorkflowFinish"}').jobs == ()
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (workflow_task(Type=None), "WorkflowExecution.Tasks[0]: missing Type"),
+        (workflow_task(State="Exploded"), "WorkflowExecution.Tasks[0].State must be one of"),
+        (workflow_task(JobId="../etc"), "WorkflowExecution.Tasks[0].JobId must be 1 to 128 letters"),
+        ("NoiseReduction", "WorkflowExecution.Tasks[0] must be an object"),
+    ],
+)
+def test_a_malformed_task_is_refused_with_its_place(task: Any, message: str) -> None:
+    with pytest.raises(CallbackError) as caught:
+        parse_callback(workflow_json(workflow_execution(task)))
+
+    assert caught.value.status == 400
+    assert caught.value.message.startswith(message)

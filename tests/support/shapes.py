@@ -161,3 +161,48 @@ def as_json(job: dict[str, Any], event: str = "TaskFinish", *, numbers: bool = F
     if numbers:
         job = _merge(job, {"Progress": 100, "Operation": {"MediaInfo": {"Format": {"Size": 128044}}}})
     return json.dumps({"EventName": event, "JobsDetail": job}).encode()
+
+
+WORKFLOW_JOB_ID = "j9a8b7c6d5e4f11efa0b1525400d2e3f4"
+
+
+def workflow_execution(*tasks: dict[str, Any]) -> dict[str, Any]:
+    """A ``WorkflowFinish``'s ``WorkflowExecution``: the run's input (bucket left empty) and its tasks."""
+    return {
+        "RunId": "i6b5a4c3d2e1f11ef9a8b525400e1f2a3",
+        "BucketId": "",
+        "Object": "calls/2024/0305/raw.wav",
+        "CosHeaders": [{"Key": "Content-Type", "Value": "audio/wav"}],
+        "WorkflowId": "w4c3b2a19f8e74d6c5b4a39281706f5e4",
+        "WorkflowName": "calls-denoise",
+        "CreateTime": "2024-03-05 09:12:39+0800",
+        "State": "Success",
+        "Tasks": list(tasks)
+        or [
+            workflow_task(),
+            workflow_task(Type="Snapshot", JobId="j1111111111111111111111111111111a", Name="Snapshot_1"),
+        ],
+    }
+
+
+def workflow_task(**changes: Any) -> dict[str, Any]:
+    task = {
+        "Type": "NoiseReduction",
+        "CreateTime": "2024-03-05 09:12:40+0800",
+        "EndTime": "2024-03-05 09:12:47+0800",
+        "State": "Success",
+        "JobId": WORKFLOW_JOB_ID,
+        "Name": "NoiseReduction_1709600000000",
+        "TemplateId": "t1c9e0d6b3a2f44e8b8e1f2a3b4c5d6e7",
+        "TemplateName": "denoise-16k",
+    }
+    return task | changes
+
+
+def workflow_xml(execution: dict[str, Any]) -> bytes:
+    body = {"Response": {"EventName": "WorkflowFinish", "WorkflowExecution": execution}}
+    return xmltodict.unparse(body, full_document=False, short_empty_elements=True).encode()
+
+
+def workflow_json(execution: dict[str, Any]) -> bytes:
+    return json.dumps({"EventName": "WorkflowFinish", "WorkflowExecution": execution}).encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Any
 from xml.parsers import expat
 from xml.parsers.expat import ExpatError
@@ -27,6 +28,7 @@ from webhook.models import (
 )
 
 TASK_FINISH = "TaskFinish"
+WORKFLOW_FINISH = "WorkflowFinish"
 MAX_JOBS_PER_CALLBACK = 100
 MAX_FIELD_LENGTH = 4096
 MAX_OUTPUT_NAMES = 1000  # object names (and their digests) one job's MediaResult may list
@@ -152,11 +154,13 @@ def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
     event_name = _string(doc, "EventName", "")
     if not event_name:
         raise CallbackError("missing EventName")
+    if event_name == WORKFLOW_FINISH and doc.get("WorkflowExecution") is not None:
+        return Callback(event_name=event_name, jobs=_workflow_tasks(doc), body_format=body_format)
     details = doc.get("JobsDetail")
     if details is None:
         if event_name == TASK_FINISH:
             raise CallbackError("missing JobsDetail")
-        # Other events (WorkflowFinish…) are recorded as they are and never forwarded.
+        # Other events are recorded as they are and never forwarded.
         return Callback(event_name=event_name, jobs=(), body_format=body_format)
     # An empty element (<JobsDetail/>, <CosHeaders/>) arrives as None: it holds nothing.
     items = [item for item in (details if isinstance(details, list) else [details]) if not _blank(item)]
@@ -177,17 +181,7 @@ def parse_job(item: Any, where: str) -> Job:
     """Normalize one job container (from a callback or from DescribeMediaJob)."""
     if not isinstance(item, dict):
         raise CallbackError(f"{where} must be an object")
-    job_id = _string(item, "JobId", where)
-    if not job_id:
-        raise CallbackError(f"{where}: missing JobId")
-    if not _JOB_ID.fullmatch(job_id):
-        raise CallbackError(f"{where}.JobId must be 1 to 128 letters, digits, '-' or '_'")
-    tag = _string(item, "Tag", where)
-    if not tag:
-        raise CallbackError(f"{where}: missing Tag")
-    state = _string(item, "State", where)
-    if state not in JobState.__members__.values():
-        raise CallbackError(f"{where}.State must be one of {_STATES}, not {state!r}")
+    job_id, tag, state = _identity(item, where, "Tag")
     operation = _container(item, "Operation", where)
     op_where = f"{where}.Operation"
     noise = _container(operation, "NoiseReduction", op_where)
@@ -356,3 +350,61 @@ def _media_summary(operation: dict[str, Any], where: str) -> MediaSummary | None
         sample_rate=_string(audio, "SampleRate", at),
         channels=_string(audio, "Channel", at),
     )
+
+
+def _identity(item: dict[str, Any], where: str, tag_key: str) -> tuple[str, str, str]:
+    """A job's id, tag (under ``tag_key``) and state, each checked."""
+    job_id = _string(item, "JobId", where)
+    if not job_id:
+        raise CallbackError(f"{where}: missing JobId")
+    if not _JOB_ID.fullmatch(job_id):
+        raise CallbackError(f"{where}.JobId must be 1 to 128 letters, digits, '-' or '_'")
+    tag = _string(item, tag_key, where)
+    if not tag:
+        raise CallbackError(f"{where}: missing {tag_key}")
+    state = _string(item, "State", where)
+    if state not in JobState.__members__.values():
+        raise CallbackError(f"{where}.State must be one of {_STATES}, not {state!r}")
+    return job_id, tag, state
+
+
+def _workflow_tasks(doc: dict[str, Any]) -> tuple[Job, ...]:
+    """A workflow run's tasks as jobs: each names its JobId and Type; DescribeMediaJob supplies the rest.
+
+    The run's input (``BucketId`` often empty, ``Object``) is each task's input. A task that
+    never ran has no JobId: nothing to verify or deliver, so it is left out.
+    """
+    where = "WorkflowExecution"
+    execution = _container(doc, where, "")
+    run = Workflow(
+        run_id=_string(execution, "RunId", where),
+        workflow_id=_string(execution, "WorkflowId", where),
+        workflow_name=_string(execution, "WorkflowName", where),
+    )
+    source = ObjectLocation(_string(execution, "BucketId", where), "", _string(execution, "Object", where))
+    headers = _cos_headers(execution, where)
+    tasks = _items(execution.get("Tasks"))
+    if len(tasks) > MAX_JOBS_PER_CALLBACK:
+        raise CallbackError(f"{where}.Tasks has {len(tasks)} tasks; at most {MAX_JOBS_PER_CALLBACK} are accepted")
+    jobs: dict[str, Job] = {}
+    for index, task in enumerate(tasks):
+        inner = f"{where}.Tasks[{index}]"
+        if not isinstance(task, dict):
+            raise CallbackError(f"{inner} must be an object")
+        if _blank(task.get("JobId")):
+            continue
+        job_id, tag, state = _identity(task, inner, "Type")
+        job = Job(
+            job_id=job_id,
+            tag=tag,
+            state=state,
+            creation_time=_string(task, "CreateTime", inner),
+            end_time=_string(task, "EndTime", inner),
+            input=source if source.bucket or source.key else None,
+            template_id=_string(task, "TemplateId", inner),
+            template_name=_string(task, "TemplateName", inner),
+            cos_headers=headers,
+            workflow=replace(run, name=_string(task, "Name", inner)),
+        )
+        jobs.setdefault(job_id, job)
+    return tuple(jobs.values())
