@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,8 +34,10 @@ def fetch_object(
     timeout: float | None = None,
     min_rate: int = DEFAULT_MIN_RATE,
     part_prefix: str = PART_PREFIX,
+    md5: str = "",
 ) -> FetchedFile:
-    """Stream ``where`` into a temp file; check its length and CRC64 against COS's headers.
+    """Stream ``where`` into a temp file; check its length and CRC64 against COS's headers, and
+    its MD5 against ``md5`` (what CI reported for the object) when one is given.
 
     The whole download has a deadline: ``timeout`` seconds (default: the client's) for COS to
     answer, plus the object's length at ``min_rate`` bytes/s once its headers say how long it is.
@@ -49,13 +52,19 @@ def fetch_object(
         raw = response["Body"].get_raw_stream()
         fd, path = tempfile.mkstemp(prefix=part_prefix, suffix=".part", dir=temp_dir or None)
         size, crc = 0, 0
+        # Only when CI gave one to compare with: hashing costs as much as the CRC64 again.
+        digest = hashlib.md5(usedforsecurity=False) if md5 else None
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := raw.read(CHUNK, decode_content=False):
                     size += len(chunk)
                     crc = crc64ecma(chunk, crc)
+                    if digest is not None:
+                        digest.update(chunk)
                     out.write(chunk)
             _check(headers, size, crc, where)
+            if digest is not None and digest.hexdigest() != md5:
+                raise FetchError(f"{where.key} failed its MD5 check: CI says {md5}, got {digest.hexdigest()}")
         except Exception as exc:
             os.unlink(path)
             raw.close()  # the connection may hold the rest of the body: not reusable
@@ -73,6 +82,7 @@ def fetch_object(
         crc64=str(crc),
         content_type=headers.get("content-type", "application/octet-stream"),
         etag=headers.get("etag", "").strip('"'),
+        md5=md5,
     )
 
 

@@ -19,6 +19,7 @@ import requests
 import xmltodict
 
 from webhook.dev.sandbox.audio import AudioError, reduce_noise
+from webhook.dev.sandbox.results import CallbackShape, media_info, media_result, resolve_output, shaped
 from webhook.dev.sandbox.store import NoSuchKey, ObjectStore, read_chunks
 from webhook.models import JobState
 
@@ -87,9 +88,24 @@ class MediaJob:
     start_time: str = "-"
     end_time: str = "-"
     callback_mq: MqTarget | None = None  # a TDMQ callback instead of callback_url
+    written_key: str = ""  # output_key with its placeholders resolved, once written
+    written_md5: str = ""
+    written_info: dict[str, Any] | None = None  # CI's MediaInfo of what was written
 
     def detail(self) -> dict[str, Any]:
-        """The job as CI's ``JobsDetail`` element (same keys in XML and JSON)."""
+        """The job as DescribeMediaJob's ``JobsDetail`` element (same keys in XML and JSON)."""
+        operation: dict[str, Any] = {
+            "NoiseReduction": {"Format": self.format, "SampleRate": self.sample_rate},
+            # As submitted: CI reports the name it wrote only in MediaResult.
+            "Output": {"Bucket": self.output_bucket, "Object": self.output_key, "Region": self.output_region},
+            "UserData": self.user_data,
+            "JobLevel": self.job_level,
+        }
+        if self.written_key:
+            operation["MediaInfo"] = self.written_info
+            operation["MediaResult"] = media_result(
+                self.output_bucket, self.output_region, self.written_key, self.written_md5
+            )
         return {
             "Code": self.code,
             "CreationTime": self.creation_time,
@@ -97,16 +113,13 @@ class MediaJob:
             "Input": {"BucketId": self.bucket, "Object": self.input_key, "Region": self.region},
             "JobId": self.job_id,
             "Message": self.message,
-            "Operation": {
-                "NoiseReduction": {"Format": self.format, "SampleRate": self.sample_rate},
-                "Output": {"Bucket": self.output_bucket, "Object": self.output_key, "Region": self.output_region},
-                "UserData": self.user_data,
-                "JobLevel": self.job_level,
-            },
+            "Operation": operation,
             "QueueId": self.queue_id,
             "QueueType": "Speeching",
             "StartTime": self.start_time,
             "State": self.state.value,
+            "Progress": "100" if self.state.finished else "0",
+            "SubTag": None,
             "Tag": TAG,
         }
 
@@ -204,8 +217,15 @@ class MediaJobs:
     """
 
     def __init__(
-        self, store: ObjectStore, *, job_delay: float = 0.0, tdmq: Callable[[str, str], str] | None = None
+        self,
+        store: ObjectStore,
+        *,
+        job_delay: float = 0.0,
+        tdmq: Callable[[str, str], str] | None = None,
+        callback_shape: CallbackShape = CallbackShape.FULL,
     ) -> None:
+        self.callback_shape = callback_shape
+        """How callbacks state the job's locations (see :class:`~webhook.dev.sandbox.results.CallbackShape`)."""
         self._store = store
         self._job_delay = job_delay
         self._tdmq = tdmq  # puts a message on a CMQ queue: (queue name, body) -> msgId
@@ -282,10 +302,15 @@ class MediaJobs:
 
     def _reduce_noise(self, job: MediaJob) -> None:
         _, source = self._store.open(job.bucket, job.input_key)
+        key = resolve_output(job.output_key, job.input_key, job.format)
         with source, tempfile.TemporaryFile() as target:
             reduce_noise(source, target, int(job.sample_rate) if job.sample_rate else None)
             target.seek(0)
-            self._store.put(job.output_bucket, job.output_key, read_chunks(target), "audio/wav")
+            written = self._store.put(job.output_bucket, key, read_chunks(target), "audio/wav")
+            target.seek(0)
+            info = media_info(target, written.size)
+        with self._lock:
+            job.written_key, job.written_md5, job.written_info = key, written.md5, info
 
     def _finish(self, job: MediaJob, code: str = "", message: str = "") -> None:
         """Mark ``job`` Success, or Failed with the error ``code`` and ``message``."""
@@ -295,11 +320,14 @@ class MediaJobs:
 
     def _send_callback(self, job: MediaJob) -> None:
         with self._lock:
-            event = {"EventName": "TaskFinish", "JobsDetail": job.detail()}
+            event = {"EventName": "TaskFinish", "JobsDetail": shaped(job.detail(), self.callback_shape)}
         if job.callback_format == "json":
             body, content_type = json.dumps(event).encode(), "application/json"
         else:
-            body, content_type = xmltodict.unparse({"Response": event}).encode(), "application/xml"
+            body, content_type = (
+                xmltodict.unparse({"Response": event}, short_empty_elements=True).encode(),
+                "application/xml",
+            )
         status: int | None = None
         attempts = 0
         if job.callback_mq is not None:
