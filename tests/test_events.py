@@ -42,7 +42,12 @@ EXAMPLE_JOB = Job(
     media_info=MediaSummary("wav", "0.032000", "1024", "256.000000", "pcm_s16le", "16000", "1"),
 )
 EXAMPLE_FILE = FetchedFile(
-    path="/tmp/a.wav", size=1024, crc64="6230416154291387364", content_type="audio/wav", etag='"e1"'
+    path="/tmp/a.wav",
+    size=1024,
+    crc64="6230416154291387364",
+    content_type="audio/wav",
+    etag='"e1"',
+    md5="9e107d9d372bb6826bd81d3542a419d6",
 )
 FAILED_JOB = Job(job_id="jfailed0000000000000000000000001", tag="NoiseReduction", state="Failed", code="InternalError")
 

@@ -19,7 +19,7 @@ from webhook.ci.submit import SubmitError, choose_bucket, submit_noise_reduction
 from webhook.cli import main
 from webhook.config import Settings
 from webhook.dev.sandbox import noisy_wav
-from webhook.dev.sandbox.jobs import new_job
+from webhook.dev.sandbox.submission import new_job
 from webhook.models import ObjectLocation
 
 QUICK = ("--interval", "0.05", "--timeout", "60")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,9 @@ from webhook.models import FetchedFile, ObjectLocation
 # 256 KiB, larger chunks buy no speed (bench/fetch_memory.py), only memory.
 CHUNK = 256 * 1024
 PART_PREFIX = "cos-webhook-"  # of partial downloads (see webhook.worker.staging for their cleanup)
+
+
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")  # an ETag that is the object's MD5 (a multipart upload's is not)
 
 
 class FetchError(Exception):
@@ -108,20 +112,27 @@ def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) 
         raise FetchError(f"{where.key} failed its CRC64 check: COS says {expected_crc}, got {crc}")
 
 
-def describe_object(client: CosS3Client, where: ObjectLocation, *, timeout: float | None = None) -> FetchedFile:
+def describe_object(
+    client: CosS3Client, where: ObjectLocation, *, timeout: float | None = None, md5: str = ""
+) -> FetchedFile:
     """The object's size, CRC64 and type from a HEAD, for sinks that need no bytes.
 
-    ``timeout`` (default: the client's) is the deadline of the whole exchange.
+    ``timeout`` (default: the client's) is the deadline of the whole exchange. ``md5`` (what CI
+    reported) is compared with the ETag when that is an MD5, as it is for an object uploaded whole.
     """
     with cos_deadline(client, f"COS HeadObject {where.key}", timeout), _cos_errors(where):
         response: dict[str, Any] = client.head_object(Bucket=where.bucket, Key=where.key)
     headers = {k.lower(): v for k, v in response.items()}
+    etag = headers.get("etag", "").strip('"')
+    if md5 and _MD5.fullmatch(etag) and etag.lower() != md5:
+        raise FetchError(f"{where.key} failed its MD5 check: CI says {md5}, COS's ETag says {etag.lower()}")
     return FetchedFile(
         path=None,
         size=int(headers.get("content-length", 0)),
         crc64=headers.get("x-cos-hash-crc64ecma", ""),
         content_type=headers.get("content-type", "application/octet-stream"),
-        etag=headers.get("etag", "").strip('"'),
+        etag=etag,
+        md5=md5,
     )
 
 

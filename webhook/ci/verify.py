@@ -8,6 +8,9 @@ credentials at a bucket it was not told to trust.
 
 from __future__ import annotations
 
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from typing import Any
@@ -48,6 +51,36 @@ class Wait:
 Verdict = Accept | Reject | Wait
 
 
+Place = tuple[str, str]  # (region, bucket): where DescribeMediaJob is asked
+
+
+class FoundAt:
+    """Where each recently verified job was found, so that its next verification asks there first.
+
+    Shared by a worker's threads; bounded, the oldest forgotten first.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._places: OrderedDict[str, Place] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str) -> Place | None:
+        with self._lock:
+            return self._places.get(job_id)
+
+    def remember(self, job_id: str, place: Place) -> None:
+        with self._lock:
+            self._places[job_id] = place
+            self._places.move_to_end(job_id)
+            while len(self._places) > self._limit:
+                self._places.popitem(last=False)
+
+
+class OutputUnknown(Exception):
+    """CI reports a success but no object this service can fetch: retrying cannot help until it does."""
+
+
 class VerifyError(Exception):
     """The CI API could not be asked (network, 5xx, unreadable answer): retry later."""
 
@@ -69,7 +102,7 @@ def precheck(job: Job, allow: Allowlist) -> Reject | None:
     return None
 
 
-def where_to_ask(job: Job, allow: Allowlist) -> tuple[tuple[str, str], ...]:
+def where_to_ask(job: Job, allow: Allowlist) -> tuple[Place, ...]:
     """The (region, bucket) pairs whose DescribeMediaJob may know ``job``, most likely first.
 
     A stated input bucket and region are the only place; what the callback leaves out is
@@ -84,7 +117,7 @@ def where_to_ask(job: Job, allow: Allowlist) -> tuple[tuple[str, str], ...]:
     return tuple((r, b) for b in buckets if b in allow.buckets for r in regions if r in allow.regions)
 
 
-def decide(claimed: Job, reported: Job | None, allow: Allowlist, asked: Sequence[tuple[str, str]] = ()) -> Verdict:
+def decide(claimed: Job, reported: Job | None, allow: Allowlist, asked: Sequence[Place] = ()) -> Verdict:
     """Compare the callback's job with CI's answer for the same id (None: no bucket in ``asked`` knew it).
 
     Only what the callback states is compared: an empty field is not a claim. The output that
@@ -147,7 +180,8 @@ def overall(verdicts: Sequence[Verdict]) -> Verdict:
 
 
 def describe_job(client: CosS3Client, bucket: str, job_id: str) -> Job | None:
-    """DescribeMediaJob: CI's view of ``job_id`` in ``bucket``, or None if CI does not know it.
+    """DescribeMediaJob: CI's view of ``job_id`` in ``bucket``, or None if CI does not know it there
+    (or, answering NoSuchBucket, does not have the bucket in the client's region).
 
     The whole exchange has the client's timeout as its deadline; past it the answer is abandoned
     and the job is checked again later, like any other CI outage.
@@ -156,7 +190,10 @@ def describe_job(client: CosS3Client, bucket: str, job_id: str) -> Job | None:
         try:
             answer: dict[str, Any] = client.ci_get_media_jobs(Bucket=bucket, JobIDs=job_id)
         except SDK_ERRORS as exc:
-            raise VerifyError(str(cloud_error(exc, CI))) from None
+            error = cloud_error(exc, CI)
+            if error.status == 404 and error.code == "NoSuchBucket":
+                return None  # the bucket is not in this region: the job is not here
+            raise VerifyError(str(error)) from None
     for index, item in enumerate(answer.get("JobsDetail") or []):
         try:
             job = parse_job(item, f"DescribeMediaJob JobsDetail[{index}]")
@@ -184,7 +221,7 @@ def _agrees(ours: ObjectLocation | None, theirs: ObjectLocation | None) -> bool:
     return all(not mine or mine == its for mine, its in zip(astuple(ours), astuple(theirs), strict=True))
 
 
-def _unknown(job: Job, asked: Sequence[tuple[str, str]]) -> str:
+def _unknown(job: Job, asked: Sequence[Place]) -> str:
     if len(asked) == 1:
         return f"CI does not know job {job.job_id} in bucket {asked[0][1]}"
     if not asked:
@@ -195,3 +232,34 @@ def _unknown(job: Job, asked: Sequence[tuple[str, str]]) -> str:
 
 def _describe(where: ObjectLocation | None) -> str:
     return "" if where is None else f"{where.bucket}/{where.key} in {where.region}"
+
+
+_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
+
+
+def written_output(job: Job) -> ObjectLocation:
+    """The object CI wrote for a successful ``job``, as confirmed by CI.
+
+    ``Output.Object`` is the name as submitted and may be a template (``${ext}``,
+    ``${InputName}``…); the name CI wrote is in ``MediaResult/OutputFile``, whose empty bucket
+    or region means the output's. A key with an unresolved placeholder is never fetched: without
+    a name from CI, :class:`OutputUnknown` says why.
+    """
+    base = job.output or ObjectLocation("", "", "")
+    names = [(file, name) for file in job.output_files for name in file.object_names]
+    if len(names) > 1:
+        listed = ", ".join(name for _, name in names[:5]) + (", …" if len(names) > 5 else "")
+        raise OutputUnknown(f"CI wrote {len(names)} files ({listed}); one file per job is delivered")
+    if names:
+        file, name = names[0]
+        return ObjectLocation(file.bucket or base.bucket, file.region or base.region, name)
+    if prefixes := [file.object_prefix for file in job.output_files if file.object_prefix]:
+        raise OutputUnknown(f"CI wrote files under {prefixes[0]!r} without naming them; one file per job is delivered")
+    if _PLACEHOLDER.search(base.key):
+        raise OutputUnknown(f"output {base.key!r} is a template and CI names no file it wrote")
+    return base
+
+
+def reported_md5(job: Job, key: str) -> str:
+    """The MD5 CI reported for the object ``key`` it wrote for ``job``; empty if it gave none."""
+    return next((d.md5 for file in job.output_files for d in file.digests if d.object_name == key), "")

@@ -30,7 +30,7 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
       },
       "file": {
         "name": "a.wav", "size": 1024, "crc64": "6230416154291387364",
-        "content_type": "audio/wav", "etag": "\"e1\""
+        "content_type": "audio/wav", "etag": "\"e1\"", "md5": "9e107d9d372bb6826bd81d3542a419d6"
       }
     }
 
@@ -93,6 +93,7 @@ def event_document(event: Event) -> dict[str, Any]:
             "crc64": event.file.crc64,
             "content_type": event.file.content_type,
             "etag": event.file.etag,
+            "md5": event.file.md5,
         }
         if event.location is not None:
             file["location"] = {k: v for k, v in asdict(event.location).items() if v}

@@ -9,10 +9,13 @@ reproduce what Tencent's own SDK examples print, so that cos-webhook is tested a
 from __future__ import annotations
 
 import enum
+import json
 import posixpath
 import re
 import wave
 from typing import IO, Any
+
+import xmltodict
 
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
@@ -41,6 +44,13 @@ def resolve_output(template: str, input_key: str, ext: str, number: int = 0) -> 
         "Number": str(number),
     }
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def encoded(document: dict[str, Any], callback_format: str) -> tuple[bytes, str]:
+    """A callback document as CI sends it: JSON, or XML under ``<Response>`` with ``<X/>`` for empty elements."""
+    if callback_format == "json":
+        return json.dumps(document).encode(), "application/json"
+    return xmltodict.unparse({"Response": document}, short_empty_elements=True).encode(), "application/xml"
 
 
 def media_info(wav: IO[bytes], size: int) -> dict[str, Any]:
@@ -120,3 +130,33 @@ def shaped(detail: dict[str, Any], shape: CallbackShape) -> dict[str, Any]:
         operation["MediaResult"] = {**result, "OutputFile": output_file}
     shaped_detail["Operation"] = operation
     return shaped_detail
+
+
+def workflow_finish(run_id: str, bucket: str, input_key: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``WorkflowFinish`` callback document for a run over ``input_key`` whose tasks were ``tasks``
+    (``JobsDetail`` elements); like CI's examples, it leaves the run's ``BucketId`` empty."""
+    return {
+        "EventName": "WorkflowFinish",
+        "WorkflowExecution": {
+            "RunId": run_id,
+            "BucketId": "",
+            "Object": input_key,
+            "WorkflowId": "w" + run_id[1:],
+            "WorkflowName": f"sandbox-{bucket}",
+            "CreateTime": tasks[0]["CreationTime"] if tasks else "",
+            "State": "Success" if all(task["State"] == "Success" for task in tasks) else "Failed",
+            "Tasks": [
+                {
+                    "Type": task["Tag"],
+                    "CreateTime": task["CreationTime"],
+                    "EndTime": task["EndTime"],
+                    "State": task["State"],
+                    "JobId": task["JobId"],
+                    "Name": f"{task['Tag']}_1",
+                    "TemplateId": "",
+                    "TemplateName": "",
+                }
+                for task in tasks
+            ],
+        },
+    }

@@ -155,6 +155,20 @@ class Sandbox:
         """What ``webhook.ci.client.make_client`` (and ``WEBHOOK_COS_ENDPOINT``) needs to reach the sandbox."""
         return CosEndpoint("http", self._started().host, self.port)
 
+    def finish_workflow(self, url: str, job_ids: list[str], callback_format: str = "xml") -> SentCallback:
+        """Send ``url`` the ``WorkflowFinish`` of a workflow run made of the jobs ``job_ids``: CI's
+        callback for a workflow, which names each task's job and leaves the rest to DescribeMediaJob."""
+        return self._jobs.finish_workflow(url, job_ids, callback_format)
+
+    @property
+    def reports_results(self) -> bool:
+        """Whether jobs report the objects they wrote (``MediaResult``) and their probe (``MediaInfo``)."""
+        return self._jobs.reports_results
+
+    @reports_results.setter
+    def reports_results(self, reports: bool) -> None:
+        self._jobs.reports_results = reports
+
     @property
     def callback_shape(self) -> CallbackShape:
         """How the callbacks of jobs that finish from now on state their locations."""
