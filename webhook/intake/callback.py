@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 from xml.parsers import expat
@@ -244,6 +245,15 @@ def _items(value: Any) -> list[Any]:
     return [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
 
 
+def _objects(container: dict[str, Any], key: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each element of the repeated ``key`` with where it is (``where.key[i]``); each must be an object."""
+    for index, item in enumerate(_items(container.get(key))):
+        inner = f"{where}.{key}[{index}]"
+        if not isinstance(item, dict):
+            raise CallbackError(f"{inner} must be an object")
+        yield inner, item
+
+
 def _container(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = container.get(key)
     if _blank(value):
@@ -266,13 +276,10 @@ def _location(container: dict[str, Any], key: str, bucket_key: str, where: str) 
 
 
 def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
-    headers = []
-    for index, item in enumerate(_items(input_.get("CosHeaders"))):
-        inner = f"{where}.CosHeaders[{index}]"
-        if not isinstance(item, dict):
-            raise CallbackError(f"{inner} must be an object")
-        headers.append(CosHeader(key=_string(item, "Key", inner), value=_string(item, "Value", inner)))
-    return tuple(headers)
+    return tuple(
+        CosHeader(key=_string(item, "Key", inner), value=_string(item, "Value", inner))
+        for inner, item in _objects(input_, "CosHeaders", where)
+    )
 
 
 def _workflow(item: dict[str, Any], where: str) -> Workflow | None:
@@ -297,10 +304,7 @@ def _output_files(operation: dict[str, Any], where: str) -> tuple[OutputFile, ..
     result = _container(operation, "MediaResult", where)
     files: list[OutputFile] = []
     names = 0
-    for index, item in enumerate(_items(result.get("OutputFile"))):
-        inner = f"{where}.MediaResult.OutputFile[{index}]"
-        if not isinstance(item, dict):
-            raise CallbackError(f"{inner} must be an object")
+    for inner, item in _objects(result, "OutputFile", f"{where}.MediaResult"):
         found = OutputFile(
             bucket=_string(item, "Bucket", inner),
             region=_string(item, "Region", inner),
@@ -319,15 +323,11 @@ def _output_files(operation: dict[str, Any], where: str) -> tuple[OutputFile, ..
 
 
 def _digests(output_file: dict[str, Any], where: str) -> tuple[FileDigest, ...]:
-    digests = []
-    for index, item in enumerate(_items(output_file.get("Md5Info"))):
-        inner = f"{where}.Md5Info[{index}]"
-        if not isinstance(item, dict):
-            raise CallbackError(f"{inner} must be an object")
-        digest = FileDigest(_string(item, "ObjectName", inner), _string(item, "Md5", inner).lower())
-        if digest.object_name and digest.md5:
-            digests.append(digest)
-    return tuple(digests)
+    digests = (
+        FileDigest(_string(item, "ObjectName", inner), _string(item, "Md5", inner).lower())
+        for inner, item in _objects(output_file, "Md5Info", where)
+    )
+    return tuple(digest for digest in digests if digest.object_name and digest.md5)
 
 
 def _media_summary(operation: dict[str, Any], where: str) -> MediaSummary | None:
@@ -383,14 +383,10 @@ def _workflow_tasks(doc: dict[str, Any]) -> tuple[Job, ...]:
     )
     source = ObjectLocation(_string(execution, "BucketId", where), "", _string(execution, "Object", where))
     headers = _cos_headers(execution, where)
-    tasks = _items(execution.get("Tasks"))
-    if len(tasks) > MAX_JOBS_PER_CALLBACK:
-        raise CallbackError(f"{where}.Tasks has {len(tasks)} tasks; at most {MAX_JOBS_PER_CALLBACK} are accepted")
+    if (count := len(_items(execution.get("Tasks")))) > MAX_JOBS_PER_CALLBACK:
+        raise CallbackError(f"{where}.Tasks has {count} tasks; at most {MAX_JOBS_PER_CALLBACK} are accepted")
     jobs: dict[str, Job] = {}
-    for index, task in enumerate(tasks):
-        inner = f"{where}.Tasks[{index}]"
-        if not isinstance(task, dict):
-            raise CallbackError(f"{inner} must be an object")
+    for inner, task in _objects(execution, "Tasks", where):
         if _blank(task.get("JobId")):
             continue
         job_id, tag, state = _identity(task, inner, "Type")
