@@ -809,6 +809,51 @@ def test_the_name_with_extension_placeholder(client: Any, tmp_path: Path) -> Non
     assert read_object(client, "out/a.wav.denoised.wav")
 
 
+@pytest.mark.parametrize("callback_format", ["JSON", "XML"])
+def test_a_numbered_output_in_parts_is_written_and_reported_part_by_part(
+    sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path, callback_format: str
+) -> None:
+    sandbox.output_parts = 2
+    upload_noisy_wav(client, tmp_path, "in/a.wav", seconds=1.0)
+    whole = noise_reduction("in/a.wav", "out/${InputName}.${ext}", receiver.url + "callback", callback_format)
+    parted = noise_reduction(
+        "in/a.wav", "out/${InputName}-${Number}.${ext}", receiver.url + "callback", callback_format
+    )
+    whole_id, parted_id = (
+        client.ci_create_media_jobs(Bucket=BUCKET, Jobs=j)["JobsDetail"][0]["JobId"] for j in (whole, parted)
+    )
+
+    detail = wait_for_state(client, parted_id, "Success")
+    wait_for_state(client, whole_id, "Success")  # without ${Number}: one object, as ever
+
+    names = ["out/a-1.wav", "out/a-2.wav"]
+    parts = [read_object(client, name) for name in names]
+    output_file = detail["Operation"]["MediaResult"]["OutputFile"]
+    assert output_file["ObjectName"] == names
+    assert output_file["Md5Info"] == [
+        {"Md5": hashlib.md5(data).hexdigest(), "ObjectName": name} for name, data in zip(names, parts, strict=True)
+    ]
+    # Each part is a WAV of its own; together they are the output the job writes whole.
+    frames = []
+    for data in parts:
+        with wave.open(io.BytesIO(data)) as audio:
+            assert audio.getnframes() > 0
+            frames.append(audio.readframes(audio.getnframes()))
+    with wave.open(io.BytesIO(read_object(client, "out/a.wav"))) as audio:
+        assert b"".join(frames) == audio.readframes(audio.getnframes())
+    # The callback names both, and cos-webhook reads them as CI's several files.
+    sent = next(c for c in sandbox.wait_for_callbacks(2, timeout=10) if c.job_id == parted_id)
+    (job,) = parse_callback(sent.body).jobs
+    (written,) = job.output_files
+    assert written.object_names == tuple(names)
+    assert [d.md5 for d in written.digests] == [hashlib.md5(data).hexdigest() for data in parts]
+
+
+def test_the_number_of_parts_is_at_least_one(sandbox: Sandbox) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        sandbox.output_parts = 0
+
+
 @pytest.mark.parametrize(
     ("shape", "input_", "output"),
     [

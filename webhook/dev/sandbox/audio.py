@@ -10,6 +10,7 @@ import random
 import sys
 import wave
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -62,6 +63,22 @@ def reduce_noise(source: IO[bytes], target: IO[bytes], sample_rate: int | None) 
             _reduce(reader, target, sample_rate)
     except (wave.Error, EOFError) as exc:
         raise AudioError(f"the input is not a PCM WAV file ({exc})") from None
+
+
+def split_wav(source: IO[bytes], targets: Sequence[IO[bytes]]) -> None:
+    """Write the frames of the WAV ``source`` into ``targets`` in turn, each a WAV of its own of
+    about an equal share (the last takes what remains); ``targets`` must be seekable."""
+    with wave.open(source, "rb") as reader:
+        params, frame_size = reader.getparams(), reader.getsampwidth() * reader.getnchannels()
+        share = -(-reader.getnframes() // len(targets))
+        for target in targets:
+            # The header's frame count is patched when the writer closes (the target stays open).
+            with wave.open(target, "wb") as writer:
+                writer.setparams(params)
+                left = share
+                while left and (data := reader.readframes(min(_FRAMES_PER_BLOCK, left))):
+                    writer.writeframesraw(data)
+                    left -= len(data) // frame_size
 
 
 def _reduce(reader: wave.Wave_read, target: IO[bytes], sample_rate: int | None) -> None:

@@ -8,14 +8,16 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import requests
 
-from webhook.dev.sandbox.audio import AudioError, reduce_noise
+from webhook.dev.sandbox.audio import AudioError, reduce_noise, split_wav
 from webhook.dev.sandbox.results import (
     CallbackShape,
+    Written,
     encoded,
     media_info,
     resolve_output,
@@ -63,6 +65,8 @@ class MediaJobs:
         """How callbacks state the job's locations (see :class:`~webhook.dev.sandbox.results.CallbackShape`)."""
         self.reports_results = True
         """Whether jobs report what they wrote (``MediaResult``, ``MediaInfo``), as current CI does."""
+        self.output_parts = 1
+        """How many objects a job whose ``Output.Object`` holds ``${Number}`` writes, numbered from 1."""
         self._store = store
         self._job_delay = job_delay
         self._tdmq = tdmq  # puts a message on a CMQ queue: (queue name, body) -> msgId
@@ -140,15 +144,30 @@ class MediaJobs:
 
     def _reduce_noise(self, job: MediaJob) -> None:
         _, source = self._store.open(job.bucket, job.input_key)
-        key = resolve_output(job.output_key, job.input_key, job.format)
-        with source, tempfile.TemporaryFile() as target:
-            reduce_noise(source, target, int(job.sample_rate) if job.sample_rate else None)
-            target.seek(0)
-            written = self._store.put(job.output_bucket, key, read_chunks(target), "audio/wav")
-            target.seek(0)
-            info = media_info(target, written.size)
+        # ${Number} in the output's name is how a job lets CI write several objects: with
+        # output_parts above one, the output is split into that many, numbered from 1.
+        count = self.output_parts if "${Number}" in job.output_key else 1
+        with source, ExitStack() as stack:
+            denoised = stack.enter_context(tempfile.TemporaryFile())
+            reduce_noise(source, denoised, int(job.sample_rate) if job.sample_rate else None)
+            denoised.seek(0)
+            parts = [denoised]
+            if count > 1:
+                parts = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+                split_wav(denoised, parts)
+            results = [
+                self._write(job, resolve_output(job.output_key, job.input_key, job.format, n if count > 1 else 0), part)
+                for n, part in enumerate(parts, start=1)
+            ]
         with self._lock:
-            job.written_key, job.written_md5, job.written_info = key, written.md5, info
+            job.written, job.written_info = tuple(written for written, _ in results), results[0][1]
+
+    def _write(self, job: MediaJob, key: str, data: IO[bytes]) -> tuple[Written, dict[str, Any]]:
+        """Store ``data`` (from its start) as ``key`` in the output bucket: what was written, and its MediaInfo."""
+        data.seek(0)
+        stored = self._store.put(job.output_bucket, key, read_chunks(data), "audio/wav")
+        data.seek(0)
+        return Written(key, stored.md5), media_info(data, stored.size)
 
     def _finish(self, job: MediaJob, code: str = "", message: str = "") -> None:
         """Mark ``job`` Success, or Failed with the error ``code`` and ``message``."""

@@ -1,7 +1,8 @@
 """What a finished sandbox job reports beyond what was submitted, shaped as CI reports it.
 
 CI resolves the placeholders of ``Output.Object`` when it writes the object but keeps the name as
-submitted in ``Output``; the name it wrote is only in ``MediaResult/OutputFile``, with its MD5.
+submitted in ``Output``; the names it wrote (one, or several for a ``${Number}`` output) are only
+in ``MediaResult/OutputFile``, each with its MD5.
 ``MediaInfo`` is its probe of the output. Some callbacks leave locations out: the shapes below
 reproduce what Tencent's own SDK examples print, so that cos-webhook is tested against them.
 """
@@ -13,6 +14,8 @@ import json
 import posixpath
 import re
 import wave
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import xmltodict
@@ -89,13 +92,27 @@ def media_info(wav: IO[bytes], size: int) -> dict[str, Any]:
     }
 
 
-def media_result(bucket: str, region: str, key: str, md5: str) -> dict[str, Any]:
-    """``MediaResult``: the one object written, its MD5, and the empty sprite placeholder CI adds."""
+@dataclass(frozen=True)
+class Written:
+    """One object a job wrote: its key (placeholders resolved) and the MD5 of its bytes."""
+
+    key: str
+    md5: str
+
+
+def media_result(bucket: str, region: str, written: Sequence[Written]) -> dict[str, Any]:
+    """``MediaResult``: the objects written with their MD5s, and the empty sprite placeholder CI adds.
+
+    One object is named by a plain ``ObjectName`` and ``Md5Info``; several, as CI's examples show
+    the outputs of a job that wrote more than one, by an ``ObjectName`` and ``Md5Info`` each, in order.
+    """
+    names = [item.key for item in written]
+    digests = [{"Md5": item.md5, "ObjectName": item.key} for item in written]
     return {
         "OutputFile": {
             "Bucket": bucket,
-            "Md5Info": {"Md5": md5, "ObjectName": key},
-            "ObjectName": key,
+            "Md5Info": digests[0] if len(digests) == 1 else digests,
+            "ObjectName": names[0] if len(names) == 1 else names,
             "ObjectPrefix": None,
             "Region": region,
             "SpriteOutputFile": {

@@ -170,6 +170,19 @@ class Sandbox:
         self._jobs.reports_results = reports
 
     @property
+    def output_parts(self) -> int:
+        """How many objects a job writes when its ``Output.Object`` holds ``${Number}`` (default 1):
+        from 2 on, the output is split into that many WAVs, numbered from 1, and ``MediaResult``
+        names each with its MD5 as CI reports a job that wrote several files."""
+        return self._jobs.output_parts
+
+    @output_parts.setter
+    def output_parts(self, parts: int) -> None:
+        if parts < 1:
+            raise ValueError("a job writes at least one object")
+        self._jobs.output_parts = parts
+
+    @property
     def callback_shape(self) -> CallbackShape:
         """How the callbacks of jobs that finish from now on state their locations."""
         return self._jobs.callback_shape

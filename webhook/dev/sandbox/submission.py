@@ -11,7 +11,7 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-from webhook.dev.sandbox.results import media_result
+from webhook.dev.sandbox.results import Written, media_result
 from webhook.models import JobState
 
 TAG = "NoiseReduction"
@@ -63,9 +63,8 @@ class MediaJob:
     start_time: str = "-"
     end_time: str = "-"
     callback_mq: MqTarget | None = None  # a TDMQ callback instead of callback_url
-    written_key: str = ""  # output_key with its placeholders resolved, once written
-    written_md5: str = ""
-    written_info: dict[str, Any] | None = None  # CI's MediaInfo of what was written
+    written: tuple[Written, ...] = ()  # what the job wrote (output_key resolved), once written
+    written_info: dict[str, Any] | None = None  # CI's MediaInfo of what was written (the first object)
 
     def detail(self, results: bool = True) -> dict[str, Any]:
         """The job as DescribeMediaJob's ``JobsDetail`` element (same keys in XML and JSON); without
@@ -77,11 +76,9 @@ class MediaJob:
             "UserData": self.user_data,
             "JobLevel": self.job_level,
         }
-        if self.written_key and results:
+        if self.written and results:
             operation["MediaInfo"] = self.written_info
-            operation["MediaResult"] = media_result(
-                self.output_bucket, self.output_region, self.written_key, self.written_md5
-            )
+            operation["MediaResult"] = media_result(self.output_bucket, self.output_region, self.written)
         return {
             "Code": self.code,
             "CreationTime": self.creation_time,
