@@ -241,6 +241,22 @@ def test_job_is_delivered_when_every_sink_is(ledger: Ledger) -> None:
     ]
 
 
+def test_a_delivery_claim_says_which_of_the_job_s_deliveries_are_to_come_in_another(ledger: Ledger) -> None:
+    # What the worker keeps a job's staged files for: a delivery not in its claim, still to be retried.
+    record(ledger, job(1))
+    accepted = accept(ledger, claim(ledger), ["amqp", "filesystem", "http"])
+    assert accepted is not None
+    assert accepted.pending_elsewhere == frozenset()
+    amqp, fs, http = accepted.deliveries
+    assert ledger.queue.complete(amqp, "w1")
+    assert ledger.queue.retry_later(fs, "w1", "disk full", delay=0)
+    assert ledger.queue.retry_later(http, "w1", "503 from sink", delay=3600)
+    retry = claim(ledger)
+    assert isinstance(retry, DeliveryClaim)
+    assert [d.sink for d in retry.deliveries] == ["filesystem"]
+    assert (retry.delivered_to, retry.pending_elsewhere) == (frozenset({"amqp"}), frozenset({"http"}))
+
+
 def test_retry_later_waits_for_its_delay(ledger: Ledger) -> None:
     record(ledger, job(1))
     task = claim(ledger).tasks[0]

@@ -56,6 +56,9 @@ class DeliveryClaim:
     deliveries: tuple[Delivery, ...]
     received_at: datetime
     delivered_to: frozenset[str] = frozenset()  # sinks that already have this job
+    # Sinks whose delivery of this job is still to come in another claim (not due yet, or leased
+    # elsewhere): the job's staged files are kept for them.
+    pending_elsewhere: frozenset[str] = frozenset()
 
     @property
     def tasks(self) -> tuple[Task, ...]:

@@ -42,8 +42,8 @@ _DUE_DELIVERIES = (
     .where(_DUE, tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER)
     .with_for_update(skip_locked=True)
 )
-_DELIVERED_TO = sa.select(tasks.c.job_id, tasks.c.sink).where(
-    tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER, tasks.c.status == TaskStatus.DONE
+_DELIVERIES_OF = sa.select(tasks.c.job_id, tasks.c.sink, tasks.c.status).where(
+    tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER
 )
 _PENDING_VERSIONS = (
     sa.select(versions.c.job_id, versions.c.id, versions.c.detail)
@@ -141,7 +141,7 @@ def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime
     verifying = [job_id for job_id, rows in by_job.items() if rows[0].kind == TaskKind.VERIFY]
     delivering = [job_id for job_id in job_ids if job_id not in verifying]
     pending = _grouped(conn, _PENDING_VERSIONS, verifying)
-    delivered = _grouped(conn, _DELIVERED_TO, delivering)
+    deliveries = _grouped(conn, _DELIVERIES_OF, delivering)
     claims: dict[str, Claim] = {}
     for job_id, rows in by_job.items():
         job = found[job_id]
@@ -150,8 +150,11 @@ def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime
             mine = tuple(Version(v.id, v.detail) for v in pending.get(job_id, ())) or (Version(None, job.detail),)
             claims[job_id] = VerifyClaim(Task(row.id, job_id, TaskKind.VERIFY, row.attempts), mine, job.created_at)
         else:
-            sinks = frozenset(r.sink for r in delivered.get(job_id, ()))
-            claims[job_id] = DeliveryClaim(job.detail, _deliveries(job_id, rows), job.created_at, sinks)
+            in_claim = {r.sink for r in rows}
+            of_job = deliveries.get(job_id, ())
+            done = frozenset(r.sink for r in of_job if r.status == TaskStatus.DONE)
+            waiting = frozenset(r.sink for r in of_job if r.status == TaskStatus.PENDING and r.sink not in in_claim)
+            claims[job_id] = DeliveryClaim(job.detail, _deliveries(job_id, rows), job.created_at, done, waiting)
     return claims
 
 
