@@ -24,7 +24,7 @@ from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from support.endpoint import TOKEN, serving
-from support.pipeline import Pipeline, multipart_file
+from support.pipeline import Pipeline, multipart_files
 from support.samples import DOC_JSON, DOC_XML, body, job
 from support.services import require_service
 
@@ -200,7 +200,7 @@ HTTP_JSON = schema_at("webhooks", "jobEvent", "post", "requestBody", "content", 
 def delivered_events(pipeline: Pipeline, job_id: str) -> list[dict[str, Any]]:
     """The documents the filesystem sink wrote and the http sink posted for ``job_id``."""
     written = json.loads((pipeline.sink_dir / f"{job_id}.event.json").read_text())
-    posted = [multipart_file(request)[0] for request in pipeline.http.requests]
+    posted = [multipart_files(request)[0] for request in pipeline.http.requests]
     assert [document["job"]["job_id"] for document in posted] == [job_id]
     return [written, *posted]
 
@@ -211,6 +211,18 @@ def test_a_succeeded_job_s_events_match_the_schema(pipeline: Pipeline) -> None:
 
     events = delivered_events(pipeline, job_id)
     assert [event["type"] for event in events] == ["job.succeeded", "job.succeeded"]
+    for event in events:
+        EVENTS.validate(event)
+        HTTP_METADATA.validate(event)
+
+
+def test_the_events_of_a_job_that_wrote_two_files_match_the_schema(pipeline: Pipeline) -> None:
+    pipeline.sandbox.output_parts = 2
+    job_id = pipeline.submit(pipeline.upload_input(), output_key="out/${InputName}-${Number}.${ext}")
+    assert pipeline.drain(pipeline.worker(), job_id, {"delivered", "dead", "rejected"}) == "delivered"
+
+    events = delivered_events(pipeline, job_id)
+    assert [len(event["files"]) for event in events] == [2, 2]
     for event in events:
         EVENTS.validate(event)
         HTTP_METADATA.validate(event)
@@ -267,7 +279,7 @@ def test_the_event_schema_catches_a_renamed_or_added_field(pipeline: Pipeline) -
     assert pipeline.drain(pipeline.worker(), job_id, {"delivered", "dead", "rejected"}) == "delivered"
     (event, *_) = delivered_events(pipeline, job_id)
 
-    def changed(*path: str, to: str | None = None, value: Any = None) -> dict[str, Any]:
+    def changed(*path: str | int, to: str | None = None, value: Any = None) -> dict[str, Any]:
         """``event`` with the member at ``path`` renamed ``to`` (or, with ``value``, set to it)."""
         copied = copy.deepcopy(event)
         parent = copied
@@ -290,5 +302,8 @@ def test_the_event_schema_catches_a_renamed_or_added_field(pipeline: Pipeline) -
         "job.succeeded without a file": changed("file", value=None),
         "another schema": changed("schema", value="cos-webhook.event/v2"),
         "size as text": changed("file", "size", value="1024"),
+        "files[0].stored_as renamed": changed("files", 0, "stored_as", to="stored"),
+        "stored_as on file": changed("file", "stored_as", value=f"{job_id}.wav"),
+        "job.succeeded without files": changed("files", value=[]),
     }
     assert [name for name, document in broken.items() if EVENTS.is_valid(document)] == []

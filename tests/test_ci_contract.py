@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.pipeline import BUCKET, DONE, REGION, Pipeline, forged, multipart_file, pipeline_settings, working
+from support.pipeline import (
+    BUCKET,
+    DONE,
+    FAST,
+    REGION,
+    Pipeline,
+    forged,
+    multipart_file,
+    multipart_files,
+    pipeline_settings,
+    working,
+)
 from support.receiver import Receiver
 from support.sink_dir import written
 from support.tdmq import consumer, consuming, submit_with_tdmq
@@ -132,6 +143,93 @@ def test_bytes_that_do_not_match_the_md5_ci_reported_are_never_forwarded(pipelin
     expected = f"out/denoised.wav failed its MD5 check: CI says {reported}, got {hashlib.md5(replaced).hexdigest()}"
     assert {d["last_error"].split(" (")[0] for d in view["deliveries"]} == {expected}
     assert_nothing_forwarded(pipeline)
+
+
+# -- a job that wrote several files (Output.Object with ${Number}) ----------------------------------
+
+PARTS = ("out/noisy-1.wav", "out/noisy-2.wav")  # what the sandbox writes for the template below, in order
+
+
+def submit_two_files(pipeline: Pipeline, callback_format: str = "JSON") -> str:
+    """A job whose output CI writes in two parts, each named in MediaResult with its MD5."""
+    pipeline.sandbox.output_parts = 2
+    job_id = pipeline.submit(
+        pipeline.upload_input(), output_key="out/${InputName}-${Number}.${ext}", callback_format=callback_format
+    )
+    pipeline.sandbox.wait_for_callbacks(1, timeout=20)
+    return job_id
+
+
+def staged(pipeline: Pipeline) -> list[str]:
+    return sorted(path.name for path in Path(pipeline.settings.temp_dir).glob("cos-webhook-staged/*.staged"))
+
+
+@pytest.mark.parametrize("callback_format", ["JSON", "XML"])
+def test_a_job_that_wrote_two_files_delivers_both_to_every_sink(pipeline: Pipeline, callback_format: str) -> None:
+    job_id = submit_two_files(pipeline, callback_format)
+    gets = pipeline.sandbox.faults.add(Fault(kind="object GET", path="/out/noisy-*.wav", delay=0.001))  # counts
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+
+    parts = [pipeline.output_bytes(key) for key in PARTS]
+    names = [f"{job_id}.1.wav", f"{job_id}.2.wav"]
+    assert written(pipeline.sink_dir) == [*names, f"{job_id}.event.json"]
+    assert [(pipeline.sink_dir / name).read_bytes() for name in names] == parts
+    event = delivered_event(pipeline, job_id)
+    assert [(f["name"], f["size"], f["md5"], f["stored_as"]) for f in event["files"]] == [
+        ("noisy-1.wav", len(parts[0]), hashlib.md5(parts[0]).hexdigest(), names[0]),
+        ("noisy-2.wav", len(parts[1]), hashlib.md5(parts[1]).hexdigest(), names[1]),
+    ]
+    # v1's one file and output are the first: a receiver written for one file per job gets that one.
+    assert event["file"] == {k: v for k, v in event["files"][0].items() if k != "stored_as"}
+    assert event["job"]["output"]["key"] == PARTS[0]
+    assert event["job"]["output_files"][0]["object_names"] == list(PARTS)
+    (posted,) = pipeline.http.requests
+    document, audio = multipart_files(posted)
+    assert audio == tuple(parts)  # parts file and file.2: the same bytes
+    assert [f["name"] for f in document["files"]] == ["noisy-1.wav", "noisy-2.wav"]
+    assert "stored_as" not in document["files"][0]
+    # Fetched once for both sinks, and nothing staged is left once every delivery is done.
+    assert gets.fired == 2
+    steps = [a["step"] for a in pipeline.ledger.views.show_job(job_id).to_dict()["attempts"]]
+    assert sorted(steps) == ["deliver", "deliver", "fetch", "verify"]
+    assert staged(pipeline) == []
+
+
+def test_a_notification_of_a_two_file_job_says_where_each_file_is(pipeline: Pipeline) -> None:
+    pipeline.settings = pipeline.settings.replace(http_sink_mode="json")
+    job_id = submit_two_files(pipeline)
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
+
+    (posted,) = pipeline.http.requests
+    event = json.loads(posted.body or b"")
+    assert [f["location"] for f in event["files"]] == [
+        {"kind": "source", "bucket": BUCKET, "key": key, "region": REGION} for key in PARTS
+    ]
+    assert [f["md5"] for f in event["files"]] == [hashlib.md5(pipeline.output_bytes(key)).hexdigest() for key in PARTS]
+
+
+def test_a_second_file_that_fails_its_md5_fails_every_delivery_and_nothing_is_forwarded(pipeline: Pipeline) -> None:
+    job_id = submit_two_files(pipeline)
+    reported = hashlib.md5(pipeline.output_bytes(PARTS[1])).hexdigest()
+    replaced = b"RIFF\x00\x00\x00\x00WAVE not what CI wrote"
+    pipeline.sandbox.client(REGION).put_object(Bucket=BUCKET, Key=PARTS[1], Body=replaced)
+    first_gets = pipeline.sandbox.faults.add(Fault(kind="object GET", path=f"/{PARTS[0]}", delay=0.001))  # counts
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
+
+    view = pipeline.ledger.views.show_job(job_id).to_dict()
+    expected = f"{PARTS[1]} failed its MD5 check: CI says {reported}, got {hashlib.md5(replaced).hexdigest()}"
+    assert {d["last_error"].split(" (")[0] for d in view["deliveries"]} == {expected}
+    # Retried on the retry policy, then dead; each try fetched again what failed (once for both
+    # deliveries when they are claimed together, as they mostly are).
+    steps = [a["step"] for a in view["attempts"]]
+    assert steps.count("deliver") == 2 * FAST.max_attempts
+    assert FAST.max_attempts <= steps.count("fetch") <= 2 * FAST.max_attempts
+    assert first_gets.fired == 1  # the first file stayed staged for the retries, and went with the job
+    assert staged(pipeline) == []
+    assert_nothing_forwarded(pipeline)  # no event document, no part of the job, in any sink
 
 
 def test_a_stated_foreign_output_bucket_is_refused_without_asking_ci(pipeline: Pipeline) -> None:

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 import webhook.sinks.events
-from webhook.models import CosHeader, FetchedFile, FileDigest, Job, MediaSummary, ObjectLocation, OutputFile
+from webhook.models import (
+    CosHeader,
+    FetchedFile,
+    FileDigest,
+    FileLocation,
+    Job,
+    JobFile,
+    MediaSummary,
+    ObjectLocation,
+    OutputFile,
+)
+from webhook.sinks.common import audio_names
 from webhook.sinks.events import SCHEMA, build_event, event_document, event_id
 
 # The job the module docstring's example describes.
@@ -67,8 +81,10 @@ def test_event_id_separates_job_and_sink() -> None:
 def test_docstring_example_matches_the_metadata() -> None:
     doc = webhook.sinks.events.__doc__
     assert doc is not None
-    example = doc[doc.index("::") + 2 : doc.index("A failed job")]
-    assert event_document(build_event(EXAMPLE_JOB, "filesystem", EXAMPLE_FILE)) == json.loads(example)
+    example = doc[doc.index("::") + 2 : doc.index("``files`` lists")]
+    event = build_event(EXAMPLE_JOB, "filesystem", EXAMPLE_FILE)
+    # What the filesystem sink writes: its own document names what it stored the file as.
+    assert event_document(event, audio_names("", event)) == json.loads(example)
 
 
 def test_succeeded_event() -> None:
@@ -81,6 +97,7 @@ def test_succeeded_event() -> None:
     metadata = event_document(event)
     assert metadata["schema"] == SCHEMA
     assert metadata["file"]["name"] == "a.wav"
+    assert metadata["files"] == [metadata["file"]]  # one file: the same, listed
     assert metadata == json.loads(json.dumps(metadata))
 
 
@@ -88,6 +105,7 @@ def test_failed_event_has_no_file() -> None:
     metadata = event_document(build_event(FAILED_JOB, "http", None))
     assert metadata["type"] == "job.failed"
     assert metadata["file"] is None
+    assert metadata["files"] == []
     assert metadata["job"]["code"] == "InternalError"
     assert metadata["job"]["output"] is None
 
@@ -109,3 +127,96 @@ def test_canceled_job_is_a_failure() -> None:
 def test_inconsistent_events_are_refused(job: Job, file: FetchedFile | None) -> None:
     with pytest.raises(ValueError, match="no event for state"):
         build_event(job, "http", file)
+
+
+# -- a job that wrote several files -------------------------------------------------------------------
+
+PARTS = (
+    ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a-1.wav"),
+    ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a-2.mp3"),
+)
+SEVERAL_JOB = replace(
+    EXAMPLE_JOB,
+    output=PARTS[0],
+    output_files=(
+        OutputFile(
+            "audio-1250000000",
+            "ap-guangzhou",
+            tuple(part.key for part in PARTS),
+            digests=tuple(FileDigest(part.key, f"{n}" * 32) for n, part in enumerate(PARTS, start=1)),
+        ),
+    ),
+)
+SEVERAL_FILES = tuple(
+    JobFile(part, replace(EXAMPLE_FILE, size=1000 + n, md5=f"{n}" * 32), n, len(PARTS))
+    for n, part in enumerate(PARTS, start=1)
+)
+SCHEMA_VALIDATOR = Draft202012Validator(
+    json.loads((Path(__file__).resolve().parents[1] / "schemas" / "event-v1.schema.json").read_text())
+)
+
+
+def test_every_file_is_listed_in_ci_s_order_and_file_is_the_first() -> None:
+    event = build_event(SEVERAL_JOB, "filesystem", SEVERAL_FILES)
+    document = event_document(event, audio_names("", event))
+
+    assert [(f["name"], f["size"], f["md5"], f["stored_as"]) for f in document["files"]] == [
+        ("a-1.wav", 1001, "1" * 32, f"{SEVERAL_JOB.job_id}.1.wav"),
+        ("a-2.mp3", 1002, "2" * 32, f"{SEVERAL_JOB.job_id}.2.mp3"),
+    ]
+    # v1's one file is the first, as a receiver written for one file per job reads it.
+    assert document["file"] == {k: v for k, v in document["files"][0].items() if k != "stored_as"}
+    assert event.file == SEVERAL_FILES[0].fetched
+    SCHEMA_VALIDATOR.validate(document)
+
+
+def test_a_notification_says_where_each_file_is() -> None:
+    located = tuple(
+        replace(file, location=FileLocation("cos", "archive-1250000000", f"d/{SEVERAL_JOB.job_id}.{file.number}.wav"))
+        for file in SEVERAL_FILES
+    )
+    document = event_document(build_event(SEVERAL_JOB, "events", located))
+
+    assert [f["location"]["key"] for f in document["files"]] == [
+        f"d/{SEVERAL_JOB.job_id}.1.wav",
+        f"d/{SEVERAL_JOB.job_id}.2.wav",
+    ]
+    assert document["file"]["location"] == document["files"][0]["location"]
+    assert all("stored_as" not in f for f in document["files"])
+    SCHEMA_VALIDATOR.validate(document)
+
+
+def test_the_event_id_is_per_job_and_sink_whatever_the_files() -> None:
+    assert build_event(SEVERAL_JOB, "http", SEVERAL_FILES).event_id == event_id(SEVERAL_JOB.job_id, "http")
+    assert build_event(SEVERAL_JOB, "http", SEVERAL_FILES[:1]).event_id == event_id(SEVERAL_JOB.job_id, "http")
+
+
+def test_stored_names_must_match_the_files() -> None:
+    with pytest.raises(ValueError, match="shorter"):
+        event_document(build_event(SEVERAL_JOB, "filesystem", SEVERAL_FILES), ("only-one.wav",))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        event_document(build_event(EXAMPLE_JOB, "http", EXAMPLE_FILE)),
+        event_document(build_event(FAILED_JOB, "http", None)),
+        # A v1 document written before ``files`` existed is still v1.
+        {k: v for k, v in event_document(build_event(EXAMPLE_JOB, "http", EXAMPLE_FILE)).items() if k != "files"},
+    ],
+    ids=["succeeded", "failed", "without-files"],
+)
+def test_documents_match_the_schema(document: dict[str, object]) -> None:
+    SCHEMA_VALIDATOR.validate(document)
+
+
+def test_the_schema_refuses_a_stored_name_on_file_and_files_that_do_not_fit_the_type() -> None:
+    event = build_event(SEVERAL_JOB, "filesystem", SEVERAL_FILES)
+    document = event_document(event, audio_names("", event))
+    broken = {
+        "stored_as on file": document | {"file": document["files"][0]},
+        "a succeeded job without files": document | {"files": []},
+        "a failed job with files": event_document(build_event(FAILED_JOB, "http", None)) | {"files": document["files"]},
+        "a member added to a listed file": document | {"files": [document["files"][0] | {"number": 1}]},
+    }
+    assert [name for name, doc in broken.items() if SCHEMA_VALIDATOR.is_valid(doc)] == []

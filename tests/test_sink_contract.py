@@ -1,9 +1,10 @@
 """The promise every sink type keeps against its real server, checked the same way for all six (http in both modes).
 
-What arrives is what was sent. While the server is away a delivery (and a check) fails with a
-retryable DeliveryError; once it is back the next delivery succeeds and the event is there
-exactly once, since the failed attempt never reached the server. Many threads sharing one sink,
-as the worker's do, each get their events there intact.
+What arrives is what was sent, for a job that wrote one file and for one that wrote two: each
+file's bytes under its own name (or part), and one event listing them. While the server is away
+a delivery (and a check) fails with a retryable DeliveryError; once it is back the next delivery
+succeeds and the event is there exactly once, since the failed attempt never reached the server.
+Many threads sharing one sink, as the worker's do, each get their events there intact.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pika
 import pytest
 import redis
 from support.moto_server import MotoServer
-from support.pipeline import HTTP_SECRET, multipart_file
+from support.pipeline import HTTP_SECRET, multipart_files
 from support.receiver import Receiver
 from support.services import require_service
 from support.sink_dir import written
@@ -32,9 +33,10 @@ from support.tcp_proxy import TcpProxy
 
 from webhook.ci.crc64 import crc64ecma
 from webhook.dev.sandbox import Sandbox
-from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.models import Event, FetchedFile, Job, JobFile, ObjectLocation
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.amqp import AmqpSink
+from webhook.sinks.common import audio_names
 from webhook.sinks.cos import CosSink
 from webhook.sinks.events import SCHEMA, build_event, event_document
 from webhook.sinks.filesystem import FilesystemSink
@@ -44,7 +46,12 @@ from webhook.sinks.redis import RedisSink
 from webhook.sinks.s3 import S3Sink
 
 AUDIO = bytes(range(256)) * 64 + b"tail"
+SECOND = b"second part " * 1000  # another job file's bytes, of another length
 OUTPUT = ObjectLocation("audio-1250000000", "ap-guangzhou", "out/denoised.wav")
+PARTS = (  # what a job that wrote two files names in MediaResult, in this order
+    ObjectLocation("audio-1250000000", "ap-guangzhou", "out/denoised-1.wav"),
+    ObjectLocation("audio-1250000000", "ap-guangzhou", "out/denoised-2.mp3"),
+)
 PREFIX = "denoised/"
 REDIS = ("127.0.0.1", 6379)
 RABBITMQ = ("127.0.0.1", 5672)
@@ -54,13 +61,13 @@ RABBITMQ = ("127.0.0.1", 5672)
 class Arrival:
     """One copy of an event as the server holds it.
 
-    ``document`` is the event document, ``audio`` the file's bytes for a sink that carries them,
-    ``ids`` what names it there: the objects or files for a storage sink, the ids and type a
-    message carries for the others.
+    ``document`` is the event document, ``audio`` the bytes of each of its files, in the order it
+    lists them, for a sink that carries them, ``ids`` what names it there: the objects or files for
+    a storage sink, the ids and type a message carries for the others.
     """
 
     document: dict[str, Any]
-    audio: bytes | None
+    audio: tuple[bytes, ...]
     ids: tuple[str, ...]
 
 
@@ -68,6 +75,7 @@ class Harness:
     """A sink pointed at its real server, and the means to read that server and to take it away."""
 
     sink: Sink
+    prefix = ""  # of the names a storage sink gives
     restart_forgets = False  # the server comes back empty: only what arrives afterwards is there
     # What a delivery and a check say while the server is away: {h} is the harness, {key} the audio's key.
     delivery_refused = check_refused = ""
@@ -76,25 +84,33 @@ class Harness:
         self.tmp_path = tmp_path
         self.stack = stack  # closed after the test, or as soon as building the harness fails
 
-    def event(self, job_id: str) -> Event:
-        """A succeeded job's event with its output fetched to disk, as the worker hands it over."""
-        path = self.tmp_path / f"{job_id}.part"
-        path.write_bytes(AUDIO)
-        job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=OUTPUT, user_data="order-42")
-        return build_event(job, self.sink.name, FetchedFile(str(path), len(AUDIO), str(crc64ecma(AUDIO)), "audio/wav"))
+    def event(self, job_id: str, files: int = 1) -> Event:
+        """A succeeded job's event with its output fetched to disk, as the worker hands it over:
+        one file, or the two ``PARTS`` of a job that wrote two."""
+        sources, contents = ((OUTPUT,), (AUDIO,)) if files == 1 else (PARTS, (AUDIO, SECOND))
+        fetched = []
+        for number, (source, content) in enumerate(zip(sources, contents, strict=True), start=1):
+            path = self.tmp_path / f"{job_id}.{number}.part"
+            path.write_bytes(content)
+            file = FetchedFile(str(path), len(content), str(crc64ecma(content)), "audio/wav")
+            fetched.append(JobFile(source, file, number, len(sources)))
+        job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=sources[0], user_data="order-42")
+        return build_event(job, self.sink.name, fetched)
 
     def expected(self, event: Event) -> Arrival:
-        """What the server holds once ``event`` was delivered (a storage sink's default)."""
-        job_id = event.job.job_id
-        return Arrival(event_document(event), AUDIO, (f"{job_id}.event.json", f"{job_id}.wav"))
+        """What the server holds once ``event`` was delivered (a storage sink's default): each file
+        under its name, then a document that names what each was stored as."""
+        names = audio_names(self.prefix, event)
+        ids = sorted([f"{event.job.job_id}.event.json", *(name.removeprefix(self.prefix) for name in names)])
+        return Arrival(event_document(event, names), contents(event), tuple(ids))
 
     def arrivals(self) -> list[Arrival]:
         raise NotImplementedError
 
     def refused(self, event: Event) -> tuple[str, str]:
-        """The messages of delivering ``event`` and of a check while the server is away."""
+        """The messages of delivering ``event`` and of a check while the server is away (at its first file)."""
         check = self.check_refused or self.delivery_refused
-        return self.delivery_refused.format(h=self, key=f"{PREFIX}{event.job.job_id}.wav"), check.format(h=self)
+        return self.delivery_refused.format(h=self, key=audio_names(PREFIX, event)[0]), check.format(h=self)
 
     def away(self) -> None:
         raise NotImplementedError
@@ -103,17 +119,24 @@ class Harness:
         raise NotImplementedError
 
 
+def contents(event: Event) -> tuple[bytes, ...]:
+    """The bytes of each of ``event``'s files, in its order."""
+    return tuple(Path(file.fetched.path).read_bytes() for file in event.files if file.fetched.path)
+
+
 def stored(names: Iterable[str], read: Callable[[str], bytes], prefix: str = "") -> list[Arrival]:
-    """A storage sink's arrivals: ``<job>.event.json`` and ``<job>.<ext>`` under ``prefix``; a stray stands alone."""
+    """A storage sink's arrivals: ``<job>.event.json`` and the ``<job>.…`` files under ``prefix``, their
+    bytes in the order the document lists them by ``stored_as``; a stray stands alone."""
     objects = {name.removeprefix(prefix): read(name) for name in names}
     arrivals, claimed = [], set()
     for name in sorted(n for n in objects if n.endswith(".event.json")):
         job_id = name.removesuffix(".event.json")
         group = tuple(sorted(n for n in objects if n.split(".", 1)[0] == job_id))
-        audio = [objects[n] for n in group if n != name]
-        arrivals.append(Arrival(json.loads(objects[name]), audio[0] if len(audio) == 1 else None, group))
+        document = json.loads(objects[name])
+        listed = [file["stored_as"].removeprefix(prefix) for file in document["files"]]
+        arrivals.append(Arrival(document, tuple(objects.get(n, b"<missing>") for n in listed), group))
         claimed.update(group)
-    return arrivals + [Arrival({}, objects[n], (n,)) for n in sorted(objects.keys() - claimed)]
+    return arrivals + [Arrival({}, (objects[n],), (n,)) for n in sorted(objects.keys() - claimed)]
 
 
 class FilesystemHarness(Harness):
@@ -153,10 +176,10 @@ class HttpHarness(Harness):
         self.stack.callback(self.sink.close)
 
     def expected(self, event: Event) -> Arrival:
-        return Arrival(event_document(event), AUDIO, (event.event_id,))
+        return Arrival(event_document(event), contents(event), (event.event_id,))
 
     def arrivals(self) -> list[Arrival]:
-        return [Arrival(*multipart_file(r), (r.headers["webhook-id"],)) for r in self.receiver.requests]
+        return [Arrival(*multipart_files(r), (r.headers["webhook-id"],)) for r in self.receiver.requests]
 
     def away(self) -> None:
         self.receiver.stop()
@@ -171,16 +194,17 @@ class HttpJsonHarness(HttpHarness):
     sink_class = HttpNotifySink
 
     def expected(self, event: Event) -> Arrival:
-        return Arrival(event_document(event), None, (event.event_id,))
+        return Arrival(event_document(event), (), (event.event_id,))
 
     def arrivals(self) -> list[Arrival]:
-        return [Arrival(json.loads(r.body or b""), None, (r.headers["webhook-id"],)) for r in self.receiver.requests]
+        return [Arrival(json.loads(r.body or b""), (), (r.headers["webhook-id"],)) for r in self.receiver.requests]
 
 
 class CosHarness(Harness):
     """The COS sandbox (the upload path, from the file on disk); away, it is stopped, and back on the same port."""
 
     bucket = "archive-1250000000"
+    prefix = PREFIX
     delivery_refused = "archive: put_object cos://{h.bucket}/{key}: COS unreachable: Connection refused"
     check_refused = "archive: head_bucket cos://{h.bucket}/: COS unreachable: Connection refused"
 
@@ -217,6 +241,7 @@ class S3Harness(Harness):
     """A bucket on moto's S3 server; away, the server is stopped, and back on the same port, empty."""
 
     restart_forgets = True
+    prefix = PREFIX
     delivery_refused = "archive: upload s3://{h.bucket}/{key}: EndpointConnectionError: Connection refused"
     check_refused = "archive: head_bucket s3://{h.bucket}/: EndpointConnectionError: Connection refused"
 
@@ -250,7 +275,7 @@ class MessageHarness(Harness):
     proxy: TcpProxy
 
     def expected(self, event: Event) -> Arrival:
-        return Arrival(event_document(event), None, (event.event_id, event.type, event.job.job_id, SCHEMA))
+        return Arrival(event_document(event), (), (event.event_id, event.type, event.job.job_id, SCHEMA))
 
     def away(self) -> None:
         self.proxy.down()
@@ -280,8 +305,7 @@ class RedisHarness(MessageHarness):
     def arrivals(self) -> list[Arrival]:
         entries = cast(list[tuple[str, dict[str, str]]], self.client.xrange(self.stream))
         return [
-            Arrival(json.loads(e["data"]), None, (e["event_id"], e["type"], e["job_id"], e["schema"]))
-            for _, e in entries
+            Arrival(json.loads(e["data"]), (), (e["event_id"], e["type"], e["job_id"], e["schema"])) for _, e in entries
         ]
 
 
@@ -313,7 +337,7 @@ class AmqpHarness(MessageHarness):
             if method is None:
                 return list(self.messages)
             ids = (properties.message_id, properties.type, properties.headers["job_id"], properties.headers["schema"])
-            self.messages.append(Arrival(json.loads(body), None, ids))
+            self.messages.append(Arrival(json.loads(body), (), ids))
 
 
 HARNESSES: dict[str, type[Harness]] = {
@@ -344,13 +368,31 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
             yield HARNESSES[request.param](tmp_path, stack)
 
 
+@pytest.mark.parametrize("files", [1, 2], ids=["one-file", "two-files"])
 @pytest.mark.parametrize("harness", list(HARNESSES), indirect=True)
-def test_what_arrives_is_what_was_sent(harness: Harness) -> None:
-    event = harness.event("job-a")
+def test_what_arrives_is_what_was_sent(harness: Harness, files: int) -> None:
+    event = harness.event("job-a", files)
 
     harness.sink.deliver(event)
 
     assert harness.arrivals() == [harness.expected(event)]
+    assert [file["name"] for file in harness.arrivals()[0].document["files"]] == (
+        ["denoised.wav"] if files == 1 else ["denoised-1.wav", "denoised-2.mp3"]
+    )
+
+
+@pytest.mark.parametrize("harness", ["filesystem", "cos", "s3"], indirect=True)
+def test_a_storage_sink_names_one_file_as_before_and_several_by_number(harness: Harness) -> None:
+    one, two = harness.event("job-a"), harness.event("job-b", files=2)
+
+    harness.sink.deliver(one)
+    harness.sink.deliver(two)
+    harness.sink.deliver(two)  # again: the same names, rewritten
+
+    assert [arrival.ids for arrival in harness.arrivals()] == [
+        ("job-a.event.json", "job-a.wav"),
+        ("job-b.1.wav", "job-b.2.mp3", "job-b.event.json"),
+    ]
 
 
 # The COS SDK pauses before retrying a refused connection: its case takes about two seconds.
@@ -358,7 +400,7 @@ def test_what_arrives_is_what_was_sent(harness: Harness) -> None:
     "harness", [pytest.param(k, marks=pytest.mark.slow) if k == "cos" else k for k in HARNESSES], indirect=True
 )
 def test_server_away_is_retryable_and_the_event_lands_once_when_it_is_back(harness: Harness) -> None:
-    first, second = harness.event("job-a"), harness.event("job-b")
+    first, second = harness.event("job-a"), harness.event("job-b", files=2)
     harness.sink.deliver(first)  # connected, with a connection to lose
 
     harness.away()
@@ -379,7 +421,7 @@ def test_server_away_is_retryable_and_the_event_lands_once_when_it_is_back(harne
 def test_deliveries_from_many_threads_at_once_all_arrive_intact(harness: Harness) -> None:
     # As the worker runs jobs: one sink shared by 8 threads, each delivering its own events.
     threads, per_thread = 8, 5
-    events = [harness.event(f"job-{n:02d}") for n in range(threads * per_thread)]
+    events = [harness.event(f"job-{n:02d}", files=1 + n % 2) for n in range(threads * per_thread)]
     together = threading.Barrier(threads, timeout=30)
 
     def deliver(batch: list[Event]) -> None:

@@ -102,7 +102,7 @@ def test_uploads_the_downloaded_file_then_the_json(
     assert headers["x-cos-meta-user-data"].isascii()
     assert unquote(headers["x-cos-meta-user-data"]) == USER_DATA
     document, json_headers = read(sandbox, JSON_KEY)
-    assert json.loads(document) == event_document(event)
+    assert json.loads(document) == event_document(event, [AUDIO_KEY])
     assert json_headers["Content-Type"] == "application/json"
     assert json_headers["x-cos-meta-event-id"] == event.event_id
 
@@ -125,7 +125,7 @@ def test_same_region_is_copied_by_cos_without_the_bytes(
     assert headers["Content-Type"] == "audio/wav"
     assert (headers["x-cos-meta-job-id"], headers["x-cos-meta-event-id"]) == ("j1", event.event_id)
     assert unquote(headers["x-cos-meta-user-data"]) == USER_DATA
-    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event)
+    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event, [AUDIO_KEY])
 
 
 @pytest.mark.parametrize(("downloaded", "verb"), [(True, "put"), (False, "copy")], ids=["upload", "copy"])
@@ -142,7 +142,7 @@ def test_output_key_ending_in_json_keeps_audio_and_document_apart(
     audio, headers = read(sandbox, "denoised/j1.json")
     assert audio == sandbox.object_path(SOURCE, "out/meeting.json").read_bytes()
     assert headers["Content-Type"] == "audio/wav"
-    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event)
+    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event, ["denoised/j1.json"])
     location = sink.location(event.job)
     assert location is not None
     assert location.key == "denoised/j1.json"
@@ -169,7 +169,7 @@ def test_redelivery_overwrites_the_same_two_objects(sandbox: Sandbox, tmp_path: 
     bucket_dir = sandbox.object_path(DEST, AUDIO_KEY).parent
     assert len(list(bucket_dir.iterdir())) == 4  # two objects, each its bytes and its metadata
     assert read(sandbox, AUDIO_KEY)[0] == AUDIO
-    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event)
+    assert json.loads(read(sandbox, JSON_KEY)[0]) == event_document(event, [AUDIO_KEY])
 
 
 @pytest.mark.parametrize("downloaded", [True, False], ids=["upload", "copy"])

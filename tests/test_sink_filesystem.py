@@ -16,7 +16,7 @@ from support.services import unavailable
 from support.sink_dir import written
 
 from webhook.dev.sandbox import Sandbox
-from webhook.models import Event, FetchedFile, Job, ObjectLocation
+from webhook.models import Event, FetchedFile, Job, JobFile, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.events import build_event, event_document
 from webhook.sinks.filesystem import FilesystemSink
@@ -39,7 +39,8 @@ def make_event(tmp_path: Path, job_id: str = "job-1", key: str = "out/a.wav", co
     part.replace(source)
     job = Job(job_id=job_id, tag="NoiseReduction", state="Success", output=ObjectLocation("b-1250000000", "r", key))
     fetched = FetchedFile(path=str(source), size=len(content), crc64="1", content_type="audio/wav")
-    return Event(event_id="evt_test", type="job.succeeded", job=job, file=fetched)
+    assert job.output is not None
+    return Event(event_id="evt_test", type="job.succeeded", job=job, files=(JobFile(job.output, fetched),))
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -70,7 +71,7 @@ def test_writes_audio_and_metadata(tmp_path: Path, root: Path) -> None:
     sink.deliver(event)
     assert written(root) == ["job-1.event.json", "job-1.wav"]  # and no temporary files left behind
     assert (root / "job-1.wav").read_bytes() == AUDIO
-    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
+    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event, ["job-1.wav"])
 
 
 def test_redelivery_leaves_one_copy_of_each(tmp_path: Path, root: Path) -> None:
@@ -127,7 +128,7 @@ def test_audio_named_like_metadata_is_kept_apart_from_it(tmp_path: Path, root: P
     sink.deliver(event)
     assert written(root) == sorted([audio, "job-1.event.json"])
     assert (root / audio).read_bytes() == AUDIO
-    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event)
+    assert json.loads((root / "job-1.event.json").read_text()) == event_document(event, [audio])
     assert sink.location(event.job).path == str(root.resolve() / audio)
 
 
@@ -185,6 +186,52 @@ def test_missing_source_file_is_retryable_and_leaves_no_metadata(tmp_path: Path,
         FilesystemSink(root).deliver(event)
     assert not caught.value.permanent
     assert written(root) == []
+
+
+def two_files(tmp_path: Path) -> Event:
+    """Job ``job-1``'s event for the two files CI wrote, ``out/a-1.wav`` and ``out/a-2.mp3``, staged."""
+    files = []
+    for number, (key, content) in enumerate((("out/a-1.wav", AUDIO), ("out/a-2.mp3", b"part two")), start=1):
+        staged = tmp_path / "fetched" / f"job-1.{number}.staged"
+        staged.parent.mkdir(exist_ok=True)
+        staged.write_bytes(content)
+        fetched = FetchedFile(path=str(staged), size=len(content), crc64="1", content_type="audio/wav")
+        files.append(JobFile(ObjectLocation("b-1250000000", "r", key), fetched, number, 2))
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=files[0].source)
+    return build_event(job, "filesystem", files)
+
+
+def test_each_file_is_written_under_its_number_then_the_document_naming_them(tmp_path: Path, root: Path) -> None:
+    event = two_files(tmp_path)
+    sink = FilesystemSink(root)
+
+    sink.deliver(event)
+
+    assert written(root) == ["job-1.1.wav", "job-1.2.mp3", "job-1.event.json"]
+    assert [(root / name).read_bytes() for name in ("job-1.1.wav", "job-1.2.mp3")] == [AUDIO, b"part two"]
+    document = json.loads((root / "job-1.event.json").read_text())
+    assert document == event_document(event, ["job-1.1.wav", "job-1.2.mp3"])
+    assert [sink.location(event.job, file=file).path for file in event.files] == [
+        str(root.resolve() / "job-1.1.wav"),
+        str(root.resolve() / "job-1.2.mp3"),
+    ]
+
+
+def test_a_later_file_that_cannot_be_written_leaves_no_document_until_the_retry(tmp_path: Path, root: Path) -> None:
+    event = two_files(tmp_path)
+    second = Path(str(event.files[1].fetched.path))
+    second.rename(second.with_suffix(".aside"))
+    sink = FilesystemSink(root)
+
+    with pytest.raises(DeliveryError) as caught:
+        sink.deliver(event)
+
+    # The first file is in place, but no document lists it: a reader of *.event.json sees nothing yet.
+    assert not caught.value.permanent
+    assert written(root) == ["job-1.1.wav"]
+    second.with_suffix(".aside").rename(second)
+    sink.deliver(event)
+    assert written(root) == ["job-1.1.wav", "job-1.2.mp3", "job-1.event.json"]
 
 
 def test_temporary_file_left_by_a_killed_worker_is_cleared_on_retry(tmp_path: Path) -> None:

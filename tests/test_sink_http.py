@@ -25,7 +25,7 @@ from support.trickle import Trickle
 from werkzeug.datastructures import FileStorage
 
 from webhook.deadline import expire_all
-from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.models import Event, FetchedFile, FileLocation, Job, JobFile, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
 from webhook.sinks.build import build_sink
 from webhook.sinks.events import build_event, event_document
@@ -144,6 +144,32 @@ def test_parts_carry_metadata_and_exact_file_bytes(tmp_path: Path, receiver: Rec
     assert files["file"].filename == "a.wav"
     assert files["file"].mimetype == "audio/wav"
     assert file_bytes(files["file"]) == audio
+
+
+def test_each_file_of_a_job_is_a_part_of_its_own_in_the_document_s_order(
+    tmp_path: Path, receiver: Receiver, sink: HttpMultipartSink
+) -> None:
+    contents = [bytes(range(256)) * 300 + b"\r\n--x", b"second", b"third part, of yet another length"]
+    files = []
+    for number, content in enumerate(contents, start=1):
+        path = tmp_path / f"part-{number}.staged"
+        path.write_bytes(content)
+        fetched = FetchedFile(path=str(path), size=len(content), crc64="1", content_type="audio/wav")
+        files.append(JobFile(ObjectLocation("b-1250000000", "r", f"out/a-{number}.wav"), fetched, number, 3))
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=files[0].source)
+    event = build_event(job, "http", files)
+
+    sink.deliver(event)
+
+    (request,) = receiver.requests
+    with request.open_body() as body:
+        Webhook(SECRET).verify(body.read(), request.headers, json_parse=False)
+    assert int(request.headers["content-length"]) == request.size  # the body's length was known exactly
+    form, parts = request.form()
+    assert json.loads(form["metadata"]) == event_document(event)
+    assert list(parts) == ["file", "file.2", "file.3"]
+    assert [parts[name].filename for name in parts] == ["a-1.wav", "a-2.wav", "a-3.wav"]
+    assert [file_bytes(parts[name]) for name in parts] == contents
 
 
 def test_failed_event_has_only_metadata(receiver: Receiver, sink: HttpMultipartSink) -> None:

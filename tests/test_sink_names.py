@@ -1,4 +1,7 @@
-"""The storage sinks' one naming rule: a job's audio and any job's metadata document never share a name."""
+"""The storage sinks' one naming rule: a job's audio files and any job's metadata document never share a name.
+
+A job's one file is ``<job_id><ext>``; each of several is ``<job_id>.<n><ext>``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhook.models import Job, ObjectLocation
+from webhook.models import FetchedFile, Job, JobFile, ObjectLocation
 from webhook.sinks.common import audio_name, document_name
 
 PREFIX = "denoised/"
@@ -71,3 +74,43 @@ def test_no_audio_name_is_any_document_name(
     if first != second:
         assert audio != audio_name(prefix, job(second, first_key))
         assert document_name(prefix, a) != document
+
+
+FETCHED = FetchedFile(path=None, size=0, crc64="", content_type="audio/wav")
+
+
+def job_file(key: str, number: int = 1, count: int = 1) -> JobFile:
+    return JobFile(ObjectLocation("audio-1250000000", "ap-guangzhou", key), FETCHED, number, count)
+
+
+def test_one_file_keeps_the_name_it_always_had_and_several_are_numbered_from_one() -> None:
+    one = job(key="out/a.wav")
+    assert audio_name(PREFIX, one, job_file("out/a.wav")) == audio_name(PREFIX, one) == PREFIX + "j1.wav"
+    several = [job_file("out/a-1.wav", 1, 3), job_file("out/a-2.json", 2, 3), job_file("out/a-3", 3, 3)]
+    assert [audio_name(PREFIX, one, file) for file in several] == [
+        PREFIX + "j1.1.wav",
+        PREFIX + "j1.2.json",  # each file's own extension
+        PREFIX + "j1.3.bin",
+    ]
+
+
+@given(
+    first=job_ids,
+    second=job_ids,
+    first_keys=st.lists(keys, min_size=2, max_size=4),
+    second_key=keys,
+    count=st.integers(1, 4),
+    prefix=prefixes,
+)
+def test_no_file_of_several_is_a_document_another_job_s_file_or_another_file_of_its_job(
+    first: str, second: str, first_keys: list[str], second_key: str, count: int, prefix: str
+) -> None:
+    files = [job_file(key, n, len(first_keys)) for n, key in enumerate(first_keys, start=1)]
+    names = [audio_name(prefix, job(first), file) for file in files]
+    # casefold: a case-insensitive store (or a macOS/Windows disk) must not see one name either.
+    assert len({name.casefold() for name in names}) == len(names)
+    assert document_name(prefix, job(second)).casefold() not in {name.casefold() for name in names}
+    assert all(name.startswith(prefix + first + ".") for name in names)
+    if first != second:  # compared as they are: job ids are case-sensitive
+        theirs = {audio_name(prefix, job(second), job_file(second_key, n, count)) for n in range(1, count + 1)}
+        assert theirs.isdisjoint(names)

@@ -136,7 +136,7 @@ def test_uploads_audio_then_metadata(tmp_path: Path, sink: S3Sink, client: Any, 
     assert audio["Metadata"] == {"job-id": "job-1", "event-id": event.event_id, "user-data": "order-42"}
     document = client.get_object(Bucket=bucket, Key="denoised/job-1.event.json")
     assert document["ContentType"] == "application/json"
-    assert json.loads(document["Body"].read()) == event_document(event)
+    assert json.loads(document["Body"].read()) == event_document(event, ["denoised/job-1.wav"])
     # The JSON is written last, after the audio's size was checked: its presence means the audio is complete.
     assert calls == [
         ("PutObject", "denoised/job-1.wav"),
@@ -161,7 +161,7 @@ def test_output_key_ending_in_json_keeps_audio_and_document_apart(
     assert audio["Body"].read() == AUDIO
     assert audio["ContentType"] == "audio/wav"
     document = client.get_object(Bucket=bucket, Key="denoised/job-1.event.json")["Body"].read()
-    assert json.loads(document) == event_document(event)
+    assert json.loads(document) == event_document(event, ["denoised/job-1.json"])
     location = sink.location(event.job)
     assert location is not None
     assert location.key == "denoised/job-1.json"

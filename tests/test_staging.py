@@ -40,6 +40,41 @@ def test_a_staged_object_is_reused_without_asking_cos_again(sandbox: Sandbox, tm
     assert list(staging.directory.iterdir()) == []
 
 
+def test_each_file_of_a_job_is_staged_under_its_number_and_released_with_the_job(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    first, second = put(sandbox, "out/a-1.wav", 1000), put(sandbox, "out/a-2.wav", 2000)
+    staging = Staging(str(tmp_path), 10 * MIB, "0123abcd")
+    client = sandbox.client(REGION)
+
+    fetched = [staging.fetch(client, "job-a", where, number=n) for n, where in enumerate((first, second), start=1)]
+    staging.fetch(client, "job-b", put(sandbox, "out/b.wav", 500))
+
+    assert [f.size for f in fetched] == [1000, 2000]
+    assert staging.staged("job-a", second, number=2) == fetched[1]
+    assert staging.staged("job-a", second, number=1) is None  # file 1 of the job is another object
+    staging.release("job-a")
+    assert sorted(path.name for path in staging.directory.iterdir()) == ["job-b.1.json", "job-b.1.staged"]
+
+
+def test_a_job_in_use_keeps_all_its_files_through_an_eviction(sandbox: Sandbox, tmp_path: Path) -> None:
+    staging = Staging(str(tmp_path), int(1.5 * MIB), "0123abcd")
+    client = sandbox.client(REGION)
+    parts = [put(sandbox, f"out/a-{n}.wav", MIB // 2) for n in (1, 2)]
+    for n, where in enumerate(parts, start=1):
+        staging.fetch(client, "job-a", where, number=n)
+
+    def another_thread_fetches() -> None:
+        staging.fetch(client, "job-b", put(sandbox, "out/b.wav", MIB))  # over budget: someone must go
+
+    run_threads(1, lambda _: another_thread_fetches())
+
+    assert [staging.staged("job-a", where, number=n) is not None for n, where in enumerate(parts, start=1)] == [
+        True,
+        True,
+    ]
+
+
 def test_a_staged_download_of_another_object_is_not_reused(sandbox: Sandbox, tmp_path: Path) -> None:
     staging = Staging(str(tmp_path), 10 * MIB, "0123abcd")
     staging.fetch(sandbox.client(REGION), "job-a", put(sandbox, "out/a.wav", 1000))
@@ -82,10 +117,11 @@ def test_sweep_removes_partial_downloads_of_workers_that_are_gone(tmp_path: Path
 
 
 def staged_files(staging: Staging) -> dict[str, int]:
-    """Each staged download's job name and size, checking that nothing else is left in the directory."""
+    """Each staged download's job name and size (each job's one file), checking that nothing else is
+    left in the directory."""
     names = sorted(path.name for path in staging.directory.iterdir())
-    data = {path.stem: path.stat().st_size for path in staging.directory.glob("*.staged")}
-    assert names == sorted([f"{job}.staged" for job in data] + [f"{job}.json" for job in data])
+    data = {path.name.removesuffix(".1.staged"): path.stat().st_size for path in staging.directory.glob("*.staged")}
+    assert names == sorted([f"{job}.1.staged" for job in data] + [f"{job}.1.json" for job in data])
     return data
 
 

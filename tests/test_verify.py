@@ -4,8 +4,19 @@ from dataclasses import replace
 
 import pytest
 
-from webhook.ci.verify import Accept, Allowlist, Reject, Wait, confirmed, decide, precheck, where_to_ask
-from webhook.models import Job, ObjectLocation, OutputFile
+from webhook.ci.verify import (
+    Accept,
+    Allowlist,
+    OutputUnknown,
+    Reject,
+    Wait,
+    confirmed,
+    decide,
+    precheck,
+    where_to_ask,
+    written_outputs,
+)
+from webhook.models import FileDigest, Job, ObjectLocation, OutputFile
 
 ALLOW = Allowlist(
     buckets=frozenset({"audio-1250000000"}), regions=frozenset({"ap-guangzhou"}), tags=frozenset({"NoiseReduction"})
@@ -179,3 +190,57 @@ def test_what_ci_leaves_empty_is_taken_from_the_callback() -> None:
     reported = replace(JOB, user_data="", cos_headers=())
     claimed = replace(JOB, progress="100")
     assert confirmed(claimed, reported) == replace(JOB, progress="100")
+
+
+# -- what was written: the objects a successful job's deliveries fetch -------------------------------
+
+TEMPLATE = replace(JOB, output=ObjectLocation("audio-1250000000", "ap-guangzhou", "out/a-${Number}.wav"))
+
+
+def at(key: str) -> ObjectLocation:
+    return ObjectLocation("audio-1250000000", "ap-guangzhou", key)
+
+
+def test_a_plain_output_ci_names_nothing_for_is_the_one_file() -> None:
+    assert written_outputs(JOB) == (JOB.output,)
+
+
+def test_the_one_file_ci_names_is_fetched_instead_of_the_name_submitted() -> None:
+    job = replace(TEMPLATE, output_files=(OutputFile("", "", ("out/a-1.wav",)),))
+    assert written_outputs(job) == (at("out/a-1.wav"),)  # an empty bucket and region are the output's
+
+
+def test_every_file_ci_names_is_written_in_its_order_once() -> None:
+    job = replace(
+        TEMPLATE,
+        output_files=(
+            OutputFile(
+                "audio-1250000000",
+                "ap-guangzhou",
+                ("out/a-2.wav", "out/a-1.wav"),
+                digests=(FileDigest("out/a-2.wav", "2" * 32), FileDigest("out/a-1.wav", "1" * 32)),
+            ),
+            OutputFile("", "", ("out/a-3.wav", "out/a-2.wav")),  # a name given again is the same file
+        ),
+    )
+    written = written_outputs(job)
+    assert written == (at("out/a-2.wav"), at("out/a-1.wav"), at("out/a-3.wav"))
+    # The verified job's output is the first of them; its deliveries find the same objects from it.
+    assert written_outputs(replace(job, output=written[0])) == written
+
+
+@pytest.mark.parametrize(
+    ("output_files", "reason"),
+    [
+        ((), "output 'out/a-${Number}.wav' is a template and CI names no file it wrote"),
+        (
+            (OutputFile("audio-1250000000", "ap-guangzhou", (), "out/segments/"),),
+            "CI wrote files under 'out/segments/' without naming them: there is none to fetch",
+        ),
+    ],
+    ids=["template", "prefix"],
+)
+def test_nothing_named_to_fetch_is_output_unknown(output_files: tuple[OutputFile, ...], reason: str) -> None:
+    with pytest.raises(OutputUnknown) as unknown:
+        written_outputs(replace(TEMPLATE, output_files=output_files))
+    assert str(unknown.value) == reason

@@ -211,14 +211,34 @@ class FileLocation:
 
 
 @dataclass(frozen=True)
+class JobFile:
+    """One of the objects CI wrote for a succeeded job, as a sink receives it.
+
+    ``number`` is its place among the job's ``count`` files, from 1 in the order CI names them;
+    together with ``source``'s key they decide the name a storage sink gives it. ``location`` is
+    set for notification sinks only: where the message says the file is.
+    """
+
+    source: ObjectLocation  # the object CI wrote
+    fetched: FetchedFile
+    number: int = 1
+    count: int = 1
+    location: FileLocation | None = None
+
+
+@dataclass(frozen=True)
 class Event:
-    """What a sink receives: the verified job as metadata, plus the file on success."""
+    """What a sink receives: the verified job as metadata, plus its files (in CI's order) on success."""
 
     event_id: str
     type: str  # "job.succeeded" or "job.failed"
     job: Job
-    file: FetchedFile | None = None
-    location: FileLocation | None = None
+    files: tuple[JobFile, ...] = ()
+
+    @property
+    def file(self) -> FetchedFile | None:
+        """The first file as fetched: the one the document's ``file`` describes, as before jobs had several."""
+        return self.files[0].fetched if self.files else None
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

@@ -166,10 +166,18 @@ def working(settings: Settings, ledger: Ledger) -> Iterator[Worker]:
 
 
 def multipart_file(request: ReceivedRequest) -> tuple[dict[str, Any], bytes | None]:
-    """The metadata document and the decoded audio of an http-sink request."""
+    """The metadata document and the decoded audio of an http-sink request (its first file)."""
+    document, audio = multipart_files(request)
+    return document, audio[0] if audio else None
+
+
+def multipart_files(request: ReceivedRequest) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+    """The metadata document and every decoded audio file of an http-sink request, in the order the
+    document lists them: parts ``file``, ``file.2``, ``file.3``…, and no other part."""
     form, files = request.form()
-    audio = base64.b64decode(files["file"].read()) if "file" in files else None
-    return json.loads(form["metadata"]), audio
+    names = ["file", *(f"file.{n}" for n in range(2, len(files) + 1))][: len(files)]
+    assert sorted(files) == sorted(names), f"unexpected parts {sorted(files)}"
+    return json.loads(form["metadata"]), tuple(base64.b64decode(files[name].read()) for name in names)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -237,27 +237,30 @@ def _describe(where: ObjectLocation | None) -> str:
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 
 
-def written_output(job: Job) -> ObjectLocation:
-    """The object CI wrote for a successful ``job``, as confirmed by CI.
+def written_outputs(job: Job) -> tuple[ObjectLocation, ...]:
+    """The objects CI wrote for a successful ``job``, as confirmed by CI, in the order CI names them.
 
     ``Output.Object`` is the name as submitted and may be a template (``${ext}``,
-    ``${InputName}``…); the name CI wrote is in ``MediaResult/OutputFile``, whose empty bucket
-    or region means the output's. A key with an unresolved placeholder is never fetched: without
-    a name from CI, :class:`OutputUnknown` says why.
+    ``${InputName}``, ``${Number}``…); the names CI wrote are in ``MediaResult/OutputFile`` (one
+    or several, each with one or several ``ObjectName``), whose empty bucket or region means the
+    output's. A key with an unresolved placeholder is never fetched: without a name from CI,
+    :class:`OutputUnknown` says why, as it does for a prefix CI wrote under without naming
+    anything in it (there is nothing to fetch by name).
     """
     base = job.output or ObjectLocation("", "", "")
-    names = [(file, name) for file in job.output_files for name in file.object_names]
-    if len(names) > 1:
-        listed = ", ".join(name for _, name in names[:5]) + (", …" if len(names) > 5 else "")
-        raise OutputUnknown(f"CI wrote {len(names)} files ({listed}); one file per job is delivered")
-    if names:
-        file, name = names[0]
-        return ObjectLocation(file.bucket or base.bucket, file.region or base.region, name)
+    # An object CI names twice (in two OutputFile elements, say) is still one file.
+    written = dict.fromkeys(
+        ObjectLocation(file.bucket or base.bucket, file.region or base.region, name)
+        for file in job.output_files
+        for name in file.object_names
+    )
+    if written:
+        return tuple(written)
     if prefixes := [file.object_prefix for file in job.output_files if file.object_prefix]:
-        raise OutputUnknown(f"CI wrote files under {prefixes[0]!r} without naming them; one file per job is delivered")
+        raise OutputUnknown(f"CI wrote files under {prefixes[0]!r} without naming them: there is none to fetch")
     if _PLACEHOLDER.search(base.key):
         raise OutputUnknown(f"output {base.key!r} is a template and CI names no file it wrote")
-    return base
+    return (base,)
 
 
 def reported_md5(job: Job, key: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from webhook.config_values import CosEndpoint
 from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT
 from webhook.errors import ConfigError
-from webhook.models import Event, FileLocation, Job, ObjectLocation
+from webhook.models import Event, FileLocation, Job, JobFile, ObjectLocation
 from webhook.sinks.options import NotifyOptions
 
 PresignSource = Callable[[ObjectLocation, int], str]
@@ -77,11 +77,14 @@ class Sink:
         raise NotImplementedError
 
     def needs_bytes(self, job: Job) -> bool:
-        """Whether delivering ``job`` needs its output downloaded (``event.file.path`` set)."""
+        """Whether delivering ``job`` needs its output downloaded (each of ``event.files`` with its ``path`` set)."""
         return True
 
-    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
-        """Where this sink puts ``job``'s file, for notifications that point at it; None if it keeps none."""
+    def location(
+        self, job: Job, presign_seconds: int | None = None, file: JobFile | None = None
+    ) -> FileLocation | None:
+        """Where this sink puts ``job``'s ``file`` (None: its one file), for notifications that point
+        at it; None if it keeps none."""
         return None
 
     def check(self) -> str:
@@ -100,19 +103,20 @@ class NotificationSink(Sink):
     def needs_bytes(self, job: Job) -> bool:
         return False
 
-    def locate(self, job: Job, stored: Mapping[str, Sink], presign_source: PresignSource) -> FileLocation | None:
-        """Where the message says ``job``'s file is.
+    def locate(
+        self, job: Job, file: JobFile, stored: Mapping[str, Sink], presign_source: PresignSource
+    ) -> FileLocation | None:
+        """Where the message says ``job``'s ``file`` is.
 
         With ``file_from``, the copy that storage sink made (it must be among ``stored``, the sinks
-        that already have the job: otherwise this delivery waits for it); else CI's output object.
+        that already have the job: otherwise this delivery waits for it); else the object CI wrote.
         """
         presign = self.options.presign_seconds
         if self.options.file_from is not None:
             store = stored.get(self.options.file_from)
             if store is None:
                 raise DeliveryError(f"{self.name}: waiting for sink {self.options.file_from} to store the file")
-            return store.location(job, presign)
-        if job.output is None:
-            return None
-        url = presign_source(job.output, presign) if presign else ""
-        return FileLocation("source", job.output.bucket, job.output.key, job.output.region, url=url)
+            return store.location(job, presign, file)
+        source = file.source
+        url = presign_source(source, presign) if presign else ""
+        return FileLocation("source", source.bucket, source.key, source.region, url=url)

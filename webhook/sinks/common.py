@@ -11,7 +11,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from webhook.models import Event, Job
+from webhook.models import Event, Job, JobFile
 from webhook.sinks import DeliveryError, Sink
 from webhook.sinks.events import document_bytes
 from webhook.sinks.options import CosOptions, S3Options
@@ -25,14 +25,26 @@ _METADATA_SAFE = "".join(c for c in string.punctuation if c != "%")
 _USER_DATA_BUDGET = 1024
 
 
-def audio_name(prefix: str, job: Job) -> str:
-    """``<prefix><job_id><ext>``: the key or file name under which the storage sinks put a job's audio.
+def audio_name(prefix: str, job: Job, file: JobFile | None = None) -> str:
+    """The key or file name under which the storage sinks put a job's audio ``file`` (None: its
+    one file, ``job.output``): ``<prefix><job_id><ext>`` when the job has one file, and
+    ``<prefix><job_id>.<n><ext>`` for its ``n``-th of several, ``<ext>`` being that file's own.
 
-    It never equals any job's :func:`document_name`, whatever the output key, even compared
+    It never equals any job's :func:`document_name`, whatever the output keys, even compared
     case-insensitively: after ``<prefix>`` a job id has no dot (the callback parser allows only
-    letters, digits, ``-`` and ``_``), ``<ext>`` holds exactly one and ``.event.json`` two.
+    letters, digits, ``-`` and ``_``), ``<ext>`` holds exactly one dot, ``.<n><ext>`` two with
+    digits between them, and ``.event.json`` two with ``event`` between them. For the same
+    reason no two jobs' names meet, nor two files of one job.
     """
-    return prefix + job.job_id + file_extension(job.output.key if job.output else "")
+    if file is None:
+        return prefix + job.job_id + file_extension(job.output.key if job.output else "")
+    number = f".{file.number}" if file.count > 1 else ""
+    return prefix + job.job_id + number + file_extension(file.source.key)
+
+
+def audio_names(prefix: str, event: Event) -> tuple[str, ...]:
+    """:func:`audio_name` of each of ``event``'s files, in their order."""
+    return tuple(audio_name(prefix, event.job, file) for file in event.files)
 
 
 def document_name(prefix: str, job: Job) -> str:
@@ -131,7 +143,7 @@ class BucketSink(Sink):
         return self._call("head_object", key, self._client.head_object, Bucket=self.options.bucket, Key=key)
 
     def _put_document(self, event: Event, metadata: dict[str, str]) -> tuple[str, bytes, Any]:
-        """Write the metadata document (last: its presence means the audio is complete)."""
+        """Write the metadata document (last: its presence means every file it lists is complete)."""
         key = document_name(self.options.prefix, event.job)
-        document = document_bytes(event)
+        document = document_bytes(event, audio_names(self.options.prefix, event))
         return key, document, self._put(key, document, "application/json", metadata)

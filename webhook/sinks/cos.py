@@ -1,4 +1,5 @@
-"""A sink that stores ``<prefix><job_id><ext>`` and ``<prefix><job_id>.event.json`` in a COS bucket."""
+"""A sink that stores ``<prefix><job_id><ext>`` (numbered for several files) and ``<prefix><job_id>.event.json``
+in a COS bucket."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from webhook.ci.fetch import presigned_url
 from webhook.config_values import CosEndpoint, parse_endpoint
 from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT, Deadline, current, transfer_budget
 from webhook.errors import ConfigError
-from webhook.models import Event, FetchedFile, FileLocation, Job, ObjectLocation
+from webhook.models import Event, FetchedFile, FileLocation, Job, JobFile, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError
 from webhook.sinks.common import (
     BucketSink,
     audio_name,
+    audio_names,
     os_reason,
     printable,
     safe_content_type,
@@ -32,9 +34,10 @@ _RETRYABLE_CODES = frozenset({"RequestTimeOut", "RequestTimeout", "IncompleteBod
 
 
 class CosSink(BucketSink):
-    """Stores each event's audio, then its metadata document, in ``cos://<bucket>/<prefix>``.
+    """Stores each event's audio files, then its metadata document, in ``cos://<bucket>/<prefix>``.
 
-    Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
+    Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd), or
+    ``<prefix><job_id>.<n><ext>`` for each of a job's several files, and
     ``<prefix><job_id>.event.json``; the JSON is written last, so its presence means the audio
     is complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Both
     objects carry ``x-cos-meta-job-id``, ``-event-id`` and ``-user-data`` (percent-encoded).
@@ -92,21 +95,22 @@ class CosSink(BucketSink):
 
     def needs_bytes(self, job: Job) -> bool:
         """False when COS can copy the output into the bucket itself (same region, copy enabled)."""
-        return self._copy_source(job) is None
+        return not self._copies(job)
 
     def deliver(self, event: Event) -> None:
-        """Copy or upload the audio and check its CRC64, then write the JSON and check it too."""
-        size = event.file.size if event.file is not None else 0
+        """Copy or upload each audio file and check its CRC64, then write the JSON and check it too."""
+        size = sum(file.fetched.size for file in event.files)
         with Deadline(transfer_budget(self.timeout, size, self.min_rate), f"delivery to sink {self.name}"):
             self._deliver(event)
 
     def _deliver(self, event: Event) -> None:
-        job = event.job
         metadata = {f"x-cos-meta-{k}": v for k, v in user_metadata(event).items()}
-        if event.file is not None:
-            key = audio_name(self.options.prefix, job)
-            source = self._copy_source(job)
-            if source is not None:
+        copying = self._copies(event.job)
+        # Every file, then the document: a failure part way leaves the earlier objects without a
+        # document listing them, until the retry overwrites them all and writes it.
+        for file, key in zip(event.files, audio_names(self.options.prefix, event), strict=True):
+            if copying:
+                source = file.source
                 response = self._call(
                     "copy_object",
                     key,
@@ -116,16 +120,18 @@ class CosSink(BucketSink):
                     CopySource={"Bucket": source.bucket, "Key": source.key, "Region": source.region},
                     # Replaced, not Copy: the copy gets this event's metadata instead of the source's.
                     CopyStatus="Replaced",
-                    ContentType=safe_content_type(event.file.content_type),
+                    ContentType=safe_content_type(file.fetched.content_type),
                     Metadata=metadata,
                 )
             else:
-                response = self._upload(key, event.file, metadata)
-            self._check_crc(key, response, event.file.crc64)
+                response = self._upload(key, file.fetched, metadata)
+            self._check_crc(key, response, file.fetched.crc64)
         key, document, response = self._put_document(event, metadata)
         self._check_crc(key, response, str(crc64ecma(document)))
 
-    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
+    def location(
+        self, job: Job, presign_seconds: int | None = None, file: JobFile | None = None
+    ) -> FileLocation | None:
         """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given.
 
         The URL names the bucket's public host (``https://<bucket>.cos.<region>.myqcloud.com``)
@@ -134,7 +140,7 @@ class CosSink(BucketSink):
         """
         if not job.succeeded:
             return None
-        key = audio_name(self.options.prefix, job)
+        key = audio_name(self.options.prefix, job, file)
         where = ObjectLocation(self.options.bucket, self.options.region, key)
         url = presigned_url(self._signer, where, presign_seconds) if presign_seconds else ""
         return FileLocation(kind="cos", bucket=where.bucket, key=key, region=where.region, url=url)
@@ -145,11 +151,10 @@ class CosSink(BucketSink):
             self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
         return f"bucket {self.options.bucket} in {self.options.region} is reachable"
 
-    def _copy_source(self, job: Job) -> ObjectLocation | None:
+    def _copies(self, job: Job) -> bool:
+        """Whether COS copies the job's files itself, each from where CI wrote it: its output is in this region."""
         output = job.output
-        if self.options.server_side_copy and output is not None and output.region == self.options.region:
-            return output
-        return None
+        return self.options.server_side_copy and output is not None and output.region == self.options.region
 
     def _upload(self, key: str, file: FetchedFile, metadata: dict[str, str]) -> dict[str, Any]:
         if file.path is None:

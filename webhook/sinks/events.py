@@ -1,7 +1,8 @@
 r"""The event every sink receives: one versioned metadata document per job and sink.
 
 Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetched, so the
-``filesystem`` sink gets this document (the http sink the same with its own ``event_id``)::
+``filesystem`` sink stores it as ``je8f…303c.wav`` beside this document (the http sink gets the
+same with its own ``event_id`` and without ``stored_as``)::
 
     {
       "schema": "cos-webhook.event/v1",
@@ -31,14 +32,23 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
       "file": {
         "name": "a.wav", "size": 1024, "crc64": "6230416154291387364",
         "content_type": "audio/wav", "etag": "\"e1\"", "md5": "9e107d9d372bb6826bd81d3542a419d6"
-      }
+      },
+      "files": [{
+        "name": "a.wav", "size": 1024, "crc64": "6230416154291387364",
+        "content_type": "audio/wav", "etag": "\"e1\"", "md5": "9e107d9d372bb6826bd81d3542a419d6",
+        "stored_as": "je8f65004eb8511eaaed4f377124a303c.wav"
+      }]
     }
 
-A failed job gives ``"type": "job.failed"`` and ``"file": null``. Notification sinks (redis,
-amqp, http in json mode) carry no bytes; their ``file`` also has a ``location``: where a storage
-sink put the file, or CI's output object itself, e.g. ``{"kind": "cos", "bucket":
-"archive-1250000000", "key": "denoised/je8f….wav", "region": "ap-guangzhou", "url":
-"<presigned, if configured>"}``.
+``files`` lists every object CI wrote for the job, in the order CI names them (``MediaResult``):
+one for most jobs, several when ``Output.Object`` held ``${Number}``. ``file`` is the first of
+them, as v1 documents had it before jobs could have several; ``stored_as`` is in the storage
+sinks' (filesystem, cos, s3) own documents only: the file name or key that sink gave the file.
+A failed job gives ``"type": "job.failed"``, ``"file": null`` and ``"files": []``.
+Notification sinks (redis, amqp, http in json mode) carry no bytes; their ``file`` and each of
+their ``files`` also has a ``location``: where a storage sink put that file, or CI's output
+object itself, e.g. ``{"kind": "cos", "bucket": "archive-1250000000", "key":
+"denoised/je8f….wav", "region": "ap-guangzhou", "url": "<presigned, if configured>"}``.
 Receivers should dispatch on ``schema``: a later version may add fields, and an incompatible
 change gets a new version.
 """
@@ -48,10 +58,11 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from webhook.models import Event, FetchedFile, FileLocation, Job, JobState, job_to_dict
+from webhook.models import Event, FetchedFile, FileLocation, Job, JobFile, JobState, ObjectLocation, job_to_dict
 
 SCHEMA = "cos-webhook.event/v1"
 SUCCEEDED = "job.succeeded"
@@ -64,40 +75,63 @@ def event_id(job_id: str, sink: str) -> str:
     return "evt_" + digest[:32]
 
 
-def build_event(job: Job, sink: str, file: FetchedFile | None, location: FileLocation | None = None) -> Event:
-    """The event for ``sink``: ``job.succeeded`` with the fetched output, or ``job.failed`` without a file.
+def build_event(
+    job: Job, sink: str, files: Sequence[JobFile] | FetchedFile | None, location: FileLocation | None = None
+) -> Event:
+    """The event for ``sink``: ``job.succeeded`` with the job's files, or ``job.failed`` without any.
 
+    ``files`` are every object CI wrote, in its order; a :class:`FetchedFile` alone stands for a
+    job's one file, ``job.output`` (found at ``location``, for a notification).
     A canceled job is also ``job.failed`` (``job.state`` tells them apart): it finished without output.
     Raises :class:`ValueError` for any other combination (an unfinished job, a success without
     its output, a failure with a file): those are bugs upstream, not deliveries.
     """
-    if job.state == JobState.SUCCESS and file is not None and job.output is not None:
-        return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, file=file, location=location)
-    if job.state in (JobState.FAILED, JobState.CANCEL) and file is None:
+    if isinstance(files, FetchedFile):  # without an output it is refused below, as a file with no job output
+        files = (JobFile(job.output or ObjectLocation("", "", ""), files, location=location),)
+    files = tuple(files or ())
+    if job.state == JobState.SUCCESS and files and job.output is not None:
+        return Event(event_id=event_id(job.job_id, sink), type=SUCCEEDED, job=job, files=files)
+    if job.state in (JobState.FAILED, JobState.CANCEL) and not files:
         return Event(event_id=event_id(job.job_id, sink), type=FAILED, job=job)
     raise ValueError(
         f"job {job.job_id}: no event for state {job.state!r} "
-        f"{'with' if file else 'without'} a file and {'with' if job.output else 'without'} an output"
+        f"{'with' if files else 'without'} a file and {'with' if job.output else 'without'} an output"
     )
 
 
-def event_document(event: Event) -> dict[str, Any]:
-    """The JSON document for ``event`` (see the module docstring); equal to its own JSON round trip."""
-    job = _as_lists(job_to_dict(event.job))
-    file = None
-    if event.file is not None:
-        key = event.job.output.key if event.job.output else ""
-        file = {
-            "name": posixpath.basename(key),
-            "size": event.file.size,
-            "crc64": event.file.crc64,
-            "content_type": event.file.content_type,
-            "etag": event.file.etag,
-            "md5": event.file.md5,
-        }
-        if event.location is not None:
-            file["location"] = {k: v for k, v in asdict(event.location).items() if v}
-    return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}
+def event_document(event: Event, stored_as: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON document for ``event`` (see the module docstring); equal to its own JSON round trip.
+
+    ``stored_as`` are the names a storage sink gave the files, in their order, for its own document.
+    """
+    files = [_file(file) for file in event.files]
+    if stored_as:
+        for entry, name in zip(files, stored_as, strict=True):
+            entry["stored_as"] = name
+    return {
+        "schema": SCHEMA,
+        "event_id": event.event_id,
+        "type": event.type,
+        "job": _as_lists(job_to_dict(event.job)),
+        # v1's one file, as before jobs had several: the first, as ``files`` lists it but for ``stored_as``.
+        "file": _file(event.files[0]) if event.files else None,
+        "files": files,
+    }
+
+
+def _file(file: JobFile) -> dict[str, Any]:
+    fetched = file.fetched
+    entry: dict[str, Any] = {
+        "name": posixpath.basename(file.source.key),
+        "size": fetched.size,
+        "crc64": fetched.crc64,
+        "content_type": fetched.content_type,
+        "etag": fetched.etag,
+        "md5": fetched.md5,
+    }
+    if file.location is not None:
+        entry["location"] = {k: v for k, v in asdict(file.location).items() if v}
+    return entry
 
 
 def _as_lists(value: Any) -> Any:
@@ -109,6 +143,7 @@ def _as_lists(value: Any) -> Any:
     return value
 
 
-def document_bytes(event: Event) -> bytes:
-    """The metadata document as the ``<job_id>.event.json`` file that storage sinks write."""
-    return json.dumps(event_document(event), indent=2, ensure_ascii=False).encode() + b"\n"
+def document_bytes(event: Event, stored_as: Sequence[str] = ()) -> bytes:
+    """The metadata document as the ``<job_id>.event.json`` file that storage sinks write, naming
+    what each file was ``stored_as``."""
+    return json.dumps(event_document(event, stored_as), indent=2, ensure_ascii=False).encode() + b"\n"

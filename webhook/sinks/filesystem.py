@@ -1,9 +1,11 @@
-"""A sink that drops ``<job_id><ext>`` and ``<job_id>.event.json`` into a directory."""
+"""A sink that drops ``<job_id><ext>`` (``<job_id>.<n><ext>`` for each of several files) and
+``<job_id>.event.json`` into a directory."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import os
 import re
@@ -13,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from webhook.models import Event, FileLocation, Job
+from webhook.models import Event, FileLocation, Job, JobFile
 from webhook.sinks import BuildContext, DeliveryError, Sink
-from webhook.sinks.common import audio_name, document_name
+from webhook.sinks.common import audio_name, audio_names, document_name
 from webhook.sinks.events import document_bytes
 from webhook.sinks.options import FilesystemOptions
 
@@ -25,10 +27,10 @@ PARTIAL_DIR = ".partial"  # in the sink's directory: files being written, rename
 
 
 class FilesystemSink(Sink):
-    """Writes each event's audio, then its metadata, atomically into ``root``.
+    """Writes each event's audio files, then its metadata, atomically into ``root``.
 
-    A consumer can rely on this: once ``<job_id>.event.json`` exists, the audio it describes is
-    complete, and both survive a power cut. Files are written in the hidden subdirectory
+    A consumer can rely on this: once ``<job_id>.event.json`` exists, every file it lists is
+    complete, and all of them survive a power cut. Files are written in the hidden subdirectory
     ``.partial`` and renamed into place, so globbing ``*.event.json`` never sees them half-written.
     Files are created with mode 0600 (only the service's user can read them).
 
@@ -53,18 +55,22 @@ class FilesystemSink(Sink):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             root = self.root.resolve()
-            if event.file is not None and event.file.path is not None:
-                source = event.file.path
-                self._write(root, audio_name("", event.job), lambda temp: _link_or_copy(source, temp))
-            document = document_bytes(event)
+            names = audio_names("", event)
+            # Every file, then the document: if a later file cannot be written, the earlier ones are
+            # in place but no document lists them, so a reader of *.event.json sees nothing of the
+            # job until the retry writes them all (the same names) and the document after them.
+            for file, name in zip(event.files, names, strict=True):
+                if (source := file.fetched.path) is not None:
+                    self._write(root, name, functools.partial(_link_or_copy, source))
+            document = document_bytes(event, names)
             self._write(root, document_name("", event.job), lambda temp: _create(temp, lambda dst: dst.write(document)))
         except OSError as exc:
             raise DeliveryError(
                 f"{self.name}: cannot write {exc.filename or self.root}: {exc.strerror or exc}"
             ) from exc
 
-    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation:
-        return FileLocation(kind="filesystem", path=str(self.root.resolve() / audio_name("", job)))
+    def location(self, job: Job, presign_seconds: int | None = None, file: JobFile | None = None) -> FileLocation:
+        return FileLocation(kind="filesystem", path=str(self.root.resolve() / audio_name("", job, file)))
 
     def check(self) -> str:
         """Whether deliveries can write here, found out without creating anything.

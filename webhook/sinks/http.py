@@ -1,8 +1,8 @@
 """The http sink: POSTs each event, signed per Standard Webhooks, as JSON or as multipart/form-data.
 
 ``mode = "json"`` (:class:`HttpNotifySink`, the default) sends the event document alone, with
-``file.location`` saying where to download the audio, as the notification sinks do.
-``mode = "multipart"`` (:class:`HttpMultipartSink`) pushes the document and the audio in one body.
+each file's ``location`` saying where to download it, as the notification sinks do.
+``mode = "multipart"`` (:class:`HttpMultipartSink`) pushes the document and the audio files in one body.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import requests
@@ -148,10 +149,10 @@ class HttpPostSink(Sink):
 class HttpNotifySink(HttpPostSink, NotificationSink):
     """``mode = "json"``: POSTs the event document alone as ``application/json``.
 
-    The worker never downloads the audio for it: ``file.location`` names CI's output object, or
-    with ``file_from`` the copy a storage sink made, and with ``presign_seconds`` carries a
-    presigned GET URL. The body is the document's UTF-8 JSON, what a stock Standard Webhooks
-    library verifies and parses in one call.
+    The worker never downloads the audio for it: each file's ``location`` (in ``file`` and
+    ``files``) names the object CI wrote, or with ``file_from`` the copy a storage sink made, and
+    with ``presign_seconds`` carries a presigned GET URL. The body is the document's UTF-8 JSON,
+    what a stock Standard Webhooks library verifies and parses in one call.
     """
 
     def __init__(
@@ -172,63 +173,83 @@ class HttpNotifySink(HttpPostSink, NotificationSink):
 
 
 class HttpMultipartSink(HttpPostSink):
-    """``mode = "multipart"``: POSTs ``metadata`` (JSON) and, for a succeeded job, ``file`` (the audio).
+    """``mode = "multipart"``: POSTs ``metadata`` (JSON) and, for a succeeded job, its audio files.
 
-    The body is streamed from disk twice, once to sign it and once to send it, and is never
-    held in memory.
+    The first file is the part ``file``, as when jobs had one; each further file ``n`` of the
+    document's ``files`` (from 1) is the part ``file.<n>``: ``file.2``, ``file.3``… The body is
+    streamed from disk twice, once to sign it and once to send it, and is never held in memory.
     """
 
     def deliver(self, event: Event) -> None:
         """POST the event once; raise :class:`DeliveryError` unless the receiver answers 2xx."""
+        if any(file.fetched.path is None for file in event.files):
+            raise DeliveryError(f"{self.name}: job {event.job.job_id}: the output was not downloaded", permanent=True)
         metadata = event_document(event)
+        parts = [
+            FilePart(part_name(n), entry["name"], file.fetched)
+            for n, (entry, file) in enumerate(zip(metadata["files"], event.files, strict=True), start=1)
+        ]
         try:
-            filename = metadata["file"]["name"] if metadata["file"] else ""
-            body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), event.file, filename)
+            body = MultipartBody(json.dumps(metadata, ensure_ascii=False).encode(), parts)
         except OSError as exc:
             raise unreadable(self.name, exc) from exc
         self._post(event.event_id, body, body.content_type)
 
 
-class MultipartBody:
-    """A multipart/form-data body with a ``metadata`` part and an optional ``file`` part read from disk.
+def part_name(number: int) -> str:
+    """The multipart part that carries file ``number`` (from 1) of an event: ``file``, ``file.2``, ``file.3``…"""
+    return "file" if number == 1 else f"file.{number}"
 
-    The file part is base64 (``Content-Transfer-Encoding: base64``) so that the whole body is
+
+@dataclass(frozen=True)
+class FilePart:
+    """One file of a multipart body: its part's name, the file name it is sent as, and the file on disk."""
+
+    name: str
+    filename: str
+    file: FetchedFile
+
+
+class MultipartBody:
+    """A multipart/form-data body with a ``metadata`` part and a part per file, read from disk.
+
+    File parts are base64 (``Content-Transfer-Encoding: base64``) so that the whole body is
     UTF-8 text: Standard Webhooks libraries verify the signature over the body as a string and
-    cannot take raw audio bytes. Iterable any number of times (each pass reopens the file);
+    cannot take raw audio bytes. Iterable any number of times (each pass reopens the files);
     ``len()`` is the exact byte count, which makes ``requests`` send a Content-Length instead of
     chunked encoding.
     """
 
-    def __init__(self, metadata: bytes, file: FetchedFile | None, filename: str) -> None:
+    def __init__(self, metadata: bytes, parts: Sequence[FilePart] = ()) -> None:
         self.boundary = "cos-webhook-" + os.urandom(16).hex()
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         delimiter = f"--{self.boundary}\r\n".encode()
-        head = delimiter + _part_headers('name="metadata"', "application/json") + metadata + b"\r\n"
-        # A failure event has no file; a success always arrives downloaded (needs_bytes).
-        self._path = file.path if file else None
-        self._size = os.stat(self._path).st_size if self._path else 0
-        if file:
-            disposition = f'name="file"; filename="{_quote_filename(filename)}"'
-            head += delimiter + _part_headers(disposition, safe_content_type(file.content_type), base64_encoded=True)
-            self._tail = f"\r\n--{self.boundary}--\r\n".encode()
-        else:
-            self._tail = f"--{self.boundary}--\r\n".encode()
-        self._head = head
+        self._head = delimiter + _part_headers('name="metadata"', "application/json") + metadata + b"\r\n"
+        self._files: list[tuple[bytes, str, int]] = []  # each part's headers, its file and that file's size
+        for part in parts:
+            assert part.file.path is not None  # a success arrives downloaded (needs_bytes)
+            disposition = f'name="{part.name}"; filename="{_quote_filename(part.filename)}"'
+            headers = _part_headers(disposition, safe_content_type(part.file.content_type), base64_encoded=True)
+            self._files.append((delimiter + headers, part.file.path, os.stat(part.file.path).st_size))
+        self._tail = f"--{self.boundary}--\r\n".encode()
 
     def __len__(self) -> int:
-        return len(self._head) + 4 * -(-self._size // 3) + len(self._tail)
+        files = sum(len(headers) + 4 * -(-size // 3) + 2 for headers, _, size in self._files)
+        return len(self._head) + files + len(self._tail)
 
     def __iter__(self) -> Iterator[bytes]:
         yield self._head
-        if self._path is not None:
-            with open(self._path, "rb") as source:
-                remaining = self._size
+        for headers, path, size in self._files:
+            yield headers
+            with open(path, "rb") as source:
+                remaining = size
                 while remaining:
                     chunk = source.read(min(_CHUNK, remaining))
                     if not chunk:
-                        raise OSError(f"{self._path} shrank while it was being sent")
+                        raise OSError(f"{path} shrank while it was being sent")
                     remaining -= len(chunk)
                     yield base64.b64encode(chunk)
+            yield b"\r\n"
         yield self._tail
 
 

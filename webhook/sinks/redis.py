@@ -24,8 +24,8 @@ _PERMANENT = (AuthenticationError, AuthorizationError, NoPermissionError)
 class RedisSink(NotificationSink):
     """``XADD <stream> MAXLEN ~ <maxlen> *`` with ``event_id``, ``type``, ``job_id``, ``schema`` and ``data``.
 
-    ``data`` is the event's JSON document (:func:`webhook.sinks.events.event_document`), whose ``file``
-    says where the audio is. Delivery is at least once: an entry whose reply was lost (a timeout
+    ``data`` is the event's JSON document (:func:`webhook.sinks.events.event_document`), whose
+    ``files`` say where each audio file is. Delivery is at least once: an entry whose reply was lost (a timeout
     after the command was sent) is added again on the next attempt, with the same ``event_id``,
     so consumers deduplicate on it. ``password`` (from ``password_env``) is used unless the URL
     carries its own.

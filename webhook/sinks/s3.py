@@ -1,4 +1,5 @@
-"""A sink that uploads ``<prefix><job_id><ext>`` and ``<prefix><job_id>.event.json`` to an S3-compatible bucket."""
+"""A sink that uploads ``<prefix><job_id><ext>`` (numbered for several files) and ``<prefix><job_id>.event.json``
+to an S3-compatible bucket."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from botocore.exceptions import (
 )
 
 from webhook.errors import ConfigError
-from webhook.models import Event, FileLocation, Job
+from webhook.models import Event, FileLocation, Job, JobFile
 from webhook.sinks import BuildContext, DeliveryError
 from webhook.sinks.common import (
     BucketSink,
     audio_name,
+    audio_names,
     os_reason,
     printable,
     retry_after_seconds,
@@ -71,9 +73,10 @@ _RETRYABLE_LOCAL = (ConnectionError, HTTPClientError, ChecksumError, IncompleteR
 
 
 class S3Sink(BucketSink):
-    """Uploads each event's audio, then its metadata document, to ``s3://<bucket>/<prefix><job_id>``.
+    """Uploads each event's audio files, then its metadata document, to ``s3://<bucket>/<prefix><job_id>``.
 
-    Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd) and
+    Keys are ``<prefix><job_id><ext>`` (the output key's suffix, ``.bin`` if odd), or
+    ``<prefix><job_id>.<n><ext>`` for each of a job's several files, and
     ``<prefix><job_id>.event.json``; the JSON is written last, so its presence means the audio
     is complete. A failed job gets only the JSON. Delivering again overwrites the same keys. Each
     object carries ``x-amz-meta-job-id``, ``-event-id`` and ``-user-data`` (percent-encoded).
@@ -141,14 +144,18 @@ class S3Sink(BucketSink):
         )
 
     def deliver(self, event: Event) -> None:
-        """Upload the audio (multipart when large) and check its size, then upload the JSON."""
+        """Upload each audio file (multipart when large) and check its size, then upload the JSON.
+
+        A failure part way leaves the earlier files without a document listing them, until the
+        retry overwrites them all and uploads it.
+        """
         job = event.job
         metadata = user_metadata(event)
-        if event.file is not None:
-            if event.file.path is None:
+        for file, key in zip(event.files, audio_names(self.options.prefix, event), strict=True):
+            fetched = file.fetched
+            if fetched.path is None:
                 raise DeliveryError(f"{self.name}: job {job.job_id}: the output was not downloaded", permanent=True)
-            key = audio_name(self.options.prefix, job)
-            extra = {"ContentType": safe_content_type(event.file.content_type), "Metadata": metadata}
+            extra = {"ContentType": safe_content_type(fetched.content_type), "Metadata": metadata}
             # What is checked: botocore sends a CRC32 of every request body (each part, or the
             # whole object) and the store refuses a mismatch, so the stored bytes are the bytes
             # read; the size check below proves they were all of the file. The file itself was
@@ -157,24 +164,26 @@ class S3Sink(BucketSink):
                 "upload",
                 key,
                 self._client.upload_file,
-                event.file.path,
+                fetched.path,
                 self.options.bucket,
                 key,
                 ExtraArgs=extra,
                 Config=self._transfer,
             )
             head = self._head(key)
-            if head["ContentLength"] != event.file.size:
+            if head["ContentLength"] != fetched.size:
                 raise DeliveryError(
-                    f"{self.name}: {self._url(key)} holds {head['ContentLength']} bytes, expected {event.file.size}"
+                    f"{self.name}: {self._url(key)} holds {head['ContentLength']} bytes, expected {fetched.size}"
                 )
         self._put_document(event, metadata)
 
-    def location(self, job: Job, presign_seconds: int | None = None) -> FileLocation | None:
+    def location(
+        self, job: Job, presign_seconds: int | None = None, file: JobFile | None = None
+    ) -> FileLocation | None:
         """The audio's bucket and key, with a presigned GET URL when ``presign_seconds`` is given."""
         if not job.succeeded:
             return None
-        key = audio_name(self.options.prefix, job)
+        key = audio_name(self.options.prefix, job, file)
         url = ""
         if presign_seconds:
             params = {"Bucket": self.options.bucket, "Key": key}

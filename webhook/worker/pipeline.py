@@ -1,5 +1,5 @@
-"""What a worker does with one claim: verify the job, fetch its object, deliver it to each sink;
-a failure costs only the tasks it happened to.
+"""What a worker does with one claim: verify the job, fetch the objects CI wrote for it, deliver
+them to each sink; a failure costs only the tasks it happened to.
 
 The steps decide what became of each task (:mod:`webhook.worker.outcomes`) and hand each
 outcome, as soon as it is decided, to the one :class:`~webhook.worker.outcomes.Recorder`.
@@ -30,11 +30,11 @@ from webhook.ci.verify import (
     precheck,
     reported_md5,
     where_to_ask,
-    written_output,
+    written_outputs,
 )
 from webhook.config import Settings
 from webhook.ledger import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
-from webhook.models import FetchedFile, Job, ObjectLocation, Outcome, Step, job_from_json
+from webhook.models import Job, JobFile, ObjectLocation, Outcome, Step, job_from_json
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import DeliveryError, NotificationSink, Sink
 from webhook.sinks.config import SinkSpec
@@ -140,8 +140,9 @@ class Pipeline:
                 version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
                 if job.succeeded:
                     try:
-                        # From here on the job's output is the object CI wrote, not the name submitted.
-                        job = replace(job, output=written_output(job))
+                        # From here on the job's output is the (first) object CI wrote, not the name
+                        # submitted; its deliveries find every object it wrote with written_outputs.
+                        job = replace(job, output=written_outputs(job)[0])
                     except OutputUnknown as exc:
                         final = "CI names no file to fetch"
                         return self._failed(task, claim, str(exc), self._policy(task), trying, final=final)
@@ -190,58 +191,68 @@ class Pipeline:
             (d for d in claim.deliveries if d.sink in self.sinks),
             key=lambda d: isinstance(self.sinks[d.sink], NotificationSink),
         )
-        fetched: FetchedFile | None = None
+        files: tuple[JobFile, ...] = ()
         fetch_attempts: list[Attempt] = []  # recorded with the first delivery's outcome
         if job.succeeded and deliveries:
-            assert job.output is not None  # verification refuses a success without output
             fetching = Trying(Step.FETCH)
             try:
                 bytes_needed = any(self.sinks[d.sink].needs_bytes(job) for d in deliveries)
-                fetched = self._fetch(job, job.output, bytes_needed)
+                files = self._fetch(job, bytes_needed)
             except Exception as exc:
-                # One delay for all: the deliveries stay due together, so the next try fetches once.
+                # Every file or none: a file that fails its check fails the attempt of every delivery,
+                # with its error, and no sink gets the others. One delay for all: the deliveries stay
+                # due together, so the next try fetches once (the files already staged are kept).
                 together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
                 error = self._error_text(exc)
+                retrying = False
                 for n, delivery in enumerate(deliveries):
                     trying = Trying(Step.DELIVER, delivery.sink)
                     also = [fetching] if n == 0 else []
                     policy = self._policy(delivery)
-                    yield self._failed(delivery, claim, error, policy, trying, also=also, delay=together)
+                    failed = self._failed(delivery, claim, error, policy, trying, also=also, delay=together)
+                    yield failed
+                    retrying = retrying or isinstance(failed, RetryLater | Abandoned)
+                self._release(job.job_id, claim, retrying)  # the files staged before the one that failed
                 return
             fetch_attempts.append(fetching.ended(Outcome.OK))
-            log.info("fetched=%s %s bytes=%d", bool(fetched.path), job.output.key, fetched.size, extra=fields(job))
         stored = {name: self.sinks[name] for name in claim.delivered_to if name in self.sinks}
         retrying = False
         for delivery in deliveries:
-            outcome = self._deliver_to(delivery, claim, job, fetched, stored, fetch_attempts)
+            outcome = self._deliver_to(delivery, claim, job, files, stored, fetch_attempts)
             fetch_attempts = []
             yield outcome
             if isinstance(outcome, Delivered):
                 stored[delivery.sink] = self.sinks[delivery.sink]
             retrying = retrying or isinstance(outcome, RetryLater | Abandoned)
-        if fetched is not None and fetched.path is not None and not retrying:
-            self.staging.release(job.job_id)
+        if any(file.fetched.path is not None for file in files):
+            self._release(job.job_id, claim, retrying)
+
+    def _release(self, job_id: str, claim: DeliveryClaim, retrying: bool) -> None:
+        """The job's staged files go once none of its deliveries is left to retry, in this claim or
+        another; should two claims of one job end at once, each sees the other's delivery as still
+        to come, and the staging budget evicts the files instead."""
+        if not retrying and not claim.pending_elsewhere:
+            self.staging.release(job_id)
 
     def _deliver_to(
         self,
         delivery: Delivery,
         claim: DeliveryClaim,
         job: Job,
-        fetched: FetchedFile | None,
+        files: tuple[JobFile, ...],
         stored: dict[str, Sink],
         recorded: Sequence[Attempt],
     ) -> Delivered | Failed:
-        """One sink's delivery; ``stored`` are the sinks that already have the job's file."""
+        """One sink's delivery of the job's ``files``; ``stored`` are the sinks that already have them."""
         sink = self.sinks[delivery.sink]
         trying = Trying(Step.DELIVER, delivery.sink)
         policy = self._policy(delivery)
         if self.shutdown.abandoning.is_set():
             return self._failed(delivery, claim, "not started", policy, trying, recorded=recorded)
         try:
-            location = None
-            if fetched and isinstance(sink, NotificationSink):
-                location = sink.locate(job, stored, self._presign_source)
-            sink.deliver(build_event(job, delivery.sink, fetched, location))
+            if isinstance(sink, NotificationSink):
+                files = tuple(replace(f, location=sink.locate(job, f, stored, self._presign_source)) for f in files)
+            sink.deliver(build_event(job, delivery.sink, files))
         except DeliveryError as exc:
             final = "refused permanently" if exc.permanent else None
             return self._failed(
@@ -261,12 +272,21 @@ class Pipeline:
             return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=type(exc).__name__)
         return Delivered(delivery, (*recorded, trying.ended(Outcome.OK)))
 
-    def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
-        client = self.client_for_region(where.region)
-        md5 = reported_md5(job, where.key)
-        if bytes_needed:
-            return self.staging.fetch(client, job.job_id, where, md5)
-        return describe_object(client, where, md5=md5)
+    def _fetch(self, job: Job, bytes_needed: bool) -> tuple[JobFile, ...]:
+        """Every object CI wrote for ``job``, in its order, each checked against the MD5 CI reported
+        for it: downloaded (staged) when a sink needs the bytes, else described."""
+        written = written_outputs(job)
+        files = []
+        for number, where in enumerate(written, start=1):
+            client = self.client_for_region(where.region)
+            md5 = reported_md5(job, where.key)
+            if bytes_needed:
+                fetched = self.staging.fetch(client, job.job_id, where, md5, number)
+            else:
+                fetched = describe_object(client, where, md5=md5)
+            log.info("fetched=%s %s bytes=%d", bool(fetched.path), where.key, fetched.size, extra=fields(job))
+            files.append(JobFile(where, fetched, number, len(written)))
+        return tuple(files)
 
     def _error_text(self, exc: BaseException) -> str:
         """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""

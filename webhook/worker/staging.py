@@ -1,5 +1,8 @@
-"""Staged downloads: a job's object is fetched once and kept until none of its deliveries is left
+"""Staged downloads: a job's objects are fetched once and kept until none of its deliveries is left
 to retry, instead of once per attempt.
+
+Each object is staged under the job and its number among the job's files (from 1): a job whose
+second file failed its check keeps its first staged for the retry.
 
 A download is written to a ``.part`` file named after the worker, checked (length, CRC64), then
 renamed into place with a small JSON file describing it, so a staged object is always whole.
@@ -16,6 +19,7 @@ ends: that covers the download and the deliveries from it, and pins at most one 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -35,7 +39,7 @@ from webhook.models import FetchedFile, ObjectLocation
 
 log = logging.getLogger("webhook.worker")
 
-_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no dot: a staged file's name says where the job's name ends
 _PART = re.compile(re.escape(PART_PREFIX) + r"(?P<tag>[0-9a-f]{8})-.*\.part")
 _ORPHAN_AGE = 600.0  # a .part file without a worker tag, untouched this long, belongs to no one
 
@@ -53,14 +57,15 @@ class Staging:
         self._lock = threading.Lock()
         self._in_use: dict[threading.Thread, str] = {}
 
-    def fetch(self, client: Client, job_id: str, where: ObjectLocation, md5: str = "") -> FetchedFile:
-        """The job's object, from staging when an earlier attempt downloaded it, else from COS.
+    def fetch(self, client: Client, job_id: str, where: ObjectLocation, md5: str = "", number: int = 1) -> FetchedFile:
+        """The job's object ``where`` (its file ``number``), from staging when an earlier attempt
+        downloaded it, else from COS.
 
         The job is in use by the calling thread from now on (see the module's docstring).
         """
         with self._lock:
             self._in_use[threading.current_thread()] = job_id
-        if (staged := self.staged(job_id, where)) is not None:
+        if (staged := self.staged(job_id, where, number)) is not None:
             log.info("reusing the staged download of %s", where.key, extra={"job_id": job_id})
             return staged
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -69,7 +74,7 @@ class Staging:
             client, where, str(self.directory), min_rate=self.min_rate, part_prefix=part_prefix, md5=md5
         )
         assert fetched.path is not None
-        data, meta = self._paths(job_id)
+        data, meta = self._paths(job_id, number)
         description = asdict(fetched) | {"path": None, "where": asdict(where)}
         temporary = meta.with_suffix(f".{self.tag}.tmp")
         temporary.write_text(json.dumps(description))
@@ -79,9 +84,9 @@ class Staging:
             self._evict()
         return FetchedFile(**(asdict(fetched) | {"path": str(data)}))
 
-    def staged(self, job_id: str, where: ObjectLocation) -> FetchedFile | None:
-        """The staged download of ``where`` for the job, if a whole one is here."""
-        data, meta = self._paths(job_id)
+    def staged(self, job_id: str, where: ObjectLocation, number: int = 1) -> FetchedFile | None:
+        """The staged download of ``where`` as the job's file ``number``, if a whole one is here."""
+        data, meta = self._paths(job_id, number)
         try:
             description = json.loads(meta.read_text())
             if description.pop("where") != asdict(where) or data.stat().st_size != description["size"]:
@@ -93,10 +98,11 @@ class Staging:
         return FetchedFile(**(description | {"path": str(data)}))
 
     def release(self, job_id: str) -> None:
-        """No delivery of the job is left to retry: its download goes, and it is no longer in use."""
+        """No delivery of the job is left to retry: its downloads go, and it is no longer in use."""
         with self._lock:
             self._in_use = {thread: job for thread, job in self._in_use.items() if job != job_id}
-            self._remove(job_id)
+            for data in self.directory.glob(f"{glob.escape(_name(job_id))}.*.staged"):
+                self._remove(data)
 
     def sweep(self, live_tags: Collection[str]) -> int:
         """Remove partial downloads of workers not in ``live_tags``; returns how many."""
@@ -113,13 +119,14 @@ class Staging:
                 removed += 1
         return removed
 
-    def _paths(self, job_id: str) -> tuple[Path, Path]:
-        name = job_id if _SAFE.fullmatch(job_id) else hashlib.sha256(job_id.encode()).hexdigest()
-        return self.directory / f"{name}.staged", self.directory / f"{name}.json"
+    def _paths(self, job_id: str, number: int) -> tuple[Path, Path]:
+        """``<job>.<number>.staged`` and its description ``<job>.<number>.json``."""
+        stem = f"{_name(job_id)}.{number}"
+        return self.directory / f"{stem}.staged", self.directory / f"{stem}.json"
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, data: Path) -> None:
         # Unlinks only these names: a hard link the filesystem sink made keeps the bytes.
-        for path in self._paths(name):
+        for path in (data, data.with_suffix(".json")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -129,7 +136,7 @@ class Staging:
         Called with the lock held.
         """
         self._in_use = {thread: job for thread, job in self._in_use.items() if thread.is_alive()}
-        in_use = {self._paths(job)[0] for job in self._in_use.values()}
+        in_use = {_name(job) for job in self._in_use.values()}
         staged = []
         for data in self.directory.glob("*.staged"):
             with contextlib.suppress(FileNotFoundError):
@@ -143,7 +150,13 @@ class Staging:
         for _, size, data in sorted(staged):
             if total <= self.max_bytes:
                 break
-            if data not in in_use:
-                self._remove(data.stem)
+            # A job's name has no dot: what precedes the first is the job whose file this is.
+            if data.name.split(".", 1)[0] not in in_use:
+                self._remove(data)
                 total -= size
                 log.info("evicted the staged download %s to stay within WEBHOOK_STAGING_MAX_BYTES", data.name)
+
+
+def _name(job_id: str) -> str:
+    """The job's part of its staged files' names: the id itself when it is a safe name, else its hash."""
+    return job_id if _SAFE.fullmatch(job_id) else hashlib.sha256(job_id.encode()).hexdigest()

@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from webhook.ci.verify import OutputUnknown, written_outputs
 from webhook.ledger import AttemptView, JobView, RawCallback, TaskView, VersionView
-from webhook.models import FetchedFile, JobStatus, TaskKind
+from webhook.models import FetchedFile, JobFile, JobStatus, TaskKind
 from webhook.sinks.events import build_event, event_document
 
 # The document's file fields that describe the fetched object, known only when a worker delivers.
@@ -82,15 +83,23 @@ def event_documents(view: JobView) -> list[EventDocument]:
     job = view.job
     if job is None or not verified(view):
         return []
-    placeholder = FetchedFile(path=None, size=0, crc64="", content_type="", etag="") if job.succeeded else None
+    placeholders: tuple[JobFile, ...] = ()
+    if job.succeeded:
+        try:
+            written = written_outputs(job)
+        except OutputUnknown:
+            written = ()  # no event can be built: the job's deliveries say why
+        unknown = FetchedFile(path=None, size=0, crc64="", content_type="", etag="")
+        placeholders = tuple(JobFile(where, unknown, n, len(written)) for n, where in enumerate(written, start=1))
     documents = []
     for sink in (t.sink for t in view.tasks if t.kind == TaskKind.DELIVER and t.sink):
         try:
-            document = event_document(build_event(job, sink, placeholder))
+            document = event_document(build_event(job, sink, placeholders))
         except ValueError:
             continue  # a job that cannot make an event (no output): its delivery says why
-        if isinstance(file := document.get("file"), dict):
-            file.update(dict.fromkeys(_FETCHED_FIELDS))
+        for file in [document["file"], *document["files"]]:
+            if isinstance(file, dict):
+                file.update(dict.fromkeys(_FETCHED_FIELDS))
         documents.append(EventDocument(sink, json.dumps(document, indent=2, ensure_ascii=False)))
     return documents
 
