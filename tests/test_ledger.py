@@ -493,6 +493,7 @@ def test_a_connection_the_server_closed_is_replaced_before_it_is_used(postgres_l
             conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
             gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
             while conn.execute(gone, {"pid": pid}).scalar_one():
+                conn.rollback()  # pg_stat_activity is read once per transaction: look again
                 time.sleep(0.01)
         # A backend leaves pg_stat_activity before its process exits and its socket closes.
         waited = time.monotonic() + 5
