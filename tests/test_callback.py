@@ -200,12 +200,11 @@ def test_unknown_fields_at_every_level_are_ignored(fmt: str) -> None:
     detail = job(
         Input={**job()["Input"], "Size": "123456", "Extra": nested_unknown},
         Operation=operation(
-            MediaResult={"OutputFile": {"Md5Info": [{"Md5": "abc", "ObjectName": "output/nr.wav"}]}},
+            DigitalWatermark={"Type": "Text", "State": "Failed", "Extra": nested_unknown},
             NoiseReduction={"Format": "wav", "SampleRate": "16000", "Bitrate": "128"},
             Output={**operation()["Output"], "StorageClass": "STANDARD"},
+            WatermarkTemplateId=["t1", "t2"],
         ),
-        Progress="100",
-        SubTag="Denoise",
         Unknown=nested_unknown,
     )
 

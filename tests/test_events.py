@@ -8,7 +8,7 @@ import re
 import pytest
 
 import webhook.sinks.events
-from webhook.models import CosHeader, FetchedFile, Job, ObjectLocation
+from webhook.models import CosHeader, FetchedFile, FileDigest, Job, MediaSummary, ObjectLocation, OutputFile
 from webhook.sinks.events import SCHEMA, build_event, event_document, event_id
 
 # The job the module docstring's example describes.
@@ -30,9 +30,24 @@ EXAMPLE_JOB = Job(
     format="wav",
     sample_rate="16000",
     cos_headers=(CosHeader("x-cos-meta-id", "42"),),
+    progress="100",
+    output_files=(
+        OutputFile(
+            "audio-1250000000",
+            "ap-guangzhou",
+            ("out/a.wav",),
+            digests=(FileDigest("out/a.wav", "9e107d9d372bb6826bd81d3542a419d6"),),
+        ),
+    ),
+    media_info=MediaSummary("wav", "0.032000", "1024", "256.000000", "pcm_s16le", "16000", "1"),
 )
 EXAMPLE_FILE = FetchedFile(
-    path="/tmp/a.wav", size=1024, crc64="6230416154291387364", content_type="audio/wav", etag='"e1"'
+    path="/tmp/a.wav",
+    size=1024,
+    crc64="6230416154291387364",
+    content_type="audio/wav",
+    etag='"e1"',
+    md5="9e107d9d372bb6826bd81d3542a419d6",
 )
 FAILED_JOB = Job(job_id="jfailed0000000000000000000000001", tag="NoiseReduction", state="Failed", code="InternalError")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -152,3 +153,31 @@ def test_threads_sharing_one_client_each_fetch_their_own_object_intact(sandbox: 
     for key, data in objects.items():
         assert Path(fetched[key].path).read_bytes() == data
         assert (fetched[key].size, fetched[key].crc64) == (len(data), str(crc64ecma(data)))
+
+
+def test_the_md5_ci_reported_is_checked_and_carried(sandbox: Sandbox, tmp_path: Path) -> None:
+    data = os.urandom(700_001)
+    sandbox.client(REGION).put_object(Bucket=BUCKET, Body=data, Key="out/md5.wav")
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    fetched = fetch_object(
+        sandbox.client(REGION), ObjectLocation(BUCKET, REGION, "out/md5.wav"), str(tmp_path), md5=md5
+    )
+
+    assert Path(fetched.path).read_bytes() == data
+    assert fetched.md5 == md5
+
+
+def test_an_md5_mismatch_names_both_digests_and_leaves_nothing(sandbox: Sandbox, tmp_path: Path) -> None:
+    data = os.urandom(70_001)
+    sandbox.client(REGION).put_object(Bucket=BUCKET, Body=data, Key="out/md5.wav")
+    actual = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    claimed = "0" * 32
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    with pytest.raises(FetchError) as caught:
+        fetch_object(sandbox.client(REGION), ObjectLocation(BUCKET, REGION, "out/md5.wav"), str(staging), md5=claimed)
+
+    assert str(caught.value) == f"out/md5.wav failed its MD5 check: CI says {claimed}, got {actual}"
+    assert list(staging.iterdir()) == []

@@ -48,7 +48,17 @@ def assert_nothing_forwarded(pipeline: Pipeline) -> None:
                     "UserData": "order-42",
                 }
             },
-            f"output differs: callback says 'other-1250000000/out/denoised.wav in {REGION}', "
+            # Refused from the allowlist, before CI is asked.
+            "output bucket other-1250000000 is not in WEBHOOK_ALLOWED_BUCKETS",
+        ),
+        (
+            {
+                "Operation": {
+                    "Output": {"Bucket": BUCKET, "Object": "out/other.wav", "Region": REGION},
+                    "UserData": "order-42",
+                }
+            },
+            f"output differs: callback says '{BUCKET}/out/other.wav in {REGION}', "
             f"CI says '{BUCKET}/out/denoised.wav in {REGION}'",
         ),
         (
@@ -61,7 +71,7 @@ def assert_nothing_forwarded(pipeline: Pipeline) -> None:
             "user data differs: callback says 'order-43', CI says 'order-42'",
         ),
     ],
-    ids=["bucket", "region", "bucket-as-host", "output-bucket", "user-data"],
+    ids=["bucket", "region", "bucket-as-host", "output-bucket", "output-key", "user-data"],
 )
 def test_forged_variant_of_a_genuine_job_is_rejected(
     pipeline: Pipeline, changes: dict[str, object], reason: str

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from support.samples import numbered_job as job
 from support.services import POSTGRES_URL, postgres_schema
 
 import webhook.ledger.queue as queue_module
@@ -35,20 +36,10 @@ from webhook.ledger import (
 )
 from webhook.ledger.schema import tasks
 from webhook.ledger.wakeup import CHANNEL
-from webhook.models import Callback, Job, JobStatus, ObjectLocation, job_from_json, job_to_dict
+from webhook.models import Callback, Job, JobStatus, job_from_json, job_to_dict
 
 TAGS = frozenset({"NoiseReduction"})
 RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")
-
-
-def job(n: int, tag: str = "NoiseReduction", state: str = "Success") -> Job:
-    return Job(
-        job_id=f"j{n:032x}",
-        tag=tag,
-        state=state,
-        input=ObjectLocation("b-1", "ap-guangzhou", "in.wav"),
-        output=ObjectLocation("b-1", "ap-guangzhou", f"out/{n}.wav"),
-    )
 
 
 def job_json(n: int) -> str:

@@ -207,12 +207,21 @@ def test_workflow_finish_is_recorded_without_jobs(ledger: Ledger, base_url: str,
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 0, "job_versions": 0, "tasks": 0}
 
 
-def test_workflow_finish_with_jobsdetail_records_jobs_as_ignored(ledger: Ledger, base_url: str) -> None:
+def test_workflow_finish_with_jobsdetail_forwards_its_jobs(ledger: Ledger, base_url: str) -> None:
+    # A workflow run's jobs are verified like a task's: DescribeMediaJob decides.
     response = post(base_url, body("json", job(), event="WorkflowFinish"))
 
-    assert response.json() == answer(JOB_ID, ignored=(JOB_ID,), event="WorkflowFinish")
+    assert response.json() == answer(JOB_ID, event="WorkflowFinish")
+    assert ledger.views.show_job(JOB_ID).to_dict()["status"] == "received"
+    assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 1, "tasks": 1}
+
+
+def test_other_events_with_jobsdetail_record_jobs_as_ignored(ledger: Ledger, base_url: str) -> None:
+    response = post(base_url, body("json", job(), event="TaskStart"))
+
+    assert response.json() == answer(JOB_ID, ignored=(JOB_ID,), event="TaskStart")
     view = ledger.views.show_job(JOB_ID).to_dict()
-    assert (view["status"], view["reason"]) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
+    assert (view["status"], view["reason"]) == ("ignored", "event TaskStart is recorded, not forwarded")
     assert row_counts(ledger) == {"callbacks": 1, "jobs": 1, "job_versions": 0, "tasks": 0}
 
 

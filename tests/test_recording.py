@@ -15,23 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.samples import numbered_job as job
 from support.services import postgres_schema
 
 from webhook.intake.triage import triage
 from webhook.ledger import DeliveryClaim, Ledger, RawRequest, Recorded, VerifyClaim
-from webhook.models import Callback, Job, ObjectLocation, job_from_json, job_to_dict
+from webhook.models import Callback, Job, job_from_json, job_to_dict
 
 TAGS = frozenset({"NoiseReduction"})
-
-
-def job(n: int, state: str = "Success", tag: str = "NoiseReduction") -> Job:
-    return Job(
-        job_id=f"j{n:032x}",
-        tag=tag,
-        state=state,
-        input=ObjectLocation("b-1", "ap-guangzhou", "in.wav"),
-        output=ObjectLocation("b-1", "ap-guangzhou", f"out/{n}.wav"),
-    )
 
 
 def callback(*jobs: Job, event: str = "TaskFinish") -> tuple[RawRequest, Callback]:

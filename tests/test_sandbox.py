@@ -33,7 +33,7 @@ from urllib3.exceptions import ProtocolError
 from webhook.ci.client import make_client
 from webhook.ci.crc64 import crc64ecma
 from webhook.config_values import CosEndpoint
-from webhook.dev.sandbox import Fault, Sandbox, noisy_wav
+from webhook.dev.sandbox import CallbackShape, Fault, Sandbox, noisy_wav
 from webhook.dev.sandbox.server import FAULTS_PATH
 from webhook.intake.callback import parse_callback
 from webhook.models import ObjectLocation
@@ -771,3 +771,65 @@ def test_list_refuses_an_unsupported_parameter_rather_than_ignore_it(client: Any
     error = service_error(list_jobs, client=client, ResponseContentType="text/plain")
 
     assert (error.get_status_code(), error.get_error_code()) == (501, "NotImplemented")
+
+
+# --- What CI reports beyond what was submitted -------------------------------------------
+
+
+def test_a_template_output_is_written_resolved_and_reported_as_submitted(client: Any, tmp_path: Path) -> None:
+    upload_noisy_wav(client, tmp_path, "calls/day1/raw take.wav", seconds=2.0)
+    jobs = noise_reduction("calls/day1/raw take.wav", "clean/${InputPath}/${InputName}-${Number}.${ext}")
+    job_id = client.ci_create_media_jobs(Bucket=BUCKET, Jobs=jobs)["JobsDetail"][0]["JobId"]
+
+    detail = wait_for_state(client, job_id, "Success")
+
+    written = "clean/calls/day1/raw take-0.wav"
+    data = read_object(client, written)
+    operation = detail["Operation"]
+    assert operation["Output"]["Object"] == "clean/${InputPath}/${InputName}-${Number}.${ext}"
+    output_file = operation["MediaResult"]["OutputFile"]
+    assert (output_file["Bucket"], output_file["Region"], output_file["ObjectName"]) == (BUCKET, REGION, written)
+    assert output_file["Md5Info"] == {"Md5": hashlib.md5(data).hexdigest(), "ObjectName": written}
+    assert detail["Progress"] == "100"
+    with wave.open(io.BytesIO(data)) as audio:
+        assert operation["MediaInfo"]["Stream"]["Audio"]["SampleRate"] == str(audio.getframerate()) == "16000"
+        assert operation["MediaInfo"]["Stream"]["Audio"]["Channel"] == str(audio.getnchannels())
+    assert operation["MediaInfo"]["Format"]["Size"] == str(len(data))
+    assert operation["MediaInfo"]["Format"]["Duration"] == "2.000000"
+
+
+def test_the_name_with_extension_placeholder(client: Any, tmp_path: Path) -> None:
+    upload_noisy_wav(client, tmp_path, "in/a.wav")
+    jobs = noise_reduction("in/a.wav", "out/${InputNameAndExt}.denoised.${ext}")
+    job_id = client.ci_create_media_jobs(Bucket=BUCKET, Jobs=jobs)["JobsDetail"][0]["JobId"]
+
+    detail = wait_for_state(client, job_id, "Success")
+
+    assert detail["Operation"]["MediaResult"]["OutputFile"]["ObjectName"] == "out/a.wav.denoised.wav"
+    assert read_object(client, "out/a.wav.denoised.wav")
+
+
+@pytest.mark.parametrize(
+    ("shape", "input_", "output"),
+    [
+        (CallbackShape.FULL, {"BucketId": BUCKET, "Region": REGION}, {"Bucket": BUCKET, "Region": REGION}),
+        (CallbackShape.EMPTY_BUCKETS, {"BucketId": None, "Region": REGION}, {"Bucket": None, "Region": REGION}),
+        (CallbackShape.OBJECT_ONLY, {}, {}),
+    ],
+)
+def test_callbacks_state_locations_as_the_shape_says(
+    sandbox: Sandbox, client: Any, receiver: Receiver, tmp_path: Path, shape: CallbackShape, input_: Any, output: Any
+) -> None:
+    sandbox.callback_shape = shape
+    job_id = start_job(client, tmp_path, receiver.url + "callback")
+    (sent,) = sandbox.wait_for_callbacks(1, timeout=10)
+
+    detail = xmltodict.parse(sent.body)["Response"]["JobsDetail"]
+    assert detail["JobId"] == job_id
+    assert detail["Input"] == {**input_, "Object": "in.wav"}
+    assert detail["Operation"]["Output"] == {**output, "Object": "out.wav"}
+    assert detail["Operation"]["MediaResult"]["OutputFile"]["ObjectName"] == "out.wav"
+    assert b"<Message/>" in sent.body  # empty elements as CI writes them
+    # DescribeMediaJob states everything, whatever the callback left out.
+    described = client.ci_get_media_jobs(Bucket=BUCKET, JobIDs=job_id)["JobsDetail"][0]
+    assert described["Input"]["BucketId"] == BUCKET

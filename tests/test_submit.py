@@ -19,7 +19,7 @@ from webhook.ci.submit import SubmitError, choose_bucket, submit_noise_reduction
 from webhook.cli import main
 from webhook.config import Settings
 from webhook.dev.sandbox import noisy_wav
-from webhook.dev.sandbox.jobs import new_job
+from webhook.dev.sandbox.submission import new_job
 from webhook.models import ObjectLocation
 
 QUICK = ("--interval", "0.05", "--timeout", "60")
@@ -71,6 +71,17 @@ def test_a_local_file_is_uploaded_and_the_job_waited_for_until_delivered(pipelin
     assert view.job.input.key == "input/meeting.wav"
     delivered = pipeline.sink_dir / f"{job_id}.wav"
     assert delivered.read_bytes() == pipeline.output_bytes("out/meeting.wav")
+
+
+def test_the_output_may_be_a_template_ci_resolves(pipeline: Pipeline, tmp_path: Path) -> None:
+    source = noisy_wav(tmp_path / "standup.wav", 0.5)
+    with working(pipeline.settings, pipeline.ledger):
+        result = run(pipeline, "submit", str(source), "--output", "clean/${InputName}.${ext}", "--wait", *QUICK)
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    assert f"{job_id}: delivered" in result.stderr
+    delivered = pipeline.sink_dir / f"{job_id}.wav"
+    assert delivered.read_bytes() == pipeline.output_bytes("clean/standup.wav")
 
 
 def test_an_existing_key_is_submitted_as_it_is(pipeline: Pipeline) -> None:

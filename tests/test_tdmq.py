@@ -18,7 +18,7 @@ from webhook.ci.submit import mq_config, submit_noise_reduction
 from webhook.config import Settings
 from webhook.dev.sandbox import Sandbox, noisy_wav
 from webhook.dev.sandbox.cmq import CmqFault, verify_signature
-from webhook.dev.sandbox.jobs import JobRequestError, new_job
+from webhook.dev.sandbox.submission import JobRequestError, new_job
 from webhook.errors import ConfigError
 from webhook.intake.consumer import Unreadable, explain, read_message
 from webhook.intake.tdmq import (

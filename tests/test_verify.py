@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from webhook.ci.verify import Accept, Allowlist, Reject, Wait, decide
-from webhook.models import Job, ObjectLocation
+from webhook.ci.verify import Accept, Allowlist, Reject, Wait, confirmed, decide, precheck, where_to_ask
+from webhook.models import Job, ObjectLocation, OutputFile
 
 ALLOW = Allowlist(
     buckets=frozenset({"audio-1250000000"}), regions=frozenset({"ap-guangzhou"}), tags=frozenset({"NoiseReduction"})
@@ -52,7 +52,6 @@ def test_unfinished_job_waits(state: str) -> None:
         (JOB, replace(JOB, user_data="theirs"), "user data differs: callback says 'mine', CI says 'theirs'"),
         (JOB, replace(JOB, tag="VoiceSeparate"), "tag differs: callback says NoiseReduction, CI says VoiceSeparate"),
         (replace(JOB, tag="VoiceSeparate"), JOB, "tag VoiceSeparate is not allowed"),
-        (replace(JOB, input=None), JOB, "callback has no Input.BucketId"),
         (
             replace(JOB, input=ObjectLocation("evil-1250000000", "ap-guangzhou", "in/a.wav")),
             JOB,
@@ -71,7 +70,6 @@ def test_unfinished_job_waits(state: str) -> None:
         "user-data-differs",
         "tag-differs",
         "tag-not-allowed",
-        "no-input",
         "bucket-not-allowed",
         "region-not-allowed",
     ],
@@ -90,3 +88,94 @@ def test_output_outside_the_allowlist_is_rejected_even_when_ci_agrees() -> None:
 def test_success_without_output_is_rejected() -> None:
     bare = replace(JOB, output=None)
     assert decide(bare, bare, ALLOW) == Reject("job succeeded but names no output object")
+
+
+WIDE = Allowlist(
+    buckets=frozenset({"audio-1250000000", "podcasts-1250000000"}),
+    regions=frozenset({"ap-guangzhou", "ap-shanghai"}),
+    tags=frozenset({"NoiseReduction"}),
+)
+
+
+@pytest.mark.parametrize(
+    "claimed",
+    [
+        replace(JOB, input=None, output=None, user_data=""),
+        replace(JOB, input=ObjectLocation("", "", "in/a.wav"), output=ObjectLocation("", "", "out/a.wav")),
+        replace(JOB, input=ObjectLocation("", "ap-guangzhou", ""), user_data=""),
+    ],
+    ids=["left-out", "buckets-and-regions-empty", "only-a-region"],
+)
+def test_what_the_callback_leaves_out_is_not_a_claim(claimed: Job) -> None:
+    assert precheck(claimed, ALLOW) is None
+    assert decide(claimed, JOB, ALLOW) == Accept()
+    assert confirmed(claimed, JOB) == JOB  # CI's locations and user data are the job's
+
+
+def test_what_the_callback_states_must_still_agree() -> None:
+    claimed = replace(JOB, input=ObjectLocation("", "", "in/other.wav"))
+    assert decide(claimed, JOB, ALLOW) == Reject(
+        "input differs: callback says '/in/other.wav in ', CI says 'audio-1250000000/in/a.wav in ap-guangzhou'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("claimed", "reason"),
+    [
+        (
+            replace(JOB, output=ObjectLocation("other-1250000000", "", "out/a.wav")),
+            "output bucket other-1250000000 is not in WEBHOOK_ALLOWED_BUCKETS",
+        ),
+        (
+            replace(JOB, input=None, output=ObjectLocation("", "ap-beijing", "out/a.wav")),
+            "output region ap-beijing is not an allowed region",
+        ),
+        (
+            replace(JOB, output_files=(OutputFile("other-1250000000", "ap-guangzhou", ("out/a.wav",)),)),
+            "output bucket other-1250000000 is not in WEBHOOK_ALLOWED_BUCKETS",
+        ),
+    ],
+    ids=["output-bucket", "output-region", "result-file-bucket"],
+)
+def test_a_stated_foreign_output_is_refused_before_any_call(claimed: Job, reason: str) -> None:
+    assert precheck(claimed, ALLOW) == Reject(reason)
+
+
+def test_ci_output_outside_the_allowlist_is_refused_even_when_the_callback_left_it_out() -> None:
+    reported = replace(JOB, output=ObjectLocation("other-1250000000", "ap-guangzhou", "out/a.wav"))
+    assert decide(replace(JOB, output=None), reported, ALLOW) == Reject(
+        "output bucket other-1250000000 is not in WEBHOOK_ALLOWED_BUCKETS"
+    )
+
+
+def test_a_stated_location_is_the_only_place_asked() -> None:
+    assert where_to_ask(JOB, WIDE) == (("ap-guangzhou", "audio-1250000000"),)
+
+
+def test_a_missing_bucket_is_searched_in_the_stated_region() -> None:
+    claimed = replace(JOB, input=ObjectLocation("", "ap-shanghai", "in/a.wav"), output=None)
+    assert where_to_ask(claimed, WIDE) == (("ap-shanghai", "audio-1250000000"), ("ap-shanghai", "podcasts-1250000000"))
+
+
+def test_a_missing_bucket_and_region_are_searched_everywhere_allowed_with_the_output_bucket_first() -> None:
+    claimed = replace(JOB, input=None, output=ObjectLocation("podcasts-1250000000", "", "out/a.wav"))
+    assert where_to_ask(claimed, WIDE) == (
+        ("ap-guangzhou", "podcasts-1250000000"),
+        ("ap-shanghai", "podcasts-1250000000"),
+        ("ap-guangzhou", "audio-1250000000"),
+        ("ap-shanghai", "audio-1250000000"),
+    )
+
+
+def test_a_job_no_allowlisted_bucket_knows_is_rejected_naming_where_it_was_looked_for() -> None:
+    claimed = replace(JOB, input=None, output=None)
+    assert decide(claimed, None, WIDE) == Reject(
+        f"no allowlisted bucket knows job {JOB.job_id} (asked audio-1250000000 in ap-guangzhou, "
+        "audio-1250000000 in ap-shanghai, podcasts-1250000000 in ap-guangzhou, podcasts-1250000000 in ap-shanghai)"
+    )
+
+
+def test_what_ci_leaves_empty_is_taken_from_the_callback() -> None:
+    reported = replace(JOB, user_data="", cos_headers=())
+    claimed = replace(JOB, progress="100")
+    assert confirmed(claimed, reported) == replace(JOB, progress="100")

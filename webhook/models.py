@@ -95,6 +95,43 @@ class Workflow:
 
 
 @dataclass(frozen=True)
+class FileDigest:
+    """CI's MD5 of one output object (``MediaResult/OutputFile/Md5Info``)."""
+
+    object_name: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """What CI reports it wrote (``Operation/MediaResult/OutputFile``): the resolved object names.
+
+    ``Output.Object`` is the name as submitted and may be a template (``${ext}``…); these are the
+    objects that exist. ``object_prefix`` is set instead of names when CI wrote a set of objects
+    under a prefix (segments, frames).
+    """
+
+    bucket: str = ""
+    region: str = ""
+    object_names: tuple[str, ...] = ()
+    object_prefix: str = ""
+    digests: tuple[FileDigest, ...] = ()
+
+
+@dataclass(frozen=True)
+class MediaSummary:
+    """CI's probe of the output (``Operation/MediaInfo``): enough for receivers not to probe the file."""
+
+    format_name: str = ""
+    duration: str = ""  # seconds, as CI writes it ("13.654000")
+    size: str = ""  # bytes
+    bitrate: str = ""  # kbit/s
+    audio_codec: str = ""
+    sample_rate: str = ""
+    channels: str = ""
+
+
+@dataclass(frozen=True)
 class Job:
     """One element of ``JobsDetail``, normalized from XML or JSON."""
 
@@ -118,6 +155,10 @@ class Job:
     sample_rate: str = ""
     cos_headers: tuple[CosHeader, ...] = ()
     workflow: Workflow | None = None
+    progress: str = ""
+    sub_tag: str = ""
+    output_files: tuple[OutputFile, ...] = ()
+    media_info: MediaSummary | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -154,6 +195,7 @@ class FetchedFile:
     crc64: str
     content_type: str
     etag: str = ""
+    md5: str = ""  # CI's MD5 of the object, checked against the bytes fetched; empty if CI gave none
 
 
 @dataclass(frozen=True)
@@ -198,6 +240,9 @@ def job_from_dict(data: Any) -> Job:
         values["cos_headers"] = tuple(CosHeader(**_known(CosHeader, h)) for h in values.get("cos_headers") or ())
         if values.get("workflow") is not None:
             values["workflow"] = Workflow(**_known(Workflow, values["workflow"]))
+        values["output_files"] = tuple(_output_file(f) for f in values.get("output_files") or ())
+        if values.get("media_info") is not None:
+            values["media_info"] = MediaSummary(**_known(MediaSummary, values["media_info"]))
         return Job(**values)
     except (TypeError, AttributeError) as exc:
         raise ValueError(f"not a job: {exc}") from None
@@ -206,6 +251,13 @@ def job_from_dict(data: Any) -> Job:
 def job_from_json(text: str) -> Job:
     """A job stored as JSON; :class:`ValueError` if it cannot be read."""
     return job_from_dict(json.loads(text))
+
+
+def _output_file(data: Any) -> OutputFile:
+    values = _known(OutputFile, data)
+    values["object_names"] = tuple(values.get("object_names") or ())
+    values["digests"] = tuple(FileDigest(**_known(FileDigest, d)) for d in values.get("digests") or ())
+    return OutputFile(**values)
 
 
 def _known(cls: type, data: Any) -> dict[str, Any]:

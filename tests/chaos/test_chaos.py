@@ -6,8 +6,11 @@
 What runs, once on each ledger (a SQLite file, a private PostgreSQL schema): the Procfile's
 gunicorn with two web processes, two ``cos-webhook worker`` processes with ``WORKER_CONCURRENCY``
 claims in flight each, the sandbox running every NoiseReduction job
-and POSTing its callback, and two sinks: a directory and an http receiver that refuses 30% of
-requests with 503 and trickles its answer to 10% (a ``200 OK`` status line, then a header one
+and POSTing its callback as CI's own examples show them (the buckets left empty, so each job is
+found among the allowlist; every third job's output a ``${InputName}.${ext}`` template, fetched
+where ``MediaResult`` says CI wrote it and checked against its MD5), and two sinks: a directory
+and an http receiver that refuses 30% of requests with 503 and trickles its answer to 10% (a
+``200 OK`` status line, then a header one
 byte a second that never ends). The workers' http sink deadline is 2 s: a trickled delivery
 must be abandoned and retried, and the receiver counts it as not accepted.
 
@@ -62,7 +65,7 @@ from support.services import postgres_schema
 from webhook.ci.crc64 import crc64ecma
 from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
-from webhook.dev.sandbox import Sandbox, noisy_wav
+from webhook.dev.sandbox import CallbackShape, Sandbox, noisy_wav
 from webhook.ledger import Ledger
 from webhook.ledger.schema import attempts as attempt_rows
 from webhook.ledger.schema import jobs, tasks
@@ -234,7 +237,7 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
     rng = random.Random(SEED)
 
     with (
-        Sandbox(tmp_path / "sandbox").start() as sandbox,
+        Sandbox(tmp_path / "sandbox", callback_shape=CallbackShape.EMPTY_BUCKETS).start() as sandbox,
         FlakySink(
             HTTP_KEY,
             failure_rate=HTTP_FAILURE_RATE,
@@ -373,7 +376,8 @@ def submit_jobs(sandbox: Sandbox, callback_url: str, count: int, base: Path) -> 
         client: CosS3Client = clients.client
         input_key, output_key = f"in/{index:05d}.wav", f"out/{index:05d}.wav"
         client.put_object(Bucket=BUCKET, Body=marked_wav(frames, rate, index), Key=input_key)
-        output = ObjectLocation(BUCKET, REGION, output_key)
+        # CI resolves the template to output_key when it writes.
+        output = ObjectLocation(BUCKET, REGION, "out/${InputName}.${ext}" if index % 3 == 0 else output_key)
         # Both callback formats CI can send.
         callback_format = "JSON" if index % 2 else "XML"
         job_id = submit_noise_reduction(client, input_key, output, callback_url, callback_format, f"chaos-{index}")

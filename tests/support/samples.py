@@ -281,3 +281,14 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
     ("json-nul-in-tag", json_doc(job(Tag="Noise\u0000Reduction")), f"{_WHERE}.Tag contains a NUL character"),
     ("json-nul-in-event", json_doc(job(), event="Task\u0000Finish"), "EventName contains a NUL character"),
 ]
+
+
+def numbered_job(n: int, tag: str = "NoiseReduction", state: str = "Success") -> Job:
+    """A small job with its own id (``n``) and output key, for ledger tests."""
+    return Job(
+        job_id=f"j{n:032x}",
+        tag=tag,
+        state=state,
+        input=ObjectLocation("b-1", "ap-guangzhou", "in.wav"),
+        output=ObjectLocation("b-1", "ap-guangzhou", f"out/{n}.wav"),
+    )

@@ -10,8 +10,9 @@ raises (:data:`SDK_ERRORS`): each stage puts its line into its own error (``Veri
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
@@ -22,6 +23,8 @@ from webhook.deadline import DEFAULT_TIMEOUT, Deadline, current, deadline_sessio
 
 SDK_ERRORS = (CosServiceError, CosClientError)
 """What an SDK call raises: COS or CI answered with an error, or no answer came."""
+Client: TypeAlias = CosS3Client  # what the rest of the service holds: a client made here, passed to ci's calls
+ClientFactory = Callable[[str], Client]  # a region's client
 
 
 def make_client(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,9 @@ CHUNK = 256 * 1024
 PART_PREFIX = "cos-webhook-"  # of partial downloads (see webhook.worker.staging for their cleanup)
 
 
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")  # an ETag that is the object's MD5 (a multipart upload's is not)
+
+
 class FetchError(Exception):
     """The object could not be fetched intact; worth retrying."""
 
@@ -33,8 +38,10 @@ def fetch_object(
     timeout: float | None = None,
     min_rate: int = DEFAULT_MIN_RATE,
     part_prefix: str = PART_PREFIX,
+    md5: str = "",
 ) -> FetchedFile:
-    """Stream ``where`` into a temp file; check its length and CRC64 against COS's headers.
+    """Stream ``where`` into a temp file; check its length and CRC64 against COS's headers, and
+    its MD5 against ``md5`` (what CI reported for the object) when one is given.
 
     The whole download has a deadline: ``timeout`` seconds (default: the client's) for COS to
     answer, plus the object's length at ``min_rate`` bytes/s once its headers say how long it is.
@@ -49,13 +56,19 @@ def fetch_object(
         raw = response["Body"].get_raw_stream()
         fd, path = tempfile.mkstemp(prefix=part_prefix, suffix=".part", dir=temp_dir or None)
         size, crc = 0, 0
+        # Only when CI gave one to compare with: hashing costs as much as the CRC64 again.
+        digest = hashlib.md5(usedforsecurity=False) if md5 else None
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := raw.read(CHUNK, decode_content=False):
                     size += len(chunk)
                     crc = crc64ecma(chunk, crc)
+                    if digest is not None:
+                        digest.update(chunk)
                     out.write(chunk)
             _check(headers, size, crc, where)
+            if digest is not None and digest.hexdigest() != md5:
+                raise FetchError(f"{where.key} failed its MD5 check: CI says {md5}, got {digest.hexdigest()}")
         except Exception as exc:
             os.unlink(path)
             raw.close()  # the connection may hold the rest of the body: not reusable
@@ -73,6 +86,7 @@ def fetch_object(
         crc64=str(crc),
         content_type=headers.get("content-type", "application/octet-stream"),
         etag=headers.get("etag", "").strip('"'),
+        md5=md5,
     )
 
 
@@ -98,20 +112,27 @@ def _check(headers: dict[str, str], size: int, crc: int, where: ObjectLocation) 
         raise FetchError(f"{where.key} failed its CRC64 check: COS says {expected_crc}, got {crc}")
 
 
-def describe_object(client: CosS3Client, where: ObjectLocation, *, timeout: float | None = None) -> FetchedFile:
+def describe_object(
+    client: CosS3Client, where: ObjectLocation, *, timeout: float | None = None, md5: str = ""
+) -> FetchedFile:
     """The object's size, CRC64 and type from a HEAD, for sinks that need no bytes.
 
-    ``timeout`` (default: the client's) is the deadline of the whole exchange.
+    ``timeout`` (default: the client's) is the deadline of the whole exchange. ``md5`` (what CI
+    reported) is compared with the ETag when that is an MD5, as it is for an object uploaded whole.
     """
     with cos_deadline(client, f"COS HeadObject {where.key}", timeout), _cos_errors(where):
         response: dict[str, Any] = client.head_object(Bucket=where.bucket, Key=where.key)
     headers = {k.lower(): v for k, v in response.items()}
+    etag = headers.get("etag", "").strip('"')
+    if md5 and _MD5.fullmatch(etag) and etag.lower() != md5:
+        raise FetchError(f"{where.key} failed its MD5 check: CI says {md5}, COS's ETag says {etag.lower()}")
     return FetchedFile(
         path=None,
         size=int(headers.get("content-length", 0)),
         crc64=headers.get("x-cos-hash-crc64ecma", ""),
         content_type=headers.get("content-type", "application/octet-stream"),
-        etag=headers.get("etag", "").strip('"'),
+        etag=etag,
+        md5=md5,
     )
 
 

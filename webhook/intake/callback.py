@@ -8,17 +8,31 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 from xml.parsers import expat
 from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow
+from webhook.models import (
+    Callback,
+    CosHeader,
+    FileDigest,
+    Job,
+    JobState,
+    MediaSummary,
+    ObjectLocation,
+    OutputFile,
+    Workflow,
+)
 
 TASK_FINISH = "TaskFinish"
+WORKFLOW_FINISH = "WorkflowFinish"
 MAX_JOBS_PER_CALLBACK = 100
 MAX_FIELD_LENGTH = 4096
+MAX_OUTPUT_NAMES = 1000  # object names (and their digests) one job's MediaResult may list
 # CI's deepest element is about 7 levels down (Response/JobsDetail/Operation/MediaResult/…).
 MAX_XML_DEPTH = 100
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -141,11 +155,13 @@ def _normalize(doc: dict[str, Any], body_format: str) -> Callback:
     event_name = _string(doc, "EventName", "")
     if not event_name:
         raise CallbackError("missing EventName")
+    if event_name == WORKFLOW_FINISH and doc.get("WorkflowExecution") is not None:
+        return Callback(event_name=event_name, jobs=_workflow_tasks(doc), body_format=body_format)
     details = doc.get("JobsDetail")
     if details is None:
         if event_name == TASK_FINISH:
             raise CallbackError("missing JobsDetail")
-        # Other events (WorkflowFinish…) are recorded as they are and never forwarded.
+        # Other events are recorded as they are and never forwarded.
         return Callback(event_name=event_name, jobs=(), body_format=body_format)
     # An empty element (<JobsDetail/>, <CosHeaders/>) arrives as None: it holds nothing.
     items = [item for item in (details if isinstance(details, list) else [details]) if not _blank(item)]
@@ -166,17 +182,7 @@ def parse_job(item: Any, where: str) -> Job:
     """Normalize one job container (from a callback or from DescribeMediaJob)."""
     if not isinstance(item, dict):
         raise CallbackError(f"{where} must be an object")
-    job_id = _string(item, "JobId", where)
-    if not job_id:
-        raise CallbackError(f"{where}: missing JobId")
-    if not _JOB_ID.fullmatch(job_id):
-        raise CallbackError(f"{where}.JobId must be 1 to 128 letters, digits, '-' or '_'")
-    tag = _string(item, "Tag", where)
-    if not tag:
-        raise CallbackError(f"{where}: missing Tag")
-    state = _string(item, "State", where)
-    if state not in JobState.__members__.values():
-        raise CallbackError(f"{where}.State must be one of {_STATES}, not {state!r}")
+    job_id, tag, state = _identity(item, where, "Tag")
     operation = _container(item, "Operation", where)
     op_where = f"{where}.Operation"
     noise = _container(operation, "NoiseReduction", op_where)
@@ -203,14 +209,20 @@ def parse_job(item: Any, where: str) -> Job:
         sample_rate=_string(noise, "SampleRate", nr_where) or _string(noise, "Samplerate", nr_where),
         cos_headers=_cos_headers(_container(item, "Input", where), f"{where}.Input"),
         workflow=_workflow(item, where),
+        progress=_string(item, "Progress", where),
+        sub_tag=_string(item, "SubTag", where),
+        output_files=_output_files(operation, op_where),
+        media_info=_media_summary(operation, op_where),
     )
 
 
 def _string(container: dict[str, Any], key: str, where: str) -> str:
-    value = container.get(key)
+    return _text(container.get(key), f"{where}.{key}" if where else key)
+
+
+def _text(value: Any, name: str) -> str:
     if value is None:  # absent, or an empty XML element
         return ""
-    name = f"{where}.{key}" if where else key
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise CallbackError(f"{name} must be a string")
     text = str(value)
@@ -226,6 +238,20 @@ def _string(container: dict[str, Any], key: str, where: str) -> str:
 def _blank(value: Any) -> bool:
     """An empty element: None in JSON or for ``<X/>``, only whitespace for an indented ``<X>\n</X>``."""
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _items(value: Any) -> list[Any]:
+    """An element that may appear once or repeated (XML), or be one value or a list (JSON); blanks dropped."""
+    return [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
+
+
+def _objects(container: dict[str, Any], key: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each element of the repeated ``key`` with where it is (``where.key[i]``); each must be an object."""
+    for index, item in enumerate(_items(container.get(key))):
+        inner = f"{where}.{key}[{index}]"
+        if not isinstance(item, dict):
+            raise CallbackError(f"{inner} must be an object")
+        yield inner, item
 
 
 def _container(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -250,17 +276,10 @@ def _location(container: dict[str, Any], key: str, bucket_key: str, where: str) 
 
 
 def _cos_headers(input_: dict[str, Any], where: str) -> tuple[CosHeader, ...]:
-    value = input_.get("CosHeaders")
-    if _blank(value):
-        return ()
-    items = [item for item in (value if isinstance(value, list) else [value]) if not _blank(item)]
-    headers = []
-    for index, item in enumerate(items):
-        inner = f"{where}.CosHeaders[{index}]"
-        if not isinstance(item, dict):
-            raise CallbackError(f"{inner} must be an object")
-        headers.append(CosHeader(key=_string(item, "Key", inner), value=_string(item, "Value", inner)))
-    return tuple(headers)
+    return tuple(
+        CosHeader(key=_string(item, "Key", inner), value=_string(item, "Value", inner))
+        for inner, item in _objects(input_, "CosHeaders", where)
+    )
 
 
 def _workflow(item: dict[str, Any], where: str) -> Workflow | None:
@@ -274,3 +293,114 @@ def _workflow(item: dict[str, Any], where: str) -> Workflow | None:
         workflow_id=_string(value, "WorkflowId", inner),
         workflow_name=_string(value, "WorkflowName", inner),
     )
+
+
+def _output_files(operation: dict[str, Any], where: str) -> tuple[OutputFile, ...]:
+    """``MediaResult/OutputFile``: one or several, each with one or several ``ObjectName``.
+
+    Placeholders CI sends for outputs a job did not make (``<SpriteOutputFile>`` with empty
+    fields, ``<ObjectPrefix/>``) are dropped, so what remains names objects that exist.
+    """
+    result = _container(operation, "MediaResult", where)
+    files: list[OutputFile] = []
+    names = 0
+    for inner, item in _objects(result, "OutputFile", f"{where}.MediaResult"):
+        found = OutputFile(
+            bucket=_string(item, "Bucket", inner),
+            region=_string(item, "Region", inner),
+            object_names=tuple(
+                _text(name, f"{inner}.ObjectName[{n}]") for n, name in enumerate(_items(item.get("ObjectName")))
+            ),
+            object_prefix=_string(item, "ObjectPrefix", inner),
+            digests=_digests(item, inner),
+        )
+        names += len(found.object_names) + len(found.digests)
+        if names > MAX_OUTPUT_NAMES:
+            raise CallbackError(f"{where}.MediaResult lists more than {MAX_OUTPUT_NAMES} objects")
+        if found.object_names or found.object_prefix:
+            files.append(found)
+    return tuple(files)
+
+
+def _digests(output_file: dict[str, Any], where: str) -> tuple[FileDigest, ...]:
+    digests = (
+        FileDigest(_string(item, "ObjectName", inner), _string(item, "Md5", inner).lower())
+        for inner, item in _objects(output_file, "Md5Info", where)
+    )
+    return tuple(digest for digest in digests if digest.object_name and digest.md5)
+
+
+def _media_summary(operation: dict[str, Any], where: str) -> MediaSummary | None:
+    """The parts of ``MediaInfo`` an audio receiver needs: the container, and the first audio stream."""
+    info = _container(operation, "MediaInfo", where)
+    if not info:
+        return None
+    inner = f"{where}.MediaInfo"
+    container = _container(info, "Format", inner)
+    streams = _container(info, "Stream", inner)
+    audios = _items(streams.get("Audio"))
+    audio = audios[0] if audios and isinstance(audios[0], dict) else {}
+    at = f"{inner}.Stream.Audio"
+    return MediaSummary(
+        format_name=_string(container, "FormatName", f"{inner}.Format"),
+        duration=_string(container, "Duration", f"{inner}.Format"),
+        size=_string(container, "Size", f"{inner}.Format"),
+        bitrate=_string(container, "Bitrate", f"{inner}.Format"),
+        audio_codec=_string(audio, "CodecName", at),
+        sample_rate=_string(audio, "SampleRate", at),
+        channels=_string(audio, "Channel", at),
+    )
+
+
+def _identity(item: dict[str, Any], where: str, tag_key: str) -> tuple[str, str, str]:
+    """A job's id, tag (under ``tag_key``) and state, each checked."""
+    job_id = _string(item, "JobId", where)
+    if not job_id:
+        raise CallbackError(f"{where}: missing JobId")
+    if not _JOB_ID.fullmatch(job_id):
+        raise CallbackError(f"{where}.JobId must be 1 to 128 letters, digits, '-' or '_'")
+    tag = _string(item, tag_key, where)
+    if not tag:
+        raise CallbackError(f"{where}: missing {tag_key}")
+    state = _string(item, "State", where)
+    if state not in JobState.__members__.values():
+        raise CallbackError(f"{where}.State must be one of {_STATES}, not {state!r}")
+    return job_id, tag, state
+
+
+def _workflow_tasks(doc: dict[str, Any]) -> tuple[Job, ...]:
+    """A workflow run's tasks as jobs: each names its JobId and Type; DescribeMediaJob supplies the rest.
+
+    The run's input (``BucketId`` often empty, ``Object``) is each task's input. A task that
+    never ran has no JobId: nothing to verify or deliver, so it is left out.
+    """
+    where = "WorkflowExecution"
+    execution = _container(doc, where, "")
+    run = Workflow(
+        run_id=_string(execution, "RunId", where),
+        workflow_id=_string(execution, "WorkflowId", where),
+        workflow_name=_string(execution, "WorkflowName", where),
+    )
+    source = ObjectLocation(_string(execution, "BucketId", where), "", _string(execution, "Object", where))
+    headers = _cos_headers(execution, where)
+    if (count := len(_items(execution.get("Tasks")))) > MAX_JOBS_PER_CALLBACK:
+        raise CallbackError(f"{where}.Tasks has {count} tasks; at most {MAX_JOBS_PER_CALLBACK} are accepted")
+    jobs: dict[str, Job] = {}
+    for inner, task in _objects(execution, "Tasks", where):
+        if _blank(task.get("JobId")):
+            continue
+        job_id, tag, state = _identity(task, inner, "Type")
+        job = Job(
+            job_id=job_id,
+            tag=tag,
+            state=state,
+            creation_time=_string(task, "CreateTime", inner),
+            end_time=_string(task, "EndTime", inner),
+            input=source if source.bucket or source.key else None,
+            template_id=_string(task, "TemplateId", inner),
+            template_name=_string(task, "TemplateName", inner),
+            cos_headers=headers,
+            workflow=replace(run, name=_string(task, "Name", inner)),
+        )
+        jobs.setdefault(job_id, job)
+    return tuple(jobs.values())

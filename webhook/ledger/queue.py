@@ -9,6 +9,7 @@ on SQLite the write lock is taken when the transaction begins.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -21,7 +22,7 @@ from webhook.ledger.history import record_attempts
 from webhook.ledger.leasing import claim_due, lease_new_deliveries
 from webhook.ledger.scheduling import set_status
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
-from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_dict
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
@@ -74,7 +75,7 @@ class Queue:
         with begin(self._engine) as conn:
             if not _accept(conn, claim.task, worker_id, sinks, accepted, job, rejected, tried, now):
                 return None
-            job_id, claimed = claim.task.job_id, (accepted.detail, claim.received_at)
+            job_id, claimed = claim.task.job_id, (confirmed_detail(job), claim.received_at)
             return lease_new_deliveries(conn, job_id, sinks, worker_id, until, now, claimed)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
@@ -150,6 +151,11 @@ def settle(conn: Connection, job_id: str, now: datetime) -> None:
         set_status(conn, job_id, JobStatus.DELIVERED, "", now)
 
 
+def confirmed_detail(job: Job) -> str:
+    """The job as its row and its deliveries keep it."""
+    return json.dumps(job_to_dict(job))
+
+
 def _accept(
     conn: Connection,
     task: Task,
@@ -167,7 +173,8 @@ def _accept(
         jobs.update()
         .where(jobs.c.job_id == task.job_id)
         .values(
-            detail=accepted.detail,
+            # CI's account of the job, as verification confirmed it: what its deliveries send.
+            detail=confirmed_detail(job),
             tag=job.tag[:64],
             state=job.state,
             status=JobStatus.VERIFIED,

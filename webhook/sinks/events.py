@@ -17,11 +17,20 @@ Example: the job ``je8f…303c`` succeeded and its output ``out/a.wav`` was fetc
         "output": {"bucket": "audio-1250000000", "region": "ap-guangzhou", "key": "out/a.wav"},
         "user_data": "order-42", "job_level": "0", "template_id": "", "template_name": "",
         "format": "wav", "sample_rate": "16000",
-        "cos_headers": [{"key": "x-cos-meta-id", "value": "42"}], "workflow": null
+        "cos_headers": [{"key": "x-cos-meta-id", "value": "42"}], "workflow": null,
+        "progress": "100", "sub_tag": "",
+        "output_files": [{
+          "bucket": "audio-1250000000", "region": "ap-guangzhou", "object_names": ["out/a.wav"],
+          "object_prefix": "", "digests": [{"object_name": "out/a.wav", "md5": "9e107d9d372bb6826bd81d3542a419d6"}]
+        }],
+        "media_info": {
+          "format_name": "wav", "duration": "0.032000", "size": "1024", "bitrate": "256.000000",
+          "audio_codec": "pcm_s16le", "sample_rate": "16000", "channels": "1"
+        }
       },
       "file": {
         "name": "a.wav", "size": 1024, "crc64": "6230416154291387364",
-        "content_type": "audio/wav", "etag": "\"e1\""
+        "content_type": "audio/wav", "etag": "\"e1\"", "md5": "9e107d9d372bb6826bd81d3542a419d6"
       }
     }
 
@@ -74,9 +83,7 @@ def build_event(job: Job, sink: str, file: FetchedFile | None, location: FileLoc
 
 def event_document(event: Event) -> dict[str, Any]:
     """The JSON document for ``event`` (see the module docstring); equal to its own JSON round trip."""
-    job = job_to_dict(event.job)
-    # asdict keeps tuples; a list makes the document compare equal to what a receiver parses.
-    job["cos_headers"] = list(job["cos_headers"])
+    job = _as_lists(job_to_dict(event.job))
     file = None
     if event.file is not None:
         key = event.job.output.key if event.job.output else ""
@@ -86,10 +93,20 @@ def event_document(event: Event) -> dict[str, Any]:
             "crc64": event.file.crc64,
             "content_type": event.file.content_type,
             "etag": event.file.etag,
+            "md5": event.file.md5,
         }
         if event.location is not None:
             file["location"] = {k: v for k, v in asdict(event.location).items() if v}
     return {"schema": SCHEMA, "event_id": event.event_id, "type": event.type, "job": job, "file": file}
+
+
+def _as_lists(value: Any) -> Any:
+    """asdict keeps tuples; lists make the document compare equal to what a receiver parses."""
+    if isinstance(value, tuple | list):
+        return [_as_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_lists(item) for key, item in value.items()}
+    return value
 
 
 def document_bytes(event: Event) -> bytes:

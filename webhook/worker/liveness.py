@@ -35,11 +35,12 @@ def pid_alive(pid: int) -> bool:
 
 
 class Heartbeat:
-    """A service: registers this worker and takes over from dead workers, then renews its row every
-    ``interval`` seconds, so a long step never looks like death; on stopping, the worker leaves.
+    """A service: renews this worker's row every ``interval`` seconds, so a long step never looks
+    like death, and takes over from dead workers on each beat; on stopping, the worker leaves.
 
-    ``on_takeover`` is called after the first beat and after every beat that took over from dead
-    workers (e.g. to remove partial downloads of workers no longer alive).
+    The first beat registers the worker: the claim loop makes it before its first claim.
+    ``on_takeover`` is called after it and after every beat that took over from dead workers
+    (e.g. to remove partial downloads of workers no longer alive).
     """
 
     name = "heartbeat"
@@ -48,18 +49,13 @@ class Heartbeat:
         self.ledger, self.worker_id, self.interval = ledger, worker_id, interval
         self.on_takeover = on_takeover
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.registered = threading.Event()  # set from the first beat until the worker leaves
-
-    @property
-    def running(self) -> bool:
-        return self.registered.is_set()
+        self.running = False  # registered: from the first beat until the worker leaves
 
     def beat(self) -> None:
         """One beat: renew the row, then release what dead workers held."""
         self.ledger.workers.beat(self.worker_id, self.host, self.pid)
         taken = self.ledger.workers.take_over(self.interval * STALE_BEATS, self.host, pid_alive)
-        first = not self.registered.is_set()
-        self.registered.set()
+        first, self.running = not self.running, True
         if taken.dead or taken.released:
             log.warning(
                 "took over from dead workers %s: %d leased tasks are due again",
@@ -71,20 +67,18 @@ class Heartbeat:
 
     def run(self, stopping: threading.Event) -> None:
         try:
-            while True:
+            while not stopping.wait(self.interval):
                 try:
                     self.beat()
                 except LedgerUnavailable as exc:  # the ledger is away: the next beat tries again
                     why = exc.kind
                     log.error("heartbeat of worker %s failed: ledger unavailable (%s)", self.worker_id, why)
-                if stopping.wait(self.interval):
-                    break
         finally:
             self.leave()
 
     def leave(self) -> None:
         """The row goes, with any lease still held."""
-        self.registered.clear()
+        self.running = False
         try:
             released = self.ledger.workers.leave(self.worker_id)
         except LedgerUnavailable:

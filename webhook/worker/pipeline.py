@@ -8,23 +8,29 @@ outcome, as soon as it is decided, to the one :class:`~webhook.worker.outcomes.R
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
-from qcloud_cos import CosS3Client
-
-from webhook.ci.client import signer
+from webhook.ci.client import ClientFactory, signer
 from webhook.ci.fetch import FetchError, describe_object, presigned_url
 from webhook.ci.verify import (
     Accept,
     Allowlist,
+    FoundAt,
+    OutputUnknown,
+    Place,
     Reject,
     Verdict,
     VerifyError,
     Wait,
+    confirmed,
     decide,
     describe_job,
     overall,
     precheck,
+    reported_md5,
+    where_to_ask,
+    written_output,
 )
 from webhook.config import Settings
 from webhook.ledger import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
@@ -51,8 +57,6 @@ from webhook.worker.staging import Staging
 
 log = logging.getLogger("webhook.worker")
 
-ClientFactory = Callable[[str], CosS3Client]
-
 
 class Pipeline:
     """One claim at a time per call; a worker calls :meth:`run` from several threads, each with its own claim."""
@@ -77,6 +81,7 @@ class Pipeline:
         self.shutdown = shutdown
         self.leases = leases
         self.allow = Allowlist(settings.allowed_buckets, settings.allowed_regions, settings.allowed_tags)
+        self.found_at = FoundAt()
 
     def run(self, claim: Claim) -> None:
         """Work on ``claim`` until each of its tasks has an outcome recorded; a job that passes
@@ -117,14 +122,13 @@ class Pipeline:
                 continue
             verdict: Verdict | None = precheck(job, self.allow)
             if verdict is None:
-                assert job.input is not None  # precheck guarantees it
-                where = (job.input.region, job.input.bucket)
-                if where not in reported:
-                    try:
-                        reported[where] = describe_job(self.client_for_region(where[0]), where[1], job.job_id)
-                    except VerifyError as exc:
-                        return self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
-                verdict = decide(job, reported[where], self.allow)
+                try:
+                    found, asked = self._find(job, reported)
+                except VerifyError as exc:
+                    return self._failed(task, claim, str(exc), self.settings.verify_retry, trying)
+                verdict = decide(job, found, self.allow, asked)
+                if isinstance(verdict, Accept) and found is not None:
+                    job = confirmed(job, found)  # what is delivered is CI's account of the job
             judged.append((version, job, verdict))
         rejected = {version.id: verdict.reason for version, _, verdict in judged if isinstance(verdict, Reject)}
         if not any(job for _, job, _ in judged):
@@ -134,6 +138,13 @@ class Pipeline:
         match overall([verdict for _, _, verdict in judged]):
             case Accept():
                 version, job = next((v, j) for v, j, verdict in judged if isinstance(verdict, Accept) and j)
+                if job.succeeded:
+                    try:
+                        # From here on the job's output is the object CI wrote, not the name submitted.
+                        job = replace(job, output=written_output(job))
+                    except OutputUnknown as exc:
+                        final = "CI names no file to fetch"
+                        return self._failed(task, claim, str(exc), self._policy(task), trying, final=final)
                 sinks = tuple(sorted(name for name, spec in self.specs.items() if spec.accepts(job)))
                 return Accepted(claim, (trying.ended(Outcome.OK),), version, job, sinks, rejected)
             case Reject(reason):
@@ -141,6 +152,25 @@ class Pipeline:
             case Wait(reason):
                 return self._failed(task, claim, reason, self.settings.verify_retry, trying)
         raise AssertionError("overall() gives Accept, Reject or Wait")
+
+    def _find(self, job: Job, reported: dict[Place, Job | None]) -> tuple[Job | None, tuple[Place, ...]]:
+        """CI's answer for ``job`` from the first place that knows it, and the places there were to ask.
+
+        A callback that states its bucket and region has one place; one that leaves them out is
+        searched among the allowlist, where this job was last found first. ``reported`` keeps each
+        place's answer for the other versions of the same claim.
+        """
+        places = where_to_ask(job, self.allow)
+        if (last := self.found_at.get(job.job_id)) in places:
+            places = (last, *(place for place in places if place != last))
+        for place in places:
+            if place not in reported:
+                region, bucket = place
+                reported[place] = describe_job(self.client_for_region(region), bucket, job.job_id)
+            if (answer := reported[place]) is not None:
+                self.found_at.remember(job.job_id, place)
+                return answer, places
+        return None, places
 
     def _deliver(self, claim: DeliveryClaim) -> Iterator[TaskOutcome]:
         """Each delivery's outcome in turn, each recorded before the next delivery starts."""
@@ -166,7 +196,8 @@ class Pipeline:
             assert job.output is not None  # verification refuses a success without output
             fetching = Trying(Step.FETCH)
             try:
-                fetched = self._fetch(job, job.output, any(self.sinks[d.sink].needs_bytes(job) for d in deliveries))
+                bytes_needed = any(self.sinks[d.sink].needs_bytes(job) for d in deliveries)
+                fetched = self._fetch(job, job.output, bytes_needed)
             except Exception as exc:
                 # One delay for all: the deliveries stay due together, so the next try fetches once.
                 together = max(backoff_delay(d.attempts, self._policy(d)) for d in deliveries)
@@ -232,9 +263,10 @@ class Pipeline:
 
     def _fetch(self, job: Job, where: ObjectLocation, bytes_needed: bool) -> FetchedFile:
         client = self.client_for_region(where.region)
+        md5 = reported_md5(job, where.key)
         if bytes_needed:
-            return self.staging.fetch(client, job.job_id, where)
-        return describe_object(client, where)
+            return self.staging.fetch(client, job.job_id, where, md5)
+        return describe_object(client, where, md5=md5)
 
     def _error_text(self, exc: BaseException) -> str:
         """What is recorded on the task: our own errors' messages, else the type and message, secrets removed."""

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from webhook.ci.client import client_for
+from webhook.ci.client import ClientFactory, client_for
 from webhook.config import Settings
 from webhook.intake.reconcile import PeriodicReconcile
 from webhook.ledger import Claim, Ledger, LedgerUnavailable
@@ -37,7 +37,7 @@ from webhook.sinks.config import SinkSpec
 from webhook.worker.liveness import Heartbeat, Leases
 from webhook.worker.outcomes import Recorder
 from webhook.worker.periodic import Periodic, PeriodicPrune
-from webhook.worker.pipeline import ClientFactory, Pipeline
+from webhook.worker.pipeline import Pipeline
 from webhook.worker.services import Service, Services, Shutdown
 from webhook.worker.staging import Staging
 
@@ -134,7 +134,7 @@ class Worker:
 
 
 class ClaimLoop:
-    """The worker's service that claims due work once the worker is registered, and runs it.
+    """The worker's service that registers the worker, then claims due work and runs it.
 
     With ``burst`` (the periodic services of the run), it ends once nothing is due, none of its
     claims is in flight and each periodic service has caught up: what reconcile records in a
@@ -163,11 +163,10 @@ class ClaimLoop:
             done = {future for future in in_flight if future.done()}
             in_flight -= done
             self.finished += len(done)
-            if not worker.heartbeat.running:
-                worker.heartbeat.registered.wait(WAIT_SLICE)  # others would take over an unregistered worker's leases
-                continue
             free = self.settings.worker_concurrency - len(in_flight)
             try:
+                if not worker.heartbeat.running:
+                    worker.heartbeat.beat()  # registered first: others take over an unknown worker's leases
                 claims = queue.claim_many(worker.worker_id, self.settings.lease_seconds, free) if free else []
             except LedgerUnavailable as exc:
                 # The ledger is away (database restarting, network): nothing was lost — a claimed

@@ -28,8 +28,7 @@ from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
-from qcloud_cos import CosS3Client
-
+from webhook.ci.client import Client
 from webhook.ci.fetch import PART_PREFIX, fetch_object
 from webhook.deadline import DEFAULT_MIN_RATE
 from webhook.models import FetchedFile, ObjectLocation
@@ -54,7 +53,7 @@ class Staging:
         self._lock = threading.Lock()
         self._in_use: dict[threading.Thread, str] = {}
 
-    def fetch(self, client: CosS3Client, job_id: str, where: ObjectLocation) -> FetchedFile:
+    def fetch(self, client: Client, job_id: str, where: ObjectLocation, md5: str = "") -> FetchedFile:
         """The job's object, from staging when an earlier attempt downloaded it, else from COS.
 
         The job is in use by the calling thread from now on (see the module's docstring).
@@ -66,7 +65,9 @@ class Staging:
             return staged
         self.directory.mkdir(parents=True, exist_ok=True)
         part_prefix = f"{PART_PREFIX}{self.tag}-"
-        fetched = fetch_object(client, where, str(self.directory), min_rate=self.min_rate, part_prefix=part_prefix)
+        fetched = fetch_object(
+            client, where, str(self.directory), min_rate=self.min_rate, part_prefix=part_prefix, md5=md5
+        )
         assert fetched.path is not None
         data, meta = self._paths(job_id)
         description = asdict(fetched) | {"path": None, "where": asdict(where)}

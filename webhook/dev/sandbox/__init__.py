@@ -9,6 +9,7 @@ see :mod:`webhook.dev.sandbox.faults` and :mod:`webhook.dev.sandbox.server`.
 from webhook.dev.sandbox.audio import noisy_wav
 from webhook.dev.sandbox.faults import Fault, FaultError, Faults
 from webhook.dev.sandbox.jobs import SentCallback
+from webhook.dev.sandbox.results import CallbackShape
 from webhook.dev.sandbox.server import Sandbox, serve
 
-__all__ = ["Fault", "FaultError", "Faults", "Sandbox", "SentCallback", "noisy_wav", "serve"]
+__all__ = ["CallbackShape", "Fault", "FaultError", "Faults", "Sandbox", "SentCallback", "noisy_wav", "serve"]

@@ -25,12 +25,13 @@ from webhook.dev.sandbox.cmq import FAULTS_PATH as CMQ_FAULTS_PATH
 from webhook.dev.sandbox.cmq import PATH as CMQ_PATH
 from webhook.dev.sandbox.cmq import CmqService
 from webhook.dev.sandbox.faults import Fault, Faults
-from webhook.dev.sandbox.jobs import JobRequestError, MediaJobs, new_job
+from webhook.dev.sandbox.jobs import MediaJobs
 from webhook.dev.sandbox.listing import PARAMETERS, JobQuery, list_jobs
 from webhook.dev.sandbox.queues import QUEUE_PATH, SpeechQueues, is_queue_update
 from webhook.dev.sandbox.responses import ApiError, apply_fault, error_response, file_body, object_headers, xml_response
 from webhook.dev.sandbox.signing import FIELDS, SignatureError, verify_request
 from webhook.dev.sandbox.store import BUCKET_NAME, NoSuchKey, ObjectInfo, ObjectStore, read_chunks
+from webhook.dev.sandbox.submission import JobRequestError, new_job
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -280,7 +281,7 @@ class SandboxApp:
             return xml_response(list_jobs(self._jobs.details(target.bucket), JobQuery.parse(request.args)))
         if request.method == "GET" and target.key.startswith("jobs/"):
             job_ids = [job_id for job_id in target.key[len("jobs/") :].split(",") if job_id]
-            details, missing = self._jobs.describe(target.bucket, job_ids)
+            details, missing = self._jobs.describe(target.bucket, target.region, job_ids)
             # As in CI, each element appears only when it has something in it.
             found: dict[str, Any] = {"JobsDetail": details} if details else {}
             return xml_response(found | ({"NonExistJobIds": missing} if missing else {}))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from webhook.dev.sandbox.jobs import JobRequestError
+from webhook.dev.sandbox.submission import JobRequestError
 
 MAX_SIZE = 100
 DEFAULT_SIZE = 10

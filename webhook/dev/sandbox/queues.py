@@ -39,9 +39,9 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-from webhook.dev.sandbox.jobs import JobRequestError, MqTarget, mq_target
 from webhook.dev.sandbox.responses import ApiError
 from webhook.dev.sandbox.signing import FIELDS
+from webhook.dev.sandbox.submission import JobRequestError, MqTarget, mq_target
 
 QUEUE_PATH = "asrqueue"
 PARAMETERS = frozenset({"queueIds", "state", "pageNumber", "pageSize"})

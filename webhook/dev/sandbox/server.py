@@ -61,6 +61,7 @@ from webhook.dev.sandbox.cmq import CmqService
 from webhook.dev.sandbox.faults import Faults
 from webhook.dev.sandbox.jobs import MediaJobs, SentCallback
 from webhook.dev.sandbox.responses import ResettingServer
+from webhook.dev.sandbox.results import CallbackShape
 from webhook.dev.sandbox.store import ObjectStore
 from webhook.web.server import BackgroundServer
 
@@ -89,6 +90,7 @@ class Sandbox:
         appid: str = SANDBOX_APPID,
         job_delay: float = 0.0,
         cmq_visibility_timeout: float = 30.0,
+        callback_shape: CallbackShape = CallbackShape.FULL,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if root is None:
@@ -102,7 +104,7 @@ class Sandbox:
         self._store = ObjectStore(self.root)
         self.cmq = CmqService(secret_id, secret_key, visibility_timeout=cmq_visibility_timeout)
         """TDMQ for CMQ: its queues, and its faults (``cmq.add_fault``); see :mod:`webhook.dev.sandbox.cmq`."""
-        self._jobs = MediaJobs(self._store, job_delay=job_delay, tdmq=self.cmq.send)
+        self._jobs = MediaJobs(self._store, job_delay=job_delay, tdmq=self.cmq.send, callback_shape=callback_shape)
         self.faults = Faults()
         """The fault rules every request is checked against; see :mod:`webhook.dev.sandbox.faults`."""
         self._app = SandboxApp(
@@ -152,6 +154,29 @@ class Sandbox:
     def endpoint(self) -> CosEndpoint:
         """What ``webhook.ci.client.make_client`` (and ``WEBHOOK_COS_ENDPOINT``) needs to reach the sandbox."""
         return CosEndpoint("http", self._started().host, self.port)
+
+    def finish_workflow(self, url: str, job_ids: list[str], callback_format: str = "xml") -> SentCallback:
+        """Send ``url`` the ``WorkflowFinish`` of a workflow run made of the jobs ``job_ids``: CI's
+        callback for a workflow, which names each task's job and leaves the rest to DescribeMediaJob."""
+        return self._jobs.finish_workflow(url, job_ids, callback_format)
+
+    @property
+    def reports_results(self) -> bool:
+        """Whether jobs report the objects they wrote (``MediaResult``) and their probe (``MediaInfo``)."""
+        return self._jobs.reports_results
+
+    @reports_results.setter
+    def reports_results(self, reports: bool) -> None:
+        self._jobs.reports_results = reports
+
+    @property
+    def callback_shape(self) -> CallbackShape:
+        """How the callbacks of jobs that finish from now on state their locations."""
+        return self._jobs.callback_shape
+
+    @callback_shape.setter
+    def callback_shape(self, shape: CallbackShape) -> None:
+        self._jobs.callback_shape = shape
 
     @property
     def callbacks_sent(self) -> list[SentCallback]:
