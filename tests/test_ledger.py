@@ -98,10 +98,10 @@ def test_duplicate_is_recorded_once(ledger: Ledger) -> None:
 
 def test_other_tags_and_events_are_ignored_without_work(ledger: Ledger) -> None:
     record(ledger, job(1, tag="VoiceSeparate"))
-    record(ledger, job(2), event="WorkflowFinish")
+    record(ledger, job(2), event="TaskProgress")
     first, second = ledger.views.show_job(job(1).job_id), ledger.views.show_job(job(2).job_id)
     assert (first.status, first.reason) == ("ignored", "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS")
-    assert (second.status, second.reason) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
+    assert (second.status, second.reason) == ("ignored", "event TaskProgress is recorded, not forwarded")
     assert first.tasks == second.tasks == ()
     assert ledger.queue.claim("w1", 60) is None
 
