@@ -24,7 +24,8 @@ from support.shapes import (
     workflow_xml,
 )
 
-from webhook.intake.callback import MAX_OUTPUT_NAMES, CallbackError, parse_callback
+from webhook.intake.callback import CallbackError, parse_callback
+from webhook.intake.outputs import MAX_OUTPUT_NAMES
 from webhook.intake.triage import triage
 from webhook.models import CosHeader, FileDigest, Job, MediaSummary, ObjectLocation, OutputFile, Workflow
 

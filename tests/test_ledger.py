@@ -98,10 +98,10 @@ def test_duplicate_is_recorded_once(ledger: Ledger) -> None:
 
 def test_other_tags_and_events_are_ignored_without_work(ledger: Ledger) -> None:
     record(ledger, job(1, tag="VoiceSeparate"))
-    record(ledger, job(2), event="WorkflowFinish")
+    record(ledger, job(2), event="TaskProgress")
     first, second = ledger.views.show_job(job(1).job_id), ledger.views.show_job(job(2).job_id)
     assert (first.status, first.reason) == ("ignored", "tag VoiceSeparate is not in WEBHOOK_ALLOWED_TAGS")
-    assert (second.status, second.reason) == ("ignored", "event WorkflowFinish is recorded, not forwarded")
+    assert (second.status, second.reason) == ("ignored", "event TaskProgress is recorded, not forwarded")
     assert first.tasks == second.tasks == ()
     assert ledger.queue.claim("w1", 60) is None
 
@@ -500,6 +500,7 @@ def test_a_connection_the_server_closed_is_replaced_before_it_is_used(postgres_l
             conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
             gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
             while conn.execute(gone, {"pid": pid}).scalar_one():
+                conn.rollback()  # pg_stat_activity is read once per transaction: look again
                 time.sleep(0.01)
         # A backend leaves pg_stat_activity before its process exits and its socket closes.
         waited = time.monotonic() + 5

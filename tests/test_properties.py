@@ -35,7 +35,8 @@ from support.endpoint import row_counts
 from support.samples import DOC_JSON, DOC_XML, JOB_ID, body, job, operation, to_xml
 
 from webhook.config import Settings
-from webhook.intake.callback import MAX_FIELD_LENGTH, MAX_JOBS_PER_CALLBACK, CallbackError, parse_callback
+from webhook.intake.callback import MAX_JOBS_PER_CALLBACK, CallbackError, parse_callback
+from webhook.intake.fields import MAX_FIELD_LENGTH
 from webhook.ledger import Ledger
 from webhook.ledger.schema import jobs
 from webhook.models import Callback, CosHeader, Job, JobState, ObjectLocation, Workflow, job_to_dict

@@ -51,8 +51,8 @@ STEPS: list[tuple[str, Any]] = [
         ),
     ),
     ("record", callback(job(1, state="Failed"), job(5, state="Cancel"))),  # said before; a new version
-    ("record", callback(job(6), event="WorkflowFinish")),  # another event: only recorded
-    ("record", callback(job(6), event="WorkflowFinish")),  # the same body again: stored once
+    ("record", callback(job(6), event="TaskProgress")),  # another event: only recorded
+    ("record", callback(job(6), event="TaskProgress")),  # the same body again: stored once
     ("record", callback()),  # no job at all
 ]
 
