@@ -86,7 +86,7 @@ def build_event(
     Raises :class:`ValueError` for any other combination (an unfinished job, a success without
     its output, a failure with a file): those are bugs upstream, not deliveries.
     """
-    if isinstance(files, FetchedFile):  # without an output it is refused below, as a file with no job output
+    if isinstance(files, FetchedFile):  # a job without an output to be its source is refused below
         files = (JobFile(job.output or ObjectLocation("", "", ""), files, location=location),)
     files = tuple(files or ())
     if job.state == JobState.SUCCESS and files and job.output is not None:

@@ -175,9 +175,9 @@ class HttpNotifySink(HttpPostSink, NotificationSink):
 class HttpMultipartSink(HttpPostSink):
     """``mode = "multipart"``: POSTs ``metadata`` (JSON) and, for a succeeded job, its audio files.
 
-    The first file is the part ``file``, as when jobs had one; each further file ``n`` of the
-    document's ``files`` (from 1) is the part ``file.<n>``: ``file.2``, ``file.3``… The body is
-    streamed from disk twice, once to sign it and once to send it, and is never held in memory.
+    The first of the document's ``files`` is the part ``file``, as when jobs had one; its ``n``-th,
+    from the second on, the part ``file.<n>`` (``file.2``, ``file.3``…). The body is streamed from
+    disk twice, once to sign it and once to send it, and is never held in memory.
     """
 
     def deliver(self, event: Event) -> None:
