@@ -305,3 +305,15 @@ def test_reconcile_records_a_template_job_whose_callback_never_came_and_it_is_de
     assert summary.to_dict()["recorded"] == [job_id]
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "delivered"
     assert (pipeline.sink_dir / f"{job_id}.wav").read_bytes() == pipeline.output_bytes("out/noisy.wav")
+
+
+def test_a_bucket_ci_says_is_not_in_the_region_asked_does_not_know_the_job(pipeline: Pipeline) -> None:
+    # What COS answers for a bucket asked through another region's endpoint: not an outage to retry.
+    pipeline.sandbox.faults.add(Fault(kind="CI describe", status=404, code="NoSuchBucket"))
+    job_id = "j" + "9" * 32
+    pipeline.post_callback(forged(job_id, Input={"Object": "in/noisy.wav"}))
+
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "rejected"
+
+    assert pipeline.ledger.views.show_job(job_id).reason == f"CI does not know job {job_id} in bucket {BUCKET}"
+    assert [active.fired for active in pipeline.sandbox.faults.active] == [1]

@@ -7,6 +7,7 @@ import pytest
 from webhook.ci.verify import (
     Accept,
     Allowlist,
+    FoundAt,
     OutputUnknown,
     Reject,
     Wait,
@@ -244,3 +245,15 @@ def test_nothing_named_to_fetch_is_output_unknown(output_files: tuple[OutputFile
     with pytest.raises(OutputUnknown) as unknown:
         written_outputs(replace(TEMPLATE, output_files=output_files))
     assert str(unknown.value) == reason
+
+
+def test_where_a_job_was_found_is_remembered_boundedly() -> None:
+    found = FoundAt(limit=2)
+    found.remember("j1", ("ap-guangzhou", "audio-1250000000"))
+    found.remember("j2", ("ap-shanghai", "podcasts-1250000000"))
+    found.remember("j1", ("ap-guangzhou", "audio-1250000000"))  # used again: the newest
+    found.remember("j3", ("ap-shanghai", "audio-1250000000"))
+
+    assert found.get("j2") is None  # the oldest went first
+    assert found.get("j1") == ("ap-guangzhou", "audio-1250000000")
+    assert found.get("j3") == ("ap-shanghai", "audio-1250000000")
