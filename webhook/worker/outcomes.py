@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypedDict, Unpack
 
 from webhook.ledger import Attempt, Delivery, DeliveryClaim, Ledger, Task, Trying, VerifyClaim, Version, utcnow
 from webhook.models import Job, Outcome
@@ -90,6 +91,17 @@ TaskOutcome = Accepted | Rejected | Delivered | RetryLater | GaveUp | Abandoned
 Failed = RetryLater | GaveUp | Abandoned
 
 
+class FailureDetails(TypedDict, total=False):
+    """What else is known about a failed attempt (see :func:`after_failure`)."""
+
+    also: Sequence[Trying]
+    recorded: Sequence[Attempt]
+    retry_after: float | None
+    final: str | None
+    delay: float | None
+    code: str
+
+
 def after_failure(
     task: Task,
     received_at: datetime,
@@ -98,12 +110,7 @@ def after_failure(
     tried: Trying,
     *,
     abandoned: str | None = None,
-    also: Sequence[Trying] = (),
-    recorded: Sequence[Attempt] = (),
-    retry_after: float | None = None,
-    final: str | None = None,
-    delay: float | None = None,
-    code: str = "",
+    **details: Unpack[FailureDetails],
 ) -> Failed:
     """What a failed attempt at ``task`` comes to: abandoned, dead once retrying cannot help, else a retry.
 
@@ -113,15 +120,16 @@ def after_failure(
     ``also`` (a fetch the task depended on) end with this outcome, after the attempts already
     ``recorded``. ``delay`` overrides the backoff (deliveries kept due together).
     """
+    also, recorded, code = details.get("also", ()), details.get("recorded", ()), details.get("code", "")
     if abandoned is not None:
         error = f"{error} ({abandoned})"
         return Abandoned(task, _ended(recorded, also, tried, Outcome.ABANDONED, error, code), error)
-    over = why_over(task.attempts, policy, (utcnow() - received_at).total_seconds(), final)
+    over = why_over(task.attempts, policy, (utcnow() - received_at).total_seconds(), details.get("final"))
     if over is not None:
         error = f"{error} ({over})"
         return GaveUp(task, _ended(recorded, also, tried, Outcome.DEAD, error, code), error)
-    if delay is None:
-        delay = backoff_delay(task.attempts, policy, retry_after)
+    if (delay := details.get("delay")) is None:
+        delay = backoff_delay(task.attempts, policy, details.get("retry_after"))
     return RetryLater(task, _ended(recorded, also, tried, Outcome.RETRY, error, code), error, delay)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import Unpack
 
 from webhook.ci.client import ClientFactory, signer
 from webhook.ci.fetch import FetchError, describe_object, presigned_url
@@ -46,6 +47,7 @@ from webhook.worker.outcomes import (
     Accepted,
     Delivered,
     Failed,
+    FailureDetails,
     Recorder,
     Rejected,
     RetryLater,
@@ -309,28 +311,9 @@ class Pipeline:
         error: str,
         policy: RetryPolicy,
         tried: Trying,
-        *,
-        also: Sequence[Trying] = (),
-        recorded: Sequence[Attempt] = (),
-        retry_after: float | None = None,
-        final: str | None = None,
-        delay: float | None = None,
-        code: str = "",
+        **details: Unpack[FailureDetails],
     ) -> Failed:
         """:func:`~webhook.worker.outcomes.after_failure` for a task of ``claim``; abandoned while the
         worker's shutdown is cutting off its work in hand."""
         abandoned = self.shutdown.abandoned if self.shutdown.abandoning.is_set() else None
-        return after_failure(
-            task,
-            claim.received_at,
-            error,
-            policy,
-            tried,
-            abandoned=abandoned,
-            also=also,
-            recorded=recorded,
-            retry_after=retry_after,
-            final=final,
-            delay=delay,
-            code=code,
-        )
+        return after_failure(task, claim.received_at, error, policy, tried, abandoned=abandoned, **details)
