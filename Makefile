@@ -2,17 +2,23 @@
 # what it needs on first use.
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench browser
 
-$(STAMP): pyproject.toml
+# The demo needs the service alone; the tests add their tools (moto, mypy, selenium, ...).
+$(RUNTIME): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet --editable '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/cos-webhook demo
 
 lint: $(STAMP)

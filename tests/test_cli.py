@@ -12,6 +12,7 @@ from support.pipeline import Pipeline, settings_env
 from support.samples import job, json_doc
 
 from webhook.cli import main
+from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.ledger.migrate import head
 
@@ -176,3 +177,13 @@ def test_check_reports_missing_tables_without_creating_them(pipeline: Pipeline) 
     assert result.exit_code == 1
     assert "lacks tables job_versions (run cos-webhook migrate)" in result.output.splitlines()[1]
     assert "job_versions" not in sa.inspect(pipeline.ledger.engine).get_table_names()
+
+
+def test_token_prints_a_fresh_token_the_receiver_accepts() -> None:
+    first, second = (CliRunner().invoke(main, ["token"]) for _ in range(2))
+
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    made = first.output.strip()
+    assert made != second.output.strip()
+    assert len(made) == 43
+    Settings.from_env({"WEBHOOK_CALLBACK_TOKEN": made}).check_receiver()  # raises if it were refused
