@@ -187,3 +187,11 @@ def test_token_prints_a_fresh_token_the_receiver_accepts() -> None:
     assert made != second.output.strip()
     assert len(made) == 43
     Settings.from_env({"WEBHOOK_CALLBACK_TOKEN": made}).check_receiver()  # raises if it were refused
+
+
+def test_an_unknown_status_is_refused_with_the_choices(pipeline: Pipeline) -> None:
+    result = run(pipeline, "jobs", "list", "--status", "failed")
+
+    assert result.exit_code == 2
+    assert "Invalid value for '--status': 'failed' is not one of" in result.output
+    assert "'received', 'verified', 'delivered', 'rejected', 'dead', 'ignored'" in result.output

@@ -11,6 +11,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
 from webhook.ledger import DeadLetter, JobView
+from webhook.models import JobStatus
 
 
 @main.group()
@@ -20,7 +21,7 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-@click.option("--status", help="Only jobs with this status.")
+@click.option("--status", type=click.Choice([status.value for status in JobStatus]), help="Only jobs with this status.")
 @click.option("--limit", default=50, show_default=True)
 def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
     """List the most recent jobs."""
