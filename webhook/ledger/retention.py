@@ -30,8 +30,10 @@ class Pruned:
     rows: dict[str, int] = field(default_factory=dict)  # per table, jobs and callbacks included
 
     def line(self) -> str:
-        detail = ", ".join(f"{table} {n}" for table, n in sorted(self.rows.items()))
-        return f"{self.jobs} jobs and {self.callbacks} callbacks" + (f" ({detail})" if detail else "")
+        """``3 jobs and 2 callbacks (with attempts 9, job_versions 3, tasks 6)``: each table named once."""
+        others = sorted((table, n) for table, n in self.rows.items() if table not in ("jobs", "callbacks"))
+        detail = ", ".join(f"{table} {n}" for table, n in others)
+        return f"{self.jobs} jobs and {self.callbacks} callbacks" + (f" (with {detail})" if detail else "")
 
 
 class Retention:
