@@ -83,3 +83,34 @@ def test_receiver_needs_a_token() -> None:
 def test_http_sink_needs_its_secret() -> None:
     with pytest.raises(ConfigError, match=r"^WEBHOOK_HTTP_SINK_SECRET is not set"):
         Settings.from_env(GOOD | {"WEBHOOK_HTTP_SINK_URL": "https://hooks.example.com/x"}).check_worker()
+
+
+def test_every_invalid_value_is_named_at_once() -> None:
+    env = {"WEBHOOK_MAX_BODY_BYTES": "lots", "WEBHOOK_POLL_INTERVAL": "-1", "WEBHOOK_LOG_LEVEL": "LOUD"}
+
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+
+    named = sorted(part.split(" ", 1)[0] for part in str(caught.value).split("; "))
+    assert named == ["WEBHOOK_LOG_LEVEL", "WEBHOOK_MAX_BODY_BYTES", "WEBHOOK_POLL_INTERVAL"]
+
+
+def test_a_worker_names_everything_it_misses_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOK_HTTP_SINK_URL": "http://127.0.0.1:9/hook"}).check_worker(sinks=True)
+
+    assert str(caught.value) == (
+        "COS_SECRET_ID is not set; COS_SECRET_KEY is not set; COS_REGION is not set (for example ap-guangzhou); "
+        "WEBHOOK_ALLOWED_BUCKETS is not set (comma-separated BucketName-APPID list); "
+        "WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is"
+    )
+
+
+def test_a_worker_without_any_sink_says_so_with_the_rest() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"COS_SECRET_ID": "id", "COS_SECRET_KEY": "key"}).check_worker(sinks=True)
+
+    problems = str(caught.value).split("; ")
+    assert problems[0] == "COS_REGION is not set (for example ap-guangzhou)"
+    assert problems[-1].startswith("no sink is configured: set WEBHOOK_SINK_DIR or WEBHOOK_HTTP_SINK_URL")
+    assert len(problems) == 3

@@ -124,9 +124,7 @@ def test_prune_from_the_command_line(ledger: Ledger) -> None:
 
     dry = CliRunner().invoke(main, ["prune", "--older-than", "7d", "--dry-run"], env=env)
     assert dry.exit_code == 0, dry.output
-    assert dry.output.startswith(
-        "would prune 1 jobs and 1 callbacks (with attempts 1, job_versions 1, tasks 1)"
-    )
+    assert dry.output.startswith("would prune 1 jobs and 1 callbacks (with attempts 1, job_versions 1, tasks 1)")
     assert counts(ledger)["jobs"] == 1
 
     kept = CliRunner().invoke(main, ["prune"], env=env)  # default retention, 30 days: too young

@@ -173,7 +173,8 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(_explain(exc.errors()[0])) from None
+            # Every problem at once: fixing a deploy's variables one run at a time is slow.
+            raise ConfigError("; ".join(dict.fromkeys(_explain(error) for error in exc.errors()))) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -254,17 +255,24 @@ class Settings(BaseSettings):
         if not self.callback_tokens:
             raise ConfigError("WEBHOOK_CALLBACK_TOKEN is not set (16 to 256 URL-safe characters)")
 
-    def check_worker(self) -> None:
-        """What the worker needs to verify, fetch and forward."""
-        for name, value in (("COS_SECRET_ID", self.secret_id), ("COS_SECRET_KEY", self.secret_key)):
-            if not value:
-                raise ConfigError(f"{name} is not set")
+    def check_worker(self, *, sinks: bool = False) -> None:
+        """What the worker needs to verify, fetch and forward (with ``sinks``, at least one sink too);
+        every missing setting is named in one error."""
+        keys = (("COS_SECRET_ID", self.secret_id), ("COS_SECRET_KEY", self.secret_key))
+        problems = [f"{name} is not set" for name, value in keys if not value]
         if not self.region:
-            raise ConfigError("COS_REGION is not set (for example ap-guangzhou)")
+            problems.append("COS_REGION is not set (for example ap-guangzhou)")
         if not self.allowed_buckets:
-            raise ConfigError("WEBHOOK_ALLOWED_BUCKETS is not set (comma-separated BucketName-APPID list)")
+            problems.append("WEBHOOK_ALLOWED_BUCKETS is not set (comma-separated BucketName-APPID list)")
         if self.http_sink_url and not self.http_sink_secret:
-            raise ConfigError("WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is")
+            problems.append("WEBHOOK_HTTP_SINK_SECRET is not set but WEBHOOK_HTTP_SINK_URL is")
+        if sinks:
+            try:
+                self.require_sinks()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 class _EnvironSource(PydanticBaseSettingsSource):

@@ -84,7 +84,7 @@ class Worker:
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
-        settings.check_worker()
+        settings.check_worker(sinks=True)
         specs = settings.require_sinks()
         sinks = build_sinks(specs, sink_context(settings))
         ledger = ledger or Ledger(settings.database_url)
