@@ -12,6 +12,8 @@ from webhook.cli import main
 from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Ledger
 from webhook.ledger.migrate import head
+from webhook.web.app import create_app
+from webhook.web.server import BackgroundServer
 
 TOKEN_OK = "ok    callback token: 1 configured"
 CI_OK = f"ok    ci: {BUCKET} ({REGION}) accepts the credentials"
@@ -112,3 +114,19 @@ def test_an_empty_database_file_lacks_every_table_and_stays_empty(
         result.output.splitlines()[1] == "FAIL  ledger: sqlite is reachable but has no tables: run cos-webhook migrate"
     )
     assert snapshot(tmp_path) == before
+
+
+def test_the_public_url_is_probed_when_set(tmp_path: Path, deploy: Path, sandbox: Sandbox) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(url).migrate()
+    settings = sandbox.settings(BUCKET, REGION, callback_tokens=(TOKEN,), sink_dir=str(tmp_path / "out"))
+    with BackgroundServer(create_app(settings, Ledger(url))) as receiver:
+        public = receiver.url
+        env = {**settings_env(settings), "WEBHOOK_DATABASE_URL": url, "WEBHOOK_PUBLIC_URL": public}
+        reached = CliRunner().invoke(main, ["check"], env=env)
+    gone = CliRunner().invoke(main, ["check"], env=env)  # the same URL, nothing listening any more
+
+    assert reached.exit_code == 0, reached.output
+    assert f"ok    public url: {public}/livez answered 200" in reached.output.splitlines()
+    assert gone.exit_code == 1
+    assert f"FAIL  public url: {public}/livez: ConnectionError: " in gone.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import requests
 
 from webhook.ci.client import client_for
 from webhook.ci.verify import VerifyError, describe_job
@@ -14,6 +15,8 @@ from webhook.ledger.migrate import head as head_revision
 from webhook.sinks import DeliveryError
 from webhook.sinks.build import build_sinks, sink_context
 
+PUBLIC_URL_TIMEOUT = 5.0  # seconds for WEBHOOK_PUBLIC_URL/livez to answer
+
 
 @main.command()
 def check() -> None:
@@ -21,7 +24,7 @@ def check() -> None:
     settings = Settings.from_env()
     specs = sink_specs(settings)
     failures = 0
-    verdicts = [_check_token(settings), _check_ledger(settings), *_check_ci(settings)]
+    verdicts = [_check_token(settings), _check_ledger(settings), *_check_ci(settings), *_check_public_url(settings)]
     for verdict in verdicts:
         failures += verdict.startswith("FAIL")
         echo_text(verdict)
@@ -40,6 +43,21 @@ def check() -> None:
         click.echo("FAIL  no sink is configured")
     if failures:
         raise SystemExit(1)
+
+
+def _check_public_url(settings: Settings) -> list[str]:
+    """Where CI is told to call back (``submit``, ``queue register``) must reach a running receiver."""
+    if not settings.public_url:
+        return []
+    url = settings.public_url.rstrip("/") + "/livez"
+    try:
+        with requests.get(url, timeout=PUBLIC_URL_TIMEOUT, allow_redirects=False) as response:
+            status = response.status_code
+    except requests.RequestException as exc:
+        return [f"FAIL  public url: {url}: {type(exc).__name__}: {str(exc)[:200]}"]
+    if status != 200:
+        return [f"FAIL  public url: {url} answered {status}, not 200"]
+    return [f"ok    public url: {url} answered 200"]
 
 
 def _check_token(settings: Settings) -> str:
