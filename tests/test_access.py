@@ -4,6 +4,7 @@ that stays correct behind a PaaS proxy."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,20 @@ def test_rotation_accepts_both_tokens_then_only_the_new_one(tmp_path: Path) -> N
         refused = post(url, OLD)
         assert (refused.status_code, refused.json()["error"]) == (404, "unknown callback URL")
         assert post(url, NEW).status_code == 200
+
+
+def test_the_access_line_names_which_token_was_used_never_its_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.web.app")
+    with receiver(tmp_path, callback_tokens=(OLD, NEW)) as (url, _):
+        post(url, OLD)
+        post(url, NEW)
+        post(url, "unknown-token-0123456789")
+
+    access = [record for record in caplog.records if record.name == "webhook.web.app"]
+    assert [getattr(record, "token", None) for record in access] == [1, 2, None]
+    assert not any(OLD in record.getMessage() or NEW in record.getMessage() for record in access)
 
 
 def test_source_outside_the_allowlist_is_refused_before_anything_is_stored(tmp_path: Path) -> None:

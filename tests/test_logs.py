@@ -201,9 +201,9 @@ def test_a_callback_is_one_text_line_that_says_how_it_was_answered(pipeline: Pip
         line for line in log.getvalue().splitlines() if " webhook.web.app " in line or " webhook.intake.http " in line
     ]
     assert [line.split(" webhook.web.app ", 1)[1] for line in lines] == [
-        f"127.0.0.1 POST /callback/<token> 200 id={n} event=TaskFinish format=json {outcome}"
+        f"127.0.0.1 POST /callback/<token> 200 id={n} event=TaskFinish format=json {outcome} token=1"
         for n, outcome in ((1, "new=j-text duplicate=- ignored=-"), (2, "new=- duplicate=j-text ignored=-"))
-    ] + ["127.0.0.1 POST /callback/<token> 400 reason=malformed XML: no element found: line 1, column 10"]
+    ] + ["127.0.0.1 POST /callback/<token> 400 reason=malformed XML: no element found: line 1, column 10 token=1"]
 
 
 def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -42,8 +42,11 @@ def _count(response: Response) -> Response:
 @bp.post("/callback/<token>")
 def callback(token: str) -> tuple[Response, int]:
     rt = runtime(current_app)
-    if not _token_ok(token, rt.settings.callback_tokens):
+    if (used := _token_position(token, rt.settings.callback_tokens)) is None:
         return error(404, "unknown callback URL")
+    # Which configured token (its position, never its value): during a rotation, whether the old one
+    # is still in use shows in the access line.
+    g.access_fields = {"token": used}
     body = request.get_data(cache=False)
     # A chunked body is cut off at the limit without an error; one more byte tells if it was.
     # That byte comes from the server's own (dechunked) stream: werkzeug's limited stream
@@ -63,7 +66,7 @@ def callback(token: str) -> tuple[Response, int]:
     try:
         parsed = parse_callback(body)
     except CallbackError as exc:
-        g.access_fields = {"reason": exc.message}
+        g.access_fields |= {"reason": exc.message}
         return error(exc.status, exc.message)
     raw = RawRequest(
         body=body,
@@ -83,7 +86,7 @@ def callback(token: str) -> tuple[Response, int]:
         response.headers["Retry-After"] = "30"
         return response, status
     # Said by the request's one log line, the access line (webhook.web.app).
-    g.access_fields = {
+    g.access_fields |= {
         "callback_id": recorded.callback_id,
         "event": parsed.event_name,
         "body_format": parsed.body_format,
@@ -102,9 +105,11 @@ def callback(token: str) -> tuple[Response, int]:
     ), 200
 
 
-def _token_ok(given: str, tokens: tuple[str, ...]) -> bool:
+def _token_position(given: str, tokens: tuple[str, ...]) -> int | None:
+    """Which of ``tokens`` (1 for the first) ``given`` is, or None."""
     # Compare against every token so timing does not reveal which one (if any) matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given.encode(), token.encode())
-    return matched
+    found = None
+    for position, token in enumerate(tokens, start=1):
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = position
+    return found

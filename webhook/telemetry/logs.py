@@ -46,6 +46,7 @@ TEXT_OUTCOME_FIELDS = (
     ("duplicate", "duplicate"),
     ("ignored", "ignored"),
     ("reason", "reason"),
+    ("token", "token"),
 )
 
 REQUEST_ID_HEADER = "X-Request-Id"
