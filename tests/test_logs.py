@@ -142,6 +142,8 @@ def test_a_quoted_value_reads_back_as_itself(value: str) -> None:
 
 
 def test_plain_values_stay_unquoted() -> None:
+    words = logging.LogRecord("webhook.worker", logging.INFO, "", 1, "stopping (%s)", ("signal SIGTERM",), None)
+    assert OneLineFormatter().format(words).endswith(" stopping (signal SIGTERM)")  # no = nor quote: as it is
     assert [quote(v) for v in ("j-1", "TaskFinish", 3, "out/a.wav")] == ["j-1", "TaskFinish", "3", "out/a.wav"]
     assert [quote(v) for v in ("", "a b", 'say "hi"', "a\\b")] == ['""', '"a b"', '"say \\"hi\\""', '"a\\\\b"']
 

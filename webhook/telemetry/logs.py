@@ -13,10 +13,11 @@ A web request is one record, its access line; for a callback it also says how it
 (``callback_id``, ``event``, ``new``, ``duplicate``, ``ignored``, or why it was refused), which text
 writes after the message.
 
-A text line is read as space-separated ``key=value`` fields, so a value that holds a space, an
-``=`` or a quote (a callback's user data in a rejection reason, an error's text) is written
-quoted (:func:`quote`): ``reason="user data 'x job=j1' differs"``. Such a value cannot pass for a
-field of its own, and plain values (ids, states, numbers) stay unquoted.
+A text line is read as space-separated ``key=value`` fields, so a field's value that holds a space,
+an ``=`` or a quote is written quoted (:func:`quote`): ``reason="malformed XML: …"``; so is text put
+into a message (a callback's user data in a rejection reason, an error's text) when it holds an
+``=`` or a quote: ``rejected: "user data 'x job=j1' differs …"``. Neither can pass for a field of
+its own, and plain values (ids, states, numbers) stay unquoted.
 
 Log messages carry values from callbacks (chosen by whoever posts one) and from remote answers
 (CI, COS, sinks). :class:`OneLineFormatter` writes every unprintable character of a rendered
@@ -74,6 +75,8 @@ def escape(text: str) -> str:
 
 # What makes a value read as more than one token of a text line, or as a quoted one.
 _NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
+# What makes text inside a message look like a field, or like the end of a quoted value.
+_COULD_PLANT = re.compile(r'[="]')
 
 
 def quote(value: object) -> str:
@@ -86,18 +89,22 @@ def quote(value: object) -> str:
 
 
 def _quoted_args(args: Any) -> Any:
-    # Only text is quoted: numbers stay numbers for %d, and a mapping's values keep their types.
+    # Text in a message is quoted only when it could pass for a field (an =) or end a quoted value
+    # (a quote): a message's words stay readable ("stopping (signal SIGTERM)"). Only text: numbers
+    # stay numbers for %d, and a mapping's values keep their types.
     if not isinstance(args, tuple):
         return args
-    return tuple(quote(arg) if isinstance(arg, str | BaseException) else arg for arg in args)
+    return tuple(
+        quote(arg) if isinstance(arg, str | BaseException) and _COULD_PLANT.search(str(arg)) else arg for arg in args
+    )
 
 
 class OneLineFormatter(logging.Formatter):
     """:data:`FORMAT`, with the whole rendered record escaped: message, traceback and stack included.
 
     The record's :data:`TEXT_FIELDS` come first in the message, as ``job=… sink=…``, and its
-    :data:`TEXT_OUTCOME_FIELDS` last, as ``… new=… duplicate=…``. Those values and the text
-    interpolated into the message go through :func:`quote`. A traceback
+    :data:`TEXT_OUTCOME_FIELDS` last, as ``… new=… duplicate=…``. Those values, and text put into
+    the message that holds an ``=`` or a quote, go through :func:`quote`. A traceback
     stays on its record's line with its line breaks written as ``\\n``, so every line of a log
     is exactly one record and starts with this process's timestamp.
     """
