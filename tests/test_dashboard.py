@@ -7,17 +7,21 @@ import re
 import time
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
+from sqlalchemy.engine import make_url
 from support.pipeline import DONE, TOKEN, Pipeline, forged
 from support.receiver import Reply
+from support.tcp_proxy import TcpProxy
 from werkzeug.test import TestResponse
 
 from webhook.config import Settings
 from webhook.ledger import Ledger
 from webhook.sinks.events import event_id
 from webhook.web.app import create_app
+from webhook.web.common import LEDGER_RETRY_AFTER
 from webhook.web.dashboard import auth, pages
 
 PASSWORD = "correct horse battery staple"
@@ -181,6 +185,39 @@ def test_pages_forbid_inline_scripts_and_framing(ledger: Ledger) -> None:
     assert "script-src" not in policy  # so no script at all, inline or not
     assert "frame-ancestors 'none'" in policy
     assert answer.headers["Cache-Control"] == "no-store"
+
+
+# -- the ledger away ------------------------------------------------------------------------------
+
+PAGES = ("/dashboard/", "/dashboard/jobs", "/dashboard/jobs/j1", "/dashboard/dead", "/dashboard/workers")
+
+
+def assert_unavailable(answer: TestResponse, kind: str) -> None:
+    assert (answer.status_code, answer.headers.get("Retry-After")) == (503, LEDGER_RETRY_AFTER)
+    assert f"The ledger cannot be read just now ({kind}). Try again in 30 seconds." in text_of(answer)
+
+
+def test_a_ledger_that_cannot_be_read_is_503_with_retry_after(ledger: Ledger) -> None:
+    client = logged_in(dashboard(ledger))
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE attempts"))  # the overview reads the recent attempts
+    sqlite = ledger.url.startswith("sqlite")
+    assert_unavailable(client.get("/dashboard/"), "OperationalError" if sqlite else "ProgrammingError")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_every_page_is_503_while_the_ledger_is_unreachable_and_back_after(ledger: Ledger) -> None:
+    direct = make_url(ledger.url)
+    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
+        proxied = Ledger(direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+        client = logged_in(dashboard(proxied))
+        proxy.down()
+        for page in PAGES:
+            assert_unavailable(client.get(page), "OperationalError")
+        proxy.up()
+        assert client.get("/dashboard/").status_code == 200
+        proxied.dispose()
 
 
 # -- pages, from a ledger the pipeline filled ----------------------------------------------------

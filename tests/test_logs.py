@@ -20,7 +20,7 @@ from support.samples import DOC_JOB, body, job, json_doc
 from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Delivery
 from webhook.models import TaskKind
-from webhook.telemetry.logs import JsonLineFormatter, OneLineFormatter, escape, fields, formatter
+from webhook.telemetry.logs import JsonLineFormatter, OneLineFormatter, escape, fields, formatter, quote
 
 # A value that, written raw, would end its record and start a line claiming a delivery.
 FORGED = "\n2026-01-01 00:00:00 INFO webhook.worker job=x sink=y delivered"
@@ -63,7 +63,7 @@ def test_a_traceback_stays_on_its_record_s_line() -> None:
     (line,) = records(OneLineFormatter().format(record) + "\n")
 
     shown = escape(FORGED)
-    assert f" ERROR webhook.worker job=j1{shown} failed\\nTraceback (most recent call last):\\n  File " in line
+    assert f' ERROR webhook.worker job="j1{shown}" failed\\nTraceback (most recent call last):\\n  File ' in line
     assert line.endswith(f"ValueError: bad value{shown}")
 
 
@@ -93,6 +93,59 @@ def test_forged_lines_in_a_callback_stay_inside_their_record(pipeline: Pipeline,
         f"webhook.worker job={genuine} sink=filesystem delivered attempt=1",
         f"webhook.worker job={genuine} sink=http delivered attempt=1",
     ]
+
+
+# How a reader takes a text line apart: tokens split at spaces, a double-quoted value (with \" and
+# \\ inside) being part of its token whatever it holds.
+TEXT_TOKEN = re.compile(r'(?:[^\s"]|"(?:[^"\\]|\\.)*")+')
+PLANTED = "x job=j123 sink=http"
+
+
+def fields_read(line: str) -> list[tuple[str, str]]:
+    """The ``key=value`` fields a reader finds in ``line``, quoted values unquoted."""
+    found = []
+    for token in TEXT_TOKEN.findall(line):
+        key, is_field, value = token.partition("=")
+        if is_field and key.isidentifier():
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            found.append((key, value))
+    return found
+
+
+def test_a_value_with_spaces_or_equals_signs_cannot_pass_for_a_field_of_its_own() -> None:
+    cases = [
+        ("rejected: %s", (f"user data '{PLANTED}' differs from CI's",)),
+        ("attempt %d failed: %s", (2, ValueError(PLANTED))),
+    ]
+    for message, args in cases:
+        record = logging.LogRecord("webhook.worker", logging.WARNING, "", 1, message, args, None)
+        record.__dict__.update({"job_id": "j1", "sink": PLANTED, "reason": PLANTED})
+
+        line = OneLineFormatter().format(record)
+
+        read = fields_read(line)
+        assert [value for key, value in read if key == "job"] == ["j1"], line
+        assert ("sink", PLANTED) in read
+        assert ("reason", PLANTED) in read
+        assert PLANTED in line.replace('\\"', '"')  # still there to read, inside its quotes
+        assert record.args == args  # the record itself is left as it was, for other handlers
+
+
+@given(st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs"))))
+def test_a_quoted_value_reads_back_as_itself(value: str) -> None:
+    assert fields_read(f"job=j1 reason={quote(value)} step=deliver") == [
+        ("job", "j1"),
+        ("reason", value),
+        ("step", "deliver"),
+    ]
+
+
+def test_plain_values_stay_unquoted() -> None:
+    words = logging.LogRecord("webhook.worker", logging.INFO, "", 1, "stopping (%s)", ("signal SIGTERM",), None)
+    assert OneLineFormatter().format(words).endswith(" stopping (signal SIGTERM)")  # no = nor quote: as it is
+    assert [quote(v) for v in ("j-1", "TaskFinish", 3, "out/a.wav")] == ["j-1", "TaskFinish", "3", "out/a.wav"]
+    assert [quote(v) for v in ("", "a b", 'say "hi"', "a\\b")] == ['""', '"a b"', '"say \\"hi\\""', '"a\\\\b"']
 
 
 # -- JSON ------------------------------------------------------------------------------------------
@@ -203,7 +256,7 @@ def test_a_callback_is_one_text_line_that_says_how_it_was_answered(pipeline: Pip
     assert [line.split(" webhook.web.app ", 1)[1] for line in lines] == [
         f"127.0.0.1 POST /callback/<token> 200 id={n} event=TaskFinish format=json {outcome} token=1"
         for n, outcome in ((1, "new=j-text duplicate=- ignored=-"), (2, "new=- duplicate=j-text ignored=-"))
-    ] + ["127.0.0.1 POST /callback/<token> 400 reason=malformed XML: no element found: line 1, column 10 token=1"]
+    ] + ['127.0.0.1 POST /callback/<token> 400 reason="malformed XML: no element found: line 1, column 10" token=1']
 
 
 def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path: Path) -> None:

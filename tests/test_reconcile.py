@@ -107,6 +107,35 @@ def test_lost_callbacks_are_found_recorded_and_delivered_once(
     assert len(pipeline.http.requests) == 40
 
 
+def test_reconciles_running_at_once_store_one_callback_per_job(
+    pipeline: Pipeline, lost_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = submit_lost(pipeline, lost_url, 6)
+    wait_finished(pipeline, 6)
+    runs = 4
+    # Every run has looked the jobs up, and found none, before any run records: the race of the
+    # CLI's reconcile with a worker's, every time rather than now and then.
+    looked_up = threading.Barrier(runs, timeout=30)
+    known = pipeline.ledger.jobs.known
+
+    def known_then_wait(job_ids: list[str]) -> set[str]:
+        found = known(job_ids)
+        looked_up.wait()
+        return found
+
+    monkeypatch.setattr(pipeline.ledger.jobs, "known", known_then_wait)
+    with ThreadPoolExecutor(runs) as pool:
+        found = list(pool.map(lambda _: run_reconcile(pipeline), range(runs)))
+
+    assert [f["already_known"] for f in found] == [0] * runs
+    assert sorted(job_id for f in found for job_id in f["recorded"]) == sorted(ids)  # type: ignore[attr-defined]
+    with pipeline.ledger.engine.connect() as conn:
+        bodies = conn.execute(sa.select(callbacks.c.body)).scalars().all()
+    assert len(bodies) == len(ids)  # one callback row per job, not one per job and run
+    assert sorted(json.loads(body)["JobId"] for body in bodies) == sorted(ids)
+    assert [pipeline.status(job_id) for job_id in ids] == ["received"] * 6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sandbox", [1.0], indirect=True)
 def test_a_running_job_is_left_until_a_later_reconcile_finds_it_finished(pipeline: Pipeline, lost_url: str) -> None:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from support.samples import numbered_job as job
 from support.services import postgres_schema
 
 from webhook.intake.triage import triage
 from webhook.ledger import DeliveryClaim, Ledger, RawRequest, Recorded, VerifyClaim
+from webhook.ledger.schema import callbacks
 from webhook.models import Callback, Job, job_from_json, job_to_dict
 
 TAGS = frozenset({"NoiseReduction"})
@@ -181,3 +183,20 @@ def test_callbacks_recording_the_same_new_job_at_once_each_get_an_answer() -> No
     assert all({*a.job_ids, *a.duplicates} == {one, two} for a in answers)
     assert len(view.versions) == 2
     assert [(t.kind, t.status) for t in view.tasks] == [("verify", "pending")]
+
+
+def test_record_new_stores_a_callback_only_when_every_job_is_new(ledger: Ledger) -> None:
+    def stored() -> int:
+        with ledger.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(callbacks)).scalar_one())
+
+    raw, parsed = callback(job(1))
+    ledger.jobs.record(raw, parsed, triage(parsed, TAGS))
+    # A new version of a job still to be verified would be kept by record; record_new keeps nothing.
+    for known in (callback(job(1, state="Failed")), callback(job(2), job(1))):
+        assert ledger.jobs.record_new(*known, triage(known[1], TAGS)) is None
+    assert stored() == 1
+    raw, parsed = callback(job(2))
+    recorded = ledger.jobs.record_new(raw, parsed, triage(parsed, TAGS))
+    assert recorded is not None
+    assert (recorded.job_ids, recorded.duplicates, stored()) == ((job(2).job_id,), (), 2)

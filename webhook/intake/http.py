@@ -13,7 +13,7 @@ from webhook.intake.callback import CallbackError, parse_callback
 from webhook.intake.record import record_callback
 from webhook.ledger import LedgerUnavailable, RawRequest
 from webhook.telemetry import metrics
-from webhook.web.common import error, runtime
+from webhook.web.common import LEDGER_RETRY_AFTER, error, runtime
 
 log = logging.getLogger(__name__)
 bp = Blueprint("receive", __name__)
@@ -83,7 +83,7 @@ def callback(token: str) -> tuple[Response, int]:
         # is not stored: answer so that a sender that retries sends it again, never a bare 500.
         log.exception("ledger unavailable; callback not stored")
         response, status = error(503, "ledger unavailable, retry later")
-        response.headers["Retry-After"] = "30"
+        response.headers["Retry-After"] = LEDGER_RETRY_AFTER
         return response, status
     # Said by the request's one log line, the access line (webhook.web.app).
     g.access_fields |= {

@@ -3,8 +3,9 @@
 Tencent documents no retry of a callback that fails; its safety net is to list jobs with the CI
 API (DescribeMediaJobs, ``GET /jobs``). :func:`reconcile` lists the finished NoiseReduction jobs
 of every allowlisted bucket created since a given time, and records each one the ledger does not
-have through the same ingest path as a received callback (:func:`~webhook.intake.record.record_callback`),
-marked as found by reconcile. From there the worker verifies, fetches and delivers it like any other.
+have through the same ingest path as a received callback (:func:`~webhook.intake.record.record_unless_known`),
+marked as found by reconcile: a job another run recorded meanwhile is not stored again. From
+there the worker verifies, fetches and delivers it like any other.
 
 :func:`to_record` is the pure decision; :func:`~webhook.ci.listing.list_finished` (the CI API)
 and :meth:`~webhook.ledger.jobs.Jobs.known` (a read-only query on the ledger) are the I/O edges.
@@ -24,7 +25,7 @@ from typing import Any
 from webhook.ci.client import CloudError, client_for
 from webhook.ci.listing import FINISHED, Listed, creation_time, list_finished
 from webhook.config import Settings
-from webhook.intake.record import record_callback
+from webhook.intake.record import record_unless_known
 from webhook.intake.triage import FORWARDED_EVENT
 from webhook.ledger import Ledger, RawRequest, utcnow
 from webhook.models import Callback
@@ -128,7 +129,10 @@ def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
         remote_addr="reconcile",
     )
     callback = Callback(event_name=FORWARDED_EVENT, jobs=(item.job,), body_format="json")
-    recorded = record_callback(ledger, raw, callback, settings.allowed_tags)
+    # Another run (the CLI's, another worker's) may have recorded the job since it was looked up.
+    recorded = record_unless_known(ledger, raw, callback, settings.allowed_tags)
+    if recorded is None:
+        return ()
     for job_id in recorded.job_ids:
         log.info("reconcile recorded state=%s", item.job.state, extra={"job_id": job_id})
     return recorded.job_ids

@@ -24,3 +24,11 @@ from webhook.models import Callback
 def record_callback(ledger: Ledger, raw: RawRequest, callback: Callback, allowed_tags: frozenset[str]) -> Recorded:
     """Store ``raw`` and the jobs ``callback`` reports: those with an allowed tag are verified and forwarded."""
     return ledger.jobs.record(raw, callback, triage(callback, allowed_tags))
+
+
+def record_unless_known(
+    ledger: Ledger, raw: RawRequest, callback: Callback, allowed_tags: frozenset[str]
+) -> Recorded | None:
+    """:func:`record_callback` for a callback nobody sent (reconcile's): stored only if the ledger
+    knows none of its jobs, else not at all (None). Runs that find the same job at once store it once."""
+    return ledger.jobs.record_new(raw, callback, triage(callback, allowed_tags))

@@ -45,6 +45,14 @@ class Jobs:
         """
         return self._recording.store(prepare(raw, callback, triaged, utcnow()))
 
+    def record_new(self, raw: RawRequest, callback: Callback, triaged: Sequence[Triaged]) -> Recorded | None:
+        """:meth:`record`, only if the ledger knows none of the callback's jobs; else nothing is stored (None).
+
+        Decided in the recording's own transaction, so recordings of the same jobs at once store
+        them once: for a callback nobody sent (reconcile's), where a duplicate is only noise.
+        """
+        return self._recording.store_new(prepare(raw, callback, triaged, utcnow()))
+
     def known(self, job_ids: Sequence[str]) -> set[str]:
         """Which of ``job_ids`` the ledger has (read-only, a few hundred ids per query)."""
         found: set[str] = set()

@@ -79,6 +79,10 @@ class Recording(Protocol):
 
     def store(self, prepared: Prepared) -> Recorded: ...
 
+    def store_new(self, prepared: Prepared) -> Recorded | None:
+        """Store it only if the ledger knows none of its jobs, decided in the same transaction;
+        else store nothing at all (None)."""
+
 
 def prepare(raw: RawRequest, callback: Callback, triaged: Sequence[Triaged], now: datetime) -> Prepared:
     entries = dict(sorted({entry.job.job_id: entry for entry in reversed(triaged)}.items()))  # first of a twin
@@ -112,22 +116,35 @@ class SqliteRecording:
         self._insert_versions, self._insert_tasks = versions.insert(), tasks.insert()
         # Keeps what this callback says about a known job; no row if an earlier callback said the same.
         self._add_version = sqlite.insert(versions).on_conflict_do_nothing().returning(versions.c.id)
+        ids: sa.BindParameter[str] = sa.bindparam("ids", expanding=True)
+        self._any_known = sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(ids)).limit(1)
 
     def store(self, prepared: Prepared) -> Recorded:
+        with begin(self._engine) as conn:
+            return self._store(conn, prepared)
+
+    def store_new(self, prepared: Prepared) -> Recorded | None:
+        with begin(self._engine) as conn:
+            # The transaction holds the write lock from its start (BEGIN IMMEDIATE): no other
+            # recording can add one of these jobs between this look and the inserts.
+            if conn.execute(self._any_known, {"ids": [row["job_id"] for row in prepared.rows]}).first():
+                return None
+            return self._store(conn, prepared)
+
+    def _store(self, conn: Connection, prepared: Prepared) -> Recorded:
         now, rows = prepared.now, prepared.rows
         forwarded = [row for row in rows if row["status"] == JobStatus.RECEIVED]
-        with begin(self._engine) as conn:
-            callback_id = conn.execute(self._insert_callback, prepared.request).scalar_one()
-            written = [row | {"callback_id": callback_id, "created_at": now, "updated_at": now} for row in rows]
-            inserted = set(conn.execute(self._insert_jobs, written).scalars()) if rows else set()
-            if fresh := [row for row in forwarded if row["job_id"] in inserted]:
-                conn.execute(self._insert_versions, [_version(row, callback_id, now) for row in fresh])
-                conn.execute(self._insert_tasks, [task_row(r["job_id"], TaskKind.VERIFY, None, now) for r in fresh])
-            reopened = {
-                row["job_id"]
-                for row in forwarded
-                if row["job_id"] not in inserted and self._reopen(conn, row, callback_id, now)
-            }
+        callback_id = conn.execute(self._insert_callback, prepared.request).scalar_one()
+        written = [row | {"callback_id": callback_id, "created_at": now, "updated_at": now} for row in rows]
+        inserted = set(conn.execute(self._insert_jobs, written).scalars()) if rows else set()
+        if fresh := [row for row in forwarded if row["job_id"] in inserted]:
+            conn.execute(self._insert_versions, [_version(row, callback_id, now) for row in fresh])
+            conn.execute(self._insert_tasks, [task_row(r["job_id"], TaskKind.VERIFY, None, now) for r in fresh])
+        reopened = {
+            row["job_id"]
+            for row in forwarded
+            if row["job_id"] not in inserted and self._reopen(conn, row, callback_id, now)
+        }
         return prepared.answer(callback_id, inserted, reopened)
 
     def _reopen(self, conn: Connection, row: dict[str, Any], callback_id: int, now: datetime) -> bool:

@@ -14,6 +14,7 @@ job and runs again, so no caller ever sees that race.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -37,7 +38,8 @@ WITH input AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(%(jobs)s AS json)
 ), known AS (  -- looked up job by job: a join would read the whole table (json_to_recordset looks large)
     SELECT * FROM (SELECT i.job_id, (SELECT j.status FROM jobs AS j WHERE j.job_id = i.job_id) AS status,
         i.status AS wanted, i.digest, i.detail FROM input AS i) AS k WHERE status IS NOT NULL
-), go AS (SELECT WHERE NOT EXISTS (SELECT FROM known WHERE job_id <> ALL (CAST(%(locked)s AS text[])))
+), go AS (  -- only_new: any job known stops it (Recording.store_new); else one not locked does
+    SELECT WHERE NOT EXISTS (SELECT FROM known WHERE %(only_new)s OR job_id <> ALL (CAST(%(locked)s AS text[])))
 ), holder AS (SELECT id FROM callbacks WHERE sha256 = %(body_sha256)s AND body_of IS NULL LIMIT 1
 ), stored AS (
     INSERT INTO callbacks (received_at, remote_addr, content_type, headers, body, body_format, event_name, sha256,
@@ -98,23 +100,36 @@ class PostgresRecording:
         self._engine = engine
 
     def store(self, prepared: Prepared) -> Recorded:
-        # One JSON document rather than an array per column: psycopg escapes arrays of text slowly.
-        params = prepared.request | {"jobs": json.dumps(prepared.rows)}
         ids = [row["job_id"] for row in prepared.rows]
+        found = self._run(
+            prepared, False, lambda driver, params: _all_new(driver, params) or _with_known(driver, params, ids)
+        )
+        if found is None:
+            where = self._engine.url.render_as_string(hide_password=True)
+            raise LedgerUnavailable("UniqueViolation", "other callbacks kept recording the same jobs at once", where)
+        return prepared.answer(found[0], set(found[1]), set(found[2]))
+
+    def store_new(self, prepared: Prepared) -> Recorded | None:
+        # One statement, all or nothing: it stores nothing when it finds a job known, and fails on a
+        # job's key when another recording committed that job meanwhile. Either way, None.
+        found = self._run(prepared, True, _all_new)
+        return None if found is None else prepared.answer(found[0], set(found[1]), set(found[2]))
+
+    def _run(
+        self, prepared: Prepared, only_new: bool, record: Callable[[Driver, dict[str, Any]], tuple[Any, ...] | None]
+    ) -> tuple[Any, ...] | None:
+        """``record`` on a driver connection, with the statement's parameters for ``prepared``."""
+        # One JSON document rather than an array per column: psycopg escapes arrays of text slowly.
+        params = prepared.request | {"jobs": json.dumps(prepared.rows), "only_new": only_new}
         with connect(self._engine) as conn:
             driver = conn.connection.driver_connection
             assert isinstance(driver, psycopg.Connection)
             try:
-                found = _all_new(driver, params) or _with_known(driver, params, ids)
+                return record(driver, params)
             except psycopg.Error:
                 if driver.broken:
                     conn.invalidate()
                 raise
-        if found is None:
-            where = self._engine.url.render_as_string(hide_password=True)
-            raise LedgerUnavailable("UniqueViolation", "other callbacks kept recording the same jobs at once", where)
-        callback_id, inserted, reopened, _ = found
-        return prepared.answer(callback_id, set(inserted), set(reopened))
 
 
 def _all_new(driver: Driver, params: dict[str, Any]) -> tuple[Any, ...] | None:

@@ -13,6 +13,12 @@ A web request is one record, its access line; for a callback it also says how it
 (``callback_id``, ``event``, ``new``, ``duplicate``, ``ignored``, or why it was refused), which text
 writes after the message.
 
+A text line is read as space-separated ``key=value`` fields, so a field's value that holds a space,
+an ``=`` or a quote is written quoted (:func:`quote`): ``reason="malformed XML: …"``; so is text put
+into a message (a callback's user data in a rejection reason, an error's text) when it holds an
+``=`` or a quote: ``rejected: "user data 'x job=j1' differs …"``. Neither can pass for a field of
+its own, and plain values (ids, states, numbers) stay unquoted.
+
 Log messages carry values from callbacks (chosen by whoever posts one) and from remote answers
 (CI, COS, sinks). :class:`OneLineFormatter` writes every unprintable character of a rendered
 record as its escape, so such a value can neither end the line and start a forged one nor send
@@ -68,11 +74,38 @@ def escape(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+# What makes a value read as more than one token of a text line, or as a quoted one.
+_NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
+# What makes text inside a message look like a field, or like the end of a quoted value.
+_COULD_PLANT = re.compile(r'[="]')
+
+
+def quote(value: object) -> str:
+    """``value`` as one token of a text line: as it is when plain, else in double quotes with its
+    backslashes and quotes escaped, so a reader splitting ``key=value`` fields cannot be misled."""
+    text = str(value)
+    if not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _quoted_args(args: Any) -> Any:
+    # Text in a message is quoted only when it could pass for a field (an =) or end a quoted value
+    # (a quote): a message's words stay readable ("stopping (signal SIGTERM)"). Only text: numbers
+    # stay numbers for %d, and a mapping's values keep their types.
+    if not isinstance(args, tuple):
+        return args
+    return tuple(
+        quote(arg) if isinstance(arg, str | BaseException) and _COULD_PLANT.search(str(arg)) else arg for arg in args
+    )
+
+
 class OneLineFormatter(logging.Formatter):
     """:data:`FORMAT`, with the whole rendered record escaped: message, traceback and stack included.
 
     The record's :data:`TEXT_FIELDS` come first in the message, as ``job=… sink=…``, and its
-    :data:`TEXT_OUTCOME_FIELDS` last, as ``… new=… duplicate=…``. A traceback
+    :data:`TEXT_OUTCOME_FIELDS` last, as ``… new=… duplicate=…``. Those values, and text put into
+    the message that holds an ``=`` or a quote, go through :func:`quote`. A traceback
     stays on its record's line with its line breaks written as ``\\n``, so every line of a log
     is exactly one record and starts with this process's timestamp.
     """
@@ -82,17 +115,21 @@ class OneLineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         about = "".join(
-            f"{label}={value} " for key, label in TEXT_FIELDS if (value := getattr(record, key, None)) is not None
+            f"{label}={quote(value)} "
+            for key, label in TEXT_FIELDS
+            if (value := getattr(record, key, None)) is not None
         )
         outcome = "".join(
-            f" {label}={value}"
+            f" {label}={quote(value)}"
             for key, label in TEXT_OUTCOME_FIELDS
             if (value := getattr(record, key, None)) is not None
         )
         return FORMAT % (record.__dict__ | {"message": about + record.message + outcome})
 
     def format(self, record: logging.LogRecord) -> str:
-        return escape(super().format(record))
+        # Quoted on a copy: other handlers (a test's capture, JSON) see the record's own args.
+        quoted = logging.makeLogRecord(record.__dict__ | {"args": _quoted_args(record.args), "message": None})
+        return escape(super().format(quoted))
 
 
 class JsonLineFormatter(JsonFormatter):

@@ -15,6 +15,9 @@ from webhook.config import Settings
 from webhook.ledger import Ledger
 
 EXTENSION = "cos_webhook"
+# How long a client is asked to wait (Retry-After, seconds) when the ledger is unavailable: an
+# outage or a failover is not over at once, and every retry sooner would meet it again.
+LEDGER_RETRY_AFTER = "30"
 
 
 @dataclass

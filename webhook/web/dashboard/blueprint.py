@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,9 +11,11 @@ from flask import Blueprint, Response, flash, redirect, render_template, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
-from webhook.ledger import utcnow
+from webhook.ledger import LedgerUnavailable, utcnow
+from webhook.web.common import LEDGER_RETRY_AFTER
 from webhook.web.dashboard.auth import COOKIE_PATH, CSRF_FIELD, check_csrf, csrf_token, log_out, state
 
+log = logging.getLogger(__name__)
 bp = Blueprint(
     "dashboard",
     __name__,
@@ -63,6 +66,20 @@ def _headers(response: Response) -> Response:
 def _error(exc: HTTPException) -> tuple[str, int]:
     status = exc.code or 500
     return render_template("error.html", status=status, title=exc.name, message=exc.description), status
+
+
+@bp.errorhandler(LedgerUnavailable)
+def _ledger_unavailable(exc: LedgerUnavailable) -> tuple[str, int, dict[str, str]]:
+    # Every page reads the ledger: while it is away the page says so and when to try again, as the
+    # callback endpoint does, rather than a bare 500 that looks like a bug in the dashboard.
+    log.warning("dashboard: %s", exc)
+    page = render_template(
+        "error.html",
+        status=503,
+        title="Ledger unavailable",
+        message=f"The ledger cannot be read just now ({exc.kind}). Try again in {LEDGER_RETRY_AFTER} seconds.",
+    )
+    return page, 503, {"Retry-After": LEDGER_RETRY_AFTER}
 
 
 @bp.app_template_filter("when")
