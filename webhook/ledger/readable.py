@@ -11,13 +11,16 @@ string can hold anything on both.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from webhook.ledger.schema import jobs, tasks
 from webhook.models import JobStatus, TaskStatus
+
+T = TypeVar("T")
 
 # A value is quoted in the reason only this far: the reason is stored and shown.
 _SHOWN = 80
@@ -69,27 +72,55 @@ def as_choice(column: sa.Column[Any], value: object, choices: type[enum.StrEnum]
     raise Unreadable(column, value)
 
 
-def job_problem(row: Any) -> str:
-    """Why a ``jobs`` row read with :data:`JOB_COLUMNS` cannot be used, or ""."""
+def tolerant(convert: Callable[..., T], column: sa.Column[Any], value: object, *args: Any) -> tuple[T | None, str]:
+    """``convert(column, value, *args)``, or None and why it cannot be."""
     try:
-        as_time(jobs.c.created_at, row.created_at)
-        as_time(jobs.c.updated_at, row.updated_at)
-        as_choice(jobs.c.status, row.status, JobStatus)
+        return convert(column, value, *args), ""
     except Unreadable as exc:
-        return str(exc)
-    return ""
+        return None, str(exc)
+
+
+def time_or_none(column: sa.Column[Any], value: object) -> datetime | None:
+    """``value`` as a time; None when there is none or it cannot be read (the row's problem says which)."""
+    return tolerant(as_optional_time, column, value)[0]
+
+
+def int_or_none(column: sa.Column[Any], value: object) -> int | None:
+    return tolerant(as_int, column, value)[0]
+
+
+def tolerant_select(table: sa.Table) -> sa.Select[Any]:
+    """Every column of ``table``, the typed ones that could hold a bad value as stored (see :func:`raw`)."""
+    return sa.select(*(raw(c) if _risky(c) else c for c in table.c))
+
+
+def _risky(column: sa.Column[Any]) -> bool:
+    typed = isinstance(column.type, sa.DateTime | sa.Integer) and not column.primary_key and not column.foreign_keys
+    return typed or column.name == "status"
+
+
+def job_problem(row: Any) -> str:
+    """What of a ``jobs`` row read with :data:`JOB_COLUMNS` cannot be read, "; "-separated ("" if all can)."""
+    return _problems(
+        (as_time, jobs.c.created_at, row.created_at),
+        (as_time, jobs.c.updated_at, row.updated_at),
+        (as_choice, jobs.c.status, row.status, JobStatus),
+    )
 
 
 def task_problem(row: Any) -> str:
-    """Why a ``tasks`` row read with :data:`TASK_COLUMNS` cannot be used, or ""."""
-    try:
-        as_choice(tasks.c.status, row.status, TaskStatus)
-        as_int(tasks.c.attempts, row.attempts)
-        as_time(tasks.c.run_after, row.run_after)
-        as_optional_time(tasks.c.locked_until, row.locked_until)
-    except Unreadable as exc:
-        return str(exc)
-    return ""
+    """What of a ``tasks`` row read with :data:`TASK_COLUMNS` cannot be read, "; "-separated ("" if all can)."""
+    return _problems(
+        (as_choice, tasks.c.status, row.status, TaskStatus),
+        (as_int, tasks.c.attempts, row.attempts),
+        (as_time, tasks.c.run_after, row.run_after),
+        (as_optional_time, tasks.c.locked_until, row.locked_until),
+        (as_optional_time, tasks.c.done_at, row.done_at),
+    )
+
+
+def _problems(*reads: tuple[Any, ...]) -> str:
+    return "; ".join(problem for _, problem in (tolerant(*read) for read in reads) if problem)
 
 
 def broken_tasks(dialect: str) -> sa.ColumnElement[bool]:
@@ -116,4 +147,5 @@ def _not_time(column: sa.Column[Any]) -> sa.ColumnElement[bool]:
 
 # The typed columns a reader of each table fetches raw and converts with the functions above.
 JOB_COLUMNS = (raw(jobs.c.created_at), raw(jobs.c.updated_at), raw(jobs.c.status))
-TASK_COLUMNS = (raw(tasks.c.status), raw(tasks.c.attempts), raw(tasks.c.run_after), raw(tasks.c.locked_until))
+_TASK_TYPED = (tasks.c.status, tasks.c.attempts, tasks.c.run_after, tasks.c.locked_until, tasks.c.done_at)
+TASK_COLUMNS = tuple(raw(c) for c in _TASK_TYPED)
