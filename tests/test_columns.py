@@ -1,0 +1,75 @@
+"""A typed column holding what its type cannot (a hand-edit, a bug; SQLite keeps anything): that
+row's task is dead with the reason, every other job is delivered, and nothing that shows the
+ledger fails on it."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from support.pipeline import DONE, Pipeline, settings_env
+from test_dashboard import PASSWORD, logged_in
+
+from webhook.cli import main
+from webhook.ledger.schema import jobs, tasks
+from webhook.web.app import create_app
+
+# Corrupted in the row of the job (jobs) or of its verify task (tasks), both waiting for verification.
+COLUMNS = [
+    (jobs.c.created_at, True),
+    (jobs.c.updated_at, False),  # both written anew when the job is dead
+    (jobs.c.status, False),
+    (tasks.c.run_after, False),
+    (tasks.c.attempts, False),
+    (tasks.c.locked_until, False),
+    (tasks.c.status, False),
+]
+
+
+def corrupt(pipeline: Pipeline, column: sa.Column[str], job_id: str) -> None:
+    """Write a value the column's type cannot hold, past SQLAlchemy's own conversion."""
+    table = column.table.name  # type: ignore[attr-defined]
+    update = sa.text(f"UPDATE {table} SET {column.name} = 'garbage' WHERE job_id = :job_id")
+    with pipeline.ledger.engine.begin() as conn:
+        conn.execute(update, {"job_id": job_id})
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("column", "shown_after"), COLUMNS, ids=lambda c: getattr(c, "name", ""))
+def test_an_unreadable_column_is_a_dead_task_and_the_other_jobs_are_delivered(
+    pipeline: Pipeline, column: sa.Column[str], shown_after: bool
+) -> None:
+    reason = f"unreadable {column.table.name}.{column.name}: garbage"  # type: ignore[attr-defined]
+    broken = pipeline.submit(pipeline.upload_input())
+    pipeline.wait_until(lambda: pipeline.status(broken) == "received", what="the first callback")
+    corrupt(pipeline, column, broken)
+    fine = pipeline.submit(pipeline.upload_input("in/second.wav"), output_key="out/second.wav")
+    pipeline.wait_until(lambda: pipeline.status(fine) == "received", what="the second callback")
+
+    # What shows the ledger shows the row, and which column cannot be read.
+    env = settings_env(pipeline.settings)
+    listed = CliRunner().invoke(main, ["jobs", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    shown = CliRunner().invoke(main, ["jobs", "show", broken], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert reason in shown.output
+    if column.table is jobs:
+        assert reason in listed.output
+    client = logged_in(create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger))
+    for page in ("/dashboard/", "/dashboard/jobs", f"/dashboard/jobs/{broken}", "/dashboard/dead"):
+        answer = client.get(page)
+        assert answer.status_code == 200, page
+    assert reason in client.get(f"/dashboard/jobs/{broken}").get_data(as_text=True)
+
+    worker = pipeline.worker()
+    assert pipeline.drain(worker, fine, DONE) == "delivered"
+    assert pipeline.drain(worker, broken, DONE) == "dead"
+    view = pipeline.ledger.views.show_job(broken)
+    (verify,) = view.to_dict()["verify"]
+    assert verify["status"] == "dead"
+    assert reason in verify["last_error"]
+    # created_at stays as it was, to be seen; the other columns were written anew to close the task.
+    assert (reason in view.unreadable) is shown_after
+    shown = CliRunner().invoke(main, ["jobs", "show", broken], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert reason in shown.output
