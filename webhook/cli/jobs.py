@@ -105,8 +105,8 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
         DeadLetter.to_dict,
         f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
         lambda letter: (
-            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts:>8} "
-            f"{letter.dead_at:%Y-%m-%d %H:%M:%S}  {letter.last_error}"
+            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts!s:>8} "
+            f"{_when(letter.dead_at):<19}  {letter.last_error}"
         ),
     )
     if sink is not None:

@@ -22,9 +22,9 @@ class DeadLetter:
     kind: str  # "verify" or "deliver"
     job_id: str
     sink: str | None  # None for a verification
-    attempts: int
+    attempts: int | None  # None (and dead_at too) when the stored value cannot be read
     last_error: str
-    dead_at: datetime
+    dead_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"dead_at": _iso(self.dead_at)}
@@ -186,16 +186,13 @@ class Views:
 
     def dead_letters(self, sink: str | None = None, since: datetime | None = None) -> list[DeadLetter]:
         """Tasks that died (verifications and deliveries), oldest first; ``sink`` keeps that sink's deliveries."""
-        query = sa.select(tasks).where(tasks.c.status == TaskStatus.DEAD).order_by(tasks.c.done_at, tasks.c.id)
+        query = tolerant_select(tasks).where(tasks.c.status == TaskStatus.DEAD).order_by(tasks.c.done_at, tasks.c.id)
         if sink is not None:
             query = query.where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == sink)
         if since is not None:
             query = query.where(tasks.c.done_at >= since)
         with connect(self._engine) as conn:
-            return [
-                DeadLetter(r.kind, r.job_id, r.sink or None, r.attempts, r.last_error, r.done_at)
-                for r in conn.execute(query)
-            ]
+            return [_dead_letter(r) for r in conn.execute(query)]
 
     def rejected_jobs(self, since: datetime | None = None) -> list[str]:
         """Jobs verification refused (since ``since``, by when it did), oldest first."""
@@ -246,3 +243,8 @@ def _task_view(row: Any) -> TaskView:
     attempts, problem = int_or_none(tasks.c.attempts, row.attempts), task_problem(row)
     run_after, done_at = time_or_none(tasks.c.run_after, row.run_after), time_or_none(tasks.c.done_at, row.done_at)
     return TaskView(row.kind, row.sink or None, str(row.status), attempts, row.last_error, run_after, done_at, problem)
+
+
+def _dead_letter(r: Any) -> DeadLetter:
+    attempts, dead_at = int_or_none(tasks.c.attempts, r.attempts), time_or_none(tasks.c.done_at, r.done_at)
+    return DeadLetter(r.kind, r.job_id, r.sink or None, attempts, r.last_error, dead_at)
