@@ -4,6 +4,10 @@ deliveries without handing them back to the queue first.
 
 A batch of jobs is leased in a fixed number of statements, however many jobs it holds: on
 PostgreSQL each statement is a round trip, and a worker's claims wait on them.
+
+A task or job row with a typed column that cannot be read (see :mod:`webhook.ledger.readable`)
+is leased too, as a claim naming the column: the pipeline makes that task dead with the reason,
+and the rest of the batch is claimed as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
-from webhook.ledger.readable import JOB_COLUMNS, TASK_COLUMNS, as_int, as_time, broken_tasks, job_problem, task_problem
+from webhook.ledger.readable import (
+    JOB_COLUMNS,
+    TASK_COLUMNS,
+    broken_tasks,
+    int_or_none,
+    job_problem,
+    task_problem,
+    time_or_none,
+)
 from webhook.ledger.schema import jobs, tasks, versions
 from webhook.models import TaskKind, TaskStatus, VersionStatus
 
@@ -193,11 +205,7 @@ def _received(job: Any, now: datetime) -> tuple[datetime, str]:
     """When the job was received (now, if that cannot be read) and why its row cannot be used ("" if it can)."""
     if job is None:
         return now, "unreadable jobs row: missing"
-    problem = job_problem(job)
-    try:
-        return as_time(jobs.c.created_at, job.created_at), problem
-    except ValueError:
-        return now, problem
+    return time_or_none(jobs.c.created_at, job.created_at) or now, job_problem(job)
 
 
 def _lease_unreadable(
@@ -211,10 +219,7 @@ def _lease_unreadable(
     for row in rows:
         if row.job_id in claims:
             continue  # one claim per job: its next broken task in a later claim
-        try:
-            attempts = as_int(tasks.c.attempts, row.attempts) + 1
-        except ValueError:
-            attempts = 1
+        attempts = (int_or_none(tasks.c.attempts, row.attempts) or 0) + 1  # as a claim counts its own attempt
         params = {"task_id": row.id, "attempts": attempts, "worker_id": worker_id, "until": until, "now": now}
         conn.execute(_LEASE_BROKEN, params)
         received_at, _ = _received(found.get(row.job_id), now)
