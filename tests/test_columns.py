@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from support.pipeline import DONE, Pipeline, settings_env
+from support.pipeline import DONE, Pipeline, run_one, settings_env
 from support.receiver import Reply
 from test_dashboard import PASSWORD, logged_in
 
@@ -96,3 +96,20 @@ def test_dead_letters_with_an_unreadable_column_still_list(pipeline: Pipeline) -
     assert client.get("/dashboard/dead").status_code == 200
     shown = CliRunner().invoke(main, ["jobs", "show", job_id], env=settings_env(pipeline.settings))
     assert "unreadable tasks.done_at: garbage" in shown.output
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_unreadable_delivery_is_dead_and_the_job_its_other_sinks_have(pipeline: Pipeline) -> None:
+    pipeline.http.reply(Reply(503))  # the http delivery is retried later: still pending
+    job_id = pipeline.submit(pipeline.upload_input())
+    worker = pipeline.worker()
+    pipeline.wait_until(lambda: run_one(worker) and pipeline.status(job_id) == "verified", what="a retried delivery")
+    update = sa.text("UPDATE tasks SET run_after = 'garbage' WHERE job_id = :job_id AND sink = 'http'")
+    with pipeline.ledger.engine.begin() as conn:
+        conn.execute(update, {"job_id": job_id})
+
+    assert pipeline.drain(worker, job_id, DONE) == "dead"
+    deliveries = {d["sink"]: d for d in pipeline.ledger.views.show_job(job_id).to_dict()["deliveries"]}
+    assert deliveries["filesystem"]["status"] == "done"
+    assert deliveries["http"]["status"] == "dead"
+    assert "unreadable tasks.run_after: garbage" in deliveries["http"]["last_error"]
