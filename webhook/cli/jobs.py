@@ -32,7 +32,7 @@ def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
         f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON",
         lambda view: (
             f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} "
-            f"{view.updated_at:%Y-%m-%d %H:%M:%S}  {view.reason}"
+            f"{_when(view.updated_at):<19}  {'; '.join(filter(None, (view.reason, view.unreadable)))}"
         ),
     )
 
@@ -63,9 +63,9 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         return
     for key in ("job_id", "tag", "event_name", "state", "status", "reason", "created_at", "updated_at"):
         echo_text(f"{key + ':':<12} {data[key]}")
-    if view.job is None:
-        echo_text(f"{'detail:':<12} {view.unreadable}")
-    elif (output := view.job.output) is not None:
+    if view.unreadable:  # the stored detail, or a typed column, holds what cannot be read
+        echo_text(f"{'unreadable:':<12} {view.unreadable}")
+    if view.job is not None and (output := view.job.output) is not None:
         echo_text(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
     for version in data["callbacks"]:
         outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
@@ -106,8 +106,8 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
         DeadLetter.to_dict,
         f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
         lambda letter: (
-            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts:>8} "
-            f"{letter.dead_at:%Y-%m-%d %H:%M:%S}  {letter.last_error}"
+            f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts!s:>8} "
+            f"{_when(letter.dead_at):<19}  {letter.last_error}"
         ),
     )
     if sink is not None:
@@ -125,7 +125,12 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
 
 def _summary(view: JobView) -> dict[str, Any]:
     data = view.to_dict()
-    return {k: data[k] for k in ("job_id", "tag", "state", "status", "reason", "created_at", "updated_at")}
+    keys = ("job_id", "tag", "state", "status", "reason", "created_at", "updated_at")
+    return {k: data[k] for k in keys} | ({"unreadable": view.unreadable} if view.unreadable else {})
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
 
 
 def _step(step: dict[str, Any]) -> str:
@@ -134,4 +139,6 @@ def _step(step: dict[str, Any]) -> str:
         text += f" next={step['next_attempt_at']}"
     if step["last_error"]:
         text += f" last_error={step['last_error']}"
+    if "unreadable" in step:
+        text += f" unreadable={step['unreadable']}"
     return text

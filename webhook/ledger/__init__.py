@@ -6,7 +6,9 @@ operators read), :attr:`~Ledger.browse` (jobs page by page, recent activity),
 :attr:`~Ledger.workers` (heartbeats, takeover), :attr:`~Ledger.locks`, :attr:`~Ledger.retention`,
 :attr:`~Ledger.quarantine` and :attr:`~Ledger.stats` (the whole ledger at a glance: metrics,
 overviews). The tables are in :mod:`webhook.ledger.schema` and stay inside this package: what the
-database raises leaves it as :class:`LedgerUnavailable` (see :mod:`webhook.ledger.errors`).
+database raises leaves it as :class:`LedgerUnavailable` (see :mod:`webhook.ledger.errors`). A
+typed column holding what its type cannot is read row by row (:mod:`webhook.ledger.readable`):
+that row's claim or view says which column, and every other row reads as usual.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from webhook.ledger.errors import connect
+from webhook.ledger.readable import job_problem, time_or_none, tolerant_select
 from webhook.ledger.schema import attempts, jobs, tasks
 from webhook.models import Outcome, TaskKind, TaskStatus, job_from_json
 
@@ -34,8 +36,9 @@ class JobRow:
     status: str
     reason: str
     user_data: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime | None  # None when the stored value cannot be read (``unreadable`` says why)
+    updated_at: datetime | None
+    unreadable: str = ""  # which typed columns of the row cannot be read, and their values
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Browse:
         """One page of the jobs that match, newest first."""
         conditions = _conditions(wanted)
         listing = (
-            sa.select(jobs)
+            tolerant_select(jobs)
             .where(*conditions)
             .order_by(jobs.c.created_at.desc(), jobs.c.job_id)
             .limit(per_page)
@@ -86,10 +89,7 @@ class Browse:
         counting = sa.select(sa.func.count()).select_from(jobs).where(*conditions)
         with connect(self._engine) as conn:
             total = int(conn.execute(counting).scalar_one())
-            rows = [
-                JobRow(r.job_id, r.tag, r.state, r.status, r.reason, _user_data(r.detail), r.created_at, r.updated_at)
-                for r in conn.execute(listing)
-            ]
+            rows = [_job_row(r) for r in conn.execute(listing)]
         return JobPage(rows, total, max(page, 1), per_page)
 
     def tags(self) -> list[str]:
@@ -144,6 +144,12 @@ def _conditions(wanted: JobFilter) -> list[sa.ColumnElement[bool]]:
     if wanted.search:
         found.append(jobs.c.job_id.contains(wanted.search, autoescape=True))
     return found
+
+
+def _job_row(r: Any) -> JobRow:
+    created, updated = time_or_none(jobs.c.created_at, r.created_at), time_or_none(jobs.c.updated_at, r.updated_at)
+    user_data, problem = _user_data(r.detail), job_problem(r)
+    return JobRow(r.job_id, r.tag, r.state, str(r.status), r.reason, user_data, created, updated, problem)
 
 
 def _user_data(detail: str) -> str:

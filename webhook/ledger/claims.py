@@ -1,7 +1,8 @@
 """What a worker leases from the queue: typed claims over tasks, as plain data.
 
 A claim carries the job as stored (JSON), not decoded: the worker decodes it, so a row it
-cannot read becomes that task's failure instead of stopping the queue.
+cannot read becomes that task's failure instead of stopping the queue. The same holds for a
+typed column that holds something its type cannot: the claim says so in ``unreadable``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class VerifyClaim:
     task: Task
     versions: tuple[Version, ...]
     received_at: datetime  # when the job was first recorded (naive UTC)
+    # Why a typed column of the job's or the task's row cannot be read ("" when it can): the
+    # pipeline makes the task dead with this reason, with nothing else tried.
+    unreadable: str = ""
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -59,6 +63,7 @@ class DeliveryClaim:
     # Sinks whose delivery of this job is still to come in another claim (not due yet, or leased
     # elsewhere): the job's staged files are kept for them.
     pending_elsewhere: frozenset[str] = frozenset()
+    unreadable: str = ""  # as in VerifyClaim
 
     @property
     def tasks(self) -> tuple[Task, ...]:

@@ -4,6 +4,10 @@ deliveries without handing them back to the queue first.
 
 A batch of jobs is leased in a fixed number of statements, however many jobs it holds: on
 PostgreSQL each statement is a round trip, and a worker's claims wait on them.
+
+A task or job row with a typed column that cannot be read (see :mod:`webhook.ledger.readable`)
+is leased too, as a claim naming the column: the pipeline makes that task dead with the reason,
+and the rest of the batch is claimed as usual.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.readable import (
+    JOB_COLUMNS,
+    TASK_COLUMNS,
+    broken_tasks,
+    int_or_none,
+    job_problem,
+    task_problem,
+    time_or_none,
+)
 from webhook.ledger.schema import jobs, tasks, versions
 from webhook.models import TaskKind, TaskStatus, VersionStatus
 
@@ -31,7 +44,7 @@ _DUE = sa.and_(
     sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < _now),
 )
 _FIRST_DUE = (
-    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind)
+    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, *TASK_COLUMNS)
     .where(_DUE)
     .order_by(tasks.c.run_after, tasks.c.id)
     .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -75,20 +88,46 @@ _LEASED_ANEW = {
     "postgresql": _insert_or_restart(postgresql.insert(tasks)),
     "sqlite": _insert_or_restart(sqlite.insert(tasks)),
 }
-_JOBS = sa.select(jobs.c.job_id, jobs.c.detail, jobs.c.created_at).where(jobs.c.job_id.in_(_job_ids))
+# The job's typed columns are read raw: one row that cannot be read is that job's claim's problem.
+_JOBS = sa.select(jobs.c.job_id, jobs.c.detail, *JOB_COLUMNS).where(jobs.c.job_id.in_(_job_ids))
+_BROKEN = {
+    dialect: sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, *TASK_COLUMNS)
+    .where(broken_tasks(dialect))
+    .order_by(tasks.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+    for dialect in ("postgresql", "sqlite")
+}
+_LEASE_BROKEN = (
+    tasks.update()
+    .where(tasks.c.id == sa.bindparam("task_id"))
+    # Readable values again, so that closing the task works as for any other; the bad value is
+    # kept in the reason the task dies with.
+    .values(status=TaskStatus.PENDING, attempts=sa.bindparam("attempts"), run_after=_now,
+            locked_by=sa.bindparam("worker_id"), locked_until=sa.bindparam("until"), updated_at=_now)
+)  # fmt: skip
 
 
 def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, limit: int) -> list[Claim]:
     """Lease due work of up to ``limit`` jobs, oldest first: one claim per job."""
     first: dict[str, tuple[int, str]] = {}  # job id -> its oldest due task (id, kind)
+    unreadable: list[Any] = []  # due, but a column of theirs cannot be read
     for row in conn.execute(_FIRST_DUE, {"now": now, "limit": limit}):
-        # A job's other due tasks wait: one claim per job at a time.
-        first.setdefault(row.job_id, (row.id, row.kind))
+        if task_problem(row):
+            unreadable.append(row)
+        else:  # A job's other due tasks wait: one claim per job at a time.
+            first.setdefault(row.job_id, (row.id, row.kind))
     verify = [task_id for task_id, kind in first.values() if kind == TaskKind.VERIFY]
     deliver = [job_id for job_id, (_, kind) in first.items() if kind == TaskKind.DELIVER]
     due = _due_deliveries(conn, deliver, now)
     claims = _lease(conn, verify + due, worker_id, until, now)
-    return [claims[job_id] for job_id in first if job_id in claims]
+    found = [claims[job_id] for job_id in first if job_id in claims]
+    if len(found) + len(unreadable) < limit:
+        # Rows never due (a bad run_after or status) are looked for only when there is room, so
+        # that a busy queue does not pay for the search on every claim.
+        more = {"limit": limit - len(found) - len(unreadable)}
+        unreadable += conn.execute(_BROKEN[conn.dialect.name], more).all()
+    return found + _lease_unreadable(conn, unreadable, set(claims), worker_id, until, now)
 
 
 def lease_new_deliveries(
@@ -145,17 +184,53 @@ def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime
     claims: dict[str, Claim] = {}
     for job_id, rows in by_job.items():
         job = found[job_id]
+        received_at, problem = _received(job, now)
         if rows[0].kind == TaskKind.VERIFY:
             (row,) = rows  # a job's verify task is leased alone
             mine = tuple(Version(v.id, v.detail) for v in pending.get(job_id, ())) or (Version(None, job.detail),)
-            claims[job_id] = VerifyClaim(Task(row.id, job_id, TaskKind.VERIFY, row.attempts), mine, job.created_at)
+            task = Task(row.id, job_id, TaskKind.VERIFY, row.attempts)
+            claims[job_id] = VerifyClaim(task, mine, received_at, problem)
         else:
             in_claim = {r.sink for r in rows}
             of_job = deliveries.get(job_id, ())
             done = frozenset(r.sink for r in of_job if r.status == TaskStatus.DONE)
             waiting = frozenset(r.sink for r in of_job if r.status == TaskStatus.PENDING and r.sink not in in_claim)
-            claims[job_id] = DeliveryClaim(job.detail, _deliveries(job_id, rows), job.created_at, done, waiting)
+            claims[job_id] = DeliveryClaim(
+                job.detail, _deliveries(job_id, rows), received_at, done, waiting, unreadable=problem
+            )
     return claims
+
+
+def _received(job: Any, now: datetime) -> tuple[datetime, str]:
+    """When the job was received (now, if that cannot be read) and why its row cannot be used ("" if it can)."""
+    if job is None:
+        return now, "unreadable jobs row: missing"
+    return time_or_none(jobs.c.created_at, job.created_at) or now, job_problem(job)
+
+
+def _lease_unreadable(
+    conn: Connection, rows: Sequence[Any], taken: set[str], worker_id: str, until: datetime, now: datetime
+) -> list[Claim]:
+    """Lease the unfinished tasks ``rows`` whose own columns cannot be read, one per job not in
+    ``taken``: each becomes a claim the pipeline makes dead with the reason."""
+    rows = [r for r in rows if r.job_id not in taken]
+    found = {r.job_id: r for r in conn.execute(_JOBS, {"job_ids": list({r.job_id for r in rows})})} if rows else {}
+    claims: dict[str, Claim] = {}
+    for row in rows:
+        if row.job_id in claims:
+            continue  # one claim per job: its next broken task in a later claim
+        attempts = (int_or_none(tasks.c.attempts, row.attempts) or 0) + 1  # as a claim counts its own attempt
+        params = {"task_id": row.id, "attempts": attempts, "worker_id": worker_id, "until": until, "now": now}
+        conn.execute(_LEASE_BROKEN, params)
+        received_at, _ = _received(found.get(row.job_id), now)
+        reason = task_problem(row) or "unreadable tasks row"
+        if row.kind == TaskKind.VERIFY:
+            task = Task(row.id, row.job_id, TaskKind.VERIFY, attempts)
+            claims[row.job_id] = VerifyClaim(task, (), received_at, reason)
+        else:
+            delivery = Delivery(row.id, row.job_id, TaskKind.DELIVER, attempts, row.sink)
+            claims[row.job_id] = DeliveryClaim("", (delivery,), received_at, unreadable=reason)
+    return list(claims.values())
 
 
 def _grouped(conn: Connection, statement: sa.Select[Any], job_ids: list[str]) -> dict[str, list[sa.Row[Any]]]:

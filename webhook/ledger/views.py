@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from webhook.ledger.errors import UnknownJob, connect
+from webhook.ledger.readable import int_or_none, job_problem, task_problem, time_or_none, tolerant_select
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, job_from_json, job_to_dict
 
@@ -21,9 +22,9 @@ class DeadLetter:
     kind: str  # "verify" or "deliver"
     job_id: str
     sink: str | None  # None for a verification
-    attempts: int
+    attempts: int | None  # None (and dead_at too) when the stored value cannot be read
     last_error: str
-    dead_at: datetime
+    dead_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"dead_at": _iso(self.dead_at)}
@@ -34,20 +35,22 @@ class TaskView:
     kind: str
     sink: str | None  # None for a verify task
     status: str
-    attempts: int
+    attempts: int | None  # None (and the times too) when the stored value cannot be read
     last_error: str
-    run_after: datetime
+    run_after: datetime | None
     done_at: datetime | None
+    unreadable: str = ""  # which of the row's columns cannot be read, and its value
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sink": self.sink} if self.kind == TaskKind.DELIVER else {}
-        return out | {
+        out |= {
             "status": self.status,
             "attempts": self.attempts,
             "last_error": self.last_error,
             "next_attempt_at": _iso(self.run_after) if self.status == TaskStatus.PENDING else None,
-            "done_at": _iso(self.done_at) if self.done_at else None,
+            "done_at": _iso(self.done_at),
         }
+        return out | ({"unreadable": self.unreadable} if self.unreadable else {})
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,10 @@ class JobView:
     state: str
     status: str
     reason: str
-    created_at: datetime
-    updated_at: datetime
-    job: Job | None  # None when the stored row cannot be read (``unreadable`` says why)
-    unreadable: str = ""
+    created_at: datetime | None  # None when the stored value cannot be read (``unreadable`` says why)
+    updated_at: datetime | None
+    job: Job | None  # None when the stored detail cannot be read (``unreadable`` says why)
+    unreadable: str = ""  # what of the row cannot be read, each "; "-separated
     tasks: tuple[TaskView, ...] = ()
     versions: tuple[VersionView, ...] = ()
     attempts: tuple[AttemptView, ...] = ()
@@ -134,7 +137,7 @@ class Views:
         self._engine = engine
 
     def list_jobs(self, limit: int = 50, status: str | None = None) -> list[JobView]:
-        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.job_id).limit(limit)
+        query = tolerant_select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.job_id).limit(limit)
         if status:
             query = query.where(jobs.c.status == status)
         with connect(self._engine) as conn:
@@ -142,11 +145,11 @@ class Views:
 
     def show_job(self, job_id: str) -> JobView:
         with connect(self._engine) as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+            row = conn.execute(tolerant_select(jobs).where(jobs.c.job_id == job_id)).first()
             if row is None:
                 raise UnknownJob(job_id)
             task_rows = conn.execute(
-                sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.kind.desc(), tasks.c.sink)
+                tolerant_select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.kind.desc(), tasks.c.sink)
             ).all()
             version_rows = conn.execute(
                 sa.select(versions).where(versions.c.job_id == job_id).order_by(versions.c.id)
@@ -154,10 +157,7 @@ class Views:
             attempt_rows = conn.execute(
                 sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.id)
             ).all()
-        task_views = tuple(
-            TaskView(t.kind, t.sink or None, t.status, t.attempts, t.last_error, t.run_after, t.done_at)
-            for t in task_rows
-        )
+        task_views = tuple(_task_view(t) for t in task_rows)
         version_views = tuple(VersionView(v.callback_id, v.received_at, v.status, v.reason) for v in version_rows)
         attempt_views = tuple(
             AttemptView(a.kind, a.sink or None, a.started_at, a.duration_ms, a.outcome, a.code, a.error, a.worker_id)
@@ -186,16 +186,13 @@ class Views:
 
     def dead_letters(self, sink: str | None = None, since: datetime | None = None) -> list[DeadLetter]:
         """Tasks that died (verifications and deliveries), oldest first; ``sink`` keeps that sink's deliveries."""
-        query = sa.select(tasks).where(tasks.c.status == TaskStatus.DEAD).order_by(tasks.c.done_at, tasks.c.id)
+        query = tolerant_select(tasks).where(tasks.c.status == TaskStatus.DEAD).order_by(tasks.c.done_at, tasks.c.id)
         if sink is not None:
             query = query.where(tasks.c.kind == TaskKind.DELIVER, tasks.c.sink == sink)
         if since is not None:
             query = query.where(tasks.c.done_at >= since)
         with connect(self._engine) as conn:
-            return [
-                DeadLetter(r.kind, r.job_id, r.sink or None, r.attempts, r.last_error, r.done_at)
-                for r in conn.execute(query)
-            ]
+            return [_dead_letter(r) for r in conn.execute(query)]
 
     def rejected_jobs(self, since: datetime | None = None) -> list[str]:
         """Jobs verification refused (since ``since``, by when it did), oldest first."""
@@ -217,8 +214,8 @@ class Views:
         return out
 
 
-def _iso(when: datetime) -> str:
-    return when.isoformat() + "Z"
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat() + "Z"
 
 
 def _job_view(row: Any, task_views: tuple[TaskView, ...], version_views: tuple[VersionView, ...] = ()) -> JobView:
@@ -231,12 +228,23 @@ def _job_view(row: Any, task_views: tuple[TaskView, ...], version_views: tuple[V
         tag=row.tag,
         event_name=row.event_name,
         state=row.state,
-        status=row.status,
+        status=str(row.status),
         reason=row.reason,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        created_at=time_or_none(jobs.c.created_at, row.created_at),
+        updated_at=time_or_none(jobs.c.updated_at, row.updated_at),
         job=job,
-        unreadable=unreadable,
+        unreadable="; ".join(p for p in (unreadable, job_problem(row)) if p),
         tasks=task_views,
         versions=version_views,
     )
+
+
+def _task_view(row: Any) -> TaskView:
+    attempts, problem = int_or_none(tasks.c.attempts, row.attempts), task_problem(row)
+    run_after, done_at = time_or_none(tasks.c.run_after, row.run_after), time_or_none(tasks.c.done_at, row.done_at)
+    return TaskView(row.kind, row.sink or None, str(row.status), attempts, row.last_error, run_after, done_at, problem)
+
+
+def _dead_letter(r: Any) -> DeadLetter:
+    attempts, dead_at = int_or_none(tasks.c.attempts, r.attempts), time_or_none(tasks.c.done_at, r.done_at)
+    return DeadLetter(r.kind, r.job_id, r.sink or None, attempts, r.last_error, dead_at)

@@ -94,6 +94,11 @@ class Pipeline:
     def _run_one(self, claim: Claim) -> DeliveryClaim | None:
         started = Trying(Step.VERIFY if isinstance(claim, VerifyClaim) else Step.DELIVER)
         with self.leases.kept([t.id for t in claim.tasks]):
+            if claim.unreadable:  # a row no step can use: nothing to try, nothing to wait for
+                for task in claim.tasks:
+                    dead = self._failed(task, claim, claim.unreadable, self._policy(task), started, final="unreadable")
+                    self.recorder.record(dead, claim.received_at)
+                return None
             try:
                 match claim:
                     case VerifyClaim():
