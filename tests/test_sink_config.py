@@ -254,12 +254,13 @@ def test_check_prints_a_verdict_per_sink(pipeline: Pipeline, tmp_path: Path) -> 
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert lines[1].startswith("ok    ledger: ")
-    assert "ok    filesystem (filesystem): directory " in result.output
-    assert "ok    http (http): receiver answered HEAD with 200" in result.output
+    assert f"ok    filesystem (filesystem) {pipeline.settings.sink_dir}: directory " in result.output
+    assert f"ok    http (http) {pipeline.settings.http_sink_url}: receiver answered HEAD with 200" in result.output
     archive = tmp_path / "archive"
-    assert f"ok    archive (filesystem): directory {archive} does not exist; will be created on first delivery" in lines
+    created = "will be created on first delivery"
+    assert f"ok    archive (filesystem) {archive}: directory {archive} does not exist; {created}" in lines
     assert not archive.exists()  # checking created nothing
-    assert "FAIL  broken (http): broken: request failed: Connection refused" in lines
+    assert "FAIL  broken (http) http://127.0.0.1:9/hook: broken: request failed: Connection refused" in lines
 
 
 def test_check_reports_a_bad_file(tmp_path: Path) -> None:

@@ -237,6 +237,7 @@ def test_missing_bucket_and_missing_source_are_permanent(sandbox: Sandbox, tmp_p
 
 def test_check_heads_the_bucket(sandbox: Sandbox) -> None:
     assert make_sink(sandbox).check() == f"bucket {DEST} in {REGION} is reachable"
+    assert make_sink(sandbox).target() == f"cos://{DEST}/denoised/ ({REGION})"
 
     with pytest.raises(DeliveryError) as info:
         make_sink(sandbox, bucket="archive-1250000001").check()
@@ -255,6 +256,7 @@ def test_endpoint_option_overrides_the_default(sandbox: Sandbox) -> None:
     )
 
     assert sink.check() == f"bucket {DEST} in {REGION} is reachable"
+    assert sink.target() == f"cos://{DEST}/ ({REGION}) at {sandbox.url}/"
     with pytest.raises(ConfigError, match=r"^sink archive: options\.endpoint has an invalid port$"):
         CosSink(
             "archive",

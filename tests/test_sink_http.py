@@ -463,3 +463,12 @@ def test_mode_chooses_what_is_built(mode: dict[str, str], sink_class: type) -> N
 def test_multipart_mode_refuses_location_options(extra: dict[str, object]) -> None:
     with pytest.raises(ValueError, match='file_from and presign_seconds need mode = "json"'):
         HttpOptions.model_validate({"url": "http://127.0.0.1:9/", "secret_env": "HOOK", "mode": "multipart"} | extra)
+
+
+def test_target_hides_the_url_credentials_and_query(receiver: Receiver) -> None:
+    url = receiver.url.replace("http://", "http://user:url-password@") + "hook?token=query-secret#frag"
+    http = HttpMultipartSink(url, SECRET, timeout=5)
+    try:
+        assert http.target() == receiver.url.replace("http://", "http://user@") + "hook"
+    finally:
+        http.close()

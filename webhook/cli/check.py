@@ -14,6 +14,7 @@ from webhook.ledger import Ledger, LedgerError, LedgerUnavailable
 from webhook.ledger.migrate import head as head_revision
 from webhook.sinks import DeliveryError
 from webhook.sinks.build import build_sinks, sink_context
+from webhook.sinks.config import SinkSpec
 
 PUBLIC_URL_TIMEOUT = 5.0  # seconds for WEBHOOK_PUBLIC_URL/livez to answer
 
@@ -29,20 +30,32 @@ def check() -> None:
         failures += verdict.startswith("FAIL")
         echo_text(verdict)
     for name, spec in specs.items():
-        try:
-            sink = build_sinks([spec], sink_context(settings))[name]
-            verdict = sink.check()
-            sink.close()
-        except (ConfigError, DeliveryError) as exc:
-            failures += 1
-            click.echo(f"FAIL  {name} ({spec.type}): {exc}")
-        else:
-            click.echo(f"ok    {name} ({spec.type}): {verdict}")
+        verdict = _check_sink(settings, name, spec)
+        failures += verdict.startswith("FAIL")
+        click.echo(verdict)
     if not specs:
         failures += 1
         click.echo("FAIL  no sink is configured")
     if failures:
         raise SystemExit(1)
+
+
+def _check_sink(settings: Settings, name: str, spec: SinkSpec) -> str:
+    """``ok``/``FAIL`` with the sink's target, so a failure says which URL, bucket or directory it was."""
+    label = f"{name} ({spec.type})"
+    try:
+        sink = build_sinks([spec], sink_context(settings))[name]
+    except (ConfigError, DeliveryError) as exc:  # no sink was built: there is no target to name
+        return f"FAIL  {label}: {exc}"
+    target = sink.target()
+    label = f"{label} {target}" if target else label
+    try:
+        verdict = sink.check()
+    except (ConfigError, DeliveryError) as exc:
+        return f"FAIL  {label}: {exc}"
+    finally:
+        sink.close()
+    return f"ok    {label}: {verdict}"
 
 
 def _check_public_url(settings: Settings) -> list[str]:

@@ -87,6 +87,10 @@ class Sink:
         at it; None if it keeps none."""
         return None
 
+    def target(self) -> str:
+        """Where this sink delivers, fit to print: no password, token or query secret in it."""
+        return ""
+
     def check(self) -> str:
         """Try the connection; return what was checked, or raise :class:`DeliveryError` saying why not."""
         return "nothing to check"

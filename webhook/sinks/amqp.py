@@ -23,6 +23,7 @@ from pika.exceptions import (
 from webhook.errors import ConfigError
 from webhook.models import Event
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.common import shown_url
 from webhook.sinks.events import SCHEMA, event_document
 from webhook.sinks.options import AmqpOptions
 
@@ -101,6 +102,9 @@ class AmqpSink(NotificationSink):
         )
         if refused:
             raise DeliveryError(f"{self.name}: amqp {self.endpoint}: {refused}")
+
+    def target(self) -> str:
+        return f"{shown_url(self.options.url)} exchange {self.options.exchange} key {self.options.routing_key}"
 
     def check(self) -> str:
         """Connect and declare the exchange (or make sure it exists, with ``declare = false``)."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from webhook.models import Event, Job, JobFile
 from webhook.sinks import DeliveryError, Sink
@@ -81,6 +81,14 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+def shown_url(url: str) -> str:
+    """``url`` fit to print: its user name kept, its password, query and fragment (any may hold a secret) dropped."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]  # not .hostname/.port: a bad port must not raise here
+    user = parts.username  # may be "" in redis://:password@host
+    return urlunsplit((parts.scheme, f"{user}@{host}" if user else host, parts.path, "", ""))
+
+
 def os_reason(exc: BaseException) -> str:
     """The innermost operating-system reason ("Connection refused"), else the exception's type."""
     seen: set[int] = set()
@@ -123,6 +131,13 @@ class BucketSink(Sink):
 
     def _call(self, operation: str, key: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
+
+    def target(self) -> str:
+        """``cos://bucket/prefix (region)``, and the endpoint when the options name one."""
+        options = self.options
+        endpoint = options.endpoint if isinstance(options, CosOptions) else options.endpoint_url
+        where = f"{self._url(options.prefix)} ({options.region})"
+        return f"{where} at {shown_url(endpoint)}" if endpoint else where
 
     def _url(self, key: str) -> str:
         return f"{self.scheme}://{self.options.bucket}/{key}"

@@ -72,6 +72,9 @@ class FilesystemSink(Sink):
     def location(self, job: Job, presign_seconds: int | None = None, file: JobFile | None = None) -> FileLocation:
         return FileLocation(kind="filesystem", path=str(self.root.resolve() / audio_name("", job, file)))
 
+    def target(self) -> str:
+        return str(self.root.absolute())
+
     def check(self) -> str:
         """Whether deliveries can write here, found out without creating anything.
 

@@ -24,7 +24,14 @@ from webhook.deadline import DEFAULT_MIN_RATE, Deadline, deadline_session, trans
 from webhook.errors import ConfigError
 from webhook.models import Event, FetchedFile
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink, Sink
-from webhook.sinks.common import os_reason, printable, retry_after_seconds, safe_content_type, unreadable
+from webhook.sinks.common import (
+    os_reason,
+    printable,
+    retry_after_seconds,
+    safe_content_type,
+    shown_url,
+    unreadable,
+)
 from webhook.sinks.events import event_document
 from webhook.sinks.options import HttpOptions, NotifyOptions
 
@@ -76,6 +83,9 @@ class HttpPostSink(Sink):
             return HttpNotifySink(options.url, secret, options.timeout, name=name, min_rate=rate, options=options)
         except ValueError as exc:
             raise ConfigError(f"sink {name}: {options.secret_env}: {exc}") from None
+
+    def target(self) -> str:
+        return shown_url(self.url)
 
     def check(self) -> str:
         """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""

@@ -13,6 +13,7 @@ from redis.typing import EncodableT, FieldT
 from webhook.errors import ConfigError
 from webhook.models import Event
 from webhook.sinks import BuildContext, DeliveryError, NotificationSink
+from webhook.sinks.common import shown_url
 from webhook.sinks.events import SCHEMA, event_document
 from webhook.sinks.options import RedisOptions
 
@@ -72,6 +73,9 @@ class RedisSink(NotificationSink):
             self._client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
         except RedisError as exc:
             raise self._error(exc) from exc
+
+    def target(self) -> str:
+        return f"{shown_url(self.options.url)} stream {self.stream}"
 
     def check(self) -> str:
         """PING, then make sure the stream key is a stream or does not exist yet."""
