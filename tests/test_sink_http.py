@@ -465,6 +465,30 @@ def test_multipart_mode_refuses_location_options(extra: dict[str, object]) -> No
         HttpOptions.model_validate({"url": "http://127.0.0.1:9/", "secret_env": "HOOK", "mode": "multipart"} | extra)
 
 
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, "receiver answered HEAD with 200"),
+        (404, "receiver answered HEAD with 404"),  # reachable: the POST decides what a path means
+        (405, "receiver is reachable but does not answer HEAD (405): POST was not proven"),
+        (501, "receiver is reachable but does not answer HEAD (501): POST was not proven"),
+        (500, None),
+        (503, None),
+    ],
+)
+def test_check_reads_the_head_status(
+    receiver: Receiver, sink: HttpMultipartSink, status: int, verdict: str | None
+) -> None:
+    receiver.reply(Reply(status))
+    if verdict is not None:
+        assert sink.check() == verdict
+        return
+    with pytest.raises(DeliveryError) as caught:
+        sink.check()
+    assert caught.value.message.startswith(f"http: HTTP {status} ")
+    assert receiver.requests[-1].method == "HEAD"
+
+
 def test_target_hides_the_url_credentials_and_query(receiver: Receiver) -> None:
     url = receiver.url.replace("http://", "http://user:url-password@") + "hook?token=query-secret#frag"
     http = HttpMultipartSink(url, SECRET, timeout=5)

@@ -41,6 +41,7 @@ _USER_AGENT = f"cos-webhook/{version('cos-webhook')}"
 _SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 # Worth another attempt besides 429 and 5xx: timeout, conflict (a concurrent attempt), too early.
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+_NO_HEAD = frozenset({405, 501})  # Method Not Allowed, Not Implemented: the receiver answers, HEAD is not done
 
 
 class HttpPostSink(Sink):
@@ -88,11 +89,20 @@ class HttpPostSink(Sink):
         return shown_url(self.url)
 
     def check(self) -> str:
-        """Any HTTP answer proves the receiver is reachable; a refused or silent one does not."""
+        """HEAD the URL: any answer below 500 proves the receiver is reachable, not that it takes a POST.
+
+        405 and 501 say the receiver does not do HEAD (so the POST stays unproven: the verdict says
+        so); any other 5xx is a failure, like a refused or silent connection.
+        """
         with Deadline(self.timeout, f"HEAD of sink {self.name}") as deadline:
             try:
                 with self._session.head(self.url, timeout=self.timeout, allow_redirects=False) as response:
-                    return f"receiver answered HEAD with {response.status_code}"
+                    status = response.status_code
+                    if status in _NO_HEAD:
+                        return f"receiver is reachable but does not answer HEAD ({status}): POST was not proven"
+                    if status >= 500:
+                        raise self._refused(response)
+                    return f"receiver answered HEAD with {status}"
             except requests.RequestException as exc:
                 raise self._failed(exc, deadline) from exc
 
