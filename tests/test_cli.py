@@ -58,6 +58,13 @@ def test_jobs_show_text(pipeline: Pipeline, delivered_job: str) -> None:
     [attempt] = [line for line in result.output.splitlines() if line.startswith("  ") and " verify " in line]
     assert re.match(r"  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ verify ", attempt), attempt
     assert re.search(r"^created_at:  \S+Z$", result.output, re.MULTILINE), result.output
+    # The job's input and user data, not only in --json.
+    stored = pipeline.ledger.views.show_job(delivered_job).job
+    assert stored is not None
+    assert stored.input is not None
+    where = stored.input
+    assert f"input:       {where.bucket}/{where.key} ({where.region})\n" in result.output
+    assert "user_data:   order-42\n" in result.output
 
 
 def test_jobs_list(pipeline: Pipeline, delivered_job: str) -> None:

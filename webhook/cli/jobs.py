@@ -65,8 +65,12 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         echo_text(f"{key + ':':<12} {data[key]}")
     if view.unreadable:  # the stored detail, or a typed column, holds what cannot be read
         echo_text(f"{'unreadable:':<12} {view.unreadable}")
-    if view.job is not None and (output := view.job.output) is not None:
-        echo_text(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+    if view.job is not None:  # what the operator asks first: which file, and whose (user data)
+        for name, where in (("input", view.job.input), ("output", view.job.output)):
+            if where is not None:
+                echo_text(f"{name + ':':<12} {where.bucket}/{where.key} ({where.region})")
+        if view.job.user_data:
+            echo_text(f"{'user_data:':<12} {view.job.user_data}")
     for version in data["callbacks"]:
         outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
         echo_text(f"{'callback:':<12} #{version['callback_id']} at {version['received_at']}: {outcome}")
