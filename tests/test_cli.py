@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -53,12 +54,25 @@ def test_jobs_show_text(pipeline: Pipeline, delivered_job: str) -> None:
     assert f"job_id:      {delivered_job}" in result.output
     assert "status:      delivered" in result.output
     assert "delivery:    http: done attempts=1" in result.output
+    # Every time is UTC and says so, the attempts' timeline's included.
+    [attempt] = [line for line in result.output.splitlines() if line.startswith("  ") and " verify " in line]
+    assert re.match(r"  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ verify ", attempt), attempt
+    assert re.search(r"^created_at:  \S+Z$", result.output, re.MULTILINE), result.output
+    # The job's input and user data, not only in --json.
+    stored = pipeline.ledger.views.show_job(delivered_job).job
+    assert stored is not None
+    assert stored.input is not None
+    where = stored.input
+    assert f"input:       {where.bucket}/{where.key} ({where.region})\n" in result.output
+    assert "user_data:   order-42\n" in result.output
 
 
 def test_jobs_list(pipeline: Pipeline, delivered_job: str) -> None:
     table = run(pipeline, "jobs", "list")
     assert table.exit_code == 0, table.output
     assert delivered_job in table.output
+    [row] = [line for line in table.output.splitlines() if line.startswith(delivered_job)]
+    assert re.search(r" delivered  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", row), row
     lines = run(pipeline, "jobs", "list", "--json", "--status", "delivered").output.splitlines()
     assert [json.loads(line)["job_id"] for line in lines] == [delivered_job]
     assert run(pipeline, "jobs", "list", "--json", "--status", "dead").output == ""

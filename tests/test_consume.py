@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -138,6 +139,7 @@ def test_a_poisoned_message_is_kept_visible_and_does_not_block_the_queue(
     assert cli(database_url, "dead", "list", "--sink", "http").output.splitlines()[1:] == []
     listed = cli(database_url, "messages", "list").output.splitlines()
     assert len(listed) == 2
+    assert re.search(r" \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  ", listed[1]), listed  # UTC, marked
     shown = cli(database_url, "messages", "show", str(kept.id))
     assert "  | this is not a callback" in shown.output
     assert "\x1b" not in shown.output  # control characters are escaped

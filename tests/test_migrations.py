@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from support.processes import COS_WEBHOOK
+from support.logs import records
+from support.processes import COS_WEBHOOK, TEXT_LOGS
 
 from webhook.cli import main
 from webhook.config import Settings
@@ -168,3 +169,13 @@ def test_processes_migrating_at_once_all_succeed(database_url: str) -> None:
     ledger = Ledger(database_url)
     assert schema_differences(ledger.engine) == []
     ledger.dispose()
+
+
+def test_migrate_says_what_it_did_and_alembic_says_nothing_below_warning(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    env = env_for(url, WEBHOOK_LOG_LEVEL="INFO", **TEXT_LOGS)
+    run = subprocess.run([COS_WEBHOOK, "migrate"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"ledger at revision {migrate.head()}\n"
+    [line] = records(run.stderr)  # ours alone: no alembic line ("setup plugin …", "Context impl …")
+    assert line.endswith(f" INFO webhook.ledger.migrate migrated the ledger from revision (none) to {migrate.head()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -131,6 +132,8 @@ def test_prune_from_the_command_line(ledger: Ledger) -> None:
     assert kept.output.startswith("pruned 0 jobs and 0 callbacks")
     done = CliRunner().invoke(main, ["prune", "--older-than", "7d"], env=env)
     assert done.output.startswith("pruned 1 jobs and 1 callbacks")
+    # The cut-off is printed in UTC, marked so: 2026-12-07T04:05:06Z.
+    assert re.search(r" \(before \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)$", done.output.rstrip("\n")), done.output
     assert set(counts(ledger).values()) == {0}
 
 

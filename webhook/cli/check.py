@@ -15,6 +15,7 @@ from webhook.ledger.migrate import head as head_revision
 from webhook.sinks import DeliveryError
 from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.config import SinkSpec
+from webhook.telemetry.logs import setup_logging
 
 PUBLIC_URL_TIMEOUT = 5.0  # seconds for WEBHOOK_PUBLIC_URL/livez to answer
 
@@ -120,7 +121,9 @@ def _check_ci(settings: Settings) -> list[str]:
 @main.command()
 def migrate() -> None:
     """Bring the ledger's schema to this version (the Procfile's release phase runs it)."""
-    ledger = Ledger(Settings.from_env().database_url)
+    settings = Settings.from_env()
+    setup_logging(settings.log_level, settings.log_format)  # says from which revision it migrated
+    ledger = Ledger(settings.database_url)
     ledger.migrate()
     click.echo(f"ledger at revision {head_revision()}")
 

@@ -10,7 +10,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
 from webhook.intake.tdmq import MAX_BATCH, MAX_WAIT
-from webhook.ledger import Ledger
+from webhook.ledger import Ledger, utc_text
 from webhook.ledger.quarantine import KeptMessage
 from webhook.telemetry.logs import setup_logging
 
@@ -69,10 +69,10 @@ def messages_list(as_json: bool, everything: bool, since: datetime | None) -> No
         kept,
         as_json,
         KeptMessage.to_dict,
-        f"{'ID':>6} {'QUEUE':<24} {'MSG ID':<36} {'STATUS':<11} {'TIMES':>5} {'RECEIVED':<20} REASON",
+        f"{'ID':>6} {'QUEUE':<24} {'MSG ID':<36} {'STATUS':<11} {'TIMES':>5} {'RECEIVED':<21} REASON",
         lambda m: (
             f"{m.id:>6} {m.queue[:24]:<24} {m.msg_id[:36]:<36} {m.status:<11} {m.deliveries:>5} "
-            f"{m.received_at:%Y-%m-%d %H:%M:%S}  {m.reason}"
+            f"{utc_text(m.received_at)}  {m.reason}"
         ),
     )
 

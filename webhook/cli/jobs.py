@@ -10,7 +10,7 @@ import click
 
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
-from webhook.ledger import DeadLetter, JobView
+from webhook.ledger import DeadLetter, JobView, utc_text
 from webhook.models import JobStatus
 
 
@@ -29,10 +29,10 @@ def jobs_list(as_json: bool, status: str | None, limit: int) -> None:
         open_ledger(Settings.from_env()).views.list_jobs(limit=limit, status=status),
         as_json,
         _summary,
-        f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<20} REASON",
+        f"{'JOB ID':<36} {'TAG':<16} {'STATE':<9} {'STATUS':<10} {'UPDATED':<21} REASON",
         lambda view: (
             f"{view.job_id:<36} {view.tag[:16]:<16} {view.state:<9} {view.status:<10} "
-            f"{_when(view.updated_at):<19}  {'; '.join(filter(None, (view.reason, view.unreadable)))}"
+            f"{_when(view.updated_at):<20}  {'; '.join(filter(None, (view.reason, view.unreadable)))}"
         ),
     )
 
@@ -65,8 +65,12 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         echo_text(f"{key + ':':<12} {data[key]}")
     if view.unreadable:  # the stored detail, or a typed column, holds what cannot be read
         echo_text(f"{'unreadable:':<12} {view.unreadable}")
-    if view.job is not None and (output := view.job.output) is not None:
-        echo_text(f"{'output:':<12} {output.bucket}/{output.key} ({output.region})")
+    if view.job is not None:  # what the operator asks first: which file, and whose (user data)
+        for name, where in (("input", view.job.input), ("output", view.job.output)):
+            if where is not None:
+                echo_text(f"{name + ':':<12} {where.bucket}/{where.key} ({where.region})")
+        if view.job.user_data:
+            echo_text(f"{'user_data:':<12} {view.job.user_data}")
     for version in data["callbacks"]:
         outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
         echo_text(f"{'callback:':<12} #{version['callback_id']} at {version['received_at']}: {outcome}")
@@ -80,9 +84,9 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         what = f"{a.step} {a.sink}" if a.sink else a.step
         code = f" [{a.code}]" if a.code else ""
         error = f" {a.error}" if a.error else ""
-        echo_text(f"  {a.started_at:%Y-%m-%d %H:%M:%S} {what:<24} {a.outcome:<9} {a.duration_ms:>7}ms{code}{error}")
+        echo_text(f"  {utc_text(a.started_at)} {what:<24} {a.outcome:<9} {a.duration_ms:>7}ms{code}{error}")
     for r in requests:
-        echo_text(f"request #{r.id} at {r.received_at:%Y-%m-%d %H:%M:%S} from {r.remote_addr} ({r.content_type}):")
+        echo_text(f"request #{r.id} at {utc_text(r.received_at)} from {r.remote_addr} ({r.content_type}):")
         # Line by line, each behind a gutter: a body cannot pass for this command's own output.
         for line in r.body.decode("utf-8", "replace").splitlines():
             echo_text(f"  | {line}")
@@ -104,10 +108,10 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
         ledger.views.dead_letters(sink=sink, since=since),
         as_json,
         DeadLetter.to_dict,
-        f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<20} LAST ERROR",
+        f"{'JOB ID':<36} {'KIND':<7} {'SINK':<16} {'ATTEMPTS':>8} {'DEAD SINCE':<21} LAST ERROR",
         lambda letter: (
             f"{letter.job_id:<36} {letter.kind:<7} {letter.sink or '-':<16} {letter.attempts!s:>8} "
-            f"{_when(letter.dead_at):<19}  {letter.last_error}"
+            f"{_when(letter.dead_at):<20}  {letter.last_error}"
         ),
     )
     if sink is not None:
@@ -119,7 +123,7 @@ def dead_list(as_json: bool, sink: str | None, since: datetime | None) -> None:
             continue
         echo_text(
             f"{f'message {kept.id}':<36} {'message':<7} {'-':<16} {kept.deliveries:>8} "
-            f"{kept.received_at:%Y-%m-%d %H:%M:%S}  {kept.queue}/{kept.msg_id}: {kept.reason}"
+            f"{utc_text(kept.received_at)}   {kept.queue}/{kept.msg_id}: {kept.reason}"
         )
 
 
@@ -130,7 +134,7 @@ def _summary(view: JobView) -> dict[str, Any]:
 
 
 def _when(value: datetime | None) -> str:
-    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
+    return "-" if value is None else utc_text(value)
 
 
 def _step(step: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import click
 
 from webhook.cli.base import echo_text, main, open_ledger, parse_since
 from webhook.config import Settings
-from webhook.ledger import utcnow
+from webhook.ledger import utc_text, utcnow
 
 
 @main.command()
@@ -50,6 +50,6 @@ def prune(before: datetime | None, dry_run: bool) -> None:
     ledger = open_ledger(settings)
     before = before or utcnow() - timedelta(days=settings.retention_days)
     if dry_run:
-        click.echo(f"would prune {ledger.retention.would_prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")
+        click.echo(f"would prune {ledger.retention.would_prune(before).line()} (before {utc_text(before)})")
         return
-    click.echo(f"pruned {ledger.retention.prune(before).line()} (before {before:%Y-%m-%d %H:%M:%S})")
+    click.echo(f"pruned {ledger.retention.prune(before).line()} (before {utc_text(before)})")

@@ -27,7 +27,7 @@ from webhook.ci.listing import FINISHED, Listed, creation_time, list_finished
 from webhook.config import Settings
 from webhook.intake.record import record_unless_known
 from webhook.intake.triage import FORWARDED_EVENT
-from webhook.ledger import Ledger, RawRequest, utcnow
+from webhook.ledger import Ledger, RawRequest, utc_text, utcnow
 from webhook.models import Callback
 from webhook.telemetry.logs import escape
 from webhook.worker.periodic import Periodic
@@ -65,12 +65,14 @@ class BucketResult:
 
 @dataclass(frozen=True)
 class Summary:
-    since: str  # the window's start, as sent to CI
+    # The window's start. CI is asked in its own zone (UTC+8, creation_time); people and JSON
+    # readers are told it in UTC, as every other time this service prints.
+    since: datetime
     buckets: tuple[BucketResult, ...]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "since": self.since,
+            "since": utc_text(self.since),
             "listed": sum(b.listed for b in self.buckets),
             "already_known": sum(b.already_known for b in self.buckets),
             "recorded": [job_id for b in self.buckets for job_id in b.recorded],
@@ -84,7 +86,7 @@ class Summary:
             f"{b.bucket}: {b.listed} listed, {b.already_known} known, {len(b.recorded)} recorded" for b in self.buckets
         )
         return (
-            f"reconcile since {self.since}: {totals['listed']} finished jobs listed, "
+            f"reconcile since {utc_text(self.since)}: {totals['listed']} finished jobs listed, "
             f"{totals['already_known']} already known, {len(totals['recorded'])} recorded ({per_bucket})"
         )
 
@@ -106,7 +108,7 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
     first bucket CI cannot list; what was recorded before stays (a second run records nothing twice).
     """
     client = client_for(settings)
-    start = creation_time(since)
+    start = creation_time(since)  # CI's parameter, in CI's format
     results = []
     for bucket in sorted(settings.allowed_buckets):
         try:
@@ -117,7 +119,7 @@ def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
         known = ledger.jobs.known(sorted(listed_ids))
         recorded = [job_id for item in to_record(listed, known) for job_id in record(ledger, item, settings)]
         results.append(BucketResult(bucket, settings.region, len(listed_ids), len(known), tuple(recorded)))
-    return Summary(start, tuple(results))
+    return Summary(since, tuple(results))
 
 
 def record(ledger: Ledger, item: Listed, settings: Settings) -> tuple[str, ...]:
@@ -172,7 +174,7 @@ class PeriodicReconcile(Periodic[Summary]):
             named += f",+{len(recorded) - _LOGGED_IDS} more"
         log.info(
             "reconcile since=%s listed=%d known=%d recorded=%d jobs=%s",
-            summary.since,
+            totals["since"],
             totals["listed"],
             totals["already_known"],
             len(recorded),

@@ -27,7 +27,7 @@ from webhook.ledger.queue import Queue
 from webhook.ledger.readiness import Readiness
 from webhook.ledger.recording import RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
-from webhook.ledger.schema import utcnow
+from webhook.ledger.schema import utc_text, utcnow
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
 from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView, Views
 from webhook.ledger.workers import STALE_BEATS, TakenOver, Workers, WorkerView
@@ -70,6 +70,7 @@ __all__ = [
     "VersionView",
     "WorkerView",
     "Workers",
+    "utc_text",
     "utcnow",
 ]
 

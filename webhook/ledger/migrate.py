@@ -26,6 +26,8 @@ _PG_LOCK = 7305513  # serializes processes that migrate at the same start-up
 
 log = logging.getLogger(__name__)
 # Alembic narrates every context it opens; a process checking its schema at start-up needs none of it.
+# Our processes' logging set-up holds it back too (webhook.telemetry.logs.QUIET), before alembic's
+# import narrates; this covers hosts that configure logging themselves.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

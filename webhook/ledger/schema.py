@@ -135,6 +135,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def utc_text(when: datetime) -> str:
+    """``when`` (naive UTC, or aware) as every command prints a time: UTC, to the second, marked
+    ``Z`` (``2026-12-07T04:05:06Z``), so an operator never has to guess which zone a line speaks."""
+    aware = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # Queue messages (TDMQ) that are not a callback cos-webhook can read, kept as they arrived with the
 # reason, so the queue can move on without losing them; re-parsed after a fix. A message handed
 # over again (its delete was lost) is the same row: ``queue`` and ``msg_id`` name it.

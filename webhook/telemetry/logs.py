@@ -205,14 +205,20 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# Libraries' loggers held above INFO by every logging set-up (ours and gunicorn's), whatever
+# WEBHOOK_LOG_LEVEL says. werkzeug's request log prints the callback URL, token included (the app
+# logs requests itself, redacted); the SDK logs every request URL and body at INFO. pika logs every
+# lost connection with a traceback; the sink reports it once, with context. alembic narrates its
+# set-up when first imported (a "setup plugin" line per plugin, in every process that opens the
+# ledger) and every migration context it opens; our own "migrated the ledger from revision … to …"
+# (webhook.ledger.migrate) says what an operator needs.
+QUIET = {"werkzeug": "WARNING", "qcloud_cos": "WARNING", "pika": "CRITICAL", "alembic": "WARNING"}
+
+
 def setup_logging(level: str, log_format: str) -> None:
     """Configure the root logger unless the host (gunicorn, a test runner) already did."""
-    # werkzeug's request log prints the callback URL, token included (the app logs requests
-    # itself, redacted); the SDK logs every request URL and body at INFO.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    logging.getLogger("qcloud_cos").setLevel(logging.WARNING)
-    # pika logs every lost connection with a traceback; the sink reports it once, with context.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    for name, quiet in QUIET.items():
+        logging.getLogger(name).setLevel(quiet)
     root = logging.getLogger()
     if root.handlers:
         root.setLevel(level)
@@ -247,5 +253,7 @@ def gunicorn_logconfig(log_format: str) -> dict[str, Any]:
         "loggers": {
             "gunicorn.error": {"handlers": ["stderr"], "propagate": False},
             "gunicorn.access": {"handlers": ["nowhere"], "propagate": False},
-        },
+        }
+        # In place before the app is imported, which imports alembic (and it speaks at once).
+        | {name: {"level": quiet} for name, quiet in QUIET.items()},
     }
