@@ -268,6 +268,11 @@ def job_from_dict(data: Any) -> Job:
         raise ValueError(f"not a job: {exc}") from None
 
 
+def job_to_json(job: Job) -> str:
+    """The job as the ledger stores it (a row's and a version's ``detail``)."""
+    return json.dumps(job_to_dict(job))
+
+
 def job_from_json(text: str) -> Job:
     """A job stored as JSON; :class:`ValueError` if it cannot be read."""
     return job_from_dict(json.loads(text))

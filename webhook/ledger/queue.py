@@ -9,7 +9,6 @@ on SQLite the write lock is taken when the transaction begins.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -22,7 +21,7 @@ from webhook.ledger.history import record_attempts
 from webhook.ledger.leasing import claim_due, lease_new_deliveries
 from webhook.ledger.scheduling import set_status
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
-from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_dict
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
@@ -72,10 +71,12 @@ class Queue:
         claim. None if the lease was lost or no sink takes the job."""
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
+        # CI's account of the job, as verification confirmed it: the row keeps it and its deliveries send it.
+        detail = job_to_json(job)
         with begin(self._engine) as conn:
-            if not _accept(conn, claim.task, worker_id, sinks, accepted, job, rejected, tried, now):
+            if not _accept(conn, claim.task, worker_id, sinks, accepted, job, detail, rejected, tried, now):
                 return None
-            job_id, claimed = claim.task.job_id, (confirmed_detail(job), claim.received_at)
+            job_id, claimed = claim.task.job_id, (detail, claim.received_at)
             return lease_new_deliveries(conn, job_id, sinks, worker_id, until, now, claimed)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
@@ -151,11 +152,6 @@ def settle(conn: Connection, job_id: str, now: datetime) -> None:
         set_status(conn, job_id, JobStatus.DELIVERED, "", now)
 
 
-def confirmed_detail(job: Job) -> str:
-    """The job as its row and its deliveries keep it."""
-    return json.dumps(job_to_dict(job))
-
-
 def _accept(
     conn: Connection,
     task: Task,
@@ -163,6 +159,7 @@ def _accept(
     sinks: Sequence[str],
     accepted: Version,
     job: Job,
+    detail: str,
     rejected: Verdicts,
     tried: Attempts,
     now: datetime,
@@ -173,8 +170,7 @@ def _accept(
         jobs.update()
         .where(jobs.c.job_id == task.job_id)
         .values(
-            # CI's account of the job, as verification confirmed it: what its deliveries send.
-            detail=confirmed_detail(job),
+            detail=detail,
             tag=job.tag[:64],
             state=job.state,
             status=JobStatus.VERIFIED,

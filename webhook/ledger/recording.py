@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from webhook.ledger.errors import begin
 from webhook.ledger.scheduling import reverify, schedule, task_row, unverified
 from webhook.ledger.schema import callbacks, jobs, tasks, versions
-from webhook.models import Callback, JobStatus, TaskKind, Triaged, VersionStatus, job_to_dict
+from webhook.models import Callback, JobStatus, TaskKind, Triaged, VersionStatus, job_to_json
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class SqliteRecording:
 
 def _row(entry: Triaged, event_name: str) -> dict[str, Any]:
     """The job as a row in ``jobs``, with its version's digest."""
-    detail = json.dumps(job_to_dict(entry.job))
+    detail = job_to_json(entry.job)
     return {"job_id": entry.job.job_id, "event_name": event_name, "tag": entry.job.tag[:64], "state": entry.job.state,
             "reason": entry.reason, "status": JobStatus.RECEIVED if entry.forward else JobStatus.IGNORED,
             "detail": detail, "digest": hashlib.sha256(detail.encode()).hexdigest()}  # fmt: skip
