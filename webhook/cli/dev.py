@@ -19,12 +19,18 @@ from webhook.telemetry.logs import setup_logging
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9000, show_default=True, type=int)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Where objects are kept.")
-def sandbox(host: str, port: int, root: Path | None) -> None:
+@click.option(
+    "--no-results",
+    is_flag=True,
+    help="Jobs report no MediaResult or MediaInfo (so no MD5 for their output), as a CI that sends only "
+    "Output.Object does.",
+)
+def sandbox(host: str, port: int, root: Path | None, no_results: bool) -> None:
     """Run the local COS/CI sandbox: develop without a cloud account."""
     from webhook.dev.sandbox import serve as serve_sandbox
 
     setup_logging("INFO", "auto")
-    serve_sandbox(host, port, root)
+    serve_sandbox(host, port, root, reports_results=not no_results)
 
 
 @main.command()

@@ -238,9 +238,10 @@ class Sandbox:
         return self._server
 
 
-def serve(host: str, port: int, root: Path | None = None) -> None:
+def serve(host: str, port: int, root: Path | None = None, *, reports_results: bool = True) -> None:
     """Run a sandbox in the foreground until Ctrl+C, after printing the settings that reach it."""
     sandbox = Sandbox(root)
+    sandbox.reports_results = reports_results
     with sandbox.start(host, port), contextlib.suppress(KeyboardInterrupt):
         print(f"COS/CI sandbox listening on {sandbox.url}, objects under {sandbox.root}")
         print(f"Settings for cos-webhook (any region works, and any bucket named <name>-{sandbox.appid}):")
