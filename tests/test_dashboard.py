@@ -402,3 +402,19 @@ def test_page_links_carry_only_the_filters(
     huge = client.get("/dashboard/jobs?page=99999999999999999999")
     assert huge.status_code == 200
     assert "2 jobs, page 100000 of 2" in text_of(huge)
+
+
+def test_a_job_ci_reports_failed_is_shown_failed_with_ci_s_reason(pipeline: Pipeline, client: FlaskClient) -> None:
+    job_id = pipeline.submit("in/missing.wav")
+    assert pipeline.drain(pipeline.worker(), job_id, DONE, timeout=30) == "failed"
+    reason = "CI reports Failed (InputObjectNotExist: the input object 'in/missing.wav' does not exist)"
+
+    overview = client.get("/dashboard/")
+    assert '<a class="card status-failed" href="/dashboard/jobs?status=failed">' in overview.text
+    assert '<span class="count">1</span><span class="label">failed</span>' in overview.text
+    listed = client.get("/dashboard/jobs?status=failed")
+    assert '<span class="badge status-failed">failed</span>' in listed.text
+    assert job_id in listed.text
+    shown = client.get(f"/dashboard/jobs/{job_id}")
+    assert '<span class="badge status-failed" id="job-status">failed</span>' in shown.text
+    assert str(escape(reason)) in shown.text

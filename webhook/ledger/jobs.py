@@ -73,7 +73,7 @@ class Jobs:
                 reverify(conn, job_id, now)
                 notify(conn)
                 return Replayed(job_id, verify=True, sinks=())
-            if row.status not in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.DEAD):
+            if row.status not in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD):
                 raise LedgerError(f"job {job_id} is {row.status}: it is waiting for verification, nothing to replay")
             for sink in sinks:
                 schedule(conn, job_id, TaskKind.DELIVER, sink, now)

@@ -17,7 +17,7 @@ from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import JobStatus
 
-FINISHED = (JobStatus.DELIVERED, JobStatus.REJECTED, JobStatus.IGNORED)
+FINISHED = (JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.IGNORED)
 BATCH = 200  # rows per transaction: each holds the write lock only briefly
 
 
