@@ -57,7 +57,10 @@ def test_jobs_show_text(pipeline: Pipeline, delivered_job: str) -> None:
     # Every time is UTC and says so, the attempts' timeline's included.
     [attempt] = [line for line in result.output.splitlines() if line.startswith("  ") and " verify " in line]
     assert re.match(r"  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ verify ", attempt), attempt
-    assert re.search(r"^created_at:  \S+Z$", result.output, re.MULTILINE), result.output
+    second = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"  # to the second: no microseconds in text
+    for key in ("created_at", "updated_at"):
+        assert re.search(rf"^{key}:  {second}$", result.output, re.MULTILINE), result.output
+    assert re.search(rf"^callback:    #\d+ at {second}: accepted$", result.output, re.MULTILINE), result.output
     # The job's input and user data, not only in --json.
     stored = pipeline.ledger.views.show_job(delivered_job).job
     assert stored is not None
