@@ -46,7 +46,7 @@ def reconcile(since: datetime, as_json: bool) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Only count what would go.")
 def prune(before: datetime | None, dry_run: bool) -> None:
-    """Remove finished jobs (delivered, rejected, ignored) older than the retention, with their
+    """Remove finished jobs (delivered, failed, rejected, ignored) older than the retention, with their
     callbacks, tasks and attempts. Dead and undelivered work is never pruned."""
     settings = Settings.from_env()
     ledger = open_ledger(settings)
