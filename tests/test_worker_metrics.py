@@ -1,6 +1,7 @@
-"""Several workers on one host with one WEBHOOK_WORKER_METRICS_PORT: one of them serves the sum of
-all of them, another takes the port over when it stops, and a port held by another program costs
-the worker its scrape only (one log record naming the variable), never its work."""
+"""Several worker processes on one host: with one WEBHOOK_WORKER_METRICS_PORT one of them serves the
+sum of all of them, another takes the port over when it stops, and a port held by another program
+costs the worker its scrape only (one log record naming the variable), never its work; a job's
+download staged by one is delivered by another."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 import requests
 from support.pipeline import Pipeline, settings_env
 from support.processes import free_port, start_worker
+from support.receiver import Reply
 from test_metrics import scrape, value
+
+from webhook.dev.sandbox import Fault
 
 pytestmark = pytest.mark.slow  # worker processes
 
@@ -94,3 +98,22 @@ def test_a_port_another_program_holds_is_logged_once_and_the_worker_works_on(
     assert len(errors) == 1, log.read_text()
     assert f"WEBHOOK_WORKER_METRICS_PORT={port} is taken by another program" in errors[0]
     assert procs[0].returncode == 0
+
+
+def test_a_retry_in_another_worker_process_delivers_the_download_the_first_staged(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Fetched once per job holds across the worker processes of a host (one WEBHOOK_TEMP_DIR)."""
+    gets = pipeline.sandbox.faults.add(Fault(kind="object GET", path="/out/*", delay=0.001))  # counts GETs
+    pipeline.http.reply(Reply(503, retry_after="3"), Reply(200))  # retried, not before the first worker stops
+    env = settings_env(pipeline.settings) | {"WEBHOOK_TEMP_DIR": str(tmp_path / "staging")}
+    job_id = pipeline.submit(pipeline.upload_input())
+    with workers(env, tmp_path / "first.log") as first:
+        pipeline.wait_until(lambda: len(pipeline.http.requests) == 1, timeout=60, what="the first http attempt")
+        first[0].terminate()
+        assert first[0].wait(timeout=30) == 0
+    assert pipeline.status(job_id) == "verified"
+    with workers(env, tmp_path / "second.log"):
+        pipeline.wait_until(lambda: pipeline.status(job_id) == "delivered", timeout=60, what="the retry")
+    assert gets.fired == 1
+    assert "reusing the staged download of out/denoised.wav" in (tmp_path / "second.log").read_text()
