@@ -277,6 +277,10 @@ def test_replay_one_sink_from_the_job_page(pipeline: Pipeline, dead_job: str, cl
     assert f"Replay of {dead_job} scheduled for: http." in done.text
     [http] = [t for t in pipeline.ledger.views.show_job(dead_job).tasks if t.sink == "http"]
     assert http.status == "pending"
+    # The timeline marks where the replay starts, and who asked.
+    lane = done.text[done.text.index('id="lane-deliver-http"') :]
+    assert '<span class="badge outcome-replayed">replayed</span>' in lane
+    assert "dashboard 127.0.0.1" in lane
 
     unknown = client.post("/dashboard/replay", data=form | {"sink": "nope", "confirm": "yes"}, follow_redirects=True)
     assert "unknown sink &#39;nope&#39;; configured: filesystem, http" in unknown.text

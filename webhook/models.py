@@ -70,6 +70,9 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"  # failed; the task is due again later
     DEAD = "dead"  # failed, and retrying cannot help or the budget is spent
     ABANDONED = "abandoned"  # cut off by a shutdown; due again at once
+    # Not an attempt: a mark in the timeline where someone asked for the step again (replay);
+    # what follows it in the step's lane is the replay.
+    REPLAYED = "replayed"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
 from webhook.ledger import DeadLetter, JobView, utc_text
-from webhook.models import JobStatus
+from webhook.models import JobStatus, Outcome
 
 
 @main.group()
@@ -84,6 +84,7 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         what = f"{a.step} {a.sink}" if a.sink else a.step
         code = f" [{a.code}]" if a.code else ""
         error = f" {a.error}" if a.error else ""
+        error += f" by {a.worker_id}" if a.outcome == Outcome.REPLAYED else ""
         echo_text(f"  {utc_text(a.started_at)} {what:<24} {a.outcome:<9} {a.duration_ms:>7}ms{code}{error}")
     for r in requests:
         echo_text(f"request #{r.id} at {utc_text(r.received_at)} from {r.remote_addr} ({r.content_type}):")
