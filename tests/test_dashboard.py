@@ -193,7 +193,9 @@ PAGES = ("/dashboard/", "/dashboard/jobs", "/dashboard/jobs/j1", "/dashboard/dea
 
 def assert_unavailable(answer: TestResponse, kind: str, problem: str = "") -> None:
     assert (answer.status_code, answer.headers.get("Retry-After")) == (503, LEDGER_RETRY_AFTER)
-    said = " ".join(filter(None, [f"The ledger cannot be read just now ({kind}).", problem, "Try again in 30 seconds."]))
+    said = " ".join(
+        filter(None, [f"The ledger cannot be read just now ({kind}).", problem, "Try again in 30 seconds."])
+    )
     assert said in text_of(answer)
 
 

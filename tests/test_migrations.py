@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from support.processes import COS_WEBHOOK, TEXT_LOGS
 
 from webhook.cli import main
 from webhook.config import Settings
-from webhook.ledger import Ledger, LedgerError, migrate
+from webhook.ledger import Ledger, LedgerError, Standing, migrate
 from webhook.ledger.schema import metadata
 from webhook.web.launch import web_app as create_app
 
@@ -99,6 +100,22 @@ def test_every_revision_upgrades_a_ledger_with_rows_in_it(database_url: str) -> 
     fill_baseline(ledger.engine)
     ledger.migrate()
     assert [job.job_id for job in ledger.views.list_jobs()] == ["j1"]
+    ledger.dispose()
+
+
+def test_the_dashboard_tables_come_to_a_ledger_with_rows_in_it(database_url: str) -> None:
+    ledger = Ledger(database_url)
+    migrate.upgrade(ledger.engine, migrate.BASELINE)
+    fill_baseline(ledger.engine)
+    migrate.upgrade(ledger.engine, "0005")  # the revision before them
+
+    ledger.migrate()
+
+    assert schema_differences(ledger.engine) == []
+    assert [job.job_id for job in ledger.views.list_jobs()] == ["j1"]
+    ledger.sessions.open("a session id", "a password id", timedelta(hours=1))
+    assert ledger.sessions.standing("a session id", "a password id") == Standing.IN
+    assert ledger.sessions.login_failed("192.0.2.1").count == 1
     ledger.dispose()
 
 
