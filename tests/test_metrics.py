@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from support.endpoint import TOKEN
@@ -292,6 +294,28 @@ def test_the_cache_expires_and_a_failed_read_leaves_the_gauges_empty() -> None:
     now[0] = 10.0
     assert collector.snapshot() is not None
     assert reads == [0.0, 5.0, 10.0]
+
+
+def test_scrapes_share_one_rendering_until_this_process_counts_something() -> None:
+    collected: list[int] = []
+
+    class Collector:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            collected.append(len(collected))
+            yield GaugeMetricFamily("renderings", "How often the exposition was rendered.", value=len(collected))
+
+    served = CollectorRegistry()
+    served.register(Collector())
+    now = [0.0]
+    exposition = metrics.Exposition(served, ttl=1.0, clock=lambda: now[0])
+
+    assert {exposition.text() for _ in range(100)} == {exposition.text()}
+    assert len(collected) == 1
+    metrics.callback_answered(400, None, None)  # what this process counts shows at the next scrape
+    assert b"renderings 2.0" in exposition.text()
+    now[0] = 1.0  # what other processes counted (and the ledger's gauges): within a second
+    assert b"renderings 3.0" in exposition.text()
+    assert len(collected) == 3
 
 
 # -- who may read them --------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_the_dashboard_tables_come_to_a_ledger_with_rows_in_it(database_url: str
     assert [job.job_id for job in ledger.views.list_jobs()] == ["j1"]
     ledger.sessions.open("a session id", "a password id", timedelta(hours=1))
     assert ledger.sessions.standing("a session id", "a password id") == Standing.IN
-    assert ledger.sessions.login_failed("192.0.2.1").count == 1
+    assert ledger.sessions.login_attempt("192.0.2.1").count == 1
     ledger.dispose()
 
 

@@ -127,8 +127,9 @@ class Sessions:
             row = conn.execute(query).first()
         return None if row is None else Failures(int(row.failures), row.last_failure_at)
 
-    def login_failed(self, address: str) -> Failures:
-        """Count a wrong password from ``address`` (the first one after :data:`FORGET_FAILURES` counts as 1)."""
+    def login_attempt(self, address: str) -> Failures:
+        """Count an attempt from ``address`` as a wrong password, until :meth:`login_succeeded` forgets
+        them (the first one after :data:`FORGET_FAILURES` counts as 1)."""
         now = utcnow()
         for _ in range(3):  # a row that appears (another process) between the update and the insert
             try:

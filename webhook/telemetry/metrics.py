@@ -5,7 +5,8 @@ worker). Under gunicorn every web process writes them to files in ``PROMETHEUS_M
 (see :mod:`webhook.telemetry.metrics_dir`) and whichever process is scraped sums all of them. The ledger's
 gauges are different: they describe the shared ledger, not a process, so the scraped process
 reads them itself (never summed across processes), at most once per :data:`LEDGER_CACHE_SECONDS`
-however many scrapers call.
+however many scrapers call. The text itself is rendered again only when this process has counted
+something since, or after :data:`RENDER_CACHE_SECONDS` (:class:`Exposition`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LEDGER_CACHE_SECONDS = 5.0
+RENDER_CACHE_SECONDS = 1.0
 
 # ``*_created`` series exist in one process but not when summed across several: none, everywhere.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -111,6 +113,22 @@ for _step in Step:
 # -- counting ----------------------------------------------------------------------------------
 
 
+class _Changes:
+    """How often this process has counted something: an exposition rendered before the last change is stale.
+
+    Unlocked: two counts at once may add one between them, which still tells a rendering it is stale.
+    """
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def change(self) -> None:
+        self.seen += 1
+
+
+_CHANGES = _Changes()
+
+
 def stored_outcome(recorded: Recorded) -> CallbackOutcome:
     """What a callback the ledger took (answered 200) counts as."""
     if set(recorded.job_ids) - set(recorded.ignored):
@@ -132,6 +150,7 @@ def callback_answered(status: int, outcome: CallbackOutcome | None, seconds: flo
     CALLBACKS.labels(outcome.value).inc()
     if seconds is not None:
         ACK_SECONDS.observe(seconds)
+    _CHANGES.change()
 
 
 def expect_sinks(names: Iterable[str]) -> None:
@@ -140,6 +159,7 @@ def expect_sinks(names: Iterable[str]) -> None:
         DELIVERY_LATENCY.labels(sink)
         for outcome in (Outcome.OK, Outcome.RETRY, Outcome.DEAD, Outcome.ABANDONED):
             DELIVERIES.labels(sink, outcome.value)
+    _CHANGES.change()
 
 
 def attempted(attempts: Iterable[Attempt], received_at: datetime) -> None:
@@ -153,6 +173,7 @@ def attempted(attempts: Iterable[Attempt], received_at: datetime) -> None:
             DELIVERIES.labels(attempt.sink, attempt.outcome.value).inc()
             if attempt.outcome == Outcome.OK:
                 DELIVERY_LATENCY.labels(attempt.sink).observe(max(0.0, (utcnow() - received_at).total_seconds()))
+    _CHANGES.change()
 
 
 # -- exposition ----------------------------------------------------------------------------------
@@ -248,6 +269,31 @@ def registry(read: Callable[[], LedgerStats]) -> CollectorRegistry:
     return served
 
 
-def render(served: CollectorRegistry) -> bytes:
-    """The Prometheus text exposition (:data:`CONTENT_TYPE`)."""
-    return generate_latest(served)
+class Exposition:
+    """The Prometheus text (:data:`CONTENT_TYPE`) of ``served``, rendered again only when this process
+    has counted something since the last rendering, or once that is ``ttl`` seconds old (what other
+    processes counted; the ledger's gauges, themselves cached longer).
+
+    Rendering some ninety samples costs several times what answering ``/livez`` does; kept, a flood
+    of scrapes costs about what a flood of ``/livez`` does. Concurrent scrapes wait for the one
+    rendering in flight.
+    """
+
+    def __init__(
+        self,
+        served: CollectorRegistry,
+        ttl: float = RENDER_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._served, self._ttl, self._clock = served, ttl, clock
+        self._lock = threading.Lock()
+        self._text = b""
+        self._rendered: tuple[int, float] | None = None  # _CHANGES.seen and the clock when rendered
+
+    def text(self) -> bytes:
+        with self._lock:
+            seen = _CHANGES.seen  # before rendering: a count during it leaves the text stale, as it is
+            if self._rendered is None or self._rendered[0] != seen or self._clock() - self._rendered[1] >= self._ttl:
+                self._text = generate_latest(self._served)
+                self._rendered = (seen, self._clock())
+            return self._text

@@ -29,9 +29,10 @@ def login() -> BaseResponse | tuple[str, int, dict[str, str]]:
         # Before the password is looked at: a right one waits its turn too, or waiting would not slow guessing.
         log.warning("dashboard login refused from %s: too many wrong passwords, %d s to wait", client_address(), wait)
         return render_template("login.html", target=target, failed=False, wait=wait), 429, {"Retry-After": str(wait)}
+    # Counted before the slow check, so that guesses sent in parallel see each other at once.
+    attempts = ledger.sessions.login_attempt(client_address())
     if not password_matches(request.form.get("password", ""), keys(current_app).password):
-        failures = ledger.sessions.login_failed(client_address())
-        log.warning("dashboard login failed from %s (%d wrong in a row)", client_address(), failures.count)
+        log.warning("dashboard login failed from %s (%d wrong in a row)", client_address(), attempts.count)
         # Nothing about why: not whether the password was close, long enough, or anything else.
         return render_template("login.html", target=target, failed=True, wait=0), 401, {}
     log_in(ledger)

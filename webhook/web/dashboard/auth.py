@@ -150,7 +150,9 @@ class _Sessions(SecureCookieSessionInterface):
     def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
         # Flask's, with the ledger's key in place of app.secret_key: the same in every process.
         signer = {"key_derivation": self.key_derivation, "digest_method": self.digest_method}
-        return URLSafeTimedSerializer(keys(app).cookie, salt=self.salt, serializer=self.serializer, signer_kwargs=signer)
+        return URLSafeTimedSerializer(
+            keys(app).cookie, salt=self.salt, serializer=self.serializer, signer_kwargs=signer
+        )
 
     def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
         if not request.path.startswith(COOKIE_PATH):  # callbacks and probes never read the ledger for it
