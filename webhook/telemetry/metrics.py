@@ -5,8 +5,8 @@ worker). Under gunicorn every web process writes them to files in ``PROMETHEUS_M
 (see :mod:`webhook.telemetry.metrics_dir`) and whichever process is scraped sums all of them. The ledger's
 gauges are different: they describe the shared ledger, not a process, so the scraped process
 reads them itself (never summed across processes), at most once per :data:`LEDGER_CACHE_SECONDS`
-however many scrapers call. The text itself is rendered again only when this process has counted
-something since, or after :data:`RENDER_CACHE_SECONDS` (:class:`Exposition`).
+however many scrapers call. The text itself is rendered at most once per :data:`RENDER_CACHE_SECONDS`
+(:class:`Exposition`).
 """
 
 from __future__ import annotations
@@ -113,22 +113,6 @@ for _step in Step:
 # -- counting ----------------------------------------------------------------------------------
 
 
-class _Changes:
-    """How often this process has counted something: an exposition rendered before the last change is stale.
-
-    Unlocked: two counts at once may add one between them, which still tells a rendering it is stale.
-    """
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-    def change(self) -> None:
-        self.seen += 1
-
-
-_CHANGES = _Changes()
-
-
 def stored_outcome(recorded: Recorded) -> CallbackOutcome:
     """What a callback the ledger took (answered 200) counts as."""
     if set(recorded.job_ids) - set(recorded.ignored):
@@ -150,7 +134,6 @@ def callback_answered(status: int, outcome: CallbackOutcome | None, seconds: flo
     CALLBACKS.labels(outcome.value).inc()
     if seconds is not None:
         ACK_SECONDS.observe(seconds)
-    _CHANGES.change()
 
 
 def expect_sinks(names: Iterable[str]) -> None:
@@ -159,7 +142,6 @@ def expect_sinks(names: Iterable[str]) -> None:
         DELIVERY_LATENCY.labels(sink)
         for outcome in (Outcome.OK, Outcome.RETRY, Outcome.DEAD, Outcome.ABANDONED):
             DELIVERIES.labels(sink, outcome.value)
-    _CHANGES.change()
 
 
 def attempted(attempts: Iterable[Attempt], received_at: datetime) -> None:
@@ -173,7 +155,6 @@ def attempted(attempts: Iterable[Attempt], received_at: datetime) -> None:
             DELIVERIES.labels(attempt.sink, attempt.outcome.value).inc()
             if attempt.outcome == Outcome.OK:
                 DELIVERY_LATENCY.labels(attempt.sink).observe(max(0.0, (utcnow() - received_at).total_seconds()))
-    _CHANGES.change()
 
 
 # -- exposition ----------------------------------------------------------------------------------
@@ -270,30 +251,24 @@ def registry(read: Callable[[], LedgerStats]) -> CollectorRegistry:
 
 
 class Exposition:
-    """The Prometheus text (:data:`CONTENT_TYPE`) of ``served``, rendered again only when this process
-    has counted something since the last rendering, or once that is ``ttl`` seconds old (what other
-    processes counted; the ledger's gauges, themselves cached longer).
+    """The Prometheus text (:data:`CONTENT_TYPE`) of ``served``, rendered at most once per ``ttl`` seconds.
 
-    Rendering some ninety samples costs several times what answering ``/livez`` does; kept, a flood
-    of scrapes costs about what a flood of ``/livez`` does. Concurrent scrapes wait for the one
+    Rendering some ninety samples (under gunicorn, after reading every process's file) costs several
+    times what answering ``/livez`` does, and a flood of scrapes would take that from the callbacks
+    answered meanwhile; kept for a second, a flood costs about what a flood of ``/livez`` does, while
+    a scrape (every 15 s or so) sees counts at most a second old. Concurrent scrapes wait for the one
     rendering in flight.
     """
 
-    def __init__(
-        self,
-        served: CollectorRegistry,
-        ttl: float = RENDER_CACHE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, served: CollectorRegistry, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._served, self._ttl, self._clock = served, ttl, clock
         self._lock = threading.Lock()
         self._text = b""
-        self._rendered: tuple[int, float] | None = None  # _CHANGES.seen and the clock when rendered
+        self._rendered_at: float | None = None
 
     def text(self) -> bytes:
         with self._lock:
-            seen = _CHANGES.seen  # before rendering: a count during it leaves the text stale, as it is
-            if self._rendered is None or self._rendered[0] != seen or self._clock() - self._rendered[1] >= self._ttl:
+            if self._rendered_at is None or self._clock() - self._rendered_at >= self._ttl:
                 self._text = generate_latest(self._served)
-                self._rendered = (seen, self._clock())
+                self._rendered_at = self._clock()
             return self._text

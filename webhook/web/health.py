@@ -103,6 +103,6 @@ def _observed(app: Flask) -> _Observed:
         if found is None:
             rt = runtime(app)
             read = functools.partial(rt.ledger.stats.snapshot, rt.settings.heartbeat_seconds)
-            exposition = metrics.Exposition(metrics.registry(read))
+            exposition = metrics.Exposition(metrics.registry(read), metrics.RENDER_CACHE_SECONDS)
             found = app.extensions[_OBSERVED] = _Observed(exposition, rt.ledger.readiness(READY_TIMEOUT))
         return found
