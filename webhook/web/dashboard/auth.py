@@ -129,7 +129,8 @@ def keys(app: Flask) -> Keys:
 
 def raise_unreadable_cookie() -> None:
     """Raise, inside the request (where the dashboard's error pages catch it), why its cookie went unread."""
-    if (exc := g.pop(_KEYS_FAILED, None)) is not None:
+    # Left on ``g``: the error page's response must not try to sign a cookie either.
+    if (exc := g.get(_KEYS_FAILED)) is not None:
         raise exc
 
 
