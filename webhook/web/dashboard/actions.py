@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import current_app, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
 from webhook.ledger import LedgerError
 from webhook.web.common import runtime
-from webhook.web.dashboard.auth import log_in, log_out, password_matches
+from webhook.web.dashboard.auth import client_address, keys, log_in, log_out, login_wait, password_matches
 from webhook.web.dashboard.blueprint import bp, local_target
 from webhook.worker.replay import replay_job, replay_letter
 
@@ -19,23 +20,29 @@ MAX_ITEMS = 1000  # replays asked for in one form
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> BaseResponse | tuple[str, int]:
+def login() -> BaseResponse | tuple[str, int, dict[str, str]]:
     target = local_target(request.values.get("next"), url_for("dashboard.overview"))
     if request.method == "GET":
-        return render_template("login.html", target=target, failed=False), 200
-    password = runtime(current_app).settings.dashboard_password
-    if not password_matches(request.form.get("password", ""), password):
-        log.warning("dashboard login failed from %s", request.remote_addr)
+        return render_template("login.html", target=target, failed=False, wait=0), 200, {}
+    ledger = runtime(current_app).ledger
+    if wait := math.ceil(login_wait(ledger)):
+        # Before the password is looked at: a right one waits its turn too, or waiting would not slow guessing.
+        log.warning("dashboard login refused from %s: too many wrong passwords, %d s to wait", client_address(), wait)
+        return render_template("login.html", target=target, failed=False, wait=wait), 429, {"Retry-After": str(wait)}
+    # Counted before the slow check, so that guesses sent in parallel see each other at once.
+    attempts = ledger.sessions.login_attempt(client_address())
+    if not password_matches(request.form.get("password", ""), keys(current_app).password):
+        log.warning("dashboard login failed from %s (%d wrong in a row)", client_address(), attempts.count)
         # Nothing about why: not whether the password was close, long enough, or anything else.
-        return render_template("login.html", target=target, failed=True), 401
-    log_in()
-    log.info("dashboard login from %s", request.remote_addr)
+        return render_template("login.html", target=target, failed=True, wait=0), 401, {}
+    log_in(ledger)
+    log.info("dashboard login from %s", client_address())
     return redirect(target, 303)
 
 
 @bp.post("/logout")
 def logout() -> BaseResponse:
-    log_out()
+    log_out(runtime(current_app).ledger)
     flash("Logged out.")
     return redirect(url_for("dashboard.login"), 303)
 
