@@ -52,6 +52,28 @@ def _guard() -> BaseResponse | None:
     return None
 
 
+# Seconds an operator may ask a page to reload after (``?refresh=N``): a meta refresh, so still no script.
+REFRESH_CHOICES = (5, 30)
+
+
+@bp.context_processor
+def _refresh() -> dict[str, Any]:
+    """``refresh`` (0: off) and ``refresh_url(n)``: this page with refreshing every ``n`` s (0: off).
+
+    Only a GET page refreshes: reloading the answer to a form would send the form again.
+    """
+    asked = request.args.get("refresh", "")
+    seconds = int(asked) if request.method == "GET" and asked.isdigit() and int(asked) in REFRESH_CHOICES else 0
+
+    def refresh_url(every: int) -> str:
+        # url_for reads some names (_external, _scheme) itself: a query never passes them on.
+        kept = {k: v for k, v in request.args.items() if k != "refresh" and not k.startswith("_")}
+        asked_for: dict[str, Any] = (request.view_args or {}) | kept | ({"refresh": str(every)} if every else {})
+        return url_for(str(request.endpoint), **asked_for)
+
+    return {"refresh": seconds, "refresh_url": refresh_url, "refresh_choices": REFRESH_CHOICES}
+
+
 @bp.after_request
 def _headers(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = _POLICY
