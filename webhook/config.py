@@ -111,7 +111,7 @@ _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("environ", default=N
 
 
 class Settings(BaseSettings):
-    """Everything the processes are configured with; see the README's table for each variable."""
+    """Everything the processes are configured with; see docs/configuration.md for each variable."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
