@@ -196,3 +196,27 @@ def test_secret_token_is_a_secret() -> None:
 def test_credentials_url_must_be_a_url() -> None:
     with pytest.raises(ConfigError, match="WEBHOOK_CREDENTIALS_URL must be an http:// or https:// URL"):
         Settings.from_env({"WEBHOOK_CREDENTIALS_URL": "metadata"})
+
+
+def test_cos_sink_with_the_service_s_variables_takes_the_role_s_keys(pipeline: Pipeline, tmp_path: Path) -> None:
+    config = tmp_path / "cos-webhook.toml"
+    config.write_text(
+        '[[sinks]]\nname = "archive"\ntype = "cos"\n'
+        f'[sinks.options]\nbucket = "archive-1250000000"\nregion = "{REGION}"\nprefix = "denoised/"\n'
+    )
+    sandbox = pipeline.sandbox
+    settings = pipeline.settings.replace(
+        secret_id="",
+        secret_key="",
+        credentials_role=sandbox.keys.role,
+        credentials_url=sandbox.credentials_url,
+        sink_dir="",
+        http_sink_url="",
+        config_path=str(config),
+    )
+    job_id = pipeline.submit(pipeline.upload_input())
+    sandbox.wait_for_callbacks(1, timeout=20)
+
+    assert pipeline.drain(Worker.from_settings(settings, pipeline.ledger), job_id, DONE) == "delivered"
+    stored = sandbox.object_path("archive-1250000000", f"denoised/{job_id}.wav").read_bytes()
+    assert stored == pipeline.output_bytes()
