@@ -14,7 +14,9 @@ from webhook.ledger import Ledger
 
 def test_a_denied_call_is_a_fail_line_naming_it_and_the_bucket(tmp_path: Path, sandbox: Sandbox) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    Ledger(url).migrate()
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.dispose()
     settings = sandbox.settings(BUCKET, REGION, callback_tokens=(TOKEN,), sink_dir=str(tmp_path))
     env = {**settings_env(settings), "WEBHOOK_DATABASE_URL": url}
     allowed = CliRunner().invoke(main, ["check"], env=env)
@@ -37,7 +39,9 @@ def test_a_denied_call_is_a_fail_line_naming_it_and_the_bucket(tmp_path: Path, s
 
 def test_a_role_is_checked_with_the_keys_it_is_given(tmp_path: Path, sandbox: Sandbox) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    Ledger(url).migrate()
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.dispose()
     settings = sandbox.settings(BUCKET, REGION, callback_tokens=(TOKEN,), sink_dir=str(tmp_path))
     env = {
         **settings_env(settings),

@@ -217,6 +217,10 @@ def test_cos_sink_with_the_service_s_variables_takes_the_role_s_keys(pipeline: P
     job_id = pipeline.submit(pipeline.upload_input())
     sandbox.wait_for_callbacks(1, timeout=20)
 
-    assert pipeline.drain(Worker.from_settings(settings, pipeline.ledger), job_id, DONE) == "delivered"
+    worker = Worker.from_settings(settings, pipeline.ledger)
+    try:
+        assert pipeline.drain(worker, job_id, DONE) == "delivered"
+    finally:
+        worker.close()
     stored = sandbox.object_path("archive-1250000000", f"denoised/{job_id}.wav").read_bytes()
     assert stored == pipeline.output_bytes()
