@@ -72,7 +72,7 @@ def client_for(settings: Settings, region: str | None = None) -> CosS3Client:
     return source_client(source, region or settings.region, settings.cos_endpoint, settings.cos_timeout)
 
 
-def signer(secret_id: str, secret_key: str, region: str, token: str = "") -> CosS3Client:
+def signer(secret_id: str, secret_key: str, region: str) -> CosS3Client:
     """A client that only presigns URLs, for others to use.
 
     A presigned URL must name the bucket's own host (``<bucket>.cos.<region>.myqcloud.com``), which
@@ -80,7 +80,7 @@ def signer(secret_id: str, secret_key: str, region: str, token: str = "") -> Cos
     there instead, so this one never is (against the sandbox, ``Sandbox.request_target`` sends the
     URL there).
     """
-    return make_client(secret_id, secret_key, region, token=token)
+    return make_client(secret_id, secret_key, region)
 
 
 def signer_for(settings: Settings, region: str) -> CosS3Client:
@@ -94,7 +94,7 @@ def signing_token(client: CosS3Client) -> str:
     A presigned URL made with temporary keys works only with it: the SDK does not add it to the
     URL, so :func:`webhook.ci.fetch.presigned_url` does.
     """
-    keys = client.get_conf()._credential_inst
+    keys = getattr(client.get_conf(), "_credential_inst", None)  # None: a client not made here
     return keys.token or "" if isinstance(keys, _RequestCredentials) else ""
 
 
