@@ -155,7 +155,7 @@ def test_failed_refresh_keeps_the_old_keys_until_they_expire(caplog: pytest.LogC
     now[0] = first.expires_at - 10
     with caplog.at_level(logging.WARNING, logger="webhook.ci.credentials"):
         assert source.current() == first
-    assert any("refreshing role sandbox-role failed" in record.getMessage() for record in caplog.records)
+    assert any(f"refreshing role {source.role} failed" in record.getMessage() for record in caplog.records)
     assert source.current() == first  # not tried again at once
     now[0] = first.expires_at
     with pytest.raises(CredentialsError, match="unreachable"):

@@ -29,7 +29,6 @@ from webhook.dev.sandbox.responses import ApiError, json_response
 from webhook.dev.sandbox.signing import SignatureError
 
 ROLE_PATH = "/latest/meta-data/cam/security-credentials/"
-SANDBOX_ROLE = "sandbox-role"
 EVERYONE = "*"
 
 
@@ -61,13 +60,15 @@ class Keyring:
         secret_id: str,
         secret_key: str,
         *,
-        role: str = SANDBOX_ROLE,
+        role: str = "",
         lifetime: float = 1800.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.secret_id = secret_id
         self.secret_key = secret_key
-        self.role = role
+        # A name of its own by default: a process keeps one source per role and URL, and a later
+        # sandbox on a port used before must not inherit the keys an earlier one issued.
+        self.role = role or f"sandbox-role-{secrets.token_hex(4)}"
         self.lifetime = lifetime
         """Seconds each set of temporary keys issued from now on is valid for (at least 1)."""
         self._clock = clock
