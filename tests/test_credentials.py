@@ -224,3 +224,16 @@ def test_cos_sink_with_the_service_s_variables_takes_the_role_s_keys(pipeline: P
         worker.close()
     stored = sandbox.object_path("archive-1250000000", f"denoised/{job_id}.wav").read_bytes()
     assert stored == pipeline.output_bytes()
+
+
+def test_sandbox_serves_role_keys_as_a_cvm_s_metadata_service_does(sandbox: Sandbox) -> None:
+    sandbox.keys.lifetime = 60
+    named = requests.get(sandbox.credentials_url, timeout=10)
+    issued = requests.get(sandbox.credentials_url + sandbox.keys.role, timeout=10).json()
+    unknown = requests.get(sandbox.credentials_url + "other-role", timeout=10)
+
+    assert named.text == sandbox.keys.role
+    assert set(issued) == {"TmpSecretId", "TmpSecretKey", "Token", "ExpiredTime", "Expiration", "Code"}
+    assert issued["Code"] == "Success"
+    assert 0 < issued["ExpiredTime"] - time.time() <= 60
+    assert unknown.status_code == 404

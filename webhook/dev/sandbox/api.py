@@ -43,7 +43,7 @@ _HOST = re.compile(r"(?P<bucket>[^.]+)\.(?P<service>cos|ci)\.(?P<region>[^.]+)\.
 # What cos-python-sdk-v5's copy_object sends: the source's host, then its URL-encoded key.
 _COPY_SOURCE = re.compile(r"(?P<bucket>[^./]+)\.cos\.(?P<region>[^./]+)\.myqcloud\.com/(?P<key>.+)")
 _META_PREFIX = "x-cos-meta-"
-TOKEN_PARAMETER = "x-cos-security-token"  # noqa: S105 - the name a presigned URL carries a token under
+_TOKEN_PARAMETER = "x-cos-security-token"  # noqa: S105 - the name a presigned URL carries a token under
 _MAX_JOB_REQUEST = 64 * 1024
 
 
@@ -117,7 +117,7 @@ class SandboxApp:
         # The SDK sends the token of temporary keys in x-ci-security-token on CI calls, whichever
         # host they go to; a presigned URL carries it as a parameter.
         header = "x-ci-security-token" if target.ci else "x-cos-security-token"
-        token = request.headers.get(header) or request.args.get(TOKEN_PARAMETER, "")
+        token = request.headers.get(header) or request.args.get(_TOKEN_PARAMETER, "")
         try:
             return verify_request(
                 request.headers.get("Authorization", ""),
@@ -180,7 +180,7 @@ class SandboxApp:
             raise ApiError(501, "NotImplemented", "the sandbox serves object calls and HEAD Bucket only")
         # A presigned URL's signature fields were checked already; any other parameter is refused
         # rather than ignored: ?uploadId&partNumber=1 ignored would overwrite the object.
-        names = sorted(name for name in request.args if name not in FIELDS and name != TOKEN_PARAMETER)
+        names = sorted(name for name in request.args if name not in FIELDS and name != _TOKEN_PARAMETER)
         if names:
             raise ApiError(501, "NotImplemented", f"the sandbox does not support the parameters {', '.join(names)}")
         if request.method == "PUT":
@@ -288,7 +288,7 @@ class SandboxApp:
             self._check_bucket(job.output_bucket)
             return xml_response({"JobsDetail": self._jobs.submit(job)})
         if request.method == "GET" and target.key == "jobs":
-            names = sorted(name for name in request.args if name not in (*PARAMETERS, *FIELDS, TOKEN_PARAMETER))
+            names = sorted(name for name in request.args if name not in (*PARAMETERS, *FIELDS, _TOKEN_PARAMETER))
             if names:
                 raise ApiError(501, "NotImplemented", f"the sandbox's job list has no parameter {', '.join(names)}")
             return xml_response(list_jobs(self._jobs.details(target.bucket), JobQuery.parse(request.args)))
