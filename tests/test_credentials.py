@@ -133,7 +133,7 @@ def test_secret_token_setting_is_sent_with_every_request(sandbox: Sandbox) -> No
 @pytest.mark.parametrize("token", ["", "not-the-token"])
 def test_temporary_keys_without_their_token_are_refused(sandbox: Sandbox, token: str) -> None:
     keys = sandbox.keys.issue()
-    client = make_client(keys.secret_id, keys.secret_key, REGION, sandbox.endpoint, token=token)
+    client = client_for(temporary_settings(sandbox, keys, token))
     error = refused(client.put_object, Bucket=BUCKET, Key="a", Body=b"x")
     assert (error.get_status_code(), error.get_error_code()) == (403, "InvalidAccessKeyId")
     with pytest.raises(VerifyError, match="403 InvalidAccessKeyId"):
