@@ -9,16 +9,17 @@ on SQLite the write lock is taken when the transaction begins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Room, Task, VerifyClaim, Version
 from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
-from webhook.ledger.leasing import claim_due, lease_new_deliveries
+from webhook.ledger.lanes import claim_lanes, lease_new_deliveries
+from webhook.ledger.leasing import claim_due
 from webhook.ledger.scheduling import set_status
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
@@ -44,6 +45,13 @@ class Queue:
         with begin(self._engine) as conn:
             return claim_due(conn, worker_id, now + timedelta(seconds=lease_seconds), now, limit)
 
+    def claim_lanes(self, worker_id: str, lease_seconds: float, room: Room) -> list[Claim]:
+        """Lease due work in one transaction as a worker's free slots allow (``room``), each job as
+        its own claim; a sink whose breaker is open is left out (see :mod:`webhook.ledger.lanes`)."""
+        now = utcnow()
+        with begin(self._engine) as conn:
+            return claim_lanes(conn, worker_id, now + timedelta(seconds=lease_seconds), now, room)
+
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks are still ours."""
         now = utcnow()
@@ -64,11 +72,13 @@ class Queue:
         rejected: Verdicts,
         tried: Attempts,
         lease_seconds: float,
+        lease: Collection[str] | None = None,
     ) -> DeliveryClaim | None:
         """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version, the
         other versions are ``rejected`` with their reasons, and one delivery per sink is leased to the
         same worker in the same transaction, which goes on to fetch and deliver without a second
-        claim. None if the lease was lost or no sink takes the job."""
+        claim: those of the sinks in ``lease`` (None: every sink) whose breaker is closed; the others
+        wait for a claim. None if the lease was lost or no delivery was leased."""
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
         # CI's account of the job, as verification confirmed it: the row keeps it and its deliveries send it.
@@ -77,7 +87,7 @@ class Queue:
             if not _accept(conn, claim.task, worker_id, sinks, accepted, job, detail, rejected, tried, now):
                 return None
             job_id, claimed = claim.task.job_id, (detail, claim.received_at)
-            return lease_new_deliveries(conn, job_id, sinks, worker_id, until, now, claimed)
+            return lease_new_deliveries(conn, job_id, sinks, lease, worker_id, until, now, claimed)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
