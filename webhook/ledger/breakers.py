@@ -3,23 +3,27 @@
 A sink whose deliveries keep failing is *open* for a pause: its deliveries wait, due but not
 leased, and spend no attempts. Then one delivery is leased as a probe (*probing*): a success
 closes the breaker, a failure opens it for another pause. :class:`Breaker` decides (pure);
-claims ask :func:`admitted` how many deliveries each sink may have leased, and workers report
-each delivery's outcome to :meth:`Breakers.observe`.
+claims ask :func:`admitted` how many deliveries each sink may have leased, and each delivery's
+outcome tells :func:`observe` how its sink did, in the transaction that records the outcome.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.errors import begin, connect
-from webhook.ledger.schema import breakers, utcnow
+from webhook.ledger.errors import connect
+from webhook.ledger.schema import breakers
+
+log = logging.getLogger("webhook.worker")
 
 
 class State(enum.StrEnum):
@@ -100,27 +104,55 @@ def _store(conn: Connection, sink: str, state: State, until: datetime | None, no
     )
 
 
-_INSERT = {"postgresql": postgresql.insert(breakers), "sqlite": sqlite.insert(breakers)}
+@dataclass(frozen=True)
+class Health:
+    """What a delivery's outcome says of its sink: it worked (``ok``) or failed; ``limit`` failures
+    in a row (0: never) open its breaker for ``pause`` seconds."""
+
+    sink: str
+    ok: bool
+    limit: int = 5
+    pause: float = 30.0
+
+
+_INSERT: dict[str, Any] = {"postgresql": postgresql.insert(breakers), "sqlite": sqlite.insert(breakers)}
+_CLOSE = (
+    breakers.update()
+    .where(
+        breakers.c.sink == sa.bindparam("sink_name"),
+        sa.or_(breakers.c.state != State.CLOSED, breakers.c.failures > 0),
+    )
+    .values(state=State.CLOSED, failures=0, until=None, updated_at=sa.bindparam("now"))
+)
+
+
+def observe(conn: Connection, health: Health, now: datetime) -> None:
+    """Move ``health.sink``'s breaker on (see :meth:`Breaker.after`). A success costs one statement
+    that changes nothing while the breaker is closed and clean: deliveries that work stay cheap."""
+    if health.ok:
+        if conn.execute(_CLOSE, {"sink_name": health.sink, "now": now}).rowcount:
+            log.info("sink %s works again: breaker closed", health.sink)
+        return
+    new = {"sink": health.sink, "state": State.CLOSED, "failures": 0, "until": None, "updated_at": now}
+    conn.execute(_INSERT[conn.dialect.name].values(new).on_conflict_do_nothing())
+    row = conn.execute(_READ.where(breakers.c.sink == health.sink).with_for_update()).one()
+    before = Breaker(health.sink, State(row.state), row.failures, row.until)
+    after = before.after(False, health.limit, health.pause, now)
+    _store(conn, health.sink, after.state, after.until, now, after.failures)
+    if after.state == State.OPEN and before.state != State.OPEN:
+        log.warning(
+            "sink %s paused for %gs after %d failed deliveries in a row: its deliveries wait",
+            health.sink,
+            health.pause,
+            after.failures,
+        )
 
 
 class Breakers:
-    """Each sink's breaker: recording what became of a delivery, and reading them for operators."""
+    """Each sink's breaker, as operators read it."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-
-    def observe(self, sink: str, ok: bool, limit: int, pause: float) -> tuple[Breaker, Breaker]:
-        """A delivery to ``sink`` succeeded or failed: the breaker before and after (see :meth:`Breaker.after`)."""
-        now = utcnow()
-        with begin(self._engine) as conn:
-            new = {"sink": sink, "state": State.CLOSED, "failures": 0, "until": None, "updated_at": now}
-            conn.execute(_INSERT[conn.dialect.name].values(new).on_conflict_do_nothing())
-            row = conn.execute(_READ.where(breakers.c.sink == sink).with_for_update()).one()
-            before = Breaker(sink, State(row.state), row.failures, row.until)
-            after = before.after(ok, limit, pause, now)
-            if after != before:
-                _store(conn, sink, after.state, after.until, now, after.failures)
-        return before, after
 
     def all(self) -> dict[str, Breaker]:
         """Every sink's breaker that has ever been other than closed, by sink."""

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from webhook.ledger.breakers import Health, observe
 from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Room, Task, VerifyClaim, Version
 from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
@@ -99,17 +100,22 @@ class Queue:
             set_status(conn, task.job_id, JobStatus.REJECTED, reason, now)
         return True
 
-    def complete(self, task: Task, worker_id: str, tried: Attempts = ()) -> bool:
-        """The delivery happened; the job is delivered once none of its deliveries is pending."""
+    def complete(self, task: Task, worker_id: str, tried: Attempts = (), health: Health | None = None) -> bool:
+        """The delivery happened; the job is delivered once none of its deliveries is pending.
+
+        ``health`` (here and below): what the outcome says of the delivery's sink, for its breaker."""
         now = utcnow()
         with begin(self._engine) as conn:
             _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
             settle(conn, task.job_id, now)
+            _observe(conn, health, now)
         return True
 
-    def retry_later(self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = ()) -> bool:
+    def retry_later(
+        self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = (), health: Health | None = None
+    ) -> bool:
         """The step failed but may succeed later: due again after ``delay`` seconds."""
         now = utcnow()
         with begin(self._engine) as conn:
@@ -125,9 +131,13 @@ class Queue:
                     updated_at=now,
                 )
             ).rowcount
+            if updated:
+                _observe(conn, health, now)
         return updated == 1
 
-    def give_up(self, task: Task, worker_id: str, error: str, tried: Attempts = ()) -> bool:
+    def give_up(
+        self, task: Task, worker_id: str, error: str, tried: Attempts = (), health: Health | None = None
+    ) -> bool:
         """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
         now = utcnow()
         with begin(self._engine) as conn:
@@ -138,6 +148,7 @@ class Queue:
                 set_status(conn, task.job_id, JobStatus.DEAD, f"verification gave up: {error}", now)
             else:
                 settle(conn, task.job_id, now)
+            _observe(conn, health, now)
         return True
 
 
@@ -193,6 +204,11 @@ def _accept(
     if not sinks:
         set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
     return True
+
+
+def _observe(conn: Connection, health: Health | None, now: datetime) -> None:
+    if health is not None:
+        observe(conn, health, now)
 
 
 def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus) -> None:
