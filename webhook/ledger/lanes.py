@@ -27,7 +27,7 @@ from webhook.ledger.schema import JOB_WIDE, tasks
 from webhook.models import TaskKind, TaskStatus
 
 _DUE_IN_LANE = (
-    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.run_after, *TASK_COLUMNS)
+    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, *TASK_COLUMNS)
     .where(DUE, tasks.c.kind == sa.bindparam("kind"), tasks.c.sink == sa.bindparam("sink"))
     .order_by(tasks.c.run_after, tasks.c.id)
     .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -60,7 +60,6 @@ def claim_lanes(conn: Connection, worker_id: str, until: datetime, now: datetime
         if limit > 0:
             for row in conn.execute(_DUE_IN_LANE, {"now": now, "kind": kind, "sink": sink, "limit": limit}):
                 (unreadable if task_problem(row) else due).append(row)
-    due.sort(key=lambda row: (row.run_after, row.id))
     # A job being verified again has no delivery leased meanwhile: its verification decides them anew.
     verifying = {row.job_id for row in due if row.kind == TaskKind.VERIFY}
     leasing = [row for row in due if row.kind == TaskKind.VERIFY or row.job_id not in verifying]
