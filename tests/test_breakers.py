@@ -12,6 +12,7 @@ from webhook.intake.triage import triage
 from webhook.ledger import Breaker, DeliveryClaim, Ledger, RawRequest, Room, VerifyClaim
 from webhook.ledger.breakers import Health, State
 from webhook.models import Callback, job_from_json
+from webhook.telemetry.metrics import LedgerCollector
 
 RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")
 SINKS = ["filesystem", "http"]
@@ -136,3 +137,21 @@ def test_a_failure_that_is_not_the_sinks_leaves_its_breaker_alone(ledger: Ledger
         assert ledger.queue.retry_later(delivery, "w1", "fetch failed", 0.0)  # no health: not the sink's
     assert "http" not in ledger.breakers.all()
     assert len(claimed(ledger, Room(0, {"http": 8}))) == 4
+
+
+def test_metrics_show_each_sinks_breaker_and_the_deliveries_it_holds(ledger: Ledger) -> None:
+    open_http(ledger, LONG)
+    verified(ledger, 4, lease=[])  # due for either sink: filesystem's waits for a slot, not a breaker
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in LedgerCollector(ledger.stats.snapshot).collect()
+        for sample in family.samples
+    }
+    state = {
+        (dict(labels)["sink"], dict(labels)["state"]): v
+        for (name, labels), v in samples.items()
+        if name == "cos_webhook_sink_breaker" and v
+    }
+    assert state == {("filesystem", "closed"): 1, ("http", "open"): 1}
+    assert samples[("cos_webhook_sink_paused_deliveries", (("sink", "http"),))] == 4
+    assert samples[("cos_webhook_sink_paused_deliveries", (("sink", "filesystem"),))] == 0
