@@ -4,10 +4,13 @@ pause one probe is leased, and its outcome closes or reopens the breaker."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
+from click.testing import CliRunner
 from support.samples import numbered_job as job
 
+from webhook.cli import main
 from webhook.intake.triage import triage
 from webhook.ledger import Breaker, DeliveryClaim, Ledger, RawRequest, Room, VerifyClaim
 from webhook.ledger.breakers import Health, State
@@ -155,3 +158,20 @@ def test_metrics_show_each_sinks_breaker_and_the_deliveries_it_holds(ledger: Led
     assert state == {("filesystem", "closed"): 1, ("http", "open"): 1}
     assert samples[("cos_webhook_sink_paused_deliveries", (("sink", "http"),))] == 4
     assert samples[("cos_webhook_sink_paused_deliveries", (("sink", "filesystem"),))] == 0
+
+
+def test_jobs_sinks_lists_each_sinks_breaker(ledger: Ledger) -> None:
+    open_http(ledger, LONG)
+    env = {"WEBHOOK_DATABASE_URL": ledger.url, "WEBHOOK_SINK_DIR": "/tmp/sink", "WEBHOOK_CONFIG": ""}
+    result = CliRunner().invoke(main, ["jobs", "sinks", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    rows = {row.pop("sink"): row for row in map(json.loads, result.output.splitlines())}
+    until = ledger.breakers.all()["http"].until
+    assert until is not None
+    assert rows == {
+        "filesystem": {"breaker": "closed", "failures": 0, "until": None, "due": 0},
+        "http": {"breaker": "open", "failures": LIMIT, "until": until.strftime("%Y-%m-%dT%H:%M:%SZ"), "due": 3},
+    }
+    text = CliRunner().invoke(main, ["jobs", "sinks"], env=env).output.splitlines()
+    assert text[0].split() == ["SINK", "BREAKER", "FAILURES", "DUE", "UNTIL"]
+    assert text[2].split()[:4] == ["http", "open", str(LIMIT), "3"]
