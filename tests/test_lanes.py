@@ -28,34 +28,41 @@ def delivery_claim(*sinks: str, n: int = 1) -> DeliveryClaim:
 # -- slots ---------------------------------------------------------------------------------------
 
 
+def free(lanes: Lanes) -> Room:
+    """The free slots, read by reserving them all and claiming nothing."""
+    room = lanes.reserve()
+    lanes.claimed(room, [])
+    return room
+
+
 def test_each_lane_has_its_own_slots_and_the_pool_a_thread_for_each() -> None:
     lanes = Lanes(4, {"filesystem": 2, "http": 2})
     assert lanes.capacity == 8
-    assert lanes.room() == Room(4, {"filesystem": 2, "http": 2})
+    assert free(lanes) == Room(4, {"filesystem": 2, "http": 2})
 
 
 def test_a_sink_whose_slots_are_taken_leaves_the_other_lanes_their_room() -> None:
     lanes = Lanes(4, {"filesystem": 2, "http": 2})
     stuck = [lanes.hold(delivery_claim("http", n=n)) for n in (1, 2)]
-    assert lanes.room() == Room(4, {"filesystem": 2, "http": 0})
+    assert free(lanes) == Room(4, {"filesystem": 2, "http": 0})
     lanes.hold(verify_claim())
     lanes.hold(delivery_claim("filesystem"))
-    assert lanes.room() == Room(3, {"filesystem": 1, "http": 0})
+    assert free(lanes) == Room(3, {"filesystem": 1, "http": 0})
     stuck[0].release_all()
-    assert lanes.room().sinks["http"] == 1
+    assert free(lanes).sinks["http"] == 1
 
 
 def test_a_slot_is_given_back_as_its_task_ends_and_only_once() -> None:
     released: list[None] = []
     lanes = Lanes(2, {"filesystem": 1, "http": 1}, on_release=lambda: released.append(None))
     held = lanes.hold(delivery_claim("filesystem", "http"))
-    assert lanes.room() == Room(2, {"filesystem": 0, "http": 0})
+    assert free(lanes) == Room(2, {"filesystem": 0, "http": 0})
     held.release("filesystem")
     held.release("filesystem")  # already given back: nothing more
-    assert lanes.room() == Room(2, {"filesystem": 1, "http": 0})
+    assert free(lanes) == Room(2, {"filesystem": 1, "http": 0})
     held.release_all()
     held.release_all()
-    assert lanes.room() == Room(2, {"filesystem": 1, "http": 1})
+    assert free(lanes) == Room(2, {"filesystem": 1, "http": 1})
     assert len(released) == 2  # the claim loop is woken for each freed slot
 
 
@@ -65,17 +72,31 @@ def test_a_verification_goes_on_only_to_the_sinks_with_a_free_slot() -> None:
     held = lanes.hold(verify_claim())
     assert held.take(["filesystem", "http"]) == ("filesystem",)
     held.release(VERIFY)  # the verification's outcome is recorded: its slot is free while it delivers
-    assert lanes.room() == Room(2, {"filesystem": 0, "http": 0})
+    assert free(lanes) == Room(2, {"filesystem": 0, "http": 0})
     held.release_all()
-    assert lanes.room() == Room(2, {"filesystem": 1, "http": 0})
+    assert free(lanes) == Room(2, {"filesystem": 1, "http": 0})
+
+
+def test_a_reservation_keeps_the_slots_for_the_claim_and_gives_back_what_it_did_not_lease() -> None:
+    released: list[None] = []
+    lanes = Lanes(2, {"filesystem": 2, "http": 1}, on_release=lambda: released.append(None))
+    verifying = lanes.hold(verify_claim(n=7))
+    room = lanes.reserve()
+    assert room == Room(1, {"filesystem": 2, "http": 1})
+    assert verifying.take(["filesystem", "http"]) == ()  # reserved for the claim under way
+    held = lanes.claimed(room, [delivery_claim("http"), verify_claim()])
+    assert len(held) == 2
+    assert free(lanes) == Room(0, {"filesystem": 2, "http": 0})
+    assert released == []  # slots never used free nothing: the claim loop is not woken for them
+    assert verifying.take(["filesystem", "http"]) == ("filesystem",)
 
 
 def test_a_claim_for_a_sink_this_worker_lacks_is_counted_and_given_back() -> None:
     lanes = Lanes(1, {"filesystem": 1})
     held = lanes.hold(delivery_claim("gone"))
-    assert lanes.room() == Room(1, {"filesystem": 1})
+    assert free(lanes) == Room(1, {"filesystem": 1})
     held.release_all()
-    assert lanes.room() == Room(1, {"filesystem": 1})
+    assert free(lanes) == Room(1, {"filesystem": 1})
 
 
 # -- breakers ------------------------------------------------------------------------------------

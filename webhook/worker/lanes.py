@@ -2,7 +2,7 @@
 
 Verification has ``WEBHOOK_WORKER_CONCURRENCY`` slots and each sink its ``concurrency`` (default
 ``WEBHOOK_SINK_CONCURRENCY``, else half the worker's). The claim loop asks the ledger only for
-work its lanes have room for (:class:`~webhook.ledger.Room`); each claim holds a slot per task
+work its lanes have room for (:class:`~webhook.ledger.Room`, reserved while it claims); each claim holds a slot per task
 (:class:`Held`) and gives each back as soon as that task's outcome is recorded, so a verification
 that goes on to deliver holds verification's slot no longer than the verification itself. The
 thread pool has a thread for every slot.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from webhook.ledger import Claim, Room, VerifyClaim
 
@@ -33,19 +33,38 @@ class Lanes:
         """Slots in all: the threads a worker needs."""
         return sum(self.sizes.values())
 
-    def room(self) -> Room:
-        """The free slots of each lane, now."""
+    def reserve(self) -> Room:
+        """Every free slot, reserved for a claim about to be made: the claims' threads cannot take
+        them meanwhile (a verification going on to its deliveries), so the claim cannot overfill a lane.
+        :meth:`claimed` settles the reservation."""
         with self._lock:
             free = {lane: max(0, size - self._used[lane]) for lane, size in self.sizes.items()}
+            self._used.update(free)
         return Room(free.pop(VERIFY), free)
 
-    def hold(self, claim: Claim) -> Held:
-        """Slots for ``claim``'s tasks, taken whatever is free: the ledger leased them as the room allowed
-        (an unreadable row, or a sink this worker lacks, may take one beyond its lane's size)."""
-        lanes = [VERIFY] if isinstance(claim, VerifyClaim) else [d.sink for d in claim.deliveries]
+    def claimed(self, reserved: Room, claims: Sequence[Claim]) -> list[Held]:
+        """The slots of each of ``claims``, out of the ``reserved`` room; what they left is free again.
+
+        A claim may take a slot beyond its lane's size: an unreadable row, or a sink this worker
+        lacks, is leased whatever the room, and ends at once.
+        """
+        left = Counter({VERIFY: reserved.verify, **reserved.sinks})
+        held = []
         with self._lock:
-            self._used.update(lanes)
-        return Held(self, lanes)
+            for claim in claims:
+                lanes = [VERIFY] if isinstance(claim, VerifyClaim) else [d.sink for d in claim.deliveries]
+                for lane in lanes:
+                    if left[lane] > 0:
+                        left[lane] -= 1
+                    else:
+                        self._used[lane] += 1
+                held.append(Held(self, lanes))
+            self._used.subtract(left)  # never claimed: free again, without waking anyone
+        return held
+
+    def hold(self, claim: Claim) -> Held:
+        """The slots of a claim made without a reservation (taken whatever is free)."""
+        return self.claimed(Room(0, {}), [claim])[0]
 
     def _take_free(self, lanes: Iterable[str]) -> list[str]:
         with self._lock:

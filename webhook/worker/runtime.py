@@ -171,13 +171,14 @@ class ClaimLoop:
             done = {future for future in in_flight if future.done()}
             in_flight -= done
             self.finished += len(done)
-            room = lanes.room()
+            room = lanes.reserve()
             free = room.total
             try:
                 if not worker.heartbeat.running:
                     worker.heartbeat.beat()  # registered first: others take over an unknown worker's leases
                 claims = queue.claim_lanes(worker.worker_id, self.settings.lease_seconds, room) if free else []
             except LedgerUnavailable as exc:
+                lanes.claimed(room, [])
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
                 # task's lease runs out and it becomes due again. Wait and try again.
                 outage += 1
@@ -188,8 +189,8 @@ class ClaimLoop:
             if outage:
                 log.info("ledger reachable again after %d failed attempts", outage)
                 outage = 0
-            for claim in claims:
-                future = pool.submit(self._run_claim, claim, lanes.hold(claim))
+            for claim, held in zip(claims, lanes.claimed(room, claims), strict=True):
+                future = pool.submit(self._run_claim, claim, held)
                 future.add_done_callback(lambda _: wakeup.event.set())  # a slot is free
                 in_flight.add(future)
             if self._burst_done(claims, in_flight):
