@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 
+import sqlalchemy as sa
 from click.testing import CliRunner
 from support.samples import numbered_job as job
 
 from webhook.cli import main
 from webhook.intake.triage import triage
-from webhook.ledger import Breaker, DeliveryClaim, Ledger, RawRequest, Room, VerifyClaim
+from webhook.ledger import Breaker, DeliveryClaim, Ledger, RawRequest, Room, VerifyClaim, migrate
 from webhook.ledger.breakers import Health, State
+from webhook.ledger.schema import tasks
 from webhook.models import Callback, job_from_json
 from webhook.telemetry.metrics import LedgerCollector
 
@@ -175,3 +178,27 @@ def test_jobs_sinks_lists_each_sinks_breaker(ledger: Ledger) -> None:
     text = CliRunner().invoke(main, ["jobs", "sinks"], env=env).output.splitlines()
     assert text[0].split() == ["SINK", "BREAKER", "FAILURES", "DUE", "UNTIL"]
     assert text[2].split()[:4] == ["http", "open", str(LIMIT), "3"]
+
+
+def test_the_breakers_revision_upgrades_a_ledger_with_deliveries_waiting(database_url: str) -> None:
+    ledger = Ledger(database_url)
+    migrate.upgrade(ledger.engine, "0005")
+    callback = Callback(event_name="TaskFinish", jobs=(job(1),), body_format="xml")
+    ledger.jobs.record(RAW, callback, triage(callback, frozenset({"NoiseReduction"})))
+    with ledger.engine.begin() as conn:  # verified before the upgrade: both deliveries due
+        conn.execute(tasks.update().values(status="done"))
+        for sink in SINKS:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO tasks (job_id, kind, sink, status, attempts, run_after, last_error, updated_at)"
+                    " VALUES (:job_id, 'deliver', :sink, 'pending', 0, :t, '', :t)"
+                ),
+                {"job_id": job(1).job_id, "sink": sink, "t": datetime(2026, 1, 1)},
+            )
+
+    ledger.migrate()
+
+    assert ledger.schema_problem() is None
+    assert ledger.breakers.all() == {}  # every sink starts closed
+    assert claimed(ledger, Room(0, {"filesystem": 1, "http": 1})) == [(job(1).job_id, s) for s in SINKS]
+    ledger.dispose()
