@@ -1,11 +1,19 @@
-"""Bulkheads end to end, on SQLite and PostgreSQL: a worker whose http sink hangs (accepts the
-connection, reads the request, never answers) keeps verifying new jobs and delivering them to
-the filesystem sink, while the http sink's deliveries hold only its own slots and the rest wait."""
+"""Bulkheads and breakers end to end, on SQLite and PostgreSQL: a worker whose http sink hangs
+(accepts the connection, reads the request, never answers) keeps verifying new jobs and
+delivering them to the filesystem sink, while the http sink's deliveries hold only its own slots
+and the rest wait; a sink that keeps failing is paused, probed and resumed."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from support.pipeline import Pipeline, working
+from support.receiver import Reply
 from support.trickle import Trickle
+
+from webhook.ledger import Breaker
+from webhook.retry import BreakerPolicy, RetryPolicy
 
 HTTP_SLOTS = 2
 
@@ -46,3 +54,27 @@ def test_a_hanging_http_sink_holds_only_its_own_slots(pipeline: Pipeline) -> Non
 def deliveries_of(pipeline: Pipeline, job_id: str) -> dict[str, tuple[str, int]]:
     view = pipeline.ledger.views.show_job(job_id).to_dict()
     return {d["sink"]: (d["status"], d["attempts"]) for d in view["deliveries"]}
+
+
+def test_a_failing_sink_is_paused_then_probed_and_resumed(pipeline: Pipeline, caplog: pytest.LogCaptureFixture) -> None:
+    """One http slot, so deliveries go out one after another: two 503s open the breaker; after the
+    pause one probe is sent, its 200 closes the breaker and every other delivery goes out once."""
+    caplog.set_level(logging.INFO, logger="webhook.worker")
+    pipeline.http.reply(Reply(503), Reply(503), Reply(200))
+    settings = pipeline.settings.replace(
+        sink_concurrency=1,
+        breaker=BreakerPolicy(failures=2, pause=0.5),
+        retry=RetryPolicy(max_attempts=50, backoff_base=0.01, backoff_cap=0.05),
+    )
+    key = pipeline.upload_input()
+    with working(settings, pipeline.ledger):
+        job_ids = [pipeline.submit(key, output_key=f"out/{n}.wav") for n in range(3)]
+        for job_id in job_ids:
+            pipeline.wait_until(lambda job_id=job_id: pipeline.status(job_id) == "delivered", what=job_id)
+    assert len(pipeline.http.requests) == 2 + len(job_ids)  # nothing was sent while the sink was paused
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if "paused" in m] == [
+        "sink http paused for 0.5s after 2 failed deliveries in a row: its deliveries wait"
+    ]
+    assert messages.count("sink http works again: breaker closed") == 1
+    assert pipeline.ledger.breakers.all()["http"] == Breaker("http")

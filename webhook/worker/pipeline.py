@@ -282,10 +282,12 @@ class Pipeline:
         policy = self._policy(delivery)
         if self.shutdown.abandoning.is_set():
             return self._failed(delivery, claim, "not started", policy, trying, recorded=recorded)
+        asked = False  # whether the sink itself was tried: only then does a failure count for its breaker
         try:
             if isinstance(sink, NotificationSink):
                 files = tuple(replace(f, location=sink.locate(job, f, stored, self._presign_source)) for f in files)
-            sink.deliver(build_event(job, delivery.sink, files))
+            event, asked = build_event(job, delivery.sink, files), True
+            sink.deliver(event)
         except DeliveryError as exc:
             final = "refused permanently" if exc.permanent else None
             return self._failed(
@@ -298,13 +300,13 @@ class Pipeline:
                 retry_after=exc.retry_after,
                 final=final,
                 code=exc.code,
-                sink_failed=not exc.permanent,  # a sink that answers "never" is up
+                sink_failed=asked and not exc.permanent,  # a sink that answers "never" is up
             )
         except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
             log.exception("failed unexpectedly", extra=fields(delivery))
             error = self._error_text(exc)
             code = type(exc).__name__
-            return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=code, sink_failed=True)
+            return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=code, sink_failed=asked)
         return Delivered(delivery, (*recorded, trying.ended(Outcome.OK)))
 
     def _fetch(self, job: Job, bytes_needed: bool) -> tuple[JobFile, ...]:
