@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from webhook.ledger.errors import connect
-from webhook.ledger.schema import breakers
+from webhook.ledger.schema import breakers as breakers_table
 
 log = logging.getLogger("webhook.worker")
 
@@ -68,26 +68,35 @@ class Breaker:
         return self != Breaker(self.sink)
 
 
-_READ = sa.select(breakers.c.sink, breakers.c.state, breakers.c.failures, breakers.c.until)
+_READ = sa.select(breakers_table.c.sink, breakers_table.c.state, breakers_table.c.failures, breakers_table.c.until)
 
 
 def read(conn: Connection, sinks: Collection[str] | None = None) -> dict[str, Breaker]:
     """The stored breakers (of ``sinks``, when named); a sink without a row is closed."""
-    statement = _READ if sinks is None else _READ.where(breakers.c.sink.in_(list(sinks)))
-    found = {row.sink: Breaker(row.sink, State(row.state), row.failures, row.until) for row in conn.execute(statement)}
+    statement = _READ if sinks is None else _READ.where(breakers_table.c.sink.in_(list(sinks)))
+    found = {row.sink: _breaker(row) for row in conn.execute(statement)}
     return found if sinks is None else {sink: found.get(sink, Breaker(sink)) for sink in sinks}
 
 
 def admitted(conn: Connection, room: Mapping[str, int], now: datetime) -> tuple[dict[str, int], set[str]]:
     """How many deliveries of each sink may be leased, given its free slots (``room``) and its
-    breaker; and which sinks' leases are probes (at most one each)."""
-    allowed, probes = {}, set()
-    for sink, breaker in read(conn, [sink for sink, free in room.items() if free > 0]).items():
-        admits = breaker.admits(now)
-        allowed[sink] = room[sink] if admits is None else admits
-        if admits == 1:
-            probes.add(sink)
-    return allowed, probes
+    breaker; and which sinks' leases are probes (at most one each).
+
+    A sink due for a probe is read again with its row locked (on PostgreSQL; rows another claim
+    holds are skipped): two workers claiming at once cannot both send a probe.
+    """
+    breakers = read(conn, [sink for sink, free in room.items() if free > 0])
+    allowed = {sink: room[sink] if breaker.admits(now) is None else 0 for sink, breaker in breakers.items()}
+    if candidates := [sink for sink, breaker in breakers.items() if breaker.admits(now) == 1]:
+        locked = conn.execute(_READ.where(breakers_table.c.sink.in_(candidates)).with_for_update(skip_locked=True))
+        probes = {row.sink for row in locked if _breaker(row).admits(now) == 1}
+        allowed |= dict.fromkeys(probes, 1)
+        return allowed, probes
+    return allowed, set()
+
+
+def _breaker(row: Any) -> Breaker:
+    return Breaker(row.sink, State(row.state), row.failures, row.until)
 
 
 def probing(conn: Connection, sinks: Collection[str], until: datetime, now: datetime) -> None:
@@ -98,8 +107,8 @@ def probing(conn: Connection, sinks: Collection[str], until: datetime, now: date
 
 def _store(conn: Connection, sink: str, state: State, until: datetime | None, now: datetime, failures: int = 0) -> None:
     conn.execute(
-        breakers.update()
-        .where(breakers.c.sink == sink)
+        breakers_table.update()
+        .where(breakers_table.c.sink == sink)
         .values(state=state, until=until, updated_at=now, **({"failures": failures} if state != State.PROBING else {}))
     )
 
@@ -115,12 +124,12 @@ class Health:
     pause: float = 30.0
 
 
-_INSERT: dict[str, Any] = {"postgresql": postgresql.insert(breakers), "sqlite": sqlite.insert(breakers)}
+_INSERT: dict[str, Any] = {"postgresql": postgresql.insert(breakers_table), "sqlite": sqlite.insert(breakers_table)}
 _CLOSE = (
-    breakers.update()
+    breakers_table.update()
     .where(
-        breakers.c.sink == sa.bindparam("sink_name"),
-        sa.or_(breakers.c.state != State.CLOSED, breakers.c.failures > 0),
+        breakers_table.c.sink == sa.bindparam("sink_name"),
+        sa.or_(breakers_table.c.state != State.CLOSED, breakers_table.c.failures > 0),
     )
     .values(state=State.CLOSED, failures=0, until=None, updated_at=sa.bindparam("now"))
 )
@@ -135,8 +144,8 @@ def observe(conn: Connection, health: Health, now: datetime) -> None:
         return
     new = {"sink": health.sink, "state": State.CLOSED, "failures": 0, "until": None, "updated_at": now}
     conn.execute(_INSERT[conn.dialect.name].values(new).on_conflict_do_nothing())
-    row = conn.execute(_READ.where(breakers.c.sink == health.sink).with_for_update()).one()
-    before = Breaker(health.sink, State(row.state), row.failures, row.until)
+    row = conn.execute(_READ.where(breakers_table.c.sink == health.sink).with_for_update()).one()
+    before = _breaker(row)
     after = before.after(False, health.limit, health.pause, now)
     _store(conn, health.sink, after.state, after.until, now, after.failures)
     if after.state == State.OPEN and before.state != State.OPEN:
