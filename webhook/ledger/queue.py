@@ -41,7 +41,9 @@ class Queue:
         return claims[0] if claims else None
 
     def claim_many(self, worker_id: str, lease_seconds: float, limit: int) -> list[Claim]:
-        """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim."""
+        """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim, with
+        every due delivery of the job whatever its sink's slots or breaker (a worker's claim loop
+        uses :meth:`claim_lanes`)."""
         now = utcnow()
         with begin(self._engine) as conn:
             return claim_due(conn, worker_id, now + timedelta(seconds=lease_seconds), now, limit)
