@@ -21,9 +21,9 @@ from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
 from webhook.ledger.lanes import claim_lanes, lease_new_deliveries
 from webhook.ledger.leasing import claim_due
-from webhook.ledger.scheduling import set_status
+from webhook.ledger.scheduling import set_status, settle
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
-from webhook.models import Job, JobState, JobStatus, TaskKind, TaskStatus, VersionStatus, job_from_json, job_to_json
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
@@ -152,39 +152,6 @@ class Queue:
                 settle(conn, task.job_id, now)
             _observe(conn, health, now)
         return True
-
-
-def settle(conn: Connection, job_id: str, now: datetime) -> None:
-    rows = conn.execute(
-        sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
-        .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
-        .order_by(tasks.c.sink)
-    ).all()
-    if any(row.status == TaskStatus.PENDING for row in rows):
-        return
-    # Sinks' own errors start with the sink's name; other errors get it in front.
-    dead = [
-        row.last_error if row.last_error.startswith(f"{row.sink}: ") else f"{row.sink}: {row.last_error}"
-        for row in rows
-        if row.status == TaskStatus.DEAD
-    ]
-    if dead:
-        set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
-    elif failure := _ci_failure(conn, job_id):
-        set_status(conn, job_id, JobStatus.FAILED, failure, now)
-    else:
-        set_status(conn, job_id, JobStatus.DELIVERED, "", now)
-
-
-def _ci_failure(conn: Connection, job_id: str) -> str:
-    """Why CI says the job did not succeed, from its stored account ("" if it succeeded)."""
-    row = conn.execute(sa.select(jobs.c.state, jobs.c.detail).where(jobs.c.job_id == job_id)).one()
-    if row.state == JobState.SUCCESS:
-        return ""
-    try:
-        return job_from_json(row.detail).failure
-    except ValueError:  # the state column alone still says it failed
-        return f"CI reports {row.state}"
 
 
 def _accept(
