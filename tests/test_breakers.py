@@ -5,6 +5,7 @@ pause one probe is leased, and its outcome closes or reopens the breaker."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -13,12 +14,14 @@ from click.testing import CliRunner
 from support.samples import numbered_job as job
 
 from webhook.cli import main
+from webhook.config import Settings
 from webhook.intake.triage import triage
 from webhook.ledger import Breaker, DeliveryClaim, Ledger, RawRequest, Room, VerifyClaim, migrate
 from webhook.ledger.breakers import Health, State
 from webhook.ledger.schema import tasks
 from webhook.models import Callback, job_from_json
 from webhook.telemetry.metrics import LedgerCollector
+from webhook.web.app import create_app
 
 RAW = RawRequest(body=b"<Response/>", content_type="application/xml", headers={}, remote_addr="127.0.0.1")
 SINKS = ["filesystem", "http"]
@@ -178,6 +181,26 @@ def test_jobs_sinks_lists_each_sinks_breaker(ledger: Ledger) -> None:
     text = CliRunner().invoke(main, ["jobs", "sinks"], env=env).output.splitlines()
     assert text[0].split() == ["SINK", "BREAKER", "FAILURES", "DUE", "UNTIL"]
     assert text[2].split()[:4] == ["http", "open", str(LIMIT), "3"]
+
+
+def test_the_dashboard_overview_shows_each_sinks_breaker(ledger: Ledger) -> None:
+    open_http(ledger, LONG)
+    settings = Settings(
+        database_url=ledger.url, callback_tokens=("t" * 16,), dashboard_password="pw", sink_dir="/tmp/sink"
+    )
+    client = create_app(settings, ledger).test_client()
+    page = client.get("/dashboard/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    client.post("/dashboard/login", data={"password": "pw", "csrf_token": token.group(1)})
+    overview = client.get("/dashboard/").text
+    http = re.search(r'<tr id="sink-http">(.*?)</tr>', overview, re.DOTALL)
+    assert http is not None, overview
+    assert '<span class="badge breaker-open">open</span>' in http.group(1)
+    assert f'<td class="num">{LIMIT}</td>' in http.group(1)
+    filesystem = re.search(r'<tr id="sink-filesystem">(.*?)</tr>', overview, re.DOTALL)
+    assert filesystem is not None
+    assert '<span class="badge breaker-closed">closed</span>' in filesystem.group(1)
 
 
 def test_the_breakers_revision_upgrades_a_ledger_with_deliveries_waiting(database_url: str) -> None:

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from flask import abort, current_app, render_template, request
 
-from webhook.ledger import STALE_BEATS, JobFilter, UnknownJob, utcnow
+from webhook.ledger import STALE_BEATS, Breaker, JobFilter, UnknownJob, utcnow
 from webhook.models import JobState, JobStatus, TaskKind
 from webhook.web.common import Runtime, runtime
 from webhook.web.dashboard.blueprint import bp
@@ -39,11 +39,14 @@ def overview() -> str:
         (group, stats.due.get(group, 0), stats.oldest_due_seconds.get(group), stats.dead.get(group, 0))
         for group in stats.groups
     ]
+    configured = [spec.name for spec in rt.settings.sink_specs()]
+    breakers = [stats.breakers.get(sink, Breaker(sink)) for sink in sorted(set(configured) | set(stats.breakers))]
     return render_template(
         "overview.html",
         page="overview",
         stats=stats,
         backlog=backlog,
+        breakers=breakers,
         recent=rt.ledger.browse.attempts_since(now - RECENT),
         stale=max(0, len(rt.ledger.workers.live()) - stats.live_workers),
     )
