@@ -6,6 +6,8 @@ statement). A callback naming a known job needs that job's row locked before the
 it: what the statement decides from it (verify it again or not) must still hold when it commits.
 So the statement records nothing while a job it finds is not locked by its own transaction; the
 known jobs are then locked first, and the statement runs again after the lock in the same transaction.
+Their verify tasks are locked next, in task id order: a worker renewing its leases writes the same
+rows, and every transaction that writes several tasks takes them in that order.
 
 Two callbacks recording the same new job at once collide on its key: the one that lost locks the
 job and runs again, so no caller ever sees that race.
@@ -88,6 +90,7 @@ SELECT (SELECT id FROM stored), ARRAY(SELECT job_id FROM new_jobs), ARRAY(SELECT
     (SELECT count(pg_notify('{CHANNEL}', '')) FROM (SELECT FROM due LIMIT 1) AS d)
 """  # noqa: S608
 _LOCK = "SELECT job_id FROM jobs WHERE job_id = ANY (%(ids)s) ORDER BY job_id FOR UPDATE"
+_LOCK_TASKS = f"SELECT FROM tasks WHERE job_id = ANY (%(ids)s) AND kind = '{TaskKind.VERIFY}' ORDER BY id FOR UPDATE"
 # Each round that finds a job unlocked lost a race with the callback that recorded it, and locks it
 # the next time: more rounds than this means callbacks keep recording the same jobs at once.
 _LOCKING_ROUNDS = 3
@@ -149,6 +152,7 @@ def _with_known(driver: Driver, params: dict[str, Any], ids: list[str]) -> tuple
     for _ in range(_LOCKING_ROUNDS):
         try:
             locked = [job_id for (job_id,) in driver.execute(_LOCK, {"ids": ids})]
+            driver.execute(_LOCK_TASKS, {"ids": locked})
             found = _recorded(driver.execute(_RECORD, params | {"locked": locked}).fetchone())
         except psycopg.errors.UniqueViolation:
             found = None  # a job unknown to the lock was recorded before this statement could

@@ -2,6 +2,10 @@
 
 Recording a callback (on SQLite), replaying a job and closing a task's outcome all change a job
 this way; the caller holds the job row's lock where two writers could meet.
+
+Every transaction that writes both takes the locks in one order, so that no two can each wait on
+the other: jobs first, in job id order, then tasks, in task id order (:func:`in_id_order` for a
+statement that writes several tasks).
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ def schedule(conn: Connection, job_id: str, kind: TaskKind, sink: str | None, no
     fresh = {"locked_by": None, "locked_until": None, "done_at": None} | row
     if not conn.execute(tasks.update().where(*which).values(fresh)).rowcount:
         conn.execute(tasks.insert().values(row))
+
+
+def in_id_order(which: sa.ColumnElement[bool], *, skip_locked: bool = False) -> sa.ColumnElement[bool]:
+    """The tasks ``which``, locked in id order before an UPDATE writes them (an UPDATE alone locks its
+    rows in the order it finds them on disk). ``skip_locked``: leave out rows another transaction holds
+    instead of waiting for them. (SQLite has no row locks: its writers take turns.)"""
+    ordered = sa.select(tasks.c.id).where(which).order_by(tasks.c.id).with_for_update(skip_locked=skip_locked)
+    return tasks.c.id.in_(ordered.scalar_subquery())
 
 
 def set_status(conn: Connection, job_id: str, status: JobStatus, reason: str, now: datetime) -> None:
