@@ -25,7 +25,7 @@ from webhook.ledger.locks import Locks
 from webhook.ledger.quarantine import KeptMessage, Quarantine
 from webhook.ledger.queue import Queue
 from webhook.ledger.readiness import Readiness
-from webhook.ledger.recording import RawRequest, Recorded
+from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
 from webhook.ledger.schema import utc_text, utcnow
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
@@ -33,6 +33,7 @@ from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, 
 from webhook.ledger.workers import STALE_BEATS, TakenOver, Workers, WorkerView
 
 __all__ = [
+    "MAX_VERSIONS_PER_JOB",
     "STALE_BEATS",
     "Attempt",
     "AttemptView",

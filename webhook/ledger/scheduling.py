@@ -42,8 +42,10 @@ def set_status(conn: Connection, job_id: str, status: JobStatus, reason: str, no
 
 
 def reverify(conn: Connection, job_id: str, now: datetime) -> None:
-    """Verify every version of the job again from scratch: CI's answer or the allowlist may have changed."""
-    conn.execute(versions.update().where(versions.c.job_id == job_id).values(status=VersionStatus.PENDING, reason=""))
+    """Verify every version of the job again from scratch: CI's answer or the allowlist may have changed.
+    Versions past the job's cap (capped) stay unverified."""
+    again = versions.update().where(versions.c.job_id == job_id, versions.c.status != VersionStatus.CAPPED)
+    conn.execute(again.values(status=VersionStatus.PENDING, reason=""))
     schedule(conn, job_id, TaskKind.VERIFY, None, now)
     set_status(conn, job_id, JobStatus.RECEIVED, "", now)
 
