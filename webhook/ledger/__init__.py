@@ -29,7 +29,8 @@ from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
 from webhook.ledger.schema import utc_text, utcnow
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
-from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView, Views
+from webhook.ledger.view_records import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView
+from webhook.ledger.views import Views
 from webhook.ledger.workers import STALE_BEATS, TakenOver, Workers, WorkerView
 
 __all__ = [
