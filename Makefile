@@ -5,17 +5,17 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench browser
+.PHONY: demo test lint bench browser lock
 
 # The demo needs the service alone; the tests add their tools (moto, mypy, selenium, ...).
-$(RUNTIME): pyproject.toml
+$(RUNTIME): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable .
+	$(BIN)/pip install --quiet --constraint requirements.lock --editable .
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME)
-	$(BIN)/pip install --quiet --editable '.[dev]'
+	$(BIN)/pip install --quiet --constraint requirements.lock --editable '.[dev]'
 	touch $(STAMP)
 
 demo: $(RUNTIME)
@@ -39,6 +39,17 @@ browser:
 			echo "chromium or chromedriver missing: the dashboard's browser test will skip (CI=true: fail)"; \
 		fi; \
 	fi
+
+# The pinned runtime dependencies (requirements.lock) that deploys and the tests install, from
+# pyproject.toml (`make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed); the
+# tests fail while the lock and pyproject.toml disagree (tests/test_release.py).
+LOCK_TOOLS := .lock-tools
+lock:
+	python3 -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install --quiet pip-tools
+	$(LOCK_TOOLS)/bin/pip-compile --quiet --strip-extras --extra s3,redis,amqp --no-emit-index-url \
+		--no-emit-find-links $(LOCK_ARGS) --output-file requirements.lock pyproject.toml
+	sed -i 's|^#    pip-compile .*|#    make lock|' requirements.lock
 
 bench: $(STAMP)
 	$(BIN)/python bench/fetch_memory.py --jobs 8

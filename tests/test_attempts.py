@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import re
+import socket
 
 from click.testing import CliRunner
 from support.pipeline import DONE, Pipeline, settings_env
@@ -63,9 +66,17 @@ def test_replay_adds_attempts_and_never_erases_them(pipeline: Pipeline) -> None:
 
     after = steps(pipeline, job_id)
     assert after[: len(before)] == before
-    assert after[len(before) :] == [("fetch", None, "ok", ""), ("deliver", "http", "ok", "")]
+    # The replay is marked where it starts, in the lane of the step asked for again.
+    assert after[len(before) :] == [
+        ("deliver", "http", "replayed", ""),
+        ("fetch", None, "ok", ""),
+        ("deliver", "http", "ok", ""),
+    ]
+    [mark] = [a for a in pipeline.ledger.views.show_job(job_id).attempts if a.outcome == "replayed"]
+    assert (mark.duration_ms, mark.worker_id) == (0, f"cli {getpass.getuser()}@{socket.gethostname()}")
     text = show(pipeline, job_id)
-    assert text.count("deliver http") == 2
+    assert text.count("deliver http") == 3
+    assert re.search(rf"Z deliver http +replayed +0ms by cli {re.escape(getpass.getuser())}@", text), text
     assert "attempts:" in text
 
 

@@ -65,8 +65,7 @@ def test_a_missing_ledger_and_sink_directory_are_reported_and_not_created(
         TOKEN_OK,
         f"FAIL  ledger: sqlite database {deploy / expected_path} does not exist (run cos-webhook migrate)",
         CI_OK,
-        f"ok    filesystem (filesystem) {deploy / 'out/audio'}: directory {deploy / 'out/audio'} does not exist; "
-        "will be created on first delivery",
+        f"ok    filesystem (filesystem) {deploy / 'out/audio'}: does not exist yet; the first delivery creates it",
     ]
     assert snapshot(tmp_path) == before
 
@@ -93,7 +92,7 @@ def test_an_existing_ledger_is_only_read(tmp_path: Path, deploy: Path, sandbox: 
             TOKEN_OK,
             f"ok    ledger: sqlite is reachable and its schema is current ({head()})",
             CI_OK,
-            f"ok    filesystem (filesystem) {deploy / 'out'}: directory {deploy / 'out'} is writable",
+            f"ok    filesystem (filesystem) {deploy / 'out'}: writable",
         ]
         assert snapshot(tmp_path) == before
     finally:

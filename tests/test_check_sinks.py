@@ -90,15 +90,18 @@ def test_every_sink_line_names_its_target_and_no_secret(
 
     lines = sink_lines(result)
     assert result.exit_code == 1, result.output
-    assert lines["filesystem"].startswith(f"ok    filesystem (filesystem) {tmp_path / 'out'}: directory ")
+    assert (
+        lines["filesystem"]
+        == f"ok    filesystem (filesystem) {tmp_path / 'out'}: does not exist yet; the first delivery creates it"
+    )
     assert lines["hook"].startswith(f"ok    hook (http) {base.replace('http://', 'http://hook@')}hook: ")
-    assert lines["copy"].startswith(f"ok    copy (s3) s3://{bucket}/audio/ (us-east-1) at {moto.url}: bucket ")
+    assert lines["copy"] == f"ok    copy (s3) s3://{bucket}/audio/ (us-east-1) at {moto.url}: reachable"
     assert lines["lost"].startswith(f"FAIL  lost (s3) s3://no-such-bucket/ (eu-west-1) at {moto.url}: lost: ")
     assert lines["stream"].startswith("ok    stream (redis) redis://127.0.0.1:6379/0 stream test:cos-webhook:check: ")
     # This Redis takes any password; what matters is that the line does not show it.
     assert lines["keyed"].startswith("ok    keyed (redis) redis://127.0.0.1:6379/0 stream s: ")
     shown = f"amqp://{user}@127.0.0.1:5672/%2F exchange amq.topic key cos-webhook.job"
-    assert lines["bus"].startswith(f"ok    bus (amqp) {shown}: exchange ")
+    assert lines["bus"].startswith(f"ok    bus (amqp) {shown}: accepts messages")
     denied = f"amqp://{user}@127.0.0.1:5672/%2F exchange x key cos-webhook.job"
     assert lines["denied"].startswith(f"FAIL  denied (amqp) {denied}: denied: ")
     secrets = (SIGNING_SECRET, S3_SECRET, REDIS_PASSWORD, URL_PASSWORD, QUERY_SECRET, password)

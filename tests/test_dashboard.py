@@ -277,6 +277,10 @@ def test_replay_one_sink_from_the_job_page(pipeline: Pipeline, dead_job: str, cl
     assert f"Replay of {dead_job} scheduled for: http." in done.text
     [http] = [t for t in pipeline.ledger.views.show_job(dead_job).tasks if t.sink == "http"]
     assert http.status == "pending"
+    # The timeline marks where the replay starts, and who asked.
+    lane = done.text[done.text.index('id="lane-deliver-http"') :]
+    assert '<span class="badge outcome-replayed">replayed</span>' in lane
+    assert "dashboard 127.0.0.1" in lane
 
     unknown = client.post("/dashboard/replay", data=form | {"sink": "nope", "confirm": "yes"}, follow_redirects=True)
     assert "unknown sink &#39;nope&#39;; configured: filesystem, http" in unknown.text
@@ -402,3 +406,19 @@ def test_page_links_carry_only_the_filters(
     huge = client.get("/dashboard/jobs?page=99999999999999999999")
     assert huge.status_code == 200
     assert "2 jobs, page 100000 of 2" in text_of(huge)
+
+
+def test_a_job_ci_reports_failed_is_shown_failed_with_ci_s_reason(pipeline: Pipeline, client: FlaskClient) -> None:
+    job_id = pipeline.submit("in/missing.wav")
+    assert pipeline.drain(pipeline.worker(), job_id, DONE, timeout=30) == "failed"
+    reason = "CI reports Failed (InputObjectNotExist: the input object 'in/missing.wav' does not exist)"
+
+    overview = client.get("/dashboard/")
+    assert '<a class="card status-failed" href="/dashboard/jobs?status=failed">' in overview.text
+    assert '<span class="count">1</span><span class="label">failed</span>' in overview.text
+    listed = client.get("/dashboard/jobs?status=failed")
+    assert '<span class="badge status-failed">failed</span>' in listed.text
+    assert job_id in listed.text
+    shown = client.get(f"/dashboard/jobs/{job_id}")
+    assert '<span class="badge status-failed" id="job-status">failed</span>' in shown.text
+    assert str(escape(reason)) in shown.text

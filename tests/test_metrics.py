@@ -415,6 +415,7 @@ def test_a_worker_process_serves_its_own_metrics_and_the_ledger_gauges(pipeline:
     port = free_port()
     env = settings_env(pipeline.settings) | {
         "WEBHOOK_WORKER_METRICS_PORT": str(port),
+        "WEBHOOK_WORKER_METRICS_DIR": str(tmp_path / "worker-metrics"),
         "WEBHOOK_METRICS_TOKEN": METRICS_TOKEN,
         "WEBHOOK_HEARTBEAT_SECONDS": "1",
     }

@@ -102,6 +102,36 @@ def test_every_revision_upgrades_a_ledger_with_rows_in_it(database_url: str) -> 
     ledger.dispose()
 
 
+def test_jobs_ci_failed_that_were_delivered_become_failed(database_url: str) -> None:
+    ledger = Ledger(database_url)
+    migrate.upgrade(ledger.engine, "0005")
+    fill_baseline(ledger.engine)
+    detail = '{"job_id": "j2", "state": "Failed", "code": "InputObjectNotExist", "message": "no such input"}'
+    with ledger.engine.begin() as conn:
+        for job_id, state, text, reason in (
+            ("j2", "Failed", detail, ""),
+            ("j3", "Cancel", "not json", "no sink takes this event"),
+            ("j4", "Success", "{}", ""),
+        ):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (job_id, callback_id, event_name, tag, state, status, reason, detail,"
+                    " created_at, updated_at) VALUES (:j, 1, 'TaskFinish', 'NoiseReduction', :s, 'delivered',"
+                    " :r, :d, :t, :t)"
+                ),
+                {"j": job_id, "s": state, "r": reason, "d": text, "t": T0},
+            )
+    ledger.migrate()
+    shown = {job_id: ledger.views.show_job(job_id) for job_id in ("j1", "j2", "j3", "j4")}
+    assert {job_id: (v.status, v.reason) for job_id, v in shown.items()} == {
+        "j1": ("received", ""),
+        "j2": ("failed", "CI reports Failed (InputObjectNotExist: no such input)"),
+        "j3": ("failed", "CI reports Cancel; no sink takes this event"),
+        "j4": ("delivered", ""),
+    }
+    ledger.dispose()
+
+
 def env_for(url: str, **more: str) -> dict[str, str]:
     return os.environ | {"WEBHOOK_DATABASE_URL": url} | more
 

@@ -167,10 +167,13 @@ def test_genuine_job_with_altered_fields_is_rejected(pipeline: Pipeline, change:
 
 def test_failed_job_is_forwarded_as_a_failure_event_without_fetching(pipeline: Pipeline) -> None:
     job_id = pipeline.submit("in/missing.wav")
-    assert pipeline.drain(pipeline.worker(), job_id, DONE, timeout=30) == "delivered"
+    assert pipeline.drain(pipeline.worker(), job_id, DONE, timeout=30) == "failed"
 
     view = pipeline.ledger.views.show_job(job_id)
     assert view.state == "Failed"
+    assert view.reason == "CI reports Failed (InputObjectNotExist: the input object 'in/missing.wav' does not exist)"
+    assert [job.job_id for job in pipeline.ledger.views.list_jobs(status="failed")] == [job_id]
+    assert pipeline.ledger.stats.snapshot().jobs["failed"] == 1
     assert written(pipeline.sink_dir) == [f"{job_id}.event.json"]
     metadata, audio = multipart_file(pipeline.http.requests[0])
     assert (metadata["type"], metadata["file"], audio) == ("job.failed", None, None)

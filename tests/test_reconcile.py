@@ -84,9 +84,15 @@ def test_lost_callbacks_are_found_recorded_and_delivered_once(
     wait_finished(pipeline, 40)
     monkeypatch.setattr("webhook.ci.listing.PAGE_SIZE", 7)  # 40 jobs take six pages: NextToken is followed
 
-    found = run_reconcile(pipeline)
+    said: list[str] = []
+    found = reconcile(pipeline.settings, pipeline.ledger, utcnow() - timedelta(hours=24), said.append).to_dict()
 
     assert (found["listed"], found["already_known"], found["recorded"]) == (40, 0, ids)
+    # A long run says where it is: after each page listed, after each job recorded.
+    pages = [f"{BUCKET}: {n} jobs listed" for n in (7, 14, 21, 28, 35, 40)]
+    assert [line for line in said if "jobs listed" in line] == pages
+    assert said[-1] == f"{BUCKET}: 40 listed, 40/40 recorded"
+    assert len(said) == 6 + 40
     assert [pipeline.status(job_id) for job_id in ids] == ["received"] * 40
     worker = pipeline.worker()
     try:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
+import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from support.processes import COS_WEBHOOK
 from test_ledger import job
 
 from webhook.cli import main
@@ -135,6 +140,48 @@ def test_prune_from_the_command_line(ledger: Ledger) -> None:
     # The cut-off is printed in UTC, marked so: 2026-12-07T04:05:06Z.
     assert re.search(r" \(before \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)$", done.output.rstrip("\n")), done.output
     assert set(counts(ledger).values()) == {0}
+
+
+def test_prune_reports_each_batch_as_it_goes(ledger: Ledger) -> None:
+    for n in range(5):
+        age(ledger, record(ledger, n), JobStatus.DELIVERED, days=10)
+    so_far: list[tuple[int, int]] = []
+    pruned = ledger.retention.prune(utcnow(), batch=2, progress=lambda p: so_far.append((p.jobs, p.callbacks)))
+    assert so_far == [(2, 0), (4, 0), (5, 0), (5, 2), (5, 4), (5, 5)]
+    assert (pruned.jobs, pruned.callbacks) == (5, 5)
+
+
+@pytest.mark.slow  # a process on a pseudo-terminal
+def test_prune_on_a_terminal_shows_progress_on_stderr_and_only_the_result_on_stdout(ledger: Ledger) -> None:
+    for n in range(3):
+        age(ledger, record(ledger, n), JobStatus.DELIVERED, days=10)
+    terminal, its_end = pty.openpty()
+    env = os.environ | {"WEBHOOK_DATABASE_URL": ledger.url}
+    with os.fdopen(terminal, "rb", buffering=0) as screen:
+        done = subprocess.run(
+            [COS_WEBHOOK, "prune", "--older-than", "7d"], env=env, stdout=subprocess.PIPE, stderr=its_end, timeout=60
+        )
+        os.close(its_end)
+        shown = _read_all(screen)
+    assert done.returncode == 0
+    assert done.stdout.decode().startswith("pruned 3 jobs and 3 callbacks")
+    line = "pruning: 3 jobs and 0 callbacks (with attempts 3, job_versions 3, tasks 3) so far"
+    assert shown.startswith(f"\r{line}".encode()), shown
+    assert shown.endswith(b"\r" + b" " * len(line) + b"\r"), shown  # cleared for what follows
+
+
+def _read_all(screen: BinaryIO) -> bytes:
+    """What the command wrote to its terminal, until it closed it (EIO once no one holds the other end)."""
+    chunks = []
+    while True:
+        try:
+            chunk = screen.read(4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Clock:

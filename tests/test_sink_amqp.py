@@ -104,7 +104,7 @@ def test_message_is_persistent_json_with_ids(broker: Any, exchange: str, make_si
     sink = make_sink()
     event = succeeded()
     assert not sink.needs_bytes(event.job)
-    assert sink.check() == f"exchange {exchange} on {HOST}:{PORT} accepts messages"
+    assert sink.check() == "accepts messages"
     queue = bound_queue(broker, exchange)
 
     sink.deliver(event)
@@ -322,7 +322,7 @@ def test_missing_exchange_without_declare_is_retryable(broker: Any, exchange: st
 
     broker.exchange_declare(exchange, "topic", durable=True)  # its owner creates it
     queue = bound_queue(broker, exchange)
-    assert sink.check() == f"exchange {exchange} on {HOST}:{PORT} accepts messages"
+    assert sink.check() == "accepts messages"
     sink.deliver(succeeded())
     assert len(received(broker, queue)) == 1
 
@@ -374,7 +374,7 @@ options = {{ url = "{URL}", exchange = "{exchange}", username_env = "AMQP_USER",
 
         sink = built({"AMQP_USER": user, "AMQP_PASSWORD": password})
         try:
-            assert sink.check() == f"exchange {exchange} on {HOST}:{PORT} accepts messages"
+            assert sink.check() == "accepts messages"
             queue = bound_queue(broker, exchange)
             sink.deliver(succeeded(sink="events"))
         finally:

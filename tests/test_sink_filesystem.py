@@ -297,7 +297,7 @@ def test_building_and_checking_create_nothing_and_the_first_delivery_creates_the
     before = listing(tmp_path)
     sink = FilesystemSink.from_options("archive", FilesystemOptions(dir=str(root)), BuildContext({}))
 
-    assert verdict(sink) == f"ok    directory {root} does not exist; will be created on first delivery"
+    assert verdict(sink) == "ok    does not exist yet; the first delivery creates it"
     assert listing(tmp_path) == before
 
     sink.deliver(make_event(tmp_path))
@@ -306,7 +306,7 @@ def test_building_and_checking_create_nothing_and_the_first_delivery_creates_the
 
 def test_checking_a_writable_directory_leaves_no_probe_behind(root: Path) -> None:
     root.mkdir(parents=True)
-    assert verdict(FilesystemSink(root)) == f"ok    directory {root.resolve()} is writable"
+    assert verdict(FilesystemSink(root)) == "ok    writable"
     assert os.listdir(root) == []
 
 

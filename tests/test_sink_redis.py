@@ -183,7 +183,7 @@ def test_key_of_another_type_is_permanent(client: redis.Redis, stream: str, make
 
 
 def test_check_reports_the_stream(stream: str, make_sink: SinkFactory) -> None:
-    assert make_sink().check() == f"stream {stream} on {HOST}:{PORT} is writable"
+    assert make_sink().check() == "writable"
 
 
 def test_bad_url_parameter_is_a_config_error() -> None:
@@ -249,7 +249,7 @@ options = {{ url = "redis://127.0.0.1:{private_redis}/0", stream = "{stream}", p
     (sink,) = build_sinks(Settings(config_path=str(config)).sinks, context).values()
     try:
         assert isinstance(sink, RedisSink)
-        assert sink.check() == f"stream {stream} on 127.0.0.1:{private_redis} is writable"
+        assert sink.check() == "writable"
         sink.deliver(succeeded(sink="events"))
     finally:
         sink.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable
@@ -38,6 +39,26 @@ def test_a_staged_object_is_reused_without_asking_cos_again(sandbox: Sandbox, tm
     assert Path(first.path).read_bytes() == sandbox.object_path(BUCKET, "out/a.wav").read_bytes()
     staging.release("job-a")
     assert list(staging.directory.iterdir()) == []
+
+
+def test_a_download_staged_by_another_worker_process_of_the_host_is_reused(sandbox: Sandbox, tmp_path: Path) -> None:
+    where = put(sandbox, "out/a.wav", MIB)
+    gets = sandbox.faults.add(Fault(kind="object GET", path="/out/*", delay=0.001))  # counts GETs
+
+    def other_worker() -> None:  # its own process, its own tag, the same WEBHOOK_TEMP_DIR
+        Staging(str(tmp_path), 10 * MIB, "fedc4321").fetch(sandbox.client(REGION), "job-a", where)
+
+    process = multiprocessing.get_context("fork").Process(target=other_worker)
+    process.start()
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    assert gets.fired == 1
+
+    here = Staging(str(tmp_path), 10 * MIB, "0123abcd").fetch(sandbox.client(REGION), "job-a", where)
+
+    assert gets.fired == 1  # not fetched again
+    assert here.path is not None
+    assert Path(here.path).read_bytes() == sandbox.object_path(BUCKET, "out/a.wav").read_bytes()
 
 
 def test_each_file_of_a_job_is_staged_under_its_number_and_released_with_the_job(

@@ -135,6 +135,18 @@ def test_wait_stops_at_a_dead_delivery_with_its_error(pipeline: Pipeline) -> Non
     assert pipeline.ledger.views.show_job(job_id).status == "dead"
 
 
+def test_wait_exits_3_for_a_job_ci_reports_failed(pipeline: Pipeline) -> None:
+    pipeline.sandbox.client(REGION).put_object(Bucket=BUCKET, Body=b"not audio", Key="in/notes.wav")
+    with working(pipeline.settings, pipeline.ledger):
+        result = run(pipeline, "submit", "in/notes.wav", "--output", "out/x.wav", "--wait", *QUICK)
+    assert result.exit_code == 3, result.output
+    job_id = result.stdout.strip()
+    view = pipeline.ledger.views.show_job(job_id)
+    assert (view.status, view.state) == ("failed", "Failed")
+    assert view.reason.startswith("CI reports Failed (InvalidInputFile: ")
+    assert f"Error: job {job_id} failed: {view.reason}; its failure event was delivered" in result.stderr
+
+
 def test_wait_stops_at_a_rejected_job_with_the_reason(pipeline: Pipeline) -> None:
     key = pipeline.upload_input()
     elsewhere = pipeline.settings.replace(allowed_regions=frozenset({"ap-shanghai"}))

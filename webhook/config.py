@@ -94,6 +94,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_LOG_FORMAT": ("log_format",),
     "WEBHOOK_METRICS_TOKEN": ("metrics_token",),
     "WEBHOOK_WORKER_METRICS_PORT": ("worker_metrics_port",),
+    "WEBHOOK_WORKER_METRICS_DIR": ("worker_metrics_dir",),
     "WEBHOOK_DASHBOARD_PASSWORD": ("dashboard_password",),
     "WEBHOOK_TDMQ_REGION": ("tdmq_region",),
     "WEBHOOK_TDMQ_QUEUE": ("tdmq_queues",),
@@ -162,6 +163,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: str = Field("", repr=False)  # bearer token for /metrics (besides WEBHOOK_ALLOWED_SOURCES)
     worker_metrics_port: Port = None
+    worker_metrics_dir: str = ""  # empty: a directory per port in the system's temporary directory
     dashboard_password: str = Field("", repr=False)  # empty: no dashboard (404)
     tdmq_region: str = ""  # sh, bj, gz, cd, hk ...
     tdmq_queues: NameList = ()

@@ -29,6 +29,7 @@ class JobStatus(enum.StrEnum):
     RECEIVED = "received"  # recorded, waiting for verification
     VERIFIED = "verified"  # CI confirmed it, deliveries pending
     DELIVERED = "delivered"  # every sink has it
+    FAILED = "failed"  # CI reports the job did not succeed (Failed, Cancel): every sink has its failure event
     REJECTED = "rejected"  # verification refused it: never fetched nor forwarded
     DEAD = "dead"  # a step ran out of retries
     IGNORED = "ignored"  # another event or tag: recorded only
@@ -70,6 +71,9 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"  # failed; the task is due again later
     DEAD = "dead"  # failed, and retrying cannot help or the budget is spent
     ABANDONED = "abandoned"  # cut off by a shutdown; due again at once
+    # Not an attempt: a mark in the timeline where someone asked for the step again (replay);
+    # what follows it in the step's lane is the replay.
+    REPLAYED = "replayed"
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,14 @@ class Job:
     @property
     def succeeded(self) -> bool:
         return self.state == JobState.SUCCESS
+
+    @property
+    def failure(self) -> str:
+        """CI's account of why the job did not succeed ("" if it did): its state, code and message."""
+        if self.succeeded:
+            return ""
+        said = ": ".join(part for part in (self.code, self.message) if part)
+        return f"CI reports {self.state}" + (f" ({said})" if said else "")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ BUCKET = "audio-1250000000"
 TOKEN = "test-token-0123456789abcdef"
 HTTP_KEY = bytes(range(32))
 HTTP_SECRET = "whsec_" + base64.b64encode(HTTP_KEY).decode()
-DONE = {"delivered", "rejected", "dead", "ignored"}  # statuses a job ends in
+DONE = {"delivered", "failed", "rejected", "dead", "ignored"}  # statuses a job ends in
 FAST = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_cap=0.05)
 
 

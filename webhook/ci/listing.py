@@ -6,7 +6,7 @@ Tencent documents no retry of a callback that fails; this listing is the safety 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -37,8 +37,15 @@ def creation_time(when: datetime) -> str:
     return aware.astimezone(_BEIJING).strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def list_finished(client: CosS3Client, bucket: str, start: str, queue_ids: Sequence[str]) -> list[Listed]:
-    """Every finished job of ``bucket`` created after ``start``, of ``queue_ids`` (none: every queue), page by page.
+def list_finished(
+    client: CosS3Client,
+    bucket: str,
+    start: str,
+    queue_ids: Sequence[str],
+    listed_so_far: Callable[[int], None] | None = None,
+) -> list[Listed]:
+    """Every finished job of ``bucket`` created after ``start``, of ``queue_ids`` (none: every queue), page by page;
+    ``listed_so_far`` hears the count after each page.
 
     Raises :class:`~webhook.ci.client.CloudError` when CI cannot be asked or answers something unreadable.
     """
@@ -52,6 +59,8 @@ def list_finished(client: CosS3Client, bucket: str, start: str, queue_ids: Seque
                     listed.append(Listed(parse_job(item, f"DescribeMediaJobs JobsDetail[{index}]"), item))
                 except CallbackError as exc:
                     raise CloudError(f"unreadable DescribeMediaJobs answer: {exc.message}") from None
+            if listed_so_far:
+                listed_so_far(len(listed))
             next_token = answer.get("NextToken") or ""
             # The last page has an empty token; one that does not move on would page forever.
             if not next_token or next_token == token:

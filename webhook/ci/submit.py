@@ -20,11 +20,11 @@ from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.ledger import UnknownJob
 from webhook.ledger.views import Views
-from webhook.models import JobState, JobStatus, ObjectLocation, TaskStatus
+from webhook.models import JobStatus, ObjectLocation, TaskStatus
 
 CI_REGIONS = ("sh", "bj", "gz", "cd", "hk")  # what CI takes as MqRegion
 # Statuses a job does not leave on its own (replay can bring a rejected or dead one back).
-FINAL = frozenset({JobStatus.DELIVERED, JobStatus.DEAD, JobStatus.REJECTED, JobStatus.IGNORED})
+FINAL = frozenset({JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.REJECTED, JobStatus.IGNORED})
 
 
 def submit_noise_reduction(
@@ -202,6 +202,11 @@ class Outcome:
     status: str  # "" when no callback for the job reached the ledger
     line: str
 
+    @property
+    def exit_code(self) -> int:
+        """``submit --wait``'s exit status: 0 delivered, 3 CI reports the job failed, 1 anything else."""
+        return 0 if self.ok else 3 if self.status == JobStatus.FAILED else 1
+
 
 def follow(
     views: Views,
@@ -220,10 +225,9 @@ def follow(
         try:
             view = views.show_job(job_id)
         except UnknownJob:
-            status, reason, state, problems, failure = "", "", "", "", ""
+            status, reason, problems = "", "", ""
         else:
-            status, reason, state = view.status, view.reason, view.state
-            failure = f"{view.job.code}: {view.job.message}" if view.job is not None else ""
+            status, reason = view.status, view.reason
             problems = "; ".join(
                 f"{task.sink or 'verify'}: {task.last_error}"
                 for task in view.tasks
@@ -234,11 +238,10 @@ def follow(
             report(f"{job_id}: {status or 'waiting for its callback'}{f' ({reason})' if reason else ''}")
         if status in FINAL:
             why = reason or problems or "no reason recorded"
+            if status == JobStatus.FAILED:
+                return Outcome(False, status, f"job {job_id} failed: {why}; its failure event was delivered")
             if status != JobStatus.DELIVERED:
                 return Outcome(False, status, f"job {job_id} stopped at {status}: {why}")
-            if state != JobState.SUCCESS:
-                # Failed jobs are forwarded as job.failed events: delivered, but there is no audio.
-                return Outcome(False, status, f"job {job_id} was delivered, but CI reports it {state} ({failure})")
             return Outcome(True, status, f"job {job_id} delivered")
         if clock() >= deadline:
             where = f"still {status}" if status else "no callback for it reached the ledger"

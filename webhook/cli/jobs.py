@@ -11,7 +11,7 @@ import click
 from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
 from webhook.config import Settings
 from webhook.ledger import DeadLetter, JobView, utc_text
-from webhook.models import JobStatus
+from webhook.models import JobStatus, Outcome
 
 
 @main.group()
@@ -63,7 +63,7 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     for key in ("job_id", "tag", "event_name", "state", "status", "reason", "created_at", "updated_at"):
-        echo_text(f"{key + ':':<12} {data[key]}")
+        echo_text(f"{key + ':':<12} {_seconds(data[key]) if key.endswith('_at') else data[key]}")
     if view.unreadable:  # the stored detail, or a typed column, holds what cannot be read
         echo_text(f"{'unreadable:':<12} {view.unreadable}")
     if view.job is not None:  # what the operator asks first: which file, and whose (user data)
@@ -74,8 +74,7 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
             echo_text(f"{'user_data:':<12} {view.job.user_data}")
     for version in data["callbacks"]:
         outcome = version["status"] + (f" ({version['reason']})" if version["reason"] else "")
-        at = version["received_at"] or "-"  # a time that cannot be read: the job's unreadable says which
-        echo_text(f"{'callback:':<12} #{version['callback_id']} at {at}: {outcome}")
+        echo_text(f"{'callback:':<12} #{version['callback_id']} at {_seconds(version['received_at'])}: {outcome}")
     for step in data["verify"]:
         echo_text(f"{'verify:':<12} {_step(step)}")
     for delivery in data["deliveries"]:
@@ -86,6 +85,7 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         what = f"{a.step} {a.sink}" if a.sink else a.step
         code = f" [{a.code}]" if a.code else ""
         error = f" {a.error}" if a.error else ""
+        error += f" by {a.worker_id}" if a.outcome == Outcome.REPLAYED else ""
         echo_text(f"  {_when(a.started_at)} {what:<24} {a.outcome:<9} {a.duration_ms!s:>7}ms{code}{error}")
     for r in requests:
         unreadable = f" [{r.unreadable}]" if r.unreadable else ""
@@ -140,10 +140,20 @@ def _when(value: datetime | None) -> str:
     return "-" if value is None else utc_text(value)
 
 
+def _seconds(stamp: str | None) -> str:
+    """A JSON view's time (ISO, microseconds, ``Z``) as the text lines print every time."""
+    if not stamp:
+        return "-"
+    try:
+        return utc_text(datetime.fromisoformat(stamp.removesuffix("Z")))
+    except ValueError:  # a stored value that is not a time is shown as it is
+        return stamp
+
+
 def _step(step: dict[str, Any]) -> str:
     text = f"{step['status']} attempts={step['attempts']}"
     if step["next_attempt_at"]:
-        text += f" next={step['next_attempt_at']}"
+        text += f" next={_seconds(step['next_attempt_at'])}"
     if step["last_error"]:
         text += f" last_error={step['last_error']}"
     if "unreadable" in step:

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import click
 
 from webhook.cli.base import echo_text, main, open_ledger, parse_since
+from webhook.cli.progress import Progress
 from webhook.config import Settings
 from webhook.ledger import utc_text, utcnow
 
@@ -23,7 +24,8 @@ def reconcile(since: datetime, as_json: bool) -> None:
     settings = Settings.from_env()
     settings.check_worker()
     try:
-        summary = run_reconcile(settings, open_ledger(settings), since)
+        with Progress() as progress:
+            summary = run_reconcile(settings, open_ledger(settings), since, progress)
     except ReconcileError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -44,7 +46,7 @@ def reconcile(since: datetime, as_json: bool) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Only count what would go.")
 def prune(before: datetime | None, dry_run: bool) -> None:
-    """Remove finished jobs (delivered, rejected, ignored) older than the retention, with their
+    """Remove finished jobs (delivered, failed, rejected, ignored) older than the retention, with their
     callbacks, tasks and attempts. Dead and undelivered work is never pruned."""
     settings = Settings.from_env()
     ledger = open_ledger(settings)
@@ -52,4 +54,6 @@ def prune(before: datetime | None, dry_run: bool) -> None:
     if dry_run:
         click.echo(f"would prune {ledger.retention.would_prune(before).line()} (before {utc_text(before)})")
         return
-    click.echo(f"pruned {ledger.retention.prune(before).line()} (before {utc_text(before)})")
+    with Progress() as progress:
+        pruned = ledger.retention.prune(before, progress=lambda so_far: progress(f"pruning: {so_far.line()} so far"))
+    click.echo(f"pruned {pruned.line()} (before {utc_text(before)})")

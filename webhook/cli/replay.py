@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import getpass
+import socket
 import sys
 from datetime import datetime
 
@@ -11,6 +13,15 @@ import click
 from webhook.cli.base import main, open_ledger, parse_since, sink_specs
 from webhook.config import Settings
 from webhook.worker.replay import replay_job, replay_letter
+
+
+def asker() -> str:
+    """Who asked, as the replayed job's timeline names it: the operator's account on this machine."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a name
+        user = "?"
+    return f"cli {user}@{socket.gethostname()}"
 
 
 @main.command()
@@ -30,8 +41,9 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
     if [bool(job_id), dead, rejected].count(True) != 1:
         raise click.UsageError("give a JOB_ID, --dead or --rejected")
     ledger = open_ledger(settings)
+    by = asker()
     if job_id:
-        replayed = replay_job(ledger, specs, job_id, sinks)
+        replayed = replay_job(ledger, specs, job_id, sinks, by)
         if replayed.verify:
             click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
         else:
@@ -39,11 +51,11 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
         return
     if dead:
         letters = [d for d in ledger.views.dead_letters(since=since) if not sinks or d.sink in sinks]
-        todo = [functools.partial(replay_letter, ledger, letter) for letter in letters]
+        todo = [functools.partial(replay_letter, ledger, letter, by) for letter in letters]
         what = "dead letters"
     else:
         rejected_ids = ledger.views.rejected_jobs(since=since)
-        todo = [functools.partial(ledger.jobs.replay, rejected_id, []) for rejected_id in rejected_ids]
+        todo = [functools.partial(ledger.jobs.replay, rejected_id, [], by) for rejected_id in rejected_ids]
         what = "rejected jobs"
     with click.progressbar(todo, label=f"replaying {what}", show_pos=True, file=sys.stderr) as bar:
         for replay_one in bar:

@@ -85,7 +85,8 @@ def submit_command(
     interval: float,
 ) -> None:
     """Submit a NoiseReduction job for PATH_OR_KEY (a local file is uploaded first) that calls back
-    here, and print its JobId. With --wait, exit 0 only once the job is delivered."""
+    here, and print its JobId. With --wait, exit 0 once the job is delivered, 3 if CI reports it failed,
+    1 if it stopped elsewhere or the wait timed out."""
     settings = Settings.from_env()
     ledger = None
     if wait:
@@ -127,7 +128,8 @@ def submit_command(
     finally:
         ledger.dispose()
     if not outcome.ok:
-        raise click.ClickException(escape(outcome.line))
+        click.echo(f"Error: {escape(outcome.line)}", err=True)  # as a ClickException, with its own status
+        raise click.exceptions.Exit(outcome.exit_code)
     _note(outcome.line)
 
 

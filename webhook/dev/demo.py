@@ -27,7 +27,7 @@ REGION = "ap-guangzhou"
 BUCKET = "demo-1250000000"
 INPUT_KEY = "input/noisy-demo.wav"
 OUTPUT_KEY = "output/denoised-demo.wav"
-FINAL = {JobStatus.DELIVERED, JobStatus.REJECTED, JobStatus.DEAD, JobStatus.IGNORED}
+FINAL = {JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.DEAD, JobStatus.IGNORED}
 
 
 def run_demo(callback_format: str, output: Path, seconds: float, timeout: float = 60.0) -> int:

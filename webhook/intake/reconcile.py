@@ -14,6 +14,7 @@ and :meth:`~webhook.ledger.jobs.Jobs.known` (a read-only query on the ledger) ar
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -100,24 +101,37 @@ def to_record(listed: Sequence[Listed], known: Set[str]) -> list[Listed]:
     return list(wanted.values())
 
 
-def reconcile(settings: Settings, ledger: Ledger, since: datetime) -> Summary:
+def reconcile(
+    settings: Settings, ledger: Ledger, since: datetime, progress: Callable[[str], None] | None = None
+) -> Summary:
     """List the finished jobs of every allowlisted bucket created after ``since`` and record the missing ones.
 
     Buckets are listed in ``COS_REGION`` (a bucket lives in one region, and the settings do not say
     which of several allowed regions holds which bucket). Raises :class:`ReconcileError` on the
     first bucket CI cannot list; what was recorded before stays (a second run records nothing twice).
+    ``progress`` hears where a long run is, page by page and job by job.
     """
+    say = progress or (lambda _: None)
+
+    def pages(bucket: str, listed: int) -> None:
+        say(f"{bucket}: {listed} jobs listed")
+
     client = client_for(settings)
     start = creation_time(since)  # CI's parameter, in CI's format
     results = []
     for bucket in sorted(settings.allowed_buckets):
         try:
-            listed = list_finished(client, bucket, start, settings.reconcile_queue_ids)
+            queues = settings.reconcile_queue_ids
+            listed = list_finished(client, bucket, start, queues, functools.partial(pages, bucket))
         except CloudError as exc:
             raise ReconcileError(bucket, str(exc)) from None
         listed_ids = {item.job.job_id for item in listed}
         known = ledger.jobs.known(sorted(listed_ids))
-        recorded = [job_id for item in to_record(listed, known) for job_id in record(ledger, item, settings)]
+        missing = to_record(listed, known)
+        recorded: list[str] = []
+        for done, item in enumerate(missing, start=1):
+            recorded += record(ledger, item, settings)
+            say(f"{bucket}: {len(listed_ids)} listed, {done}/{len(missing)} recorded")
         results.append(BucketResult(bucket, settings.region, len(listed_ids), len(known), tuple(recorded)))
     return Summary(since, tuple(results))
 

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.claims import Attempt
 from webhook.ledger.errors import LedgerError, UnknownJob, begin, connect
+from webhook.ledger.history import record_attempts
 from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded, Recording, SqliteRecording, prepare
 from webhook.ledger.recording_pg import PostgresRecording
 from webhook.ledger.scheduling import reverify, schedule, set_status, unverified
 from webhook.ledger.schema import jobs, utcnow
 from webhook.ledger.wakeup import notify
-from webhook.models import Callback, JobStatus, TaskKind, Triaged
+from webhook.models import Callback, JobStatus, Outcome, Step, TaskKind, Triaged
 
 _IDS_PER_QUERY = 500  # well under every database's limit of bound parameters
 
@@ -72,8 +74,12 @@ class Jobs:
                 found.update(conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(chunk))).scalars())
         return found
 
-    def replay(self, job_id: str, sinks: Sequence[str]) -> Replayed:
-        """Verify the job again if it was rejected or its verification died; else deliver it again to ``sinks``."""
+    def replay(self, job_id: str, sinks: Sequence[str], by: str = "replay") -> Replayed:
+        """Verify the job again if it was rejected or its verification died; else deliver it again to ``sinks``.
+
+        The timeline gets a ``replayed`` mark in each step's lane, naming ``by`` (who asked) as its
+        worker: the attempts that follow it there are the replay's.
+        """
         now = utcnow()
         with begin(self._engine) as conn:
             row = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id).with_for_update()).first()
@@ -81,12 +87,14 @@ class Jobs:
                 raise UnknownJob(job_id)
             if unverified(conn, job_id, row.status):
                 reverify(conn, job_id, now)
+                record_attempts(conn, job_id, by, [Attempt(Step.VERIFY, "", now, 0, Outcome.REPLAYED)])
                 notify(conn)
                 return Replayed(job_id, verify=True, sinks=())
-            if row.status not in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.DEAD):
+            if row.status not in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD):
                 raise LedgerError(f"job {job_id} is {row.status}: it is waiting for verification, nothing to replay")
             for sink in sinks:
                 schedule(conn, job_id, TaskKind.DELIVER, sink, now)
+            record_attempts(conn, job_id, by, [Attempt(Step.DELIVER, sink, now, 0, Outcome.REPLAYED) for sink in sinks])
             notify(conn)
             set_status(conn, job_id, JobStatus.VERIFIED, "", now)
         return Replayed(job_id, verify=False, sinks=tuple(sinks))

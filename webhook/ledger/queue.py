@@ -21,7 +21,7 @@ from webhook.ledger.history import record_attempts
 from webhook.ledger.leasing import claim_due, lease_new_deliveries
 from webhook.ledger.scheduling import in_id_order, set_status
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
-from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
+from webhook.models import Job, JobState, JobStatus, TaskKind, TaskStatus, VersionStatus, job_from_json, job_to_json
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
@@ -141,7 +141,6 @@ class Queue:
 
 
 def settle(conn: Connection, job_id: str, now: datetime) -> None:
-    """Derive the job's status from its deliveries once none is pending (the caller holds the job's lock)."""
     rows = conn.execute(
         sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
         .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
@@ -157,8 +156,21 @@ def settle(conn: Connection, job_id: str, now: datetime) -> None:
     ]
     if dead:
         set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
+    elif failure := _ci_failure(conn, job_id):
+        set_status(conn, job_id, JobStatus.FAILED, failure, now)
     else:
         set_status(conn, job_id, JobStatus.DELIVERED, "", now)
+
+
+def _ci_failure(conn: Connection, job_id: str) -> str:
+    """Why CI says the job did not succeed, from its stored account ("" if it succeeded)."""
+    row = conn.execute(sa.select(jobs.c.state, jobs.c.detail).where(jobs.c.job_id == job_id)).one()
+    if row.state == JobState.SUCCESS:
+        return ""
+    try:
+        return job_from_json(row.detail).failure
+    except ValueError:  # the state column alone still says it failed
+        return f"CI reports {row.state}"
 
 
 def _accept(
@@ -190,7 +202,8 @@ def _accept(
     _record_verdicts(conn, {accepted.id: ""}, VersionStatus.ACCEPTED)
     _record_verdicts(conn, rejected, VersionStatus.REJECTED)
     if not sinks:
-        set_status(conn, task.job_id, JobStatus.DELIVERED, "no sink takes this event", now)
+        status, failure = (JobStatus.FAILED, f"{job.failure}; ") if job.failure else (JobStatus.DELIVERED, "")
+        set_status(conn, task.job_id, status, f"{failure}no sink takes this event", now)
     return True
 
 

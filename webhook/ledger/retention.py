@@ -7,6 +7,7 @@ operator replays or prunes it by hand: losing it silently is what the ledger exi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,7 +18,7 @@ from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import JobStatus
 
-FINISHED = (JobStatus.DELIVERED, JobStatus.REJECTED, JobStatus.IGNORED)
+FINISHED = (JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.IGNORED)
 BATCH = 200  # rows per transaction: each holds the write lock only briefly
 
 
@@ -42,9 +43,10 @@ class Retention:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def prune(self, before: datetime, batch: int = BATCH) -> Pruned:
+    def prune(self, before: datetime, batch: int = BATCH, progress: Callable[[Pruned], None] | None = None) -> Pruned:
         """Remove finished jobs last changed before ``before``, and callbacks received before it
-        that nothing left names; one short transaction per ``batch`` rows."""
+        that nothing left names; one short transaction per ``batch`` rows, each followed by
+        ``progress`` with what is gone so far."""
         pruned = Pruned()
         while found := self._finished_jobs(before, batch):
             with begin(self._engine) as conn:
@@ -56,9 +58,13 @@ class Retention:
                     gone = conn.execute(table.delete().where(table.c.job_id.in_(ids))).rowcount
                     pruned.rows[table.name] = pruned.rows.get(table.name, 0) + gone
             pruned.jobs += len(ids)
+            if progress:
+                progress(pruned)
         while numbers := self._unnamed_callbacks(before, batch):
             with begin(self._engine) as conn:
                 pruned.callbacks += conn.execute(callbacks.delete().where(callbacks.c.id.in_(numbers))).rowcount
+            if progress:
+                progress(pruned)
         pruned.rows["callbacks"] = pruned.callbacks
         return pruned
 

@@ -109,7 +109,7 @@ class AmqpSink(NotificationSink):
     def check(self) -> str:
         """Connect and declare the exchange (or make sure it exists, with ``declare = false``)."""
         self._call(lambda link: None)
-        return f"exchange {self.options.exchange} on {self.endpoint} accepts messages"
+        return "accepts messages"
 
     def close(self) -> None:
         """Close the connections no delivery is using (all of them, once deliveries have ended)."""

@@ -149,7 +149,7 @@ class CosSink(BucketSink):
         """HEAD the bucket: proves the endpoint answers, the bucket exists and the credentials may use it."""
         with Deadline(self.timeout, f"HEAD of sink {self.name}"):
             self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
-        return f"bucket {self.options.bucket} in {self.options.region} is reachable"
+        return "reachable"
 
     def _copies(self, job: Job) -> bool:
         """Whether COS copies the job's files itself, each from where CI wrote it: its output is in this region."""

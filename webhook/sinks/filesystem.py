@@ -89,12 +89,12 @@ class FilesystemSink(Sink):
                 raise DeliveryError(f"{self.name}: cannot write in {root}: {os.strerror(errno.EEXIST)}")
             if not _writable(root):
                 raise DeliveryError(f"{self.name}: cannot write in {root}: {os.strerror(errno.EACCES)}")
-            return f"directory {root.resolve()} is writable"
+            return "writable"
         if not nearest.is_dir():
             raise DeliveryError(f"{self.name}: cannot create {root}: {nearest} is not a directory")
         if not _writable(nearest):
             raise DeliveryError(f"{self.name}: cannot create {root}: {nearest} is not writable")
-        return f"directory {root} does not exist; will be created on first delivery"
+        return "does not exist yet; the first delivery creates it"
 
     def _write(self, root: Path, name: str, fill: Callable[[Path], None]) -> None:
         """``fill`` makes a temporary file whose bytes are on disk; it becomes ``name`` by rename."""

@@ -88,7 +88,7 @@ class RedisSink(NotificationSink):
             raise DeliveryError(
                 f"{self.name}: key {self.stream} on {self.endpoint} holds a {kind}, not a stream", permanent=True
             )
-        return f"stream {self.stream} on {self.endpoint} is writable"
+        return "writable"
 
     def close(self) -> None:
         """Disconnect the client's connections."""

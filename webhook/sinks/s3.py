@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -200,9 +199,7 @@ class S3Sink(BucketSink):
     def check(self) -> str:
         """HEAD the bucket: proves the endpoint answers, the bucket exists and the credentials may use it."""
         self._call("head_bucket", "", self._client.head_bucket, Bucket=self.options.bucket)
-        endpoint = urlsplit(self._client.meta.endpoint_url)
-        host = f"{endpoint.hostname}:{endpoint.port}" if endpoint.port else str(endpoint.hostname)
-        return f"bucket {self.options.bucket} is reachable at {host}"
+        return "reachable"
 
     def close(self) -> None:
         """Close pooled connections."""

@@ -109,7 +109,8 @@ _COUNTED: tuple[MetricWrapperBase, ...] = (
 for _outcome in CallbackOutcome:
     CALLBACKS.labels(_outcome.value)
 for _verified in Outcome:
-    VERIFICATIONS.labels(_verified.value)
+    if _verified != Outcome.REPLAYED:  # a mark in the timeline, never counted as an attempt
+        VERIFICATIONS.labels(_verified.value)
 for _step in Step:
     STEP_SECONDS.labels(_step.value)
 

@@ -49,10 +49,24 @@ def remove_made() -> None:
         shutil.rmtree(_made.pop(), ignore_errors=True)
 
 
+def shared_by_workers(port: int, directory: str = "") -> Path:
+    """A worker with a metrics port counts in files shared by every worker of this host on that port.
+
+    Whichever of them holds the port serves the sum of all of them, so a Procfile scaled to several
+    workers gives every one the same ``WEBHOOK_WORKER_METRICS_PORT``. Nothing empties the directory:
+    counters only grow, and the files of a worker that exited keep its counts in the sum (restarting
+    one never makes a total go down).
+    """
+    path = Path(directory) if directory else Path(tempfile.gettempdir()) / f"cos-webhook-worker-metrics-{port}"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[VARIABLE] = str(path)
+    return path
+
+
 def count_in_process() -> None:
-    """A worker process counts only in its own memory and serves that itself.
+    """A process that serves no metrics port counts only in its own memory.
 
     A directory meant for gunicorn's processes (and emptied by its master at each start) must not
-    be shared with it, and may not even exist where the worker runs.
+    be shared with it, and may not even exist where it runs.
     """
     os.environ.pop(VARIABLE, None)

@@ -51,11 +51,24 @@ def metrics_endpoint() -> tuple[Response, int]:
     return Response(body, content_type=metrics.CONTENT_TYPE), 200
 
 
-def metrics_server(settings: Settings, ledger: Ledger, port: int) -> BackgroundServer:
-    """A worker's ``/metrics`` (and probes) on ``port`` of every interface, with the web's access rules."""
+METRICS_SET_HEADER = "X-Cos-Webhook-Metrics-Set"
+
+
+def metrics_server(settings: Settings, ledger: Ledger, port: int, metrics_set: str) -> BackgroundServer:
+    """A worker's ``/metrics`` (and probes) on ``port`` of every interface, with the web's access rules.
+
+    Every answer names ``metrics_set`` (:data:`METRICS_SET_HEADER`): another worker finding the port
+    taken asks ``/livez`` whether it is served for the same counts as its own.
+    """
     app = Flask("webhook.worker_metrics")
     app.extensions[EXTENSION] = Runtime(settings=settings, ledger=ledger)
     app.register_blueprint(bp)
+
+    @app.after_request
+    def name_the_set(response: Response) -> Response:
+        response.headers[METRICS_SET_HEADER] = metrics_set
+        return response
+
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
     # Every interface: Prometheus scrapes from another host. /metrics is guarded as on the web.

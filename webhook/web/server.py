@@ -6,6 +6,7 @@ processes of a deployment are gunicorn's instead (:mod:`webhook.web.launch`).
 
 from __future__ import annotations
 
+import socket
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -44,8 +45,15 @@ class BackgroundServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> BackgroundServer:
-        """Listen, then serve in a daemon thread; returns ``self``."""
-        self._server = self._server_class(self.host, self._port, self.app, handler=self._request_handler)
+        """Listen, then serve in a daemon thread; returns ``self``. A port that is taken raises OSError."""
+        # Bound here rather than by werkzeug, which prints and exits the process when the port is
+        # taken: a caller gets the OSError and decides (a worker's metrics port is retried).
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.create_server((self.host, self._port), family=family, backlog=128) as listening:
+            # werkzeug serves a duplicate of the descriptor; this one closes on leaving the block.
+            self._server = self._server_class(
+                self.host, self._port, self.app, handler=self._request_handler, fd=listening.fileno()
+            )
         # A short poll interval keeps stop() quick; tests start and stop many servers.
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=self._name, daemon=True
@@ -65,7 +73,7 @@ class BackgroundServer:
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError(f"{self._name} is not running: call start() first")
-        return self._server.server_port
+        return self._server.port
 
     @property
     def url(self) -> str:

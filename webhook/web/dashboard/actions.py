@@ -67,7 +67,7 @@ def _replay_dead(wanted: set[tuple[str, str]]) -> None:
     failed: list[str] = []
     for letter in letters:
         try:
-            replay_letter(ledger, letter)
+            replay_letter(ledger, letter, _asker())
         except LedgerError as exc:
             failed.append(str(exc))
     done = len(letters) - len(failed)
@@ -88,7 +88,7 @@ def _replay_jobs(items: list[tuple[str, str]]) -> None:
             flash(f"{job_id}: unknown sink {sink!r}; configured: {', '.join(specs) or 'none'}", "error")
             continue
         try:
-            replayed = replay_job(rt.ledger, specs, job_id, [sink] if sink else ())
+            replayed = replay_job(rt.ledger, specs, job_id, [sink] if sink else (), _asker())
         except LedgerError as exc:
             flash(str(exc), "error")
             continue
@@ -97,3 +97,8 @@ def _replay_jobs(items: list[tuple[str, str]]) -> None:
             flash(f"{job_id} will be verified again, then delivered to every sink that takes it.")
         else:
             flash(f"Replay of {job_id} scheduled for: {', '.join(replayed.sinks) or 'no sink'}.")
+
+
+def _asker() -> str:
+    """Who asked for a replay, as the job's timeline names it."""
+    return f"dashboard {request.remote_addr}"

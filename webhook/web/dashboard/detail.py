@@ -72,7 +72,7 @@ def lanes(view: JobView) -> list[Lane]:
 def verified(view: JobView) -> bool:
     """CI confirmed the job: it has deliveries, or went on to be delivered (perhaps to no sink)."""
     has_deliveries = any(t.kind == TaskKind.DELIVER for t in view.tasks)
-    return has_deliveries or view.status in (JobStatus.VERIFIED, JobStatus.DELIVERED)
+    return has_deliveries or view.status in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED)
 
 
 def event_documents(view: JobView) -> list[EventDocument]:

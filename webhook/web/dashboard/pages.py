@@ -17,6 +17,8 @@ MAX_PAGE = 100_000  # keeps the offset within what every database takes
 FILTERS = ("q", "status", "tag", "sink", "since", "until")
 DEAD_SHOWN = 500  # dead letters listed (and replayable together) at once
 RECENT = timedelta(hours=1)
+# Statuses whose job can be delivered (or verified) again; received and ignored have nothing to replay.
+REPLAYABLE = frozenset({JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.REJECTED})
 
 
 def _rt() -> Runtime:
@@ -101,7 +103,8 @@ def job(job_id: str) -> str:
         lanes=lanes(view),
         documents=event_documents(view),
         verified=verified(view),
-        replayable=view.status in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.DEAD, JobStatus.REJECTED),
+        replayable=view.status
+        in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.REJECTED),
         configured=configured,
     )
 
