@@ -13,6 +13,7 @@ import dataclasses
 import json
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,10 +53,17 @@ def postgres_database() -> Iterator[str]:
 
 
 def deadlocks(url: str) -> int:
-    """How many deadlocks the database has seen, from a connection of its own (a fresh statistics snapshot)."""
+    """How many deadlocks the database has seen, once every other connection to it has gone (a
+    server process reports what it counted as it exits), from a connection of its own."""
     engine = sa.create_engine(url)
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     try:
         with engine.connect() as conn:
+            deadline = time.monotonic() + 30
+            while conn.execute(sa.text(others)).scalar_one():
+                assert time.monotonic() < deadline, "connections to the test database stay open"
+                time.sleep(0.02)
+            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
             found = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
             return int(conn.execute(sa.text(found)).scalar_one())
     finally:
@@ -64,7 +72,7 @@ def deadlocks(url: str) -> int:
 
 def record(ledger: Ledger, *jobs: Job) -> None:
     body = {"EventName": "WorkflowFinish", "JobsDetail": [job_to_dict(j) for j in jobs]}
-    raw = RawRequest(str(body).encode(), "application/json", {}, "10.0.0.1")
+    raw = RawRequest(json.dumps(body).encode(), "application/json", {}, "10.0.0.1")
     parsed = Callback(event_name="WorkflowFinish", jobs=jobs, body_format="json")
     # No cap within reach: every new version makes the job's verify task due again.
     ledger.jobs.record(raw, parsed, triage(parsed, TAGS), max_versions=RECEIVERS * ROUNDS + 1)
@@ -79,6 +87,7 @@ def test_overlapping_callbacks_and_lease_renewals_do_not_deadlock() -> None:
         # in job id order and locking in task id order are two different orders.
         for n in reversed(range(JOBS)):
             record(ledger, job(n))
+        ledger.dispose()  # its connections close (and report): the engine opens new ones when used
         before = deadlocks(url)
         failures: list[str] = []
         receiving = threading.Barrier(RECEIVERS + WORKERS)
@@ -113,6 +122,9 @@ def test_overlapping_callbacks_and_lease_renewals_do_not_deadlock() -> None:
                         ledger.queue.reject(claim.task, worker_id, "output differs", verdicts)
                 except LedgerUnavailable as exc:
                     failures.append(f"{worker_id}: {exc.detail}")
+                except Exception as exc:  # a failed assertion in this thread fails the test
+                    failures.append(f"{worker_id}: {exc!r}")
+                    return
 
         workers = [threading.Thread(target=work, args=(f"w{n}",)) for n in range(WORKERS)]
         receivers = [threading.Thread(target=receive, args=(n,)) for n in range(RECEIVERS)]
@@ -123,7 +135,7 @@ def test_overlapping_callbacks_and_lease_renewals_do_not_deadlock() -> None:
         received.set()
         for thread in workers:
             thread.join()
-        ledger.dispose()  # each connection reports its statistics as it closes
+        ledger.dispose()
         assert failures == []
         assert deadlocks(url) == before
 
