@@ -215,8 +215,7 @@ _VERDICT = (
 
 
 def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus) -> None:
-    # One statement for every version (a job may have hundreds): the job's row is locked meanwhile,
-    # and callbacks for it wait on that lock.
+    # One statement for all (a job may have hundreds): callbacks for the job wait on its row meanwhile.
     rows = [{"version_id": v, "verdict": status, "why": why} for v, why in verdicts.items() if v is not None]
     if rows:
         conn.execute(_VERDICT, rows)
