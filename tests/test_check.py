@@ -17,6 +17,10 @@ from webhook.web.server import BackgroundServer
 
 TOKEN_OK = "ok    callback token: 1 configured"
 CI_OK = f"ok    ci: {BUCKET} ({REGION}) accepts the credentials"
+PERMISSIONS_OK = [
+    f"ok    permission: {action} on {BUCKET}"
+    for action in ("ci:DescribeMediaJob", "ci:DescribeMediaJobs", "cos:HeadObject", "cos:GetObject")
+]
 
 
 def snapshot(path: Path) -> dict[str, bytes | None]:
@@ -65,6 +69,7 @@ def test_a_missing_ledger_and_sink_directory_are_reported_and_not_created(
         TOKEN_OK,
         f"FAIL  ledger: sqlite database {deploy / expected_path} does not exist (run cos-webhook migrate)",
         CI_OK,
+        *PERMISSIONS_OK,
         f"ok    filesystem (filesystem) {deploy / 'out/audio'}: does not exist yet; the first delivery creates it",
     ]
     assert snapshot(tmp_path) == before
@@ -92,6 +97,7 @@ def test_an_existing_ledger_is_only_read(tmp_path: Path, deploy: Path, sandbox: 
             TOKEN_OK,
             f"ok    ledger: sqlite is reachable and its schema is current ({head()})",
             CI_OK,
+            *PERMISSIONS_OK,
             f"ok    filesystem (filesystem) {deploy / 'out'}: writable",
         ]
         assert snapshot(tmp_path) == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -125,13 +124,14 @@ def test_web_processes_share_logins_and_a_new_password_ends_them(ledger: Ledger)
 
     other = second.test_client()
     other.set_cookie(auth.COOKIE_NAME, cookie.value, path=auth.COOKIE_PATH)
-    assert other.get("/dashboard/").status_code == 200  # signed alike: any process accepts it
+    assert other.get("/dashboard/").status_code == 200  # the session is in the ledger: any process accepts it
 
     rotated = dashboard(ledger, password=PASSWORD + " 2").test_client()
     rotated.set_cookie(auth.COOKIE_NAME, cookie.value, path=auth.COOKIE_PATH)
     answer = rotated.get("/dashboard/")
     assert answer.status_code == 303
     assert answer.location.startswith("/dashboard/login")
+    assert client.get("/dashboard/").status_code == 303  # ended for the process that made it too
 
 
 def test_an_expired_session_gets_the_login_page(ledger: Ledger) -> None:
@@ -139,10 +139,9 @@ def test_an_expired_session_gets_the_login_page(ledger: Ledger) -> None:
     client = logged_in(app)
     assert client.get("/dashboard/jobs").status_code == 200
 
-    # The cookie this app signed SESSION_SECONDS ago, as the browser would still hold it.
-    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
-    old = {"_permanent": True, "since": time.time() - auth.SESSION_SECONDS - 1, "csrf_token": "t" * 43}
-    client.set_cookie(auth.COOKIE_NAME, serializer.dumps(old), path=auth.COOKIE_PATH)
+    # As the ledger will hold the session SESSION_SECONDS after the login.
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE dashboard_sessions SET expires_at = created_at"))
 
     answer = client.get("/dashboard/jobs", follow_redirects=True)
     assert answer.request.path == "/dashboard/login"
@@ -192,9 +191,12 @@ def test_pages_forbid_inline_scripts_and_framing(ledger: Ledger) -> None:
 PAGES = ("/dashboard/", "/dashboard/jobs", "/dashboard/jobs/j1", "/dashboard/dead", "/dashboard/workers")
 
 
-def assert_unavailable(answer: TestResponse, kind: str) -> None:
+def assert_unavailable(answer: TestResponse, kind: str, problem: str = "") -> None:
     assert (answer.status_code, answer.headers.get("Retry-After")) == (503, LEDGER_RETRY_AFTER)
-    assert f"The ledger cannot be read just now ({kind}). Try again in 30 seconds." in text_of(answer)
+    said = " ".join(
+        filter(None, [f"The ledger cannot be read just now ({kind}).", problem, "Try again in 30 seconds."])
+    )
+    assert said in text_of(answer)
 
 
 def test_a_ledger_that_cannot_be_read_is_503_with_retry_after(ledger: Ledger) -> None:
@@ -202,7 +204,12 @@ def test_a_ledger_that_cannot_be_read_is_503_with_retry_after(ledger: Ledger) ->
     with ledger.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE attempts"))  # the overview reads the recent attempts
     sqlite = ledger.url.startswith("sqlite")
-    assert_unavailable(client.get("/dashboard/"), "OperationalError" if sqlite else "ProgrammingError")
+    # The page names what is wrong with the schema, which the operator can act on.
+    assert_unavailable(
+        client.get("/dashboard/"),
+        "OperationalError" if sqlite else "ProgrammingError",
+        "The ledger lacks tables attempts (run cos-webhook migrate).",
+    )
 
 
 @pytest.mark.postgres
@@ -422,3 +429,60 @@ def test_a_job_ci_reports_failed_is_shown_failed_with_ci_s_reason(pipeline: Pipe
     shown = client.get(f"/dashboard/jobs/{job_id}")
     assert '<span class="badge status-failed" id="job-status">failed</span>' in shown.text
     assert str(escape(reason)) in shown.text
+
+
+def test_jobs_filter_by_ci_state_and_search_user_data(pipeline: Pipeline, client: FlaskClient) -> None:
+    delivered = pipeline.submit(pipeline.upload_input(), user_data="订单-4711 customer=acme")
+    failed = pipeline.submit("in/missing.wav", user_data="order-0815")
+    worker = pipeline.worker()
+    assert pipeline.drain(worker, delivered, DONE) == "delivered"
+    assert pipeline.drain(worker, failed, DONE, timeout=30) == "failed"
+
+    def shown(query: str) -> list[str]:
+        return re.findall(r'href="/dashboard/jobs/([^"]+)"', client.get("/dashboard/jobs" + query).text)
+
+    assert shown("?state=Failed") == [failed]
+    assert shown("?state=Success") == [delivered]
+    assert shown("?q=订单-47") == [delivered]  # non-ASCII, stored escaped in the job's JSON
+    assert shown("?q=customer%3Dacme") == [delivered]
+    assert shown("?q=0815") == [failed]
+    assert shown("?q=in/missing.wav") == [failed]  # an object's key is searched too
+    page = client.get("/dashboard/jobs?state=Failed")
+    assert '<option value="Failed" selected>Failed</option>' in page.text
+
+
+def test_pages_refresh_when_asked_and_only_then(pipeline: Pipeline, dead_job: str, client: FlaskClient) -> None:
+    plain = client.get("/dashboard/jobs?status=dead")
+    assert 'http-equiv="refresh"' not in plain.text
+    assert 'href="/dashboard/jobs?status=dead&amp;refresh=5"' in plain.text
+
+    asked = client.get("/dashboard/jobs?status=dead&refresh=5")
+    assert '<meta http-equiv="refresh" content="5">' in asked.text
+    assert '<b id="refresh-current">5 s</b>' in asked.text
+    assert 'href="/dashboard/jobs?status=dead"' in asked.text  # off keeps the filters
+    assert '<input type="hidden" name="refresh" value="5">' in asked.text  # filtering keeps refreshing
+    job = client.get(f"/dashboard/jobs/{dead_job}?refresh=30")
+    assert '<meta http-equiv="refresh" content="30">' in job.text
+    assert 'http-equiv="refresh"' not in client.get("/dashboard/?refresh=7").text  # not one of the choices
+
+    form = {"csrf_token": token_of(job), "mode": "job", "job": dead_job, "sink": "http", "back": "/dashboard/"}
+    confirm = client.post("/dashboard/replay?refresh=5", data=form)
+    assert 'http-equiv="refresh"' not in confirm.text  # reloading would send the form again
+
+
+def test_replay_messages_say_what_will_really_happen(pipeline: Pipeline, dead_job: str, client: FlaskClient) -> None:
+    assert pipeline.post_callback(forged("jnotci")).status_code == 200
+    assert pipeline.drain(pipeline.worker(), "jnotci", DONE) == "rejected"
+    reason = pipeline.ledger.views.show_job("jnotci").reason
+
+    page = client.get("/dashboard/jobs/jnotci")
+    assert '<span class="badge task-rejected">rejected</span>' in page.text  # not a green "done"
+    form = {"csrf_token": token_of(page), "mode": "job", "sink": "", "back": "/dashboard/"}
+    confirm = client.post("/dashboard/replay", data=form | {"job": ["jnotci", dead_job], "sink": ["", ""]})
+    what = [html.unescape(cell) for cell in re.findall(r'<td class="what">(.*?)</td>', confirm.text)]
+    assert what == [
+        f"verified again against CI: delivered if CI now confirms it, else rejected again ({reason})",
+        "delivered again to filesystem, http",
+    ]
+    done = client.post("/dashboard/replay", data=form | {"job": "jnotci", "confirm": "yes"}, follow_redirects=True)
+    assert "jnotci will be verified again: delivered if CI now confirms it, else rejected again." in done.text

@@ -130,7 +130,8 @@ def test_replay_a_dead_delivery_in_the_browser(pipeline: Pipeline, browser: WebD
         assert browser.find_element(By.ID, "job-status").text == "delivered"
         http_lane = browser.find_element(By.ID, "lane-deliver-http")
         outcomes = [badge.text for badge in http_lane.find_elements(By.CSS_SELECTOR, "td .badge")]
-        assert outcomes == ["dead", "ok"]  # the refusal stays in the timeline; the replay delivered
+        # The refusal stays in the timeline, the replay is marked where it starts, then it delivered.
+        assert outcomes == ["dead", "replayed", "ok"]
         assert browser.find_element(By.CSS_SELECTOR, "dd.user-data").text == SCRIPT
         assert SCRIPT.replace('"', '\\"') in browser.find_element(By.CSS_SELECTOR, "pre.body").text
         no_script_ran(browser)
@@ -146,3 +147,59 @@ def test_replay_a_dead_delivery_in_the_browser(pipeline: Pipeline, browser: WebD
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == [], severe
     print(f"screenshots: {shots}")
+
+
+WIDTHS = {"desktop": (1400, 1000), "phone": (390, 844)}
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_every_page_fits_the_width_with_log_out_in_reach(
+    pipeline: Pipeline, browser: WebDriver, tmp_path: Path, width: str
+) -> None:
+    pipeline.http.reply(Reply(400))
+    job_id = pipeline.submit(pipeline.upload_input(), user_data="a-long-user-data-value-without-spaces-" * 4)
+    assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
+    pipeline.ledger.workers.beat("a-worker-host-with-a-long-name:4242:cafe0001", "a-worker-host-with-a-long-name", 4242)
+    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
+    with BackgroundServer(app, name="dashboard") as server:
+        base = server.url + "/dashboard"
+        browser.get(base + "/login")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+        browser.set_window_size(*WIDTHS[width])
+        pages = ["/", "/jobs", f"/jobs/{job_id}", "/dead", "/workers"]
+        for page in pages:
+            browser.get(base + page)
+            fits(browser, f"{width} {page}")
+        # The confirmation page too, reached through its form.
+        browser.get(base + "/dead")
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, "button.replay-one"))
+        fits(browser, f"{width} confirm")
+        browser.save_screenshot(str(tmp_path / f"{width}-confirm.png"))
+
+
+def fits(browser: WebDriver, where: str) -> None:
+    """No sideways scroll of the page, and Log out wholly inside the window."""
+    inner = browser.execute_script("return window.innerWidth")
+    wide = browser.execute_script("return document.documentElement.scrollWidth")
+    assert wide <= inner, f"{where}: the page is {wide}px wide in a {inner}px window"
+    right = browser.execute_script("return document.querySelector('.logout button').getBoundingClientRect().right")
+    assert 0 < right <= inner, f"{where}: Log out ends at {right}px in a {inner}px window"
+
+
+def test_a_page_asked_to_refresh_reloads_itself(pipeline: Pipeline, browser: WebDriver) -> None:
+    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
+    with BackgroundServer(app, name="dashboard") as server:
+        base = server.url + "/dashboard"
+        browser.get(base + "/login")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+        navigate(browser, browser.find_element(By.LINK_TEXT, "Jobs"))
+        navigate(browser, browser.find_element(By.LINK_TEXT, "5 s"))
+        assert browser.find_element(By.ID, "refresh-current").text == "5 s"
+        # No script runs in the page: the browser itself loads it again within the interval.
+        page = browser.find_element(By.TAG_NAME, "html")
+        WebDriverWait(browser, 15).until(expected_conditions.staleness_of(page))
+        assert browser.current_url == base + "/jobs?refresh=5"
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert severe == [], severe

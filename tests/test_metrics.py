@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from support.endpoint import TOKEN
@@ -101,7 +103,8 @@ def test_every_metric_is_described_and_every_job_status_is_present(ledger: Ledge
     assert value(samples, "cos_webhook_workers") == 0
 
 
-def test_callbacks_are_counted_by_outcome_and_timed(ledger: Ledger) -> None:
+def test_callbacks_are_counted_by_outcome_and_timed(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
     with receiver(ledger) as url:
         before = scrape(url)
         assert post(url, DOC_JSON) == 200
@@ -127,7 +130,8 @@ def test_callbacks_are_counted_by_outcome_and_timed(ledger: Ledger) -> None:
     assert value(after, "cos_webhook_ack_seconds_count") - value(before, "cos_webhook_ack_seconds_count") == 5
 
 
-def test_versions_past_the_cap_are_answered_200_and_counted(ledger: Ledger) -> None:
+def test_versions_past_the_cap_are_answered_200_and_counted(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
     said_again = DOC_JSON.replace(b"This is my NoiseReduction job.", b"said again")
     with receiver(ledger, max_versions_per_job=1) as url:
         before = scrape(url)
@@ -148,7 +152,10 @@ def test_versions_past_the_cap_are_answered_200_and_counted(ledger: Ledger) -> N
     assert [v.status for v in ledger.views.show_job(JOB_ID).versions] == ["pending", "capped"]
 
 
-def test_a_callback_the_ledger_cannot_store_is_counted_unavailable(ledger: Ledger) -> None:
+def test_a_callback_the_ledger_cannot_store_is_counted_unavailable(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
     with receiver(ledger) as url:
         before = scrape(url)
         with ledger.engine.begin() as conn:
@@ -162,7 +169,10 @@ def test_a_callback_the_ledger_cannot_store_is_counted_unavailable(ledger: Ledge
     assert moved == 1
 
 
-def test_a_pipeline_run_counts_verifications_steps_and_deliveries_per_sink(pipeline: Pipeline) -> None:
+def test_a_pipeline_run_counts_verifications_steps_and_deliveries_per_sink(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
     pipeline.http.reply(Reply(503), Reply(200))  # the http sink's first delivery is retried
     before = scrape(pipeline.receiver_url)
     job_id = pipeline.submit(pipeline.upload_input())
@@ -316,6 +326,27 @@ def test_the_cache_expires_and_a_failed_read_leaves_the_gauges_empty() -> None:
     assert reads == [0.0, 5.0, 10.0]
 
 
+def test_scrapes_within_a_second_share_one_rendering() -> None:
+    collected: list[int] = []
+
+    class Collector:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            collected.append(len(collected))
+            yield GaugeMetricFamily("renderings", "How often the exposition was rendered.", value=len(collected))
+
+    served = CollectorRegistry()
+    served.register(Collector())
+    now = [0.0]
+    exposition = metrics.Exposition(served, ttl=1.0, clock=lambda: now[0])
+
+    assert len({exposition.text() for _ in range(100)}) == 1
+    now[0] = 0.99
+    assert exposition.text().endswith(b"renderings 1.0\n")
+    now[0] = 1.0
+    assert exposition.text().endswith(b"renderings 2.0\n")
+    assert len(collected) == 2
+
+
 # -- who may read them --------------------------------------------------------------------------------
 
 
@@ -336,7 +367,10 @@ def test_the_metrics_token_is_required_when_set(ledger: Ledger) -> None:
         assert response.json() == {"error": "metrics need Authorization: Bearer <WEBHOOK_METRICS_TOKEN>", "status": 403}
 
 
-def test_the_source_allowlist_guards_metrics_and_the_token_opens_them_from_elsewhere(ledger: Ledger) -> None:
+def test_the_source_allowlist_guards_metrics_and_the_token_opens_them_from_elsewhere(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
     elsewhere = (ipaddress.ip_network("10.0.0.0/8"),)
     with receiver(ledger, allowed_sources=elsewhere) as url:
         refused = requests.get(f"{url}/metrics", timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from support.processes import COS_WEBHOOK, TEXT_LOGS
 
 from webhook.cli import main
 from webhook.config import Settings
-from webhook.ledger import Ledger, LedgerError, migrate
+from webhook.ledger import Ledger, LedgerError, Standing, migrate
 from webhook.ledger.schema import metadata
 from webhook.web.launch import web_app as create_app
 
@@ -129,6 +130,22 @@ def test_jobs_ci_failed_that_were_delivered_become_failed(database_url: str) -> 
         "j3": ("failed", "CI reports Cancel; no sink takes this event"),
         "j4": ("delivered", ""),
     }
+    ledger.dispose()
+
+
+def test_the_dashboard_tables_come_to_a_ledger_with_rows_in_it(database_url: str) -> None:
+    ledger = Ledger(database_url)
+    migrate.upgrade(ledger.engine, migrate.BASELINE)
+    fill_baseline(ledger.engine)
+    migrate.upgrade(ledger.engine, "0006")  # the revision before them
+
+    ledger.migrate()
+
+    assert schema_differences(ledger.engine) == []
+    assert [job.job_id for job in ledger.views.list_jobs()] == ["j1"]
+    ledger.sessions.open("a session id", "a password id", timedelta(hours=1))
+    assert ledger.sessions.standing("a session id", "a password id") == Standing.IN
+    assert ledger.sessions.login_attempt("192.0.2.1").count == 1
     ledger.dispose()
 
 

@@ -222,7 +222,7 @@ def test_rejected_jobs_are_verified_again_once_the_cause_is_fixed(pipeline: Pipe
     # The allowlist is fixed: replay one by its id, then the rest of the last hour's rejections.
     assert (
         cli(pipeline, "replay", jobs_ids[0]).output
-        == f"{jobs_ids[0]} will be verified again, then delivered to every sink that takes it\n"
+        == f"{jobs_ids[0]} will be verified again: delivered if CI now confirms it, else rejected again\n"
     )
     assert cli(pipeline, "replay", "--rejected", "--since", "1h").output.endswith("2 rejected jobs scheduled again\n")
     worker = pipeline.worker()

@@ -51,6 +51,8 @@ __all__ = ["ConfigError", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite:///var/cos-webhook.db"
 DEFAULT_CONFIG_PATH = "cos-webhook.toml"
+# Where a CVM's CAM role gets its temporary keys (see webhook.ci.credentials).
+DEFAULT_CREDENTIALS_URL = "http://metadata.tencentyun.com/latest/meta-data/cam/security-credentials/"
 
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_DATABASE_URL": ("database_url",),
@@ -61,6 +63,9 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_ALLOWED_TAGS": ("allowed_tags",),
     "COS_SECRET_ID": ("secret_id",),
     "COS_SECRET_KEY": ("secret_key",),
+    "COS_SECRET_TOKEN": ("secret_token",),
+    "COS_CREDENTIALS_ROLE": ("credentials_role",),
+    "WEBHOOK_CREDENTIALS_URL": ("credentials_url",),
     "COS_REGION": ("region",),
     "WEBHOOK_COS_ENDPOINT": ("cos_endpoint",),
     "WEBHOOK_COS_TIMEOUT": ("cos_timeout",),
@@ -112,7 +117,7 @@ _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("environ", default=N
 
 
 class Settings(BaseSettings):
-    """Everything the processes are configured with; see the README's table for each variable."""
+    """Everything the processes are configured with; see docs/configuration.md for each variable."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
@@ -124,6 +129,9 @@ class Settings(BaseSettings):
     allowed_tags: Names = frozenset({"NoiseReduction"})
     secret_id: str = ""
     secret_key: str = Field("", repr=False)
+    secret_token: str = Field("", repr=False)  # with temporary keys
+    credentials_role: str = ""  # a CAM role: its keys from the metadata service instead of the three above
+    credentials_url: HttpUrl = DEFAULT_CREDENTIALS_URL
     region: str = ""
     cos_endpoint: Endpoint = None
     # Deadline for one whole COS/CI exchange; a transfer also gets its bytes' time at min_transfer_rate.
@@ -237,6 +245,7 @@ class Settings(BaseSettings):
         """``text`` without any configured secret's value (for errors recorded or logged)."""
         for secret in (
             self.secret_key,
+            self.secret_token,
             self.http_sink_secret,
             self.metrics_token,
             self.dashboard_password,
@@ -255,6 +264,25 @@ class Settings(BaseSettings):
             *self.sinks,
         ]
 
+    def credential_problems(self) -> list[str]:
+        """What is wrong with how COS/CI keys are configured: fixed keys, or a CAM role (not both)."""
+        fixed = [name for name, value in self._fixed_keys() if value]
+        if self.credentials_role:
+            if fixed:
+                return [f"COS_CREDENTIALS_ROLE and {'/'.join(fixed)} are both set: use the role's keys or fixed ones"]
+            return []
+        problems = [f"{name} is not set" for name, value in self._fixed_keys()[:2] if not value]
+        if self.secret_token and problems:
+            problems.append("COS_SECRET_TOKEN is set: it goes with the temporary COS_SECRET_ID and COS_SECRET_KEY")
+        return problems
+
+    def _fixed_keys(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("COS_SECRET_ID", self.secret_id),
+            ("COS_SECRET_KEY", self.secret_key),
+            ("COS_SECRET_TOKEN", self.secret_token),
+        )
+
     def check_receiver(self) -> None:
         """What the web process needs."""
         if not self.callback_tokens:
@@ -263,8 +291,7 @@ class Settings(BaseSettings):
     def check_worker(self, *, sinks: bool = False) -> None:
         """What the worker needs to verify, fetch and forward (with ``sinks``, at least one sink too);
         every missing setting is named in one error."""
-        keys = (("COS_SECRET_ID", self.secret_id), ("COS_SECRET_KEY", self.secret_key))
-        problems = [f"{name} is not set" for name, value in keys if not value]
+        problems = self.credential_problems()
         if not self.region:
             problems.append("COS_REGION is not set (for example ap-guangzhou)")
         if not self.allowed_buckets:

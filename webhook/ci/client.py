@@ -1,8 +1,9 @@
 """The one way to COS and CI: cos-python-sdk-v5 clients, and the SDK's errors in our own words.
 
-:func:`make_client` builds every SDK client the product uses (public endpoints, a private one,
-or the sandbox); :func:`client_for` is the service's own, from its settings, and :func:`signer`
-the one that presigns URLs for others. :func:`cloud_error` is the one reading of what the SDK
+:func:`source_client` builds every SDK client the product uses (public endpoints, a private one,
+or the sandbox), signing with a :mod:`~webhook.ci.credentials` source's keys; :func:`make_client`
+is one with fixed keys, :func:`client_for` the service's own, from its settings, and
+:func:`signer_for` the one that presigns URLs for others. :func:`cloud_error` is the one reading of what the SDK
 raises (:data:`SDK_ERRORS`): each stage puts its line into its own error (``VerifyError``,
 ``FetchError``, ``SubmitError``, ``ReconcileError``, a sink's ``DeliveryError``).
 """
@@ -10,13 +11,15 @@ raises (:data:`SDK_ERRORS`): each stage puts its line into its own error (``Veri
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from webhook.ci.credentials import Credentials, CredentialSource, StaticCredentials, credentials_for
 from webhook.config import Settings
 from webhook.config_values import CosEndpoint
 from webhook.deadline import DEFAULT_TIMEOUT, Deadline, current, deadline_session
@@ -33,8 +36,20 @@ def make_client(
     region: str,
     endpoint: CosEndpoint | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    token: str = "",
 ) -> CosS3Client:
-    """A client for ``region``; with ``endpoint`` every COS and CI request goes to that address.
+    """A client for ``region`` with fixed keys (and ``token``, for temporary ones); see :func:`source_client`."""
+    return source_client(StaticCredentials(Credentials(secret_id, secret_key, token)), region, endpoint, timeout)
+
+
+def source_client(
+    source: CredentialSource,
+    region: str,
+    endpoint: CosEndpoint | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> CosS3Client:
+    """A client for ``region`` signing each request with ``source``'s current keys; with
+    ``endpoint`` every COS and CI request goes to that address.
 
     The SDK then keeps sending the bucket's virtual host in ``Host`` (and signs it), so a server
     at ``endpoint`` can tell buckets and the COS/CI APIs apart exactly as Tencent's front ends do.
@@ -42,27 +57,19 @@ def make_client(
     Its requests go through a :func:`~webhook.deadline.deadline_session`: run a call inside
     :func:`cos_deadline` and ``timeout`` bounds the whole exchange, not just each read.
     """
-    if endpoint is None:
-        config = CosConfig(Region=region, SecretId=secret_id, SecretKey=secret_key, Scheme="https", Timeout=timeout)
-    else:
-        config = CosConfig(
-            Region=region,
-            SecretId=secret_id,
-            SecretKey=secret_key,
-            Scheme=endpoint.scheme,
-            IP=endpoint.host,
-            Port=endpoint.port,
-            Timeout=timeout,
-        )
+    place: dict[str, Any] = {"Scheme": "https"}
+    if endpoint is not None:
+        place = {"Scheme": endpoint.scheme, "IP": endpoint.host, "Port": endpoint.port}
+    config = _Config(Region=region, CredentialInstance=_RequestCredentials(source), Timeout=timeout, **place)
     return CosS3Client(config, retry=1, session=deadline_session())
 
 
 def client_for(settings: Settings, region: str | None = None) -> CosS3Client:
-    """The service's client for ``region`` (default ``COS_REGION``): its own credentials, through
-    ``WEBHOOK_COS_ENDPOINT`` when that is set, each exchange bounded by ``WEBHOOK_COS_TIMEOUT``."""
-    return make_client(
-        settings.secret_id, settings.secret_key, region or settings.region, settings.cos_endpoint, settings.cos_timeout
-    )
+    """The service's client for ``region`` (default ``COS_REGION``): its own credentials (fixed, or
+    its CAM role's), through ``WEBHOOK_COS_ENDPOINT`` when that is set, each exchange bounded by
+    ``WEBHOOK_COS_TIMEOUT``."""
+    source = credentials_for(settings)
+    return source_client(source, region or settings.region, settings.cos_endpoint, settings.cos_timeout)
 
 
 def signer(secret_id: str, secret_key: str, region: str) -> CosS3Client:
@@ -74,6 +81,71 @@ def signer(secret_id: str, secret_key: str, region: str) -> CosS3Client:
     URL there).
     """
     return make_client(secret_id, secret_key, region)
+
+
+def signer_for(settings: Settings, region: str) -> CosS3Client:
+    """:func:`signer` with the service's own credentials (fixed, or its CAM role's)."""
+    return source_client(credentials_for(settings), region)
+
+
+def signing_token(client: CosS3Client) -> str:
+    """The token of the keys this thread's last signature with ``client`` used ("" for permanent keys).
+
+    A presigned URL made with temporary keys works only with it: the SDK does not add it to the
+    URL, so :func:`webhook.ci.fetch.presigned_url` does.
+    """
+    keys = getattr(client.get_conf(), "_credential_inst", None)  # None: a client not made here
+    return keys.token or "" if isinstance(keys, _RequestCredentials) else ""
+
+
+class _RequestCredentials:
+    """The SDK's ``CredentialInstance`` hook over a :class:`CredentialSource`, one set of keys per request.
+
+    cos-python-sdk-v5 (1.9.x) reads ``secret_id`` and then ``secret_key`` when it signs a request
+    (``cos_auth.CosS3Auth.__init__``, on the caller's thread), then the token when it sends it
+    (``CosS3Client.send_request`` reads ``CosConfig._token``, which :class:`_Config` takes from
+    here). Reading ``secret_id`` takes the source's current keys and pins them for this thread;
+    the key and token are the pinned set's, so a refresh between those reads cannot make a
+    request carry the old id with the new key or token.
+    """
+
+    def __init__(self, source: CredentialSource) -> None:
+        self._source = source
+        self._pinned = threading.local()
+
+    @property
+    def secret_id(self) -> str:
+        credentials = self._source.current()
+        self._pinned.credentials = credentials
+        return credentials.secret_id
+
+    @property
+    def secret_key(self) -> str:
+        return self._pin().secret_key
+
+    @property
+    def token(self) -> str | None:
+        return self._pin().token or None
+
+    def _pin(self) -> Credentials:
+        pinned: Credentials | None = getattr(self._pinned, "credentials", None)
+        return pinned if pinned is not None else self._source.current()
+
+
+class _Config(CosConfig):  # type: ignore[misc]
+    """A ``CosConfig`` whose token is the current request's (see :class:`_RequestCredentials`):
+    the SDK only reads keys from a ``CredentialInstance``, never its token."""
+
+    @property
+    def _token(self) -> str | None:
+        keys = self.__dict__.get("_credential_inst")
+        return keys.token if isinstance(keys, _RequestCredentials) else None
+
+    @_token.setter
+    def _token(self, value: str | None) -> None:
+        # CosConfig.__init__ stores its Token argument (None here): the token is the source's.
+        if value is not None:
+            raise ValueError("this client's token comes from its credential source")
 
 
 def client_timeout(client: CosS3Client) -> float:

@@ -9,10 +9,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlencode
 
 from qcloud_cos import CosS3Client
 
-from webhook.ci.client import COS, SDK_ERRORS, cloud_error, cos_deadline
+from webhook.ci.client import COS, SDK_ERRORS, cloud_error, cos_deadline, signing_token
 from webhook.ci.crc64 import crc64ecma
 from webhook.deadline import DEFAULT_MIN_RATE, transfer_budget
 from webhook.models import FetchedFile, ObjectLocation
@@ -137,6 +138,10 @@ def describe_object(
 
 
 def presigned_url(client: CosS3Client, where: ObjectLocation, seconds: int) -> str:
-    """A GET URL for ``where`` that works without credentials for ``seconds``."""
+    """A GET URL for ``where`` that works without credentials for ``seconds`` (or until the
+    temporary keys that signed it expire, if sooner)."""
     url: str = client.get_presigned_url(Bucket=where.bucket, Key=where.key, Method="GET", Expired=seconds)
+    if token := signing_token(client):
+        # COS takes a temporary key's token beside the signature, as x-cos-security-token.
+        url += "&" + urlencode({"x-cos-security-token": token})
     return url

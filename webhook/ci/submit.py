@@ -130,13 +130,9 @@ def choose_bucket(settings: Settings, bucket: str | None) -> str:
 
 def ci_client(settings: Settings) -> CosS3Client:
     """The SDK client for ``COS_REGION`` (the sandbox or a private endpoint with ``WEBHOOK_COS_ENDPOINT``)."""
-    for name, value in (
-        ("COS_SECRET_ID", settings.secret_id),
-        ("COS_SECRET_KEY", settings.secret_key),
-        ("COS_REGION", settings.region),
-    ):
-        if not value:
-            raise SubmitError(f"{name} is not set")
+    problems = settings.credential_problems() + ([] if settings.region else ["COS_REGION is not set"])
+    if problems:
+        raise SubmitError("; ".join(problems))
     return client_for(settings)
 
 

@@ -6,6 +6,7 @@ import click
 import requests
 
 from webhook.ci.client import client_for
+from webhook.ci.probes import NO_JOB, worker_permissions
 from webhook.ci.verify import VerifyError, describe_job
 from webhook.cli.base import echo_text, main, sink_specs
 from webhook.config import Settings
@@ -101,7 +102,8 @@ def _check_ledger(settings: Settings) -> str:
 
 
 def _check_ci(settings: Settings) -> list[str]:
-    """One cheap authenticated CI call per allowlisted bucket: are the credentials accepted?"""
+    """One cheap authenticated CI call per allowlisted bucket: are the credentials accepted? Then one
+    probe per call the worker makes on each of them: may the credentials make it?"""
     try:
         settings.check_worker()
     except ConfigError as exc:
@@ -110,11 +112,14 @@ def _check_ci(settings: Settings) -> list[str]:
     verdicts = []
     for bucket in sorted(settings.allowed_buckets):
         try:
-            describe_job(client, bucket, "j" + "0" * 32)  # no such job: any answer but an error will do
+            describe_job(client, bucket, NO_JOB)  # no such job: any answer but an error will do
         except VerifyError as exc:
             verdicts.append(f"FAIL  ci: {bucket} ({settings.region}): {exc}")
         else:
             verdicts.append(f"ok    ci: {bucket} ({settings.region}) accepts the credentials")
+    # Then which of the worker's calls they may make (README: "CAM policies"), one line each.
+    for bucket in sorted(settings.allowed_buckets):
+        verdicts.extend(permission.line() for permission in worker_permissions(client, bucket))
     return verdicts
 
 

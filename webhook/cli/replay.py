@@ -45,7 +45,7 @@ def replay(job_id: str | None, sinks: tuple[str, ...], dead: bool, rejected: boo
     if job_id:
         replayed = replay_job(ledger, specs, job_id, sinks, by)
         if replayed.verify:
-            click.echo(f"{job_id} will be verified again, then delivered to every sink that takes it")
+            click.echo(f"{job_id} will be verified again: delivered if CI now confirms it, else rejected again")
         else:
             click.echo(f"replay of {job_id} scheduled for: {', '.join(replayed.sinks) or 'no sink'}")
         return

@@ -9,6 +9,7 @@ overviews). The tables are in :mod:`webhook.ledger.schema` and stay inside this 
 database raises leaves it as :class:`LedgerUnavailable` (see :mod:`webhook.ledger.errors`). A
 typed column holding what its type cannot is read row by row (:mod:`webhook.ledger.readable`):
 that row's claim or view says which column, and every other row reads as usual.
+:attr:`~Ledger.sessions` keeps the dashboard's logins.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from webhook.ledger.readiness import Readiness
 from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
 from webhook.ledger.schema import utc_text, utcnow
+from webhook.ledger.sessions import Failures, Sessions, Standing
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
 from webhook.ledger.view_records import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView
 from webhook.ledger.views import Views
@@ -42,6 +44,7 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "DeliveryClaim",
+    "Failures",
     "JobFilter",
     "JobPage",
     "JobRow",
@@ -59,6 +62,8 @@ __all__ = [
     "Readiness",
     "Recorded",
     "Replayed",
+    "Sessions",
+    "Standing",
     "Stats",
     "StepCounts",
     "TakenOver",
@@ -96,6 +101,7 @@ class Ledger:
         self.retention = Retention(self.engine)
         self.stats = Stats(self.engine)
         self.quarantine = Quarantine(self.engine)
+        self.sessions = Sessions(self.engine)
 
     def migrate(self) -> None:
         """Bring the schema to this version's head revision; safe when several processes start at once."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,11 +22,12 @@ class JobFilter:
     """The jobs page's filters; empty means any."""
 
     status: str = ""
+    state: str = ""  # CI's: Success, Failed, Cancel ...
     tag: str = ""
     sink: str = ""  # jobs with a delivery to this sink
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
-    search: str = ""  # part of the JobId
+    search: str = ""  # part of the JobId, the UserData, or any other value CI reported (an object's key)
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,17 @@ def _conditions(wanted: JobFilter) -> list[sa.ColumnElement[bool]]:
         found.append(jobs.c.created_at >= wanted.since)
     if wanted.until is not None:
         found.append(jobs.c.created_at < wanted.until)
+    if wanted.state:
+        found.append(jobs.c.state == wanted.state)
     if wanted.search:
-        found.append(jobs.c.job_id.contains(wanted.search, autoescape=True))
+        # The stored job is JSON, non-ASCII escaped: the text searched for is escaped alike.
+        escaped = json.dumps(wanted.search)[1:-1]
+        found.append(
+            sa.or_(
+                jobs.c.job_id.contains(wanted.search, autoescape=True),
+                jobs.c.detail.contains(escaped, autoescape=True),
+            )
+        )
     return found
 
 

@@ -3,6 +3,7 @@
 Only finished jobs go (delivered, rejected, ignored), with their tasks, attempts and versions,
 then the callbacks no remaining job or version names. Dead and undelivered work stays until an
 operator replays or prunes it by hand: losing it silently is what the ledger exists to prevent.
+Expired dashboard sessions and forgotten wrong logins go on the same round.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
+from webhook.ledger.sessions import Sessions
 from webhook.models import JobStatus
 
 FINISHED = (JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.IGNORED)
@@ -29,6 +31,7 @@ class Pruned:
     jobs: int = 0
     callbacks: int = 0
     rows: dict[str, int] = field(default_factory=dict)  # per table, jobs and callbacks included
+    sessions: int = 0  # expired dashboard sessions and forgotten wrong logins (not part of a dry run)
 
     def line(self) -> str:
         """``3 jobs and 2 callbacks (with attempts 9, job_versions 3, tasks 6)``: each table named once."""
@@ -66,6 +69,7 @@ class Retention:
             if progress:
                 progress(pruned)
         pruned.rows["callbacks"] = pruned.callbacks
+        pruned.sessions = Sessions(self._engine).prune()
         return pruned
 
     def would_prune(self, before: datetime) -> Pruned:

@@ -161,3 +161,35 @@ messages = sa.Table(
     sa.UniqueConstraint("queue", "msg_id"),
     sa.Index("ix_messages_status", "status", "received_at"),
 )
+
+# The dashboard's logins (webhook.ledger.sessions). A session is known by the SHA-256 of the random id
+# its cookie carries, so reading the ledger gives no cookie that works; ``password_id`` names the
+# password it was opened under, and a new password ends it.
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("password_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Index("ix_dashboard_sessions_expires", "expires_at"),
+)
+
+# What every web process must sign and check alike: the password's slow hash (``password``) and
+# the key that signs the dashboard's cookies (``cookie``), both made by the first process to need them.
+dashboard_keys = sa.Table(
+    "dashboard_keys",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+# Wrong dashboard passwords per client address, for the growing wait between attempts.
+dashboard_logins = sa.Table(
+    "dashboard_logins",
+    metadata,
+    sa.Column("address", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_failure_at", sa.DateTime, nullable=False),
+)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from webhook.config_values import CosEndpoint
 from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT
 from webhook.errors import ConfigError
 from webhook.models import Event, FileLocation, Job, JobFile, ObjectLocation
 from webhook.sinks.options import NotifyOptions
+
+if TYPE_CHECKING:  # webhook.ci imports the settings, which import the sink options
+    from webhook.ci.credentials import CredentialSource
 
 PresignSource = Callable[[ObjectLocation, int], str]
 """Presigns a GET of CI's output object for this many seconds, with the service's own credentials."""
@@ -51,6 +54,8 @@ class BuildContext:
     cos_endpoint: CosEndpoint | None = None
     cos_timeout: float = DEFAULT_TIMEOUT
     min_transfer_rate: int = DEFAULT_MIN_RATE
+    # The service's own COS keys (COS_SECRET_ID/KEY/TOKEN, or its CAM role's), for sinks that use them.
+    cos_credentials: CredentialSource | None = None
 
     def secret(self, sink: str, variable: str | None, required: bool = True) -> str | None:
         """The value of ``variable`` (None when unnamed, or unset and not ``required``)."""

@@ -10,6 +10,7 @@ import importlib
 import os
 from collections.abc import Mapping
 
+from webhook.ci.credentials import credentials_for
 from webhook.config import Settings
 from webhook.errors import ConfigError
 from webhook.sinks import BuildContext, Sink
@@ -33,6 +34,8 @@ def sink_context(settings: Settings, environ: Mapping[str, str] | None = None) -
         settings.cos_endpoint,
         cos_timeout=settings.cos_timeout,
         min_transfer_rate=settings.min_transfer_rate,
+        # None without keys or a role: a cos sink then names the variable it misses.
+        cos_credentials=credentials_for(settings) if settings.secret_id or settings.credentials_role else None,
     )
 
 

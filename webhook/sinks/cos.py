@@ -8,8 +8,9 @@ from typing import Any
 
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
-from webhook.ci.client import COS, CloudError, cloud_error, make_client, signer
+from webhook.ci.client import COS, CloudError, cloud_error, source_client
 from webhook.ci.crc64 import crc64ecma
+from webhook.ci.credentials import Credentials, CredentialSource, StaticCredentials
 from webhook.ci.fetch import presigned_url
 from webhook.config_values import CosEndpoint, parse_endpoint
 from webhook.deadline import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT, Deadline, current, transfer_budget
@@ -65,7 +66,9 @@ class CosSink(BucketSink):
         default_endpoint: CosEndpoint | None,
         timeout: float = DEFAULT_TIMEOUT,
         min_rate: int = DEFAULT_MIN_RATE,
+        credentials: CredentialSource | None = None,
     ) -> None:
+        """With ``credentials`` (the service's own), those sign its requests instead of the two keys."""
         self.name = name
         self.options = options
         self.timeout = timeout
@@ -76,21 +79,26 @@ class CosSink(BucketSink):
         except ValueError as exc:
             raise ConfigError(f"sink {name}: options.endpoint {exc}") from None
         try:
-            self._client = make_client(secret_id, secret_key, options.region, endpoint, timeout)
-            self._signer = signer(secret_id, secret_key, options.region)
+            source = credentials or StaticCredentials(Credentials(secret_id, secret_key))
+            self._client = source_client(source, options.region, endpoint, timeout)
+            self._signer = source_client(source, options.region)  # presigns: see webhook.ci.client.signer
         except CosClientError as exc:
             raise ConfigError(f"sink {name}: {exc}") from None
 
     @classmethod
     def from_options(cls, name: str, options: CosOptions, context: BuildContext) -> CosSink:
+        # The service's own variables: its keys as it uses them (with COS_SECRET_TOKEN, or its CAM role's).
+        own = (options.secret_id_env, options.secret_key_env) == ("COS_SECRET_ID", "COS_SECRET_KEY")
+        credentials = context.cos_credentials if own else None
         return cls(
             name,
             options,
-            secret_id=context.secret(name, options.secret_id_env) or "",
-            secret_key=context.secret(name, options.secret_key_env) or "",
+            secret_id="" if credentials else context.secret(name, options.secret_id_env) or "",
+            secret_key="" if credentials else context.secret(name, options.secret_key_env) or "",
             default_endpoint=context.cos_endpoint,
             timeout=context.cos_timeout,
             min_rate=context.min_transfer_rate,
+            credentials=credentials,
         )
 
     def needs_bytes(self, job: Job) -> bool:

@@ -5,7 +5,8 @@ worker). Under gunicorn every web process writes them to files in ``PROMETHEUS_M
 (see :mod:`webhook.telemetry.metrics_dir`) and whichever process is scraped sums all of them. The ledger's
 gauges are different: they describe the shared ledger, not a process, so the scraped process
 reads them itself (never summed across processes), at most once per :data:`LEDGER_CACHE_SECONDS`
-however many scrapers call.
+however many scrapers call. The text itself is rendered at most once per :data:`RENDER_CACHE_SECONDS`
+(:class:`Exposition`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LEDGER_CACHE_SECONDS = 5.0
+RENDER_CACHE_SECONDS = 1.0
 
 # ``*_created`` series exist in one process but not when summed across several: none, everywhere.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -261,6 +263,25 @@ def registry(read: Callable[[], LedgerStats]) -> CollectorRegistry:
     return served
 
 
-def render(served: CollectorRegistry) -> bytes:
-    """The Prometheus text exposition (:data:`CONTENT_TYPE`)."""
-    return generate_latest(served)
+class Exposition:
+    """The Prometheus text (:data:`CONTENT_TYPE`) of ``served``, rendered at most once per ``ttl`` seconds.
+
+    Rendering some ninety samples (under gunicorn, after reading every process's file) costs several
+    times what answering ``/livez`` does, and a flood of scrapes would take that from the callbacks
+    answered meanwhile; kept for a second, a flood costs about what a flood of ``/livez`` does, while
+    a scrape (every 15 s or so) sees counts at most a second old. Concurrent scrapes wait for the one
+    rendering in flight.
+    """
+
+    def __init__(self, served: CollectorRegistry, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._served, self._ttl, self._clock = served, ttl, clock
+        self._lock = threading.Lock()
+        self._text = b""
+        self._rendered_at: float | None = None
+
+    def text(self) -> bytes:
+        with self._lock:
+            if self._rendered_at is None or self._clock() - self._rendered_at >= self._ttl:
+                self._text = generate_latest(self._served)
+                self._rendered_at = self._clock()
+            return self._text

@@ -39,7 +39,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> Flask:
     app.register_blueprint(receive.bp)
     app.register_blueprint(health.bp)
     if settings.dashboard_password:  # otherwise /dashboard is a 404 like any unknown path
-        dashboard.install(app, settings)
+        dashboard.install(app, settings, ledger)
     if settings.trusted_proxies:
         # Behind N proxies the client is the N-th address from the right of X-Forwarded-For;
         # anything further left was written by the client and is not trusted.

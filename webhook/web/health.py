@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from prometheus_client import CollectorRegistry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from webhook.config import Settings
@@ -47,7 +46,7 @@ def readyz() -> tuple[Response, int]:
 def metrics_endpoint() -> tuple[Response, int]:
     if (refusal := _metrics_refusal(runtime(current_app).settings)) is not None:
         return error(403, refusal)
-    body = metrics.render(_observed(current_app).registry)
+    body = _observed(current_app).exposition.text()
     return Response(body, content_type=metrics.CONTENT_TYPE), 200
 
 
@@ -102,7 +101,7 @@ def _bearer_matches(header: str, token: str) -> bool:
 
 @dataclass(frozen=True)
 class _Observed:
-    registry: CollectorRegistry
+    exposition: metrics.Exposition
     readiness: Readiness
 
 
@@ -117,5 +116,6 @@ def _observed(app: Flask) -> _Observed:
         if found is None:
             rt = runtime(app)
             read = functools.partial(rt.ledger.stats.snapshot, rt.settings.heartbeat_seconds)
-            found = app.extensions[_OBSERVED] = _Observed(metrics.registry(read), rt.ledger.readiness(READY_TIMEOUT))
+            exposition = metrics.Exposition(metrics.registry(read), metrics.RENDER_CACHE_SECONDS)
+            found = app.extensions[_OBSERVED] = _Observed(exposition, rt.ledger.readiness(READY_TIMEOUT))
         return found

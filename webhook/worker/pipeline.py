@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Unpack
 
-from webhook.ci.client import ClientFactory, signer
+from webhook.ci.client import ClientFactory, signer_for
 from webhook.ci.fetch import FetchError, describe_object, presigned_url
 from webhook.ci.verify import (
     Accept,
@@ -301,7 +301,7 @@ class Pipeline:
         return self.settings.redact(text)[:500]
 
     def _presign_source(self, where: ObjectLocation, seconds: int) -> str:
-        return presigned_url(signer(self.settings.secret_id, self.settings.secret_key, where.region), where, seconds)
+        return presigned_url(signer_for(self.settings, where.region), where, seconds)
 
     def _policy(self, task: Task) -> RetryPolicy:
         if not isinstance(task, Delivery):

@@ -26,6 +26,7 @@ from webhook.dev.sandbox.cmq import PATH as CMQ_PATH
 from webhook.dev.sandbox.cmq import CmqService
 from webhook.dev.sandbox.faults import Fault, Faults
 from webhook.dev.sandbox.jobs import MediaJobs
+from webhook.dev.sandbox.keys import ROLE_PATH, Keyring
 from webhook.dev.sandbox.listing import PARAMETERS, JobQuery, list_jobs
 from webhook.dev.sandbox.queues import QUEUE_PATH, SpeechQueues, is_queue_update
 from webhook.dev.sandbox.responses import ApiError, apply_fault, error_response, file_body, object_headers, xml_response
@@ -42,6 +43,7 @@ _HOST = re.compile(r"(?P<bucket>[^.]+)\.(?P<service>cos|ci)\.(?P<region>[^.]+)\.
 # What cos-python-sdk-v5's copy_object sends: the source's host, then its URL-encoded key.
 _COPY_SOURCE = re.compile(r"(?P<bucket>[^./]+)\.cos\.(?P<region>[^./]+)\.myqcloud\.com/(?P<key>.+)")
 _META_PREFIX = "x-cos-meta-"
+_TOKEN_PARAMETER = "x-cos-security-token"  # noqa: S105 - the name a presigned URL carries a token under
 _MAX_JOB_REQUEST = 64 * 1024
 
 
@@ -61,8 +63,7 @@ class SandboxApp:
         store: ObjectStore,
         jobs: MediaJobs,
         *,
-        secret_id: str,
-        secret_key: str,
+        keys: Keyring,
         appid: str,
         faults: Faults | None = None,
         tdmq: CmqService | None = None,
@@ -70,16 +71,17 @@ class SandboxApp:
         self._store = store
         self._jobs = jobs
         self._faults = faults or Faults()
-        self._secret_id = secret_id
-        self._secret_key = secret_key
+        self._keys = keys
         self._appid = appid
         self._queues = SpeechQueues(appid)
-        self._tdmq = tdmq or CmqService(secret_id, secret_key)
+        self._tdmq = tdmq or CmqService(keys.secret_id, keys.secret_key)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
         if _path(request) == FAULTS_PATH:
             return faults_endpoint(self._faults, request)(environ, start_response)
+        if _path(request).startswith(ROLE_PATH) and _HOST.fullmatch(request.host.lower()) is None:
+            return self._keys.metadata(request)(environ, start_response)
         if _path(request) == CMQ_FAULTS_PATH or (
             _path(request) == CMQ_PATH and _HOST.fullmatch(request.host.lower()) is None
         ):
@@ -88,7 +90,8 @@ class SandboxApp:
         fault: Fault | None = None
         try:
             target = self._target(request)
-            self._authenticate(request)
+            secret_id = self._authenticate(request, target)
+            self._authorize(request, target, secret_id)
             fault = self._faults.pick(_kind(request.method, target), request.method, _path(request))
             if fault is not None:
                 self._faults.sleep(fault.delay)
@@ -109,19 +112,29 @@ class SandboxApp:
             return response(environ, start_response)
         return apply_fault(fault, response, environ, start_response)
 
-    def _authenticate(self, request: Request) -> None:
+    def _authenticate(self, request: Request, target: _Target) -> str:
+        """The SecretId that signed the request, with its token if it is a temporary one."""
+        # The SDK sends the token of temporary keys in x-ci-security-token on CI calls, whichever
+        # host they go to; a presigned URL carries it as a parameter.
+        header = "x-ci-security-token" if target.ci else "x-cos-security-token"
+        token = request.headers.get(header) or request.args.get(_TOKEN_PARAMETER, "")
         try:
-            verify_request(
+            return verify_request(
                 request.headers.get("Authorization", ""),
                 method=request.method,
                 path=_path(request),
                 params=request.args.items(multi=True),
                 headers={name.lower(): value for name, value in request.headers.items()},
-                secret_id=self._secret_id,
-                secret_key=self._secret_key,
+                signing_key=lambda secret_id: self._keys.signing_key(secret_id, token),
             )
         except SignatureError as exc:
             raise ApiError(403, exc.code, exc.message) from None
+
+    def _authorize(self, request: Request, target: _Target, secret_id: str) -> None:
+        """403 AccessDenied for an action the keyring denies (a copy reads its source too)."""
+        self._keys.authorize(_action(request.method, target), secret_id)
+        if not target.ci and request.method == "PUT" and "x-cos-copy-source" in request.headers:
+            self._keys.authorize("cos:GetObject", secret_id)
 
     def _target(self, request: Request) -> _Target:
         match = _HOST.fullmatch(request.host.lower())
@@ -167,7 +180,7 @@ class SandboxApp:
             raise ApiError(501, "NotImplemented", "the sandbox serves object calls and HEAD Bucket only")
         # A presigned URL's signature fields were checked already; any other parameter is refused
         # rather than ignored: ?uploadId&partNumber=1 ignored would overwrite the object.
-        names = sorted(name for name in request.args if name not in FIELDS)
+        names = sorted(name for name in request.args if name not in FIELDS and name != _TOKEN_PARAMETER)
         if names:
             raise ApiError(501, "NotImplemented", f"the sandbox does not support the parameters {', '.join(names)}")
         if request.method == "PUT":
@@ -275,7 +288,7 @@ class SandboxApp:
             self._check_bucket(job.output_bucket)
             return xml_response({"JobsDetail": self._jobs.submit(job)})
         if request.method == "GET" and target.key == "jobs":
-            names = sorted(name for name in request.args if name not in PARAMETERS and name not in FIELDS)
+            names = sorted(name for name in request.args if name not in (*PARAMETERS, *FIELDS, _TOKEN_PARAMETER))
             if names:
                 raise ApiError(501, "NotImplemented", f"the sandbox's job list has no parameter {', '.join(names)}")
             return xml_response(list_jobs(self._jobs.details(target.bucket), JobQuery.parse(request.args)))
@@ -322,6 +335,19 @@ def _kind(method: str, target: _Target) -> str:
             return "CI list"
         return {"POST": "CI submit", "GET": "CI describe"}.get(method, f"CI {method}")
     return f"object {method}" if target.key else f"bucket {method}"
+
+
+def _action(method: str, target: _Target) -> str:
+    """The CAM action a request is (as a policy names it), for :meth:`Keyring.authorize`."""
+    if target.ci:
+        if target.key.split("/", 1)[0] == QUEUE_PATH:
+            return "ci:UpdateAsrQueue" if method == "PUT" else "ci:DescribeAsrQueues"
+        if method == "POST":
+            return "ci:CreateMediaJobs"
+        return "ci:DescribeMediaJobs" if target.key == "jobs" else "ci:DescribeMediaJob"
+    if not target.key:
+        return f"cos:{method.capitalize()}Bucket"
+    return f"cos:{method.capitalize()}Object"
 
 
 def _no_such_key(target: _Target) -> ApiError:

@@ -18,6 +18,10 @@ A presigned URL names the bucket's host, and its signature covers that host. Wit
 with a client that has no IP (``make_client(id, key, region)``) and send the URL here with its
 host kept in ``Host``: :meth:`Sandbox.request_target` does the rewriting.
 
+Temporary keys are issued as a CVM's metadata service does (:mod:`webhook.dev.sandbox.keys`,
+:attr:`Sandbox.keys`, :attr:`Sandbox.credentials_url`): requests signed with them must carry their
+token and arrive before they expire. Chosen CAM actions can be denied (``keys.deny``).
+
 TDMQ for CMQ is served too, on the sandbox's own address (:mod:`webhook.dev.sandbox.cmq`, :attr:`Sandbox.cmq`):
 jobs submitted with ``CallBackType: TDMQ`` put their callback document on its queues.
 
@@ -60,6 +64,7 @@ from webhook.dev.sandbox.cmq import FAULTS_PATH as CMQ_FAULTS_PATH
 from webhook.dev.sandbox.cmq import CmqService
 from webhook.dev.sandbox.faults import Faults
 from webhook.dev.sandbox.jobs import MediaJobs, SentCallback
+from webhook.dev.sandbox.keys import ROLE_PATH, Keyring
 from webhook.dev.sandbox.responses import ResettingServer
 from webhook.dev.sandbox.results import CallbackShape
 from webhook.dev.sandbox.store import ObjectStore
@@ -91,6 +96,7 @@ class Sandbox:
         job_delay: float = 0.0,
         cmq_visibility_timeout: float = 30.0,
         callback_shape: CallbackShape = CallbackShape.FULL,
+        credentials_lifetime: float = 1800.0,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if root is None:
@@ -107,11 +113,13 @@ class Sandbox:
         self._jobs = MediaJobs(self._store, job_delay=job_delay, tdmq=self.cmq.send, callback_shape=callback_shape)
         self.faults = Faults()
         """The fault rules every request is checked against; see :mod:`webhook.dev.sandbox.faults`."""
+        self.keys = Keyring(secret_id, secret_key, lifetime=credentials_lifetime)
+        """The temporary keys it issues (``keys.lifetime``, ``keys.issued``) and the actions it denies
+        (``keys.deny("ci:DescribeMediaJobs")``); see :mod:`webhook.dev.sandbox.keys`."""
         self._app = SandboxApp(
             self._store,
             self._jobs,
-            secret_id=secret_id,
-            secret_key=secret_key,
+            keys=self.keys,
             appid=appid,
             faults=self.faults,
             tdmq=self.cmq,
@@ -154,6 +162,12 @@ class Sandbox:
     def endpoint(self) -> CosEndpoint:
         """What ``webhook.ci.client.make_client`` (and ``WEBHOOK_COS_ENDPOINT``) needs to reach the sandbox."""
         return CosEndpoint("http", self._started().host, self.port)
+
+    @property
+    def credentials_url(self) -> str:
+        """What ``WEBHOOK_CREDENTIALS_URL`` needs for ``COS_CREDENTIALS_ROLE`` (:attr:`keys`' ``role``)
+        to take temporary keys from this sandbox instead of a CVM's metadata service."""
+        return self.url + ROLE_PATH
 
     def finish_workflow(self, url: str, job_ids: list[str], callback_format: str = "xml") -> SentCallback:
         """Send ``url`` the ``WorkflowFinish`` of a workflow run made of the jobs ``job_ids``: CI's
@@ -205,15 +219,18 @@ class Sandbox:
         return self._store.object_path(bucket, key)
 
     def settings(self, bucket: str, region: str = DEFAULT_REGION, **more: Any) -> Settings:
-        """Settings whose worker verifies and fetches through this sandbox, for jobs in ``bucket``."""
+        """Settings whose worker verifies and fetches through this sandbox, for jobs in ``bucket``
+        (``more`` adds settings, or replaces these: ``secret_id=""`` for a role's keys instead)."""
         return Settings(
-            allowed_buckets=frozenset({bucket}),
-            allowed_regions=frozenset({region}),
-            secret_id=self.secret_id,
-            secret_key=self.secret_key,
-            region=region,
-            cos_endpoint=self.endpoint,
-            **more,
+            **{
+                "allowed_buckets": frozenset({bucket}),
+                "allowed_regions": frozenset({region}),
+                "secret_id": self.secret_id,
+                "secret_key": self.secret_key,
+                "region": region,
+                "cos_endpoint": self.endpoint,
+            }
+            | more
         )
 
     def client(self, region: str = DEFAULT_REGION) -> CosS3Client:
@@ -247,6 +264,8 @@ def serve(host: str, port: int, root: Path | None = None, *, reports_results: bo
         print(f"Settings for cos-webhook (any region works, and any bucket named <name>-{sandbox.appid}):")
         print(f"  COS_SECRET_ID={sandbox.secret_id}")
         print(f"  COS_SECRET_KEY={sandbox.secret_key}")
+        print(f"  (or, for temporary keys, COS_CREDENTIALS_ROLE={sandbox.keys.role}")
+        print(f"   and WEBHOOK_CREDENTIALS_URL={sandbox.credentials_url})")
         print(f"  COS_REGION={DEFAULT_REGION}")
         print(f"  WEBHOOK_COS_ENDPOINT={sandbox.url}")
         print(f"  WEBHOOK_ALLOWED_BUCKETS=examplebucket-{sandbox.appid}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 FIELDS = ("q-sign-algorithm", "q-ak", "q-sign-time", "q-key-time", "q-header-list", "q-url-param-list", "q-signature")
@@ -40,11 +40,11 @@ def verify_request(
     path: str,
     params: Iterable[tuple[str, str]],
     headers: Mapping[str, str],
-    secret_id: str,
-    secret_key: str,
+    signing_key: Callable[[str], str],
     now: float | None = None,
-) -> None:
-    """Raise :class:`SignatureError` unless the request is signed with ``secret_key``.
+) -> str:
+    """Return the SecretId the request is signed with; raise :class:`SignatureError` unless it is
+    signed with the key ``signing_key`` gives for that id (which raises it for an unknown one).
 
     The signature is ``authorization`` or, when that is empty, the signature fields among ``params``
     (a presigned URL). ``path`` is the URL-decoded path (what the SDK signs); ``headers`` has
@@ -54,8 +54,7 @@ def verify_request(
     fields = _parse(authorization) if authorization else _from_query(params)
     if fields["q-sign-algorithm"] != "sha1":
         raise SignatureError("AccessDenied", f"q-sign-algorithm {fields['q-sign-algorithm']!r} is not supported")
-    if fields["q-ak"] != secret_id:
-        raise SignatureError("InvalidAccessKeyId", f"the SecretId {fields['q-ak']!r} is not known to this sandbox")
+    secret_key = signing_key(fields["q-ak"])
     now = time.time() if now is None else now
     # Only the key time is signed: checking it too keeps an edited q-sign-time from extending a URL's life.
     for name in ("q-sign-time", "q-key-time"):
@@ -76,6 +75,7 @@ def verify_request(
     expected = _hmac_hex(sign_key, string_to_sign)
     if not hmac.compare_digest(expected, fields["q-signature"]):
         raise SignatureError("SignatureDoesNotMatch", "the request signature does not match the one calculated")
+    return fields["q-ak"]
 
 
 def _parse(authorization: str) -> dict[str, str]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from flask import Flask
 
 from webhook.config import Settings
+from webhook.ledger import Ledger
 from webhook.web.dashboard import actions, auth, pages
 from webhook.web.dashboard.blueprint import bp
 
 __all__ = ["actions", "install", "pages"]
 
 
-def install(app: Flask, settings: Settings) -> None:
+def install(app: Flask, settings: Settings, ledger: Ledger) -> None:
     """Serve the dashboard on ``app``; only called when ``WEBHOOK_DASHBOARD_PASSWORD`` is set."""
-    auth.configure(app, settings.dashboard_password, https=settings.public_url.startswith("https://"))
+    auth.configure(app, ledger, settings.dashboard_password, https=settings.public_url.startswith("https://"))
     app.register_blueprint(bp)

@@ -8,7 +8,7 @@ from typing import Any
 
 from webhook.ci.verify import OutputUnknown, written_outputs
 from webhook.ledger import AttemptView, JobView, RawCallback, TaskView, VersionView
-from webhook.models import FetchedFile, JobFile, JobStatus, TaskKind
+from webhook.models import FetchedFile, JobFile, JobStatus, Outcome, TaskKind, TaskStatus
 from webhook.sinks.events import build_event, event_document
 
 # The document's file fields that describe the fetched object, known only when a worker delivers.
@@ -38,6 +38,22 @@ class Lane:
     sink: str
     attempts: tuple[AttemptView, ...]
     task: TaskView | None
+
+    @property
+    def badge(self) -> str:
+        """The task's status, or ``rejected`` for a verification that ended refusing the job: its
+        task is done, but a green "done" beside a rejection says the opposite of what happened."""
+        if self.task is None:
+            return ""
+        tried = [a for a in self.attempts if a.outcome != Outcome.REPLAYED]
+        if (
+            self.step == "verify"
+            and self.task.status == TaskStatus.DONE
+            and tried
+            and tried[-1].outcome == Outcome.REJECTED
+        ):
+            return Outcome.REJECTED
+        return self.task.status
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ from datetime import datetime, timedelta
 from flask import abort, current_app, render_template, request
 
 from webhook.ledger import STALE_BEATS, JobFilter, UnknownJob, utcnow
-from webhook.models import JobStatus, TaskKind
+from webhook.models import JobState, JobStatus, TaskKind
 from webhook.web.common import Runtime, runtime
 from webhook.web.dashboard.blueprint import bp
 from webhook.web.dashboard.detail import callback_entries, event_documents, lanes, verified
 
 PER_PAGE = 50
 MAX_PAGE = 100_000  # keeps the offset within what every database takes
-FILTERS = ("q", "status", "tag", "sink", "since", "until")
+FILTERS = ("q", "status", "state", "tag", "sink", "since", "until", "refresh")
 DEAD_SHOWN = 500  # dead letters listed (and replayable together) at once
 RECENT = timedelta(hours=1)
 # Statuses whose job can be delivered (or verified) again; received and ignored have nothing to replay.
@@ -63,6 +63,7 @@ def jobs() -> str:
             problems.append(f"{name}: {exc}")
     wanted = JobFilter(
         status=args.get("status", ""),
+        state=args.get("state", ""),
         tag=args.get("tag", ""),
         sink=args.get("sink", ""),
         since=times["since"],
@@ -82,6 +83,7 @@ def jobs() -> str:
         filters=filters,
         problems=problems,
         statuses=list(JobStatus),
+        states=list(JobState),
         tags=browse.tags(),
         sinks=sorted(set(configured) | set(browse.delivery_sinks())),
     )
@@ -103,8 +105,7 @@ def job(job_id: str) -> str:
         lanes=lanes(view),
         documents=event_documents(view),
         verified=verified(view),
-        replayable=view.status
-        in (JobStatus.VERIFIED, JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.REJECTED),
+        replayable=view.status in REPLAYABLE,
         configured=configured,
     )
 
