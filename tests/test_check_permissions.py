@@ -12,13 +12,18 @@ from webhook.dev.sandbox import Sandbox
 from webhook.ledger import Ledger
 
 
-def test_a_denied_call_is_a_fail_line_naming_it_and_the_bucket(tmp_path: Path, sandbox: Sandbox) -> None:
+def deployed(tmp_path: Path, sandbox: Sandbox) -> dict[str, str]:
+    """The environment of a deploy on the sandbox, with a migrated SQLite ledger."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url)
     ledger.migrate()
     ledger.dispose()
     settings = sandbox.settings(BUCKET, REGION, callback_tokens=(TOKEN,), sink_dir=str(tmp_path))
-    env = {**settings_env(settings), "WEBHOOK_DATABASE_URL": url}
+    return {**settings_env(settings), "WEBHOOK_DATABASE_URL": url}
+
+
+def test_a_denied_call_is_a_fail_line_naming_it_and_the_bucket(tmp_path: Path, sandbox: Sandbox) -> None:
+    env = deployed(tmp_path, sandbox)
     allowed = CliRunner().invoke(main, ["check"], env=env)
     sandbox.keys.deny("ci:DescribeMediaJobs", sandbox.secret_id)  # reconcile's listing
     sandbox.keys.deny("cos:HeadObject")
@@ -38,14 +43,8 @@ def test_a_denied_call_is_a_fail_line_naming_it_and_the_bucket(tmp_path: Path, s
 
 
 def test_a_role_is_checked_with_the_keys_it_is_given(tmp_path: Path, sandbox: Sandbox) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    ledger = Ledger(url)
-    ledger.migrate()
-    ledger.dispose()
-    settings = sandbox.settings(BUCKET, REGION, callback_tokens=(TOKEN,), sink_dir=str(tmp_path))
     env = {
-        **settings_env(settings),
-        "WEBHOOK_DATABASE_URL": url,
+        **deployed(tmp_path, sandbox),
         "COS_SECRET_ID": "",
         "COS_SECRET_KEY": "",
         "COS_CREDENTIALS_ROLE": sandbox.keys.role,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,20 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
         chrome.quit()
 
 
+@contextmanager
+def logged_in(pipeline: Pipeline, browser: WebDriver) -> Iterator[str]:
+    """The dashboard served on a real socket, the browser logged in on its overview; yields its base URL."""
+    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
+    with BackgroundServer(app, name="dashboard") as server:
+        base = server.url + "/dashboard"
+        browser.get(base + "/")
+        assert browser.current_url.startswith(base + "/login")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+        assert browser.current_url == base + "/"
+        yield base
+
+
 def navigate(browser: WebDriver, element: WebElement) -> None:
     """Click a link or a submit button and wait for the next page: a click returns before it loads."""
     page = browser.find_element(By.TAG_NAME, "html")
@@ -89,14 +104,7 @@ def test_replay_a_dead_delivery_in_the_browser(pipeline: Pipeline, browser: WebD
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
     pipeline.ledger.workers.beat("worker-host:4242:cafe0001", "worker-host", 4242)
 
-    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
-    with BackgroundServer(app, name="dashboard") as server:
-        base = server.url + "/dashboard"
-        browser.get(base + "/")
-        assert browser.current_url.startswith(base + "/login")
-        browser.find_element(By.ID, "password").send_keys(PASSWORD)
-        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
-        assert browser.current_url == base + "/"
+    with logged_in(pipeline, browser) as base:
         assert browser.find_element(By.TAG_NAME, "h1").text == "Overview"
         screenshot(browser, shots, "1-overview")
 
@@ -160,12 +168,7 @@ def test_every_page_fits_the_width_with_log_out_in_reach(
     job_id = pipeline.submit(pipeline.upload_input(), user_data="a-long-user-data-value-without-spaces-" * 4)
     assert pipeline.drain(pipeline.worker(), job_id, DONE) == "dead"
     pipeline.ledger.workers.beat("a-worker-host-with-a-long-name:4242:cafe0001", "a-worker-host-with-a-long-name", 4242)
-    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
-    with BackgroundServer(app, name="dashboard") as server:
-        base = server.url + "/dashboard"
-        browser.get(base + "/login")
-        browser.find_element(By.ID, "password").send_keys(PASSWORD)
-        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+    with logged_in(pipeline, browser) as base:
         browser.set_window_size(*WIDTHS[width])
         pages = ["/", "/jobs", f"/jobs/{job_id}", "/dead", "/workers"]
         for page in pages:
@@ -188,12 +191,7 @@ def fits(browser: WebDriver, where: str) -> None:
 
 
 def test_a_page_asked_to_refresh_reloads_itself(pipeline: Pipeline, browser: WebDriver) -> None:
-    app = create_app(pipeline.settings.replace(dashboard_password=PASSWORD), pipeline.ledger)
-    with BackgroundServer(app, name="dashboard") as server:
-        base = server.url + "/dashboard"
-        browser.get(base + "/login")
-        browser.find_element(By.ID, "password").send_keys(PASSWORD)
-        navigate(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+    with logged_in(pipeline, browser) as base:
         navigate(browser, browser.find_element(By.LINK_TEXT, "Jobs"))
         navigate(browser, browser.find_element(By.LINK_TEXT, "5 s"))
         assert browser.find_element(By.ID, "refresh-current").text == "5 s"

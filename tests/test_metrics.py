@@ -49,6 +49,8 @@ EXPECTED = {
     "cos_webhook_task_lag_seconds": "gauge",
     "cos_webhook_dead": "gauge",
     "cos_webhook_workers": "gauge",
+    "cos_webhook_sink_breaker": "gauge",
+    "cos_webhook_sink_paused_deliveries": "gauge",
 }
 METRICS_TOKEN = "scrape-0123456789abcdef"
 IGNORED_BODY = body("json", job("j00000000000000000000000000000ign", Tag="VoiceSeparate"))
@@ -317,6 +319,8 @@ def test_the_cache_expires_and_a_failed_read_leaves_the_gauges_empty() -> None:
         "cos_webhook_task_lag_seconds",
         "cos_webhook_dead",
         "cos_webhook_workers",
+        "cos_webhook_sink_breaker",
+        "cos_webhook_sink_paused_deliveries",
     }
     assert all(not family.samples for family in families.values())
     now[0], fail[0] = 9.0, False

@@ -23,6 +23,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 from prometheus_client.parser import text_string_to_metric_families
 from support.pipeline import DONE, Pipeline
+from support.receiver import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYED_EXTRAS = ("s3", "redis", "amqp")  # what requirements.txt installs with the service
@@ -132,6 +133,7 @@ def test_every_alert_rule_is_complete() -> None:
 
 @pytest.mark.slow  # a job through the whole pipeline
 def test_every_metric_an_alert_reads_is_in_a_real_scrape(pipeline: Pipeline) -> None:
+    pipeline.http.reply(Reply(503), Reply(200))  # a failure gives the http sink's breaker its row
     job_id = pipeline.submit(pipeline.upload_input())
     pipeline.sandbox.wait_for_callbacks(1, timeout=20)
     worker = pipeline.worker()

@@ -44,7 +44,7 @@ from webhook.config_values import (
     Tokens,
 )
 from webhook.errors import ConfigError
-from webhook.retry import RetryPolicy
+from webhook.retry import BreakerPolicy, RetryPolicy
 from webhook.sinks.config import AnySinkSpec, SinkSpec, environment_sinks, load_sinks, reference_problem
 
 __all__ = ["ConfigError", "Settings"]
@@ -86,6 +86,9 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_LEASE_SECONDS": ("lease_seconds",),
     "WEBHOOK_POLL_INTERVAL": ("poll_interval",),
     "WEBHOOK_WORKER_CONCURRENCY": ("worker_concurrency",),
+    "WEBHOOK_SINK_CONCURRENCY": ("sink_concurrency",),
+    "WEBHOOK_BREAKER_FAILURES": ("breaker", "failures"),
+    "WEBHOOK_BREAKER_PAUSE": ("breaker", "pause"),
     "WEBHOOK_RECONCILE_QUEUE_IDS": ("reconcile_queue_ids",),
     "WEBHOOK_RECONCILE_INTERVAL": ("reconcile_interval",),
     "WEBHOOK_RUN_WORKER": ("run_worker_in_web",),
@@ -155,6 +158,10 @@ class Settings(BaseSettings):
     poll_interval: PositiveFloat = 1.0
     # Jobs in flight per worker process (threads): cloud latency overlaps, one slow sink holds up no other job.
     worker_concurrency: PositiveInt = 8
+    # Deliveries in flight per sink and worker (0: half of worker_concurrency): a sink that hangs
+    # holds only its own slots, never verification's or another sink's.
+    sink_concurrency: Count = 0
+    breaker: BreakerPolicy = BreakerPolicy()  # when a failing sink is paused; a sink's own table overrides it
     # The CI queues reconcile lists jobs of; empty: every queue.
     reconcile_queue_ids: NameList = ()
     reconcile_interval: PositiveFloat = 600.0  # seconds between a worker's reconcile runs
@@ -211,7 +218,7 @@ class Settings(BaseSettings):
         assert isinstance(init_settings, InitSettingsSource)
         return init_settings, _EnvironSource(settings_cls, environ), _SinkFile(settings_cls, init_settings, environ)
 
-    @field_validator("retry", "verify_retry", mode="before")
+    @field_validator("retry", "verify_retry", "breaker", mode="before")
     @classmethod
     def _over_default(cls, value: Any, info: ValidationInfo) -> Any:
         """A policy set in part (one variable) keeps the default's other fields."""
@@ -240,6 +247,13 @@ class Settings(BaseSettings):
                 f"or declare sinks in {self.config_path} (WEBHOOK_CONFIG)"
             )
         return specs
+
+    def sink_slots(self, spec: SinkSpec) -> int:
+        """How many deliveries to ``spec``'s sink a worker runs at once."""
+        return spec.concurrency or self.sink_concurrency or max(1, self.worker_concurrency // 2)
+
+    def sink_breaker(self, spec: SinkSpec) -> BreakerPolicy:
+        return spec.breaker or self.breaker
 
     def redact(self, text: str) -> str:
         """``text`` without any configured secret's value (for errors recorded or logged)."""

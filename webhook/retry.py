@@ -1,11 +1,12 @@
-"""When to try a failed step again, and when to stop: exponential backoff with jitter (pure)."""
+"""When to try a failed step again, and when to stop: exponential backoff with jitter (pure); when
+to pause a sink that keeps failing (:class:`BreakerPolicy`, applied by :mod:`webhook.ledger.breakers`)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt
 
 
 class RetryPolicy(BaseModel):
@@ -17,6 +18,15 @@ class RetryPolicy(BaseModel):
     backoff_base: PositiveFloat = 2.0
     backoff_cap: PositiveFloat = 600.0
     max_age: PositiveFloat | None = None  # seconds after the callback arrived; past it, no more retries
+
+
+class BreakerPolicy(BaseModel):
+    """When a failing sink is paused, and for how long (also a sink's ``breaker`` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failures: NonNegativeInt = 5  # failed deliveries in a row that pause the sink; 0: never paused
+    pause: PositiveFloat = 30.0  # seconds paused before one delivery probes the sink
 
 
 def backoff_delay(

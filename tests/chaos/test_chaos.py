@@ -12,7 +12,9 @@ where ``MediaResult`` says CI wrote it and checked against its MD5), and two sin
 and an http receiver that refuses 30% of requests with 503 and trickles its answer to 10% (a
 ``200 OK`` status line, then a header one
 byte a second that never ends). The workers' http sink deadline is 2 s: a trickled delivery
-must be abandoned and retried, and the receiver counts it as not accepted.
+must be abandoned and retried, and the receiver counts it as not accepted. A third sink,
+``stuck``, is an http receiver that accepts every connection, reads the request and never
+answers: its deliveries hold only its own slots (bulkheads) and its breaker pauses it.
 
 What breaks: a random worker is SIGKILLed about every 2 s and replaced at once (its successor
 finds the killed pid gone and releases its leases when it starts; else they come back when
@@ -23,7 +25,8 @@ callbacks are out, CI's DescribeMediaJob answers 503 for ``CHAOS_CI_OUTAGE`` sec
 2000 callbacks or more, 10 for 200), and the workers retry those verifications on their own
 (backoff capped at 10 s).
 
-What must hold at the end: every job is ``delivered`` with every task ``done``; the directory has
+What must hold at the end: every job is ``verified`` with every task ``done`` but its delivery to
+the hanging sink, which is still pending (retrying or paused), none done or dead; the directory has
 exactly ``<job_id>.wav`` and ``<job_id>.event.json`` per job and nothing else; every file, on
 disk and in every accepted http request, is byte-identical to the sandbox's output object; every
 job's ``webhook-id`` was accepted (a whole 200 reached the worker); both new injections happened,
@@ -61,6 +64,7 @@ from chaos_sink import Attempt, FlakySink
 from qcloud_cos import CosS3Client
 from support.pipeline import BUCKET, HTTP_KEY, REGION, TOKEN, pipeline_settings, settings_env
 from support.services import postgres_schema
+from support.trickle import Trickle
 
 from webhook.ci.crc64 import crc64ecma
 from webhook.ci.submit import submit_noise_reduction
@@ -106,6 +110,12 @@ VERIFY_BACKOFF_CAP = 10.0
 CI_UNAVAILABLE = "CI answered 503"  # how a verification refused by the outage is recorded
 FILESYSTEM, HTTP = "filesystem", "http"
 CORRUPT = "corrupt"  # marks a sink-directory problem where a file is present but wrong
+STUCK = "stuck"  # the http sink that never answers
+STUCK_TIMEOUT = 3.0  # its deadline: each of its deliveries fails this long after it started
+# Enough attempts that the hanging sink's deliveries outlast the run (its breaker pauses them too).
+STUCK_RETRY = RetryPolicy(max_attempts=1000, backoff_base=0.5, backoff_cap=5.0)
+# What every job ends as: delivered to the directory and the flaky receiver, still due for the stuck one.
+SETTLED = "verified"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -126,6 +136,7 @@ class Outcome:
     expected_sha256: dict[str, str]  # job id -> SHA-256 of the sandbox's output object
     ledger_status: dict[str, str]
     unfinished_tasks: list[str]
+    stuck_tasks: Counter[str]  # the hanging sink's deliveries by status
     task_attempts: Counter[str]  # kind/sink -> attempts summed over the ledger
     sink_files: list[str]
     filesystem_problems: list[str]
@@ -171,10 +182,12 @@ class Outcome:
 
     def findings(self) -> list[str]:
         found = list(self.problems)
-        undelivered = {j: s for j, s in self.ledger_status.items() if s != "delivered"}
+        undelivered = {j: s for j, s in self.ledger_status.items() if s != SETTLED}
         missing = set(self.job_ids) - set(self.ledger_status)
         if undelivered:
-            found.append(f"{len(undelivered)} jobs not delivered {dict(list(undelivered.items())[:5])}")
+            found.append(f"{len(undelivered)} jobs not {SETTLED} {dict(list(undelivered.items())[:5])}")
+        if self.stuck_tasks != Counter({"pending": len(self.job_ids)}):
+            found.append(f"the hanging sink's deliveries should all be pending: {dict(self.stuck_tasks)}")
         if missing:
             found.append(f"{len(missing)} jobs missing from the ledger {sorted(missing)[:5]}")
         if extra := set(self.ledger_status) - set(self.job_ids):
@@ -245,7 +258,16 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
             trickle_limit=TRICKLE_LIMIT,
             seed=rng.randrange(2**32),
         ) as http_sink,
+        Trickle(answer=None) as stuck_sink,
     ):
+        config = tmp_path / "cos-webhook.toml"
+        config.write_text(
+            f'[[sinks]]\nname = "{STUCK}"\ntype = "http"\n'
+            f'options = {{ url = "{stuck_sink.url}/hooks", secret_env = "WEBHOOK_HTTP_SINK_SECRET", '
+            f"timeout = {STUCK_TIMEOUT} }}\n"
+            f"retry = {{ max_attempts = {STUCK_RETRY.max_attempts}, backoff_base = {STUCK_RETRY.backoff_base}, "
+            f"backoff_cap = {STUCK_RETRY.backoff_cap} }}\n"
+        )
         settings = pipeline_settings(ledger_url, sandbox, sink_dir, http_sink.url + "hooks").replace(
             retry=RETRY,
             poll_interval=0.1,
@@ -258,6 +280,7 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
             # A SIGKILLed worker cannot remove its staged download; keep those where we can count them.
             "WEBHOOK_TEMP_DIR": str(staging),
             "WEBHOOK_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
+            "WEBHOOK_CONFIG": str(config),
         }
         # settings_env() carries the delivery policy only: the worker processes read verification's
         # from WEBHOOK_VERIFY_* and its defaults. It must outlast the outage, or jobs die of it.
@@ -315,6 +338,8 @@ def test_nothing_is_lost_or_corrupted_under_chaos(
         outcome.problems.append("the CI outage never started")
     if not outcome.trickled:
         outcome.problems.append("no http answer was trickled")
+    if not stuck_sink.requests:
+        outcome.problems.append("the hanging sink was never tried")
     rows = report_rows(outcome, pump, fleet, web, outage, staging, logs, run_seconds)
     findings = outcome.findings()
     print_table(callbacks, rows)
@@ -390,10 +415,11 @@ def submit_jobs(sandbox: Sandbox, callback_url: str, count: int, base: Path) -> 
 def wait_until_settled(
     ledger: Ledger, callbacks: int, pump: CallbackPump, threads: list[Background], deadline: float
 ) -> None:
-    """Until the ledger is quiescent (every job recorded, no task pending), a job is dead, or the deadline.
+    """Until the ledger is quiescent (every job recorded, no task pending but the hanging sink's), a
+    job is dead, or the deadline.
 
     Quiescent is final: a job gets its next task in the transaction that closes the previous
-    one, so with nothing pending nothing will change any more, delivered or not.
+    one, so with nothing else pending nothing will change any more but the hanging sink's retries.
     """
     next_progress = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -403,12 +429,18 @@ def wait_until_settled(
         if counts.get("jobs_dead") or counts.get("jobs_rejected"):
             return  # neither recovers by itself; the findings name them
         recorded = sum(n for name, n in counts.items() if name.startswith("jobs_"))
-        if pump.finished and recorded == callbacks and counts["tasks_pending"] == 0:
+        if pump.finished and recorded == callbacks and counts["tasks_pending"] == stuck_pending(ledger):
             return
         if time.monotonic() >= next_progress:
             print(f"  ... {counts} callbacks handled={pump.handled}", flush=True)
             next_progress += 10
         time.sleep(0.5)
+
+
+def stuck_pending(ledger: Ledger) -> int:
+    with ledger.engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(tasks.c.sink == STUCK, tasks.c.status == "pending")
+        return int(conn.execute(query).scalar_one())
 
 
 def observe(
@@ -430,22 +462,25 @@ def observe(
         task_rows = conn.execute(
             sa.select(tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.status, tasks.c.attempts)
         )
-        unfinished, task_attempts = [], Counter[str]()
+        unfinished, task_attempts, stuck = [], Counter[str](), Counter[str]()
         kinds: dict[str, set[str]] = {job_id: set() for job_id in job_ids}
         for row in task_rows:
             name = f"{row.kind}/{row.sink}" if row.sink else row.kind
             task_attempts[name] += row.attempts
             kinds.setdefault(row.job_id, set()).add(name)
-            if row.status != "done":
+            if row.sink == STUCK:
+                stuck[row.status] += 1
+            elif row.status != "done":
                 unfinished.append(f"{row.job_id} {name} {row.status} attempts={row.attempts}")
-    # Every job needs its verification and one delivery per sink, all done.
-    wanted = {"verify", f"deliver/{FILESYSTEM}", f"deliver/{HTTP}"}
+    # Every job needs its verification and one delivery per sink, all done but the hanging sink's.
+    wanted = {"verify", f"deliver/{FILESYSTEM}", f"deliver/{HTTP}", f"deliver/{STUCK}"}
     unfinished += [f"{job_id} lacks {sorted(wanted - names)}" for job_id, names in kinds.items() if names != wanted]
     outcome = Outcome(
         job_ids=job_ids,
         expected_sha256={job_id: hashlib.sha256(data).hexdigest() for job_id, data in expected.items()},
         ledger_status=status,
         unfinished_tasks=unfinished,
+        stuck_tasks=stuck,
         task_attempts=task_attempts,
         sink_files=sorted(p.name for p in sink_dir.iterdir() if p.name != PARTIAL_DIR) if sink_dir.exists() else [],
         filesystem_problems=check_directory(sink_dir, expected),
@@ -504,6 +539,7 @@ def report_rows(
     run_seconds: float,
 ) -> list[tuple[str, str]]:
     attempts, accepted, trickled = outcome.attempts, outcome.accepted, outcome.trickled
+    stuck_tries = outcome.task_attempts[f"deliver/{STUCK}"]
     per_id = outcome.accepted_per_webhook_id()
     distinct = set(per_id)
     again = {webhook_id: n for webhook_id, n in per_id.items() if n > 1}
@@ -514,7 +550,7 @@ def report_rows(
     documents = sum(name.endswith(".event.json") for name in outcome.sink_files)
     worker_log = "".join(path.read_text(errors="replace") for path in fleet.logs)
     web_log = (logs / "web.log").read_text(errors="replace")
-    delivered = sum(status == "delivered" for status in outcome.ledger_status.values())
+    delivered = sum(status == SETTLED for status in outcome.ledger_status.values())
     task_attempts = ", ".join(f"{name}={n}" for name, n in sorted(outcome.task_attempts.items()))
     # The SDK logs every error answer at ERROR itself: the outage's 503s are counted apart.
     errors, sdk_errors = worker_log.count(" ERROR "), worker_log.count(" ERROR qcloud_cos")
@@ -542,7 +578,8 @@ def report_rows(
         ("http attempts (requests received)", str(len(attempts))),
         ("  cut off mid-body by a kill", str(sum(not a.complete for a in attempts))),
         ("SURVIVED", ""),
-        ("jobs delivered (ledger)", str(delivered)),
+        (f"jobs {SETTLED} (ledger; the hanging sink's deliveries pending)", str(delivered)),
+        ("  hanging sink: deliveries pending / their attempts", f"{outcome.stuck_tasks['pending']} / {stuck_tries}"),
         ("  ledger attempts per task", task_attempts),
         ("jobs verified after the CI outage (no replay)", outage_recovery(verified)),
         ("filesystem deliveries (.wav / .event.json)", f"{wavs} / {documents}"),
@@ -552,7 +589,7 @@ def report_rows(
         ("  webhook-ids accepted again / extra acceptances", f"{len(again)} / {sum(again.values()) - len(again)}"),
         ("corrupt deliveries (http accepted / on disk)", f"{len(outcome.corrupt(accepted))} / {corrupt_on_disk}"),
         ("jobs lost (missing or wrong in a sink)", str(len(outcome.job_ids) - len(in_sinks))),
-        ("jobs not 'delivered' in the ledger", str(len(outcome.job_ids) - delivered)),
+        (f"jobs not '{SETTLED}' in the ledger", str(len(outcome.job_ids) - delivered)),
         ("staging left behind (partial .part / whole .staged)", f"{len(parts)} / {len(staged)}"),
         ("worker log: ERROR lines (the SDK's of them) / lease lost", f"{errors} ({sdk_errors}) / {leases_lost}"),
         ("web log: tracebacks", str(web_log.count("Traceback"))),

@@ -18,7 +18,7 @@ from webhook.ci.crc64 import crc64ecma
 from webhook.deadline import DEFAULT_MIN_RATE, transfer_budget
 from webhook.models import FetchedFile, ObjectLocation
 
-# Each download in flight holds one chunk, and a worker runs WEBHOOK_WORKER_CONCURRENCY of them; past
+# Each download in flight holds one chunk, and a worker runs at most one per claim thread; past
 # 256 KiB, larger chunks buy no speed (bench/fetch_memory.py), only memory.
 CHUNK = 256 * 1024
 PART_PREFIX = "cos-webhook-"  # of partial downloads (see webhook.worker.staging for their cleanup)

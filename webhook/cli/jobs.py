@@ -1,4 +1,4 @@
-"""Commands that look into the ledger, changing nothing: jobs list, jobs show, dead list."""
+"""Commands that look into the ledger, changing nothing: jobs list, jobs show, jobs sinks, dead list."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows
+from webhook.cli.base import echo_text, main, open_ledger, parse_since, print_rows, sink_specs
 from webhook.config import Settings
-from webhook.ledger import DeadLetter, JobView, utc_text
-from webhook.models import JobStatus, Outcome
+from webhook.ledger import Breaker, DeadLetter, JobView, TaskGroup, utc_text
+from webhook.models import JobStatus, Outcome, TaskKind
 
 
 @main.group()
@@ -93,6 +93,29 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         # Line by line, each behind a gutter: a body cannot pass for this command's own output.
         for line in r.body.decode("utf-8", "replace").splitlines():
             echo_text(f"  | {line}")
+
+
+@jobs.command("sinks")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def jobs_sinks(as_json: bool) -> None:
+    """Each sink's circuit breaker (closed, open: paused, probing) and its deliveries due now."""
+    settings = Settings.from_env()
+    stats = open_ledger(settings).stats.snapshot(settings.heartbeat_seconds)
+    names = sorted(set(sink_specs(settings)) | set(stats.breakers))
+
+    def row(sink: str) -> dict[str, Any]:
+        breaker = stats.breakers.get(sink, Breaker(sink))
+        until = None if breaker.until is None else utc_text(breaker.until)
+        due = stats.due.get(TaskGroup(TaskKind.DELIVER.value, sink), 0)
+        return {"sink": sink, "breaker": breaker.state.value, "failures": breaker.failures, "until": until, "due": due}
+
+    print_rows(
+        [row(sink) for sink in names],
+        as_json,
+        lambda r: r,
+        f"{'SINK':<24} {'BREAKER':<8} {'FAILURES':>8} {'DUE':>6}  UNTIL",
+        lambda r: f"{r['sink']:<24} {r['breaker']:<8} {r['failures']:>8} {r['due']:>6}  {r['until'] or '-'}",
+    )
 
 
 @main.group()

@@ -3,7 +3,8 @@
 ``Ledger(url)`` holds the engine and what is done with it: :attr:`~Ledger.jobs` (record
 callbacks, replay), :attr:`~Ledger.queue` (claim, lease, outcomes), :attr:`~Ledger.views` (what
 operators read), :attr:`~Ledger.browse` (jobs page by page, recent activity),
-:attr:`~Ledger.workers` (heartbeats, takeover), :attr:`~Ledger.locks`, :attr:`~Ledger.retention`,
+:attr:`~Ledger.workers` (heartbeats, takeover),
+:attr:`~Ledger.breakers` (each sink's circuit breaker), :attr:`~Ledger.locks`, :attr:`~Ledger.retention`,
 :attr:`~Ledger.quarantine` and :attr:`~Ledger.stats` (the whole ledger at a glance: metrics,
 overviews). The tables are in :mod:`webhook.ledger.schema` and stay inside this package: what the
 database raises leaves it as :class:`LedgerUnavailable` (see :mod:`webhook.ledger.errors`). A
@@ -17,8 +18,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from webhook.ledger import migrate
+from webhook.ledger.breakers import Breaker, Breakers
 from webhook.ledger.browse import Browse, JobFilter, JobPage, JobRow, StepCounts
-from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Task, Trying, VerifyClaim, Version
+from webhook.ledger.claims import Attempt, Claim, Delivery, DeliveryClaim, Room, Task, Trying, VerifyClaim, Version
 from webhook.ledger.engine import make_engine, read_only_engine
 from webhook.ledger.errors import LedgerError, LedgerRefused, LedgerUnavailable, UnknownJob, connect
 from webhook.ledger.jobs import Jobs, Replayed
@@ -40,6 +42,8 @@ __all__ = [
     "STALE_BEATS",
     "Attempt",
     "AttemptView",
+    "Breaker",
+    "Breakers",
     "Claim",
     "DeadLetter",
     "Delivery",
@@ -62,6 +66,7 @@ __all__ = [
     "Readiness",
     "Recorded",
     "Replayed",
+    "Room",
     "Sessions",
     "Standing",
     "Stats",
@@ -102,6 +107,7 @@ class Ledger:
         self.stats = Stats(self.engine)
         self.quarantine = Quarantine(self.engine)
         self.sessions = Sessions(self.engine)
+        self.breakers = Breakers(self.engine)
 
     def migrate(self) -> None:
         """Bring the schema to this version's head revision; safe when several processes start at once."""

@@ -8,6 +8,7 @@ typed column that holds something its type cannot: the claim says so in ``unread
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,6 +72,18 @@ class DeliveryClaim:
 
 
 Claim = VerifyClaim | DeliveryClaim
+
+
+@dataclass(frozen=True)
+class Room:
+    """A worker's free slots: for verifications, and for each sink's deliveries (its bulkhead)."""
+
+    verify: int
+    sinks: Mapping[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.verify + sum(self.sinks.values())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Leasing due tasks to a worker, inside the caller's transaction: the SQL behind
-:meth:`~webhook.ledger.queue.Queue.claim` and behind going on from a verification to the job's
-deliveries without handing them back to the queue first.
+:meth:`~webhook.ledger.queue.Queue.claim`, and the leasing that a worker's lanes
+(:mod:`webhook.ledger.lanes`) build on.
 
 A batch of jobs is leased in a fixed number of statements, however many jobs it holds: on
 PostgreSQL each statement is a round trip, and a worker's claims wait on them.
@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook.ledger.claims import Claim, Delivery, DeliveryClaim, Task, VerifyClaim, Version
@@ -39,21 +38,21 @@ from webhook.models import TaskKind, TaskStatus, VersionStatus
 _now = sa.bindparam("now", type_=sa.DateTime)
 _ids = sa.bindparam("ids", expanding=True, type_=sa.Integer)
 _job_ids = sa.bindparam("job_ids", expanding=True, type_=sa.String)
-_DUE = sa.and_(
+DUE = sa.and_(
     tasks.c.status == TaskStatus.PENDING,
     tasks.c.run_after <= _now,
     sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < _now),
 )
 _FIRST_DUE = (
     sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, *TASK_COLUMNS)
-    .where(_DUE)
+    .where(DUE)
     .order_by(tasks.c.run_after, tasks.c.id)
     .limit(sa.bindparam("limit", type_=sa.Integer))
     .with_for_update(skip_locked=True)
 )
 _DUE_DELIVERIES = (
     sa.select(tasks.c.id)
-    .where(_DUE, tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER)
+    .where(DUE, tasks.c.job_id.in_(_job_ids), tasks.c.kind == TaskKind.DELIVER)
     .with_for_update(skip_locked=True)
 )
 _DELIVERIES_OF = sa.select(tasks.c.job_id, tasks.c.sink, tasks.c.status).where(
@@ -75,23 +74,9 @@ _LEASE = (
     )
     .returning(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, tasks.c.attempts)
 )
-_RESET = ("status", "attempts", "run_after", "locked_until", "locked_by", "last_error", "updated_at", "done_at")
-
-
-def _insert_or_restart(insert: postgresql.Insert | sqlite.Insert) -> Any:
-    return insert.on_conflict_do_update(
-        index_elements=[tasks.c.job_id, tasks.c.kind, tasks.c.sink],
-        set_={name: insert.excluded[name] for name in _RESET},
-    ).returning(tasks.c.id, tasks.c.sink, tasks.c.attempts)
-
-
-_LEASED_ANEW = {
-    "postgresql": _insert_or_restart(postgresql.insert(tasks)),
-    "sqlite": _insert_or_restart(sqlite.insert(tasks)),
-}
 # The job's typed columns are read raw: one row that cannot be read is that job's claim's problem.
 _JOBS = sa.select(jobs.c.job_id, jobs.c.detail, *JOB_COLUMNS).where(jobs.c.job_id.in_(_job_ids))
-_BROKEN = {
+BROKEN = {
     dialect: sa.select(tasks.c.id, tasks.c.job_id, tasks.c.kind, tasks.c.sink, *TASK_COLUMNS)
     .where(broken_tasks(dialect))
     .order_by(tasks.c.id)
@@ -125,42 +110,17 @@ def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, 
     verify = [task_id for task_id, kind in first.values() if kind == TaskKind.VERIFY]
     deliver = [job_id for job_id, (_, kind) in first.items() if kind == TaskKind.DELIVER]
     due = _due_deliveries(conn, deliver, now)
-    claims = _lease(conn, verify + due, worker_id, until, now)
+    claims = lease_tasks(conn, verify + due, worker_id, until, now)
     found = [claims[job_id] for job_id in first if job_id in claims]
     if len(found) + len(unreadable) < limit:
         # Rows never due (a bad run_after or status) are looked for only when there is room, so
         # that a busy queue does not pay for the search on every claim.
         more = {"limit": limit - len(found) - len(unreadable), "now": now}
-        unreadable += conn.execute(_BROKEN[conn.dialect.name], more).all()
-    return found + _lease_unreadable(conn, unreadable, set(claims), worker_id, until, now)
+        unreadable += conn.execute(BROKEN[conn.dialect.name], more).all()
+    return found + lease_unreadable(conn, unreadable, set(claims), worker_id, until, now)
 
 
-def lease_new_deliveries(
-    conn: Connection,
-    job_id: str,
-    sinks: Sequence[str],
-    worker_id: str,
-    until: datetime,
-    now: datetime,
-    claimed: tuple[str, datetime],
-) -> DeliveryClaim | None:
-    """Make one delivery per sink due with a fresh budget, already leased to ``worker_id`` (one statement).
-
-    ``claimed`` is the job as its verify claim has it (detail, when received). A job being verified
-    has delivered nowhere yet: only rejected jobs and jobs whose verification died are verified
-    again. Should a delivery exist all the same, it is started over.
-    """
-    if not sinks:
-        return None
-    row = {"job_id": job_id, "kind": TaskKind.DELIVER, "status": TaskStatus.PENDING, "attempts": 1,
-           "run_after": now, "locked_until": until, "locked_by": worker_id, "last_error": "", "updated_at": now,
-           "done_at": None}  # fmt: skip
-    leased = conn.execute(_LEASED_ANEW[conn.dialect.name], [row | {"sink": sink} for sink in sinks]).all()
-    detail, received_at = claimed
-    return DeliveryClaim(detail, _deliveries(job_id, leased), received_at)
-
-
-def _deliveries(job_id: str, leased: Sequence[sa.Row[Any]]) -> tuple[Delivery, ...]:
+def deliveries_of(job_id: str, leased: Sequence[sa.Row[Any]]) -> tuple[Delivery, ...]:
     """A claim's deliveries, in the order of their sinks' names."""
     ordered = sorted(leased, key=lambda r: str(r.sink))
     return tuple(Delivery(r.id, job_id, TaskKind.DELIVER, r.attempts, r.sink) for r in ordered)
@@ -172,7 +132,9 @@ def _due_deliveries(conn: Connection, job_ids: Collection[str], now: datetime) -
     return list(conn.execute(_DUE_DELIVERIES, {"now": now, "job_ids": list(job_ids)}).scalars())
 
 
-def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime, now: datetime) -> dict[str, Claim]:
+def lease_tasks(
+    conn: Connection, ids: Sequence[int], worker_id: str, until: datetime, now: datetime
+) -> dict[str, Claim]:
     """Lease the tasks ``ids`` and build one claim per job from them (verify tasks stand alone)."""
     if not ids:
         return {}
@@ -201,7 +163,7 @@ def _lease(conn: Connection, ids: Sequence[int], worker_id: str, until: datetime
             done = frozenset(r.sink for r in of_job if r.status == TaskStatus.DONE)
             waiting = frozenset(r.sink for r in of_job if r.status == TaskStatus.PENDING and r.sink not in in_claim)
             claims[job_id] = DeliveryClaim(
-                job.detail, _deliveries(job_id, rows), received_at, done, waiting, unreadable=problem
+                job.detail, deliveries_of(job_id, rows), received_at, done, waiting, unreadable=problem
             )
     return claims
 
@@ -213,7 +175,7 @@ def _received(job: Any, now: datetime) -> tuple[datetime, str]:
     return time_or_none(jobs.c.created_at, job.created_at) or now, job_problem(job)
 
 
-def _lease_unreadable(
+def lease_unreadable(
     conn: Connection, rows: Sequence[Any], taken: set[str], worker_id: str, until: datetime, now: datetime
 ) -> list[Claim]:
     """Lease the unfinished tasks ``rows`` whose own columns cannot be read, one per job not in

@@ -9,19 +9,21 @@ on SQLite the write lock is taken when the transaction begins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Task, VerifyClaim, Version
+from webhook.ledger.breakers import Health, observe
+from webhook.ledger.claims import Attempt, Claim, DeliveryClaim, Room, Task, VerifyClaim, Version
 from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
-from webhook.ledger.leasing import claim_due, lease_new_deliveries
-from webhook.ledger.scheduling import in_id_order, set_status
+from webhook.ledger.lanes import claim_lanes, lease_new_deliveries
+from webhook.ledger.leasing import claim_due
+from webhook.ledger.scheduling import in_id_order, set_status, settle
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
-from webhook.models import Job, JobState, JobStatus, TaskKind, TaskStatus, VersionStatus, job_from_json, job_to_json
+from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
 
 Verdicts = Mapping[int | None, str]  # version id -> why it was rejected
 Attempts = Sequence[Attempt]  # what the worker tried, recorded with the outcome it led to
@@ -39,10 +41,19 @@ class Queue:
         return claims[0] if claims else None
 
     def claim_many(self, worker_id: str, lease_seconds: float, limit: int) -> list[Claim]:
-        """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim."""
+        """Lease due work of up to ``limit`` jobs in one transaction, each job as its own claim, with
+        every due delivery of the job whatever its sink's slots or breaker (a worker's claim loop
+        uses :meth:`claim_lanes`)."""
         now = utcnow()
         with begin(self._engine) as conn:
             return claim_due(conn, worker_id, now + timedelta(seconds=lease_seconds), now, limit)
+
+    def claim_lanes(self, worker_id: str, lease_seconds: float, room: Room) -> list[Claim]:
+        """Lease due work in one transaction as a worker's free slots allow (``room``), each job as
+        its own claim; a sink whose breaker is open is left out (see :mod:`webhook.ledger.lanes`)."""
+        now = utcnow()
+        with begin(self._engine) as conn:
+            return claim_lanes(conn, worker_id, now + timedelta(seconds=lease_seconds), now, room)
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
         """Keep a long step's lease alive; returns how many tasks were renewed.
@@ -71,11 +82,13 @@ class Queue:
         rejected: Verdicts,
         tried: Attempts,
         lease_seconds: float,
+        lease: Collection[str] | None = None,
     ) -> DeliveryClaim | None:
         """Verification passed for ``accepted`` (``job``, decoded): the job goes on as that version, the
         other versions are ``rejected`` with their reasons, and one delivery per sink is leased to the
         same worker in the same transaction, which goes on to fetch and deliver without a second
-        claim. None if the lease was lost or no sink takes the job."""
+        claim: those of the sinks in ``lease`` (None: every sink) whose breaker is closed; the others
+        wait for a claim. None if the lease was lost or no delivery was leased."""
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
         # CI's account of the job, as verification confirmed it: the row keeps it and its deliveries send it.
@@ -85,7 +98,7 @@ class Queue:
             if not _accept(conn, claim.task, worker_id, sinks, accepted, job, detail, rejected, tried, now):
                 return None
             job_id, claimed = claim.task.job_id, (detail, claim.received_at)
-            return lease_new_deliveries(conn, job_id, sinks, worker_id, until, now, claimed)
+            return lease_new_deliveries(conn, job_id, sinks, lease, worker_id, until, now, claimed)
 
     def reject(self, task: Task, worker_id: str, reason: str, rejected: Verdicts, tried: Attempts = ()) -> bool:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
@@ -98,17 +111,22 @@ class Queue:
             set_status(conn, task.job_id, JobStatus.REJECTED, reason, now)
         return True
 
-    def complete(self, task: Task, worker_id: str, tried: Attempts = ()) -> bool:
-        """The delivery happened; the job is delivered once none of its deliveries is pending."""
+    def complete(self, task: Task, worker_id: str, tried: Attempts = (), health: Health | None = None) -> bool:
+        """The delivery happened; the job is delivered once none of its deliveries is pending.
+
+        ``health`` (here and below): what the outcome says of the delivery's sink, for its breaker."""
         now = utcnow()
         with begin(self._engine) as conn:
             _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DONE, "", now, tried):
                 return False
             settle(conn, task.job_id, now)
+            _observe(conn, health, now)
         return True
 
-    def retry_later(self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = ()) -> bool:
+    def retry_later(
+        self, task: Task, worker_id: str, error: str, delay: float, tried: Attempts = (), health: Health | None = None
+    ) -> bool:
         """The step failed but may succeed later: due again after ``delay`` seconds."""
         now = utcnow()
         with begin(self._engine) as conn:
@@ -124,9 +142,13 @@ class Queue:
                     updated_at=now,
                 )
             ).rowcount
+            if updated:
+                _observe(conn, health, now)
         return updated == 1
 
-    def give_up(self, task: Task, worker_id: str, error: str, tried: Attempts = ()) -> bool:
+    def give_up(
+        self, task: Task, worker_id: str, error: str, tried: Attempts = (), health: Health | None = None
+    ) -> bool:
         """Retrying cannot help, or the budget is spent: the task is dead, and so is the job."""
         now = utcnow()
         with begin(self._engine) as conn:
@@ -137,40 +159,8 @@ class Queue:
                 set_status(conn, task.job_id, JobStatus.DEAD, f"verification gave up: {error}", now)
             else:
                 settle(conn, task.job_id, now)
+            _observe(conn, health, now)
         return True
-
-
-def settle(conn: Connection, job_id: str, now: datetime) -> None:
-    rows = conn.execute(
-        sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
-        .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
-        .order_by(tasks.c.sink)
-    ).all()
-    if any(row.status == TaskStatus.PENDING for row in rows):
-        return
-    # Sinks' own errors start with the sink's name; other errors get it in front.
-    dead = [
-        row.last_error if row.last_error.startswith(f"{row.sink}: ") else f"{row.sink}: {row.last_error}"
-        for row in rows
-        if row.status == TaskStatus.DEAD
-    ]
-    if dead:
-        set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
-    elif failure := _ci_failure(conn, job_id):
-        set_status(conn, job_id, JobStatus.FAILED, failure, now)
-    else:
-        set_status(conn, job_id, JobStatus.DELIVERED, "", now)
-
-
-def _ci_failure(conn: Connection, job_id: str) -> str:
-    """Why CI says the job did not succeed, from its stored account ("" if it succeeded)."""
-    row = conn.execute(sa.select(jobs.c.state, jobs.c.detail).where(jobs.c.job_id == job_id)).one()
-    if row.state == JobState.SUCCESS:
-        return ""
-    try:
-        return job_from_json(row.detail).failure
-    except ValueError:  # the state column alone still says it failed
-        return f"CI reports {row.state}"
 
 
 def _accept(
@@ -205,6 +195,11 @@ def _accept(
         status, failure = (JobStatus.FAILED, f"{job.failure}; ") if job.failure else (JobStatus.DELIVERED, "")
         set_status(conn, task.job_id, status, f"{failure}no sink takes this event", now)
     return True
+
+
+def _observe(conn: Connection, health: Health | None, now: datetime) -> None:
+    if health is not None:
+        observe(conn, health, now)
 
 
 _VERDICT = (

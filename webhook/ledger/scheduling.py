@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from webhook.ledger.schema import JOB_WIDE, jobs, tasks, versions
-from webhook.models import JobStatus, TaskKind, TaskStatus, VersionStatus
+from webhook.models import JobState, JobStatus, TaskKind, TaskStatus, VersionStatus, job_from_json
 
 
 def schedule(conn: Connection, job_id: str, kind: TaskKind, sink: str | None, now: datetime) -> None:
@@ -64,3 +64,41 @@ def task_row(job_id: str, kind: TaskKind, sink: str | None, now: datetime) -> di
     """A task due now with a fresh budget, as a row in ``tasks``."""
     return {"job_id": job_id, "kind": kind, "sink": JOB_WIDE if sink is None else sink, "status": TaskStatus.PENDING,
             "attempts": 0, "run_after": now, "last_error": "", "updated_at": now}  # fmt: skip
+
+
+def settle(conn: Connection, job_id: str, now: datetime) -> None:
+    """Derive the job's status from its deliveries once none is pending (the caller holds the job's lock).
+
+    All delivered is ``delivered``, or ``failed`` for a job CI reports did not succeed (its
+    failure event is what was delivered), with CI's code and message as the reason.
+    """
+    rows = conn.execute(
+        sa.select(tasks.c.status, tasks.c.sink, tasks.c.last_error)
+        .where(tasks.c.job_id == job_id, tasks.c.kind == TaskKind.DELIVER)
+        .order_by(tasks.c.sink)
+    ).all()
+    if any(row.status == TaskStatus.PENDING for row in rows):
+        return
+    # Sinks' own errors start with the sink's name; other errors get it in front.
+    dead = [
+        row.last_error if row.last_error.startswith(f"{row.sink}: ") else f"{row.sink}: {row.last_error}"
+        for row in rows
+        if row.status == TaskStatus.DEAD
+    ]
+    if dead:
+        set_status(conn, job_id, JobStatus.DEAD, "dead deliveries: " + "; ".join(dead), now)
+    elif failure := _ci_failure(conn, job_id):
+        set_status(conn, job_id, JobStatus.FAILED, failure, now)
+    else:
+        set_status(conn, job_id, JobStatus.DELIVERED, "", now)
+
+
+def _ci_failure(conn: Connection, job_id: str) -> str:
+    """Why CI says the job did not succeed, from its stored account ("" if it succeeded)."""
+    row = conn.execute(sa.select(jobs.c.state, jobs.c.detail).where(jobs.c.job_id == job_id)).one()
+    if row.state == JobState.SUCCESS:
+        return ""
+    try:
+        return job_from_json(row.detail).failure
+    except ValueError:  # the state column alone still says it failed
+        return f"CI reports {row.state}"

@@ -125,6 +125,18 @@ locks = sa.Table(
     sa.Column("until", sa.DateTime, nullable=False),
 )
 
+# Each sink's circuit breaker, shared by the workers (:mod:`webhook.ledger.breakers`); a sink
+# without a row is closed, as every sink is until its deliveries fail.
+breakers = sa.Table(
+    "sink_breakers",
+    metadata,
+    sa.Column("sink", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # closed, open, probing
+    sa.Column("failures", sa.Integer, nullable=False),  # deliveries failed since the last success
+    sa.Column("until", sa.DateTime, nullable=True),  # open: paused until; probing: the probe's lease ends
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
 # The sink column of a task that belongs to the job (verification), not to one sink. Kept out of
 # the ledger's interface: a verify Task has no sink. (NULL would need a schema migration.)
 JOB_WIDE = ""

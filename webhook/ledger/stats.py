@@ -8,13 +8,14 @@ holds one row per running worker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from webhook.ledger.breakers import Breaker, read
 from webhook.ledger.errors import connect
 from webhook.ledger.schema import jobs as job_rows
 from webhook.ledger.schema import tasks, utcnow, workers
@@ -44,6 +45,8 @@ class LedgerStats:
     oldest_due_seconds: dict[TaskGroup, float]  # how long the oldest of those has been due
     dead: dict[TaskGroup, int]  # tasks that ran out of attempts (or were refused for good)
     live_workers: int  # workers whose heartbeat is younger than STALE_BEATS intervals
+    # Sinks' breakers that have left the closed state at least once (a sink without one is closed).
+    breakers: dict[str, Breaker] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[TaskGroup]:
@@ -58,7 +61,7 @@ class Stats:
         self._engine = engine
 
     def snapshot(self, heartbeat_seconds: float = 5.0) -> LedgerStats:
-        """Jobs per status, due and dead tasks per (kind, sink), and live workers, read now.
+        """Jobs per status, due and dead tasks per (kind, sink), live workers and sinks' breakers, read now.
 
         ``heartbeat_seconds`` is the workers' ``WEBHOOK_HEARTBEAT_SECONDS``: a worker counts as
         live while its last heartbeat is younger than three of them.
@@ -82,6 +85,7 @@ class Stats:
             live = conn.execute(
                 sa.select(sa.func.count()).select_from(workers).where(workers.c.heartbeat_at >= since)
             ).scalar_one()
+            breakers = read(conn)
         jobs = dict.fromkeys((status.value for status in JobStatus), 0)
         jobs.update({status: int(n) for status, n in by_status})
         return LedgerStats(
@@ -93,4 +97,5 @@ class Stats:
             },
             dead={TaskGroup(kind, sink): int(n) for kind, sink, n in dead_rows},
             live_workers=int(live),
+            breakers=breakers,
         )

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model
 
 from webhook.errors import ConfigError
 from webhook.models import Job
-from webhook.retry import RetryPolicy
+from webhook.retry import BreakerPolicy, RetryPolicy
 from webhook.sinks.options import FilesystemOptions, HttpMode, HttpOptions, NotifyOptions, SinkOptions
 from webhook.sinks.registry import SINK_TYPES
 
@@ -35,6 +35,8 @@ class SinkSpec(BaseModel):
     events: frozenset[Literal["success", "failure"]] = frozenset({"success", "failure"})
     tags: frozenset[str] | None = None  # None: every tag in WEBHOOK_ALLOWED_TAGS
     retry: RetryPolicy = RetryPolicy()
+    concurrency: PositiveInt | None = None  # deliveries in flight per worker; None: WEBHOOK_SINK_CONCURRENCY
+    breaker: BreakerPolicy | None = None  # None: WEBHOOK_BREAKER_FAILURES / WEBHOOK_BREAKER_PAUSE
 
     def accepts(self, job: Job) -> bool:
         """Whether this sink takes ``job`` (its outcome and tag pass the filters)."""

@@ -25,8 +25,9 @@ from prometheus_client.metrics import MetricWrapperBase, disable_created_metrics
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from webhook.ledger import Attempt, LedgerUnavailable, Recorded, utcnow
-from webhook.ledger.stats import LedgerStats
-from webhook.models import Outcome, Step
+from webhook.ledger.breakers import State
+from webhook.ledger.stats import LedgerStats, TaskGroup
+from webhook.models import Outcome, Step, TaskKind
 from webhook.telemetry.metrics_dir import VARIABLE
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,16 @@ class LedgerCollector:
             "cos_webhook_dead", "Dead tasks (replayable), by kind and sink.", labels=["kind", "sink"]
         )
         live = GaugeMetricFamily("cos_webhook_workers", "Workers with a recent heartbeat in the ledger.")
+        breaker = GaugeMetricFamily(
+            "cos_webhook_sink_breaker",
+            "Each sink's circuit breaker: 1 for its state (closed, open: paused, probing: one delivery tries it).",
+            labels=["sink", "state"],
+        )
+        paused = GaugeMetricFamily(
+            "cos_webhook_sink_paused_deliveries",
+            "Due deliveries that wait, spending no attempt, because their sink's breaker is open or probing.",
+            labels=["sink"],
+        )
         if stats is not None:
             for status, count in sorted(stats.jobs.items()):
                 jobs.add_metric([status], count)
@@ -252,7 +263,14 @@ class LedgerCollector:
                 lag.add_metric(list(group), stats.oldest_due_seconds.get(group, 0.0))
                 dead.add_metric(list(group), stats.dead.get(group, 0))
             live.add_metric([], stats.live_workers)
-        yield from (jobs, due, lag, dead, live)
+            sinks = {group.sink for group in stats.groups if group.kind == TaskKind.DELIVER} | set(stats.breakers)
+            for sink in sorted(sinks):
+                state = stats.breakers[sink].state if sink in stats.breakers else State.CLOSED
+                for each in State:
+                    breaker.add_metric([sink, each.value], 1 if each == state else 0)
+                waiting = 0 if state == State.CLOSED else stats.due.get(TaskGroup(TaskKind.DELIVER.value, sink), 0)
+                paused.add_metric([sink], waiting)
+        yield from (jobs, due, lag, dead, live, breaker, paused)
 
 
 def registry(read: Callable[[], LedgerStats]) -> CollectorRegistry:

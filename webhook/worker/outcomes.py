@@ -17,8 +17,9 @@ from datetime import datetime
 from typing import TypedDict, Unpack
 
 from webhook.ledger import Attempt, Delivery, DeliveryClaim, Ledger, Task, Trying, VerifyClaim, Version, utcnow
+from webhook.ledger.breakers import Health
 from webhook.models import Job, Outcome
-from webhook.retry import RetryPolicy, backoff_delay, why_over
+from webhook.retry import BreakerPolicy, RetryPolicy, backoff_delay, why_over
 from webhook.telemetry import metrics
 from webhook.telemetry.logs import fields
 
@@ -67,6 +68,7 @@ class RetryLater:
     attempts: Attempts
     error: str
     delay: float
+    sink_failed: bool = False  # the sink itself failed (not the fetch before it): counts for its breaker
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class GaveUp:
     task: Task
     attempts: Attempts
     error: str
+    sink_failed: bool = False  # as in RetryLater
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class FailureDetails(TypedDict, total=False):
     final: str | None
     delay: float | None
     code: str
+    sink_failed: bool
 
 
 def after_failure(
@@ -121,16 +125,17 @@ def after_failure(
     ``recorded``. ``delay`` overrides the backoff (deliveries kept due together).
     """
     also, recorded, code = details.get("also", ()), details.get("recorded", ()), details.get("code", "")
+    sink_failed = details.get("sink_failed", False)
     if abandoned is not None:
         error = f"{error} ({abandoned})"
         return Abandoned(task, _ended(recorded, also, tried, Outcome.ABANDONED, error, code), error)
     over = why_over(task.attempts, policy, (utcnow() - received_at).total_seconds(), details.get("final"))
     if over is not None:
         error = f"{error} ({over})"
-        return GaveUp(task, _ended(recorded, also, tried, Outcome.DEAD, error, code), error)
+        return GaveUp(task, _ended(recorded, also, tried, Outcome.DEAD, error, code), error, sink_failed)
     if (delay := details.get("delay")) is None:
         delay = backoff_delay(task.attempts, policy, details.get("retry_after"))
-    return RetryLater(task, _ended(recorded, also, tried, Outcome.RETRY, error, code), error, delay)
+    return RetryLater(task, _ended(recorded, also, tried, Outcome.RETRY, error, code), error, delay, sink_failed)
 
 
 def _ended(
@@ -140,25 +145,36 @@ def _ended(
 
 
 class Recorder:
-    """Records each outcome once: the ledger row, the metrics, the log line."""
+    """Records each outcome once: the ledger row (with what it says of a sink, for the sink's
+    breaker), the metrics, the log line."""
 
-    def __init__(self, ledger: Ledger, worker_id: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        worker_id: str,
+        lease_seconds: float,
+        breakers: Mapping[str, BreakerPolicy] | None = None,
+    ) -> None:
         self.queue = ledger.queue
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        self.breakers = breakers or {}  # each sink's; a sink not named here has the default
 
-    def record(self, outcome: TaskOutcome, received_at: datetime) -> DeliveryClaim | None:
+    def record(
+        self, outcome: TaskOutcome, received_at: datetime, lease: Sequence[str] | None = None
+    ) -> DeliveryClaim | None:
         """Record ``outcome`` of a claim whose job was first recorded at ``received_at``.
 
-        For :class:`Accepted`, the job's deliveries, leased to this worker in the same transaction
-        (None if the lease was lost or no sink takes the job); else None.
+        For :class:`Accepted`, the job's deliveries to the sinks in ``lease`` (None: every sink),
+        leased to this worker in the same transaction (None if the lease was lost or none was
+        leased); the job's other deliveries are due for a claim of their own. Else None.
         """
         metrics.attempted(outcome.attempts, received_at)
-        task, worker = outcome.task, self.worker_id
+        task, worker, health = outcome.task, self.worker_id, self._health(outcome)
         match outcome:
             case Accepted(claim, attempts, version, job, sinks, rejected):
                 deliveries = self.queue.accept_and_claim(
-                    claim, worker, sinks, version, job, rejected, attempts, self.lease_seconds
+                    claim, worker, sinks, version, job, rejected, attempts, self.lease_seconds, lease
                 )
                 log.info("verified state=%s deliveries=%s", job.state, ",".join(sinks), extra=fields(job))
                 return deliveries
@@ -166,7 +182,7 @@ class Recorder:
                 self.queue.reject(task, worker, reason, rejected, attempts)
                 log.warning("rejected: %s", reason, extra=fields(task))
             case Delivered(delivery, attempts):
-                if self.queue.complete(delivery, worker, attempts):
+                if self.queue.complete(delivery, worker, attempts, health):
                     log.info("delivered attempt=%d", delivery.attempts, extra=fields(delivery))
                 else:
                     log.warning("delivered but the lease was lost", extra=fields(delivery))
@@ -174,11 +190,23 @@ class Recorder:
                 self.queue.retry_later(task, worker, error, 0.0, attempts)
                 log.warning("attempt %d abandoned at shutdown: %s", task.attempts, error, extra=fields(task, step=True))
             case GaveUp(_, attempts, error):
-                self.queue.give_up(task, worker, error, attempts)
+                self.queue.give_up(task, worker, error, attempts, health)
                 log.error("dead after %d attempts: %s", task.attempts, error, extra=fields(task, step=True))
             case RetryLater(_, attempts, error, delay):
-                self.queue.retry_later(task, worker, error, delay, attempts)
+                self.queue.retry_later(task, worker, error, delay, attempts, health)
                 log.warning(
                     "attempt %d failed, retry in %.1fs: %s", task.attempts, delay, error, extra=fields(task, step=True)
                 )
         return None
+
+    def _health(self, outcome: TaskOutcome) -> Health | None:
+        """What ``outcome`` says of its sink: a delivery done, or the sink's own failure (a failed
+        fetch or a shutdown says nothing of it)."""
+        if not isinstance(outcome.task, Delivery):
+            return None
+        ok = isinstance(outcome, Delivered)
+        if not ok and not (isinstance(outcome, RetryLater | GaveUp) and outcome.sink_failed):
+            return None
+        sink = outcome.task.sink
+        policy = self.breakers.get(sink, BreakerPolicy())
+        return Health(sink, ok, policy.failures, policy.pause)

@@ -41,6 +41,7 @@ from webhook.sinks import DeliveryError, NotificationSink, Sink
 from webhook.sinks.config import SinkSpec
 from webhook.sinks.events import build_event
 from webhook.telemetry.logs import fields
+from webhook.worker.lanes import VERIFY, Held, Lanes
 from webhook.worker.liveness import Leases
 from webhook.worker.outcomes import (
     Abandoned,
@@ -73,6 +74,7 @@ class Pipeline:
         staging: Staging,
         shutdown: Shutdown,
         leases: Leases,
+        lanes: Lanes,
     ) -> None:
         self.settings = settings
         self.recorder = recorder
@@ -82,30 +84,42 @@ class Pipeline:
         self.staging = staging
         self.shutdown = shutdown
         self.leases = leases
+        self.lanes = lanes
         self.allow = Allowlist(settings.allowed_buckets, settings.allowed_regions, settings.allowed_tags)
         self.found_at = FoundAt()
 
-    def run(self, claim: Claim) -> None:
+    def run(self, claim: Claim, held: Held | None = None) -> None:
         """Work on ``claim`` until each of its tasks has an outcome recorded; a job that passes
-        verification goes on to its deliveries, leased to this worker when it was accepted."""
-        if (deliveries := self._run_one(claim)) is not None:
-            self._run_one(deliveries)
+        verification goes on to its deliveries to the sinks with a free slot, leased to this worker
+        when it was accepted (the others wait for a claim of their lane).
 
-    def _run_one(self, claim: Claim) -> DeliveryClaim | None:
+        ``held``: the slots the claim loop took for it (by default taken here); each is given back
+        as soon as its task's outcome is recorded, any left when the claim ends.
+        """
+        held = held or self.lanes.hold(claim)
+        try:
+            if (deliveries := self._run_one(claim, held)) is not None:
+                self._run_one(deliveries, held)
+        finally:
+            held.release_all()
+
+    def _run_one(self, claim: Claim, held: Held) -> DeliveryClaim | None:
         started = Trying(Step.VERIFY if isinstance(claim, VerifyClaim) else Step.DELIVER)
         with self.leases.kept([t.id for t in claim.tasks]):
             if claim.unreadable:  # a row no step can use: nothing to try, nothing to wait for
                 for task in claim.tasks:
                     dead = self._failed(task, claim, claim.unreadable, self._policy(task), started, final="unreadable")
                     self.recorder.record(dead, claim.received_at)
+                    held.release(_lane(task))
                 return None
             try:
                 match claim:
                     case VerifyClaim():
-                        return self.recorder.record(self._verify(claim), claim.received_at)
+                        return self._verified(claim, held)
                     case DeliveryClaim():
                         for outcome in self._deliver(claim):
                             self.recorder.record(outcome, claim.received_at)
+                            held.release(_lane(outcome.task))
             except Exception as exc:  # a failure no step foresaw stays with these tasks, not the worker
                 log.exception("step failed unexpectedly", extra={"job_id": claim.tasks[0].job_id})
                 for task in claim.tasks:
@@ -113,6 +127,18 @@ class Pipeline:
                     failed = self._failed(task, claim, error, self._policy(task), started, code=code)
                     self.recorder.record(failed, claim.received_at)
         return None
+
+    def _verified(self, claim: VerifyClaim, held: Held) -> DeliveryClaim | None:
+        """Verify and record the outcome; an accepted job's deliveries to the sinks with a free slot
+        come back leased, with those slots held."""
+        outcome = self._verify(claim)
+        room = held.take(outcome.sinks) if isinstance(outcome, Accepted) else ()
+        deliveries = self.recorder.record(outcome, claim.received_at, room)
+        held.release(VERIFY)
+        leased = {d.sink for d in deliveries.deliveries} if deliveries is not None else set()
+        for sink in set(room) - leased:  # its breaker is open, or the lease was lost
+            held.release(sink)
+        return deliveries
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -256,10 +282,12 @@ class Pipeline:
         policy = self._policy(delivery)
         if self.shutdown.abandoning.is_set():
             return self._failed(delivery, claim, "not started", policy, trying, recorded=recorded)
+        asked = False  # whether the sink itself was tried: only then does a failure count for its breaker
         try:
             if isinstance(sink, NotificationSink):
                 files = tuple(replace(f, location=sink.locate(job, f, stored, self._presign_source)) for f in files)
-            sink.deliver(build_event(job, delivery.sink, files))
+            event, asked = build_event(job, delivery.sink, files), True
+            sink.deliver(event)
         except DeliveryError as exc:
             final = "refused permanently" if exc.permanent else None
             return self._failed(
@@ -272,11 +300,13 @@ class Pipeline:
                 retry_after=exc.retry_after,
                 final=final,
                 code=exc.code,
+                sink_failed=asked and not exc.permanent,  # a sink that answers "never" is up
             )
         except Exception as exc:  # a sink's own bug must cost its delivery an attempt, not the worker
             log.exception("failed unexpectedly", extra=fields(delivery))
             error = self._error_text(exc)
-            return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=type(exc).__name__)
+            code = type(exc).__name__
+            return self._failed(delivery, claim, error, policy, trying, recorded=recorded, code=code, sink_failed=asked)
         return Delivered(delivery, (*recorded, trying.ended(Outcome.OK)))
 
     def _fetch(self, job: Job, bytes_needed: bool) -> tuple[JobFile, ...]:
@@ -322,3 +352,7 @@ class Pipeline:
         worker's shutdown is cutting off its work in hand."""
         abandoned = self.shutdown.abandoned if self.shutdown.abandoning.is_set() else None
         return after_failure(task, claim.received_at, error, policy, tried, abandoned=abandoned, **details)
+
+
+def _lane(task: Task) -> str:
+    return task.sink if isinstance(task, Delivery) else VERIFY

@@ -6,10 +6,11 @@ reconcile and prune (:mod:`~webhook.worker.periodic`), the metrics server when o
 configured, and the :class:`ClaimLoop`. They start together and stop together; one failing stops
 the worker with a non-zero exit.
 
-The claim loop claims due work and runs each claim's pipeline in a thread of its own: up to
-``WEBHOOK_WORKER_CONCURRENCY`` claims are in flight per process, so cloud latency overlaps and a
-slow job or sink holds up no other. An idle worker sleeps until the ledger says there may be
-work, at most the poll interval.
+The claim loop claims due work and runs each claim's pipeline in a thread of its own, as the
+worker's lanes (:mod:`webhook.worker.lanes`) have room: up to ``WEBHOOK_WORKER_CONCURRENCY``
+verifications and each sink's ``concurrency`` deliveries are in flight per process, so cloud
+latency overlaps and a slow or hanging sink holds up only its own deliveries. An idle worker
+sleeps until the ledger says there may be work, or a slot is free, at most the poll interval.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from webhook.retry import RetryPolicy, backoff_delay
 from webhook.sinks import Sink
 from webhook.sinks.build import build_sinks, sink_context
 from webhook.sinks.config import SinkSpec
+from webhook.worker.lanes import Held, Lanes
 from webhook.worker.liveness import Heartbeat, Leases
 from webhook.worker.outcomes import Recorder
 from webhook.worker.periodic import Periodic, PeriodicPrune
@@ -48,7 +50,7 @@ CLAIM_SPACING = 0.05  # seconds between claims while nothing more is due
 
 
 class Worker:
-    """Claims due work and runs it, ``settings.worker_concurrency`` claims at a time, beside its other services."""
+    """Claims due work and runs it as its lanes have room, beside its other services."""
 
     def __init__(
         self,
@@ -71,15 +73,19 @@ class Worker:
         self.wakeup = Wakeup(ledger.engine)
         self.reconciler = PeriodicReconcile(settings, ledger, self.worker_id)
         self.pruner = PeriodicPrune(ledger, self.worker_id, settings.retention_days)
+        slots = {spec.name: settings.sink_slots(spec) for spec in specs}
+        self.lanes = Lanes(settings.worker_concurrency, slots, on_release=self.wakeup.event.set)  # a slot is free
+        breakers = {spec.name: settings.sink_breaker(spec) for spec in specs}
         self.pipeline = Pipeline(
             settings,
-            Recorder(ledger, self.worker_id, settings.lease_seconds),
+            Recorder(ledger, self.worker_id, settings.lease_seconds, breakers),
             {spec.name: spec for spec in specs},
             sinks,
             client_for_region,
             self.staging,
             self.shutdown,
             self.leases,
+            self.lanes,
         )
 
     @classmethod
@@ -98,10 +104,11 @@ class Worker:
         Raises :class:`~webhook.worker.services.ServiceFailed` when a service failed.
         """
         log.info(
-            "worker %s started sinks=%s concurrency=%d burst=%s",
+            "worker %s started sinks=%s concurrency=%d slots=%s burst=%s",
             self.worker_id,
             ",".join(self.sinks),
             self.settings.worker_concurrency,
+            ",".join(f"{sink}:{n}" for sink, n in self.lanes.sizes.items() if sink),
             burst,
         )
         periodic = (self.reconciler, self.pruner)
@@ -150,11 +157,12 @@ class ClaimLoop:
         self.finished = 0  # claims run
 
     def run(self, stopping: threading.Event) -> None:
-        with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="claim") as pool:
+        # A thread per slot: a claim holds at least one slot for as long as it runs.
+        with ThreadPoolExecutor(self.worker.lanes.capacity, thread_name_prefix="claim") as pool:
             self._loop(pool, stopping)
 
     def _loop(self, pool: ThreadPoolExecutor, stopping: threading.Event) -> None:
-        worker, queue, wakeup = self.worker, self.worker.ledger.queue, self.worker.wakeup
+        worker, queue, wakeup, lanes = self.worker, self.worker.ledger.queue, self.worker.wakeup, self.worker.lanes
         outage = 0
         in_flight: set[Future[None]] = set()
         # How long to wait out a ledger outage: the poll interval, doubling up to 30 s.
@@ -163,12 +171,14 @@ class ClaimLoop:
             done = {future for future in in_flight if future.done()}
             in_flight -= done
             self.finished += len(done)
-            free = self.settings.worker_concurrency - len(in_flight)
+            room = lanes.reserve()
+            free = room.total
             try:
                 if not worker.heartbeat.running:
                     worker.heartbeat.beat()  # registered first: others take over an unknown worker's leases
-                claims = queue.claim_many(worker.worker_id, self.settings.lease_seconds, free) if free else []
+                claims = queue.claim_lanes(worker.worker_id, self.settings.lease_seconds, room) if free else []
             except LedgerUnavailable as exc:
+                lanes.claimed(room, [])
                 # The ledger is away (database restarting, network): nothing was lost — a claimed
                 # task's lease runs out and it becomes due again. Wait and try again.
                 outage += 1
@@ -179,13 +189,13 @@ class ClaimLoop:
             if outage:
                 log.info("ledger reachable again after %d failed attempts", outage)
                 outage = 0
-            for claim in claims:
-                future = pool.submit(self._run_claim, claim)
+            for claim, held in zip(claims, lanes.claimed(room, claims), strict=True):
+                future = pool.submit(self._run_claim, claim, held)
                 future.add_done_callback(lambda _: wakeup.event.set())  # a slot is free
                 in_flight.add(future)
             if self._burst_done(claims, in_flight):
                 break
-            if len(claims) < free:
+            if sum(len(claim.tasks) for claim in claims) < free:
                 self._idle(stopping, nothing_more_due=time.monotonic())
             elif not free:
                 self._idle(stopping)
@@ -212,9 +222,9 @@ class ClaimLoop:
         if nothing_more_due is not None and (rest := nothing_more_due + CLAIM_SPACING - time.monotonic()) > 0:
             stopping.wait(rest)
 
-    def _run_claim(self, claim: Claim) -> None:
+    def _run_claim(self, claim: Claim, held: Held) -> None:
         try:
-            self.worker.pipeline.run(claim)
+            self.worker.pipeline.run(claim, held)
         except LedgerUnavailable as exc:
             # An outcome could not be recorded: the lease runs out and the task is due again.
             log.error("ledger unavailable while recording an outcome (%s)", exc.kind)
