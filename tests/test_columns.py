@@ -17,7 +17,7 @@ from test_dashboard import PASSWORD, logged_in
 
 from webhook.cli import main
 from webhook.intake.triage import triage
-from webhook.ledger import Ledger, RawRequest, VerifyClaim, utcnow
+from webhook.ledger import Ledger, RawRequest, Room, VerifyClaim, utcnow
 from webhook.ledger.readable import broken_tasks
 from webhook.ledger.schema import attempts, callbacks, jobs, tasks, versions
 from webhook.models import Callback, Job, job_to_dict
@@ -194,3 +194,15 @@ def test_the_search_for_tasks_never_due_finds_them_through_an_index(ledger: Ledg
         conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # an empty table: the index if it can
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
     assert "Index Cond: ((status)::text < 'dead'::text)" in plan, plan
+
+
+def test_a_task_of_a_kind_no_lane_asks_for_is_claimed_as_unreadable(ledger: Ledger) -> None:
+    raw, parsed = record_args(numbered_job(1))
+    ledger.jobs.record(raw, parsed, triage(parsed, frozenset({"NoiseReduction"})))
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE tasks SET kind = 'garbage'"))
+    # As the worker's claim loop asks: by lane (verifications, each sink's deliveries).
+    (taken,) = ledger.queue.claim_lanes("w1", 60, Room(verify=1, sinks={"http": 1}))
+    assert isinstance(taken, VerifyClaim)  # no sink: it was the job's verification
+    assert taken.unreadable == "unreadable tasks.kind: garbage"
+    assert [t.kind for t in ledger.views.show_job(numbered_job(1).job_id).tasks] == ["verify"]  # put right

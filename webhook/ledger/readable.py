@@ -136,24 +136,27 @@ def _problems(*reads: tuple[Any, ...]) -> str:
 
 
 def broken_tasks(dialect: str) -> sa.ColumnElement[bool]:
-    """Tasks not finished whose own typed columns a claim could not read or would never find due.
+    """Tasks not finished whose own typed columns a claim could not read or would never find due
+    (a status no claim asks for, a kind no lane asks for).
 
     Such a row is leased anyway (see :mod:`webhook.ledger.leasing`) so that it becomes a dead task
     with its reason instead of waiting for ever or stopping the lease query.
     """
     unknown_status = _none_of(tasks.c.status, TaskStatus)
+    unknown_kind = sa.and_(tasks.c.status == TaskStatus.PENDING, _none_of(tasks.c.kind, TaskKind))
     # A task leased to a worker is that worker's until the lease runs out (on PostgreSQL, SKIP LOCKED
     # also passes over a claim still being made; SQLite has no row locks).
     unleased = sa.or_(tasks.c.locked_until.is_(None), tasks.c.locked_until < _now)
     if dialect != "sqlite":  # PostgreSQL's own types keep bad times and integers out
-        return sa.and_(unknown_status, unleased)
+        return sa.and_(sa.or_(unknown_status, unknown_kind), unleased)
     unleased = sa.or_(unleased, _not_time(tasks.c.locked_until))  # a lease that cannot be read is none
     bad_columns = sa.or_(
         sa.func.typeof(tasks.c.attempts) != "integer",
         _not_time(tasks.c.run_after),
         sa.and_(tasks.c.locked_until.is_not(None), _not_time(tasks.c.locked_until)),
     )
-    return sa.and_(sa.or_(unknown_status, sa.and_(tasks.c.status == TaskStatus.PENDING, bad_columns)), unleased)
+    bad_pending = sa.and_(tasks.c.status == TaskStatus.PENDING, bad_columns)
+    return sa.and_(sa.or_(unknown_status, unknown_kind, bad_pending), unleased)
 
 
 def _none_of(column: sa.Column[str], choices: type[enum.StrEnum]) -> sa.ColumnElement[bool]:
