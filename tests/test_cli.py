@@ -14,7 +14,9 @@ from support.samples import job, json_doc
 
 from webhook.cli import main
 from webhook.config import Settings
-from webhook.ledger import Ledger
+from webhook.intake.callback import parse_callback
+from webhook.intake.triage import triage
+from webhook.ledger import Ledger, RawRequest
 from webhook.ledger.migrate import head
 
 DONE = {"delivered", "rejected", "dead"}
@@ -146,6 +148,25 @@ def test_text_output_shows_control_characters_escaped(ledger: Ledger) -> None:
     listed = CliRunner().invoke(main, ["jobs", "list", "--json"], env=env).output.splitlines()
     assert {json.loads(line)["tag"] for line in listed} == {"Noise" + HOSTILE, "NoiseReduction"}
     assert len(lines("dead", "list")) == 2  # the header and the verification that gave up
+
+
+def test_jobs_show_says_which_callbacks_were_capped(ledger: Ledger) -> None:
+    for user_data in ("first", "second", "third"):  # three versions of one job
+        detail = job("j-many")
+        detail["Operation"]["UserData"] = user_data
+        data = json_doc(detail)
+        parsed = parse_callback(data)
+        raw = RawRequest(data, "application/json", {}, "127.0.0.1")
+        ledger.jobs.record(raw, parsed, triage(parsed, frozenset({"NoiseReduction"})), 2)
+    env = {"WEBHOOK_DATABASE_URL": ledger.url}
+    result = CliRunner().invoke(main, ["jobs", "show", "j-many"], env=env)
+    assert result.exit_code == 0, result.output
+    shown = [line for line in result.output.splitlines() if line.startswith("callback:")]
+    assert [line.split(": ", 2)[-1] for line in shown] == [
+        "pending",
+        "pending",
+        "capped (not verified: the job already has 2 versions, the most one job may have)",
+    ]
 
 
 @pytest.mark.parametrize(

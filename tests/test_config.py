@@ -3,6 +3,7 @@ import pytest
 from webhook.config import Settings
 from webhook.config_values import CosEndpoint
 from webhook.errors import ConfigError
+from webhook.ledger import MAX_VERSIONS_PER_JOB
 
 GOOD = {
     "WEBHOOK_CALLBACK_TOKEN": "a" * 24,
@@ -41,6 +42,11 @@ def test_secrets_stay_out_of_repr() -> None:
     assert "whsec_c2VjcmV0" not in text
 
 
+def test_the_cap_on_versions_per_job_defaults_to_the_ledgers_own() -> None:
+    assert Settings.from_env({}).max_versions_per_job == MAX_VERSIONS_PER_JOB
+    assert Settings.from_env({"WEBHOOK_MAX_VERSIONS_PER_JOB": "3"}).max_versions_per_job == 3
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -48,6 +54,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"WEBHOOK_DATABASE_URL": "mysql://x/y"}, "WEBHOOK_DATABASE_URL must be a sqlite:/// or postgresql:// URL"),
         ({"WEBHOOK_MAX_BODY_BYTES": "lots"}, "WEBHOOK_MAX_BODY_BYTES must be a number, not 'lots'"),
         ({"WEBHOOK_MAX_ATTEMPTS": "-1"}, "WEBHOOK_MAX_ATTEMPTS must be greater than 0, not '-1'"),
+        ({"WEBHOOK_MAX_VERSIONS_PER_JOB": "0"}, "WEBHOOK_MAX_VERSIONS_PER_JOB must be greater than 0, not '0'"),
+        ({"WEBHOOK_MAX_VERSIONS_PER_JOB": "many"}, "WEBHOOK_MAX_VERSIONS_PER_JOB must be a number, not 'many'"),
         ({"WEBHOOK_RUN_WORKER": "maybe"}, "WEBHOOK_RUN_WORKER must be true or false, not 'maybe'"),
         ({"WEBHOOK_COS_ENDPOINT": "ftp://x"}, "WEBHOOK_COS_ENDPOINT must be an http:// or https:// URL"),
         ({"WEBHOOK_COS_ENDPOINT": "http://h:1/p"}, "WEBHOOK_COS_ENDPOINT must be scheme://host[:port] with no path"),

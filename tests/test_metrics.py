@@ -24,7 +24,7 @@ from support.endpoint import TOKEN
 from support.pipeline import DONE, Pipeline, settings_env
 from support.processes import free_port, start_worker, wait_healthy, web
 from support.receiver import Reply
-from support.samples import DOC_JSON, body, job
+from support.samples import DOC_JSON, JOB_ID, body, job
 
 from webhook.config import Settings
 from webhook.intake.callback import parse_callback
@@ -40,6 +40,7 @@ EXPECTED = {
     "cos_webhook_callbacks": "counter",
     "cos_webhook_verifications": "counter",
     "cos_webhook_deliveries": "counter",
+    "cos_webhook_capped_versions": "counter",
     "cos_webhook_ack_seconds": "histogram",
     "cos_webhook_step_seconds": "histogram",
     "cos_webhook_delivery_latency_seconds": "histogram",
@@ -129,6 +130,28 @@ def test_callbacks_are_counted_by_outcome_and_timed(ledger: Ledger, monkeypatch:
         "error_5xx": 0,
     }
     assert value(after, "cos_webhook_ack_seconds_count") - value(before, "cos_webhook_ack_seconds_count") == 5
+
+
+def test_versions_past_the_cap_are_answered_200_and_counted(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "RENDER_CACHE_SECONDS", 0.0)  # scraped again within a second: rendered again
+    said_again = DOC_JSON.replace(b"This is my NoiseReduction job.", b"said again")
+    with receiver(ledger, max_versions_per_job=1) as url:
+        before = scrape(url)
+        assert post(url, DOC_JSON) == 200
+        answered = requests.post(f"{url}/callback/{TOKEN}", data=said_again, timeout=30)
+        after = scrape(url)
+
+    assert answered.status_code == 200  # CI must not send it again: it is stored
+    assert answered.json()["capped"] == [JOB_ID]
+    assert answered.json()["jobs"] == [{"job_id": JOB_ID, "duplicate": True}]
+    moved = value(after, "cos_webhook_capped_versions_total") - value(before, "cos_webhook_capped_versions_total")
+    assert moved == 1
+    assert (
+        value(after, "cos_webhook_callbacks_total", outcome="duplicate")
+        - value(before, "cos_webhook_callbacks_total", outcome="duplicate")
+        == 1
+    )
+    assert [v.status for v in ledger.views.show_job(JOB_ID).versions] == ["pending", "capped"]
 
 
 def test_a_callback_the_ledger_cannot_store_is_counted_unavailable(

@@ -51,6 +51,7 @@ def answer(
         + [{"job_id": j, "duplicate": True} for j in duplicates],
         "duplicate": bool(duplicates) and not job_ids,
         "ignored": list(ignored),
+        "capped": [],
     }
 
 
@@ -144,6 +145,7 @@ def test_duplicate_callback_is_answered_200_and_stored_once(
         "jobs": [{"job_id": JOB_ID, "duplicate": True}],
         "duplicate": True,
         "ignored": [],
+        "capped": [],
     }
     assert row_counts(ledger) == {"callbacks": 2, "jobs": 1, "job_versions": 1, "tasks": 1}
     assert [row.body_format for row in callback_rows(ledger)] == [first, second]
@@ -160,6 +162,7 @@ def test_callback_with_new_and_repeated_jobs_is_not_a_duplicate(ledger: Ledger, 
         "jobs": [{"job_id": OTHER_ID, "duplicate": False}, {"job_id": JOB_ID, "duplicate": True}],
         "duplicate": False,
         "ignored": [],
+        "capped": [],
     }
     assert row_counts(ledger) == {"callbacks": 2, "jobs": 2, "job_versions": 2, "tasks": 2}
 

@@ -25,6 +25,7 @@ from webhook.ledger.schema import callbacks
 from webhook.models import Callback, Job, job_from_json, job_to_dict
 
 TAGS = frozenset({"NoiseReduction"})
+MAX_VERSIONS = 2  # versions verified per job: the steps reach it
 
 
 def callback(*jobs: Job, event: str = "TaskFinish") -> tuple[RawRequest, Callback]:
@@ -53,6 +54,9 @@ STEPS: list[tuple[str, Any]] = [
         ),
     ),
     ("record", callback(job(1, state="Failed"), job(5, state="Cancel"))),  # said before; a new version
+    # Both have their most versions (MAX_VERSIONS): the new ones are kept, not verified; job 3 has one.
+    ("record", callback(job(5, state="Pause"), job(1, state="Pause"), job(3, state="Failed"))),
+    ("record", callback(job(5, state="Pause"))),  # said before: a duplicate, capped or not
     ("record", callback(job(6), event="TaskProgress")),  # another event: only recorded
     ("record", callback(job(6), event="TaskProgress")),  # the same body again: stored once
     ("record", callback()),  # no job at all
@@ -65,7 +69,7 @@ def run(ledger: Ledger) -> list[object]:
     for action, what in STEPS:
         if action == "record":
             raw, parsed = what
-            answers.append(answer(ledger.jobs.record(raw, parsed, triage(parsed, TAGS))))
+            answers.append(answer(ledger.jobs.record(raw, parsed, triage(parsed, TAGS), MAX_VERSIONS)))
             continue
         got = ledger.queue.claim("w1", 60)
         assert isinstance(got, VerifyClaim)
@@ -84,7 +88,7 @@ def run(ledger: Ledger) -> list[object]:
 
 
 def answer(recorded: Recorded) -> tuple[tuple[str, ...], ...]:
-    return recorded.job_ids, recorded.duplicates, recorded.ignored
+    return recorded.job_ids, recorded.duplicates, recorded.ignored, recorded.capped
 
 
 def held(ledger: Ledger) -> dict[str, Any]:
@@ -138,15 +142,19 @@ def test_both_databases_record_the_same_rows(ledgers: tuple[Ledger, Ledger]) -> 
     # What the steps are there for, so that the comparison above covers each case.
     one, two, three, four, five, six = (job(n).job_id for n in range(1, 7))
     assert answers == [
-        ((one, two), (), (two,)),
-        ((three,), (), ()),
-        ((four,), (), ()),
-        ((five, one, three), (four, two), ()),
-        ((five,), (one,), ()),
-        ((six,), (), (six,)),
-        ((), (six,), ()),
-        ((), (), ()),
+        ((one, two), (), (two,), ()),
+        ((three,), (), (), ()),
+        ((four,), (), (), ()),
+        ((five, one, three), (four, two), (), ()),
+        ((five,), (one,), (), ()),
+        ((three,), (five, one), (), (five, one)),
+        ((), (five,), (), ()),
+        ((six,), (), (six,), ()),
+        ((), (six,), (), ()),
+        ((), (), (), ()),
     ]
+    versions = {job_id: [v["status"] for v in view["callbacks"]] for job_id, view in held(sqlite)["jobs"].items()}
+    assert versions[five] == versions[one] == ["pending", "pending", "capped"]
     statuses = {job_id: view["status"] for job_id, view in held(sqlite)["jobs"].items()}
     assert statuses == {
         one: "received",
@@ -200,3 +208,24 @@ def test_record_new_stores_a_callback_only_when_every_job_is_new(ledger: Ledger)
     recorded = ledger.jobs.record_new(raw, parsed, triage(parsed, TAGS))
     assert recorded is not None
     assert (recorded.job_ids, recorded.duplicates, stored()) == ((job(2).job_id,), (), 2)
+
+
+def test_a_capped_version_is_kept_but_never_verified(ledger: Ledger) -> None:
+    first, second = callback(job(1)), callback(job(1, state="Failed"))
+    ledger.jobs.record(*first, triage(first[1], TAGS), 1)
+    got = ledger.queue.claim("w1", 60)
+    assert isinstance(got, VerifyClaim)
+    assert ledger.queue.reject(got.task, "w1", "output differs", {got.versions[0].id: "output differs"})
+    recorded = ledger.jobs.record(*second, triage(second[1], TAGS), 1)
+    assert (recorded.job_ids, recorded.duplicates, recorded.capped) == ((), (job(1).job_id,), (job(1).job_id,))
+    view = ledger.views.show_job(job(1).job_id)
+    assert view.status == "rejected"  # not verified again for it
+    assert [v.status for v in view.versions] == ["rejected", "capped"]
+    assert "the most one job may have" in view.versions[1].reason
+    assert len(ledger.views.raw_callbacks(job(1).job_id)) == 2  # its request is kept all the same
+    # Verified again (a replay): every version but the capped one.
+    ledger.jobs.replay(job(1).job_id, [])
+    again = ledger.queue.claim("w1", 60)
+    assert isinstance(again, VerifyClaim)
+    assert [v.id for v in again.versions] == [got.versions[0].id]
+    assert [v.status for v in ledger.views.show_job(job(1).job_id).versions] == ["pending", "capped"]

@@ -75,6 +75,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "WEBHOOK_HTTP_SINK_TIMEOUT": ("http_sink_timeout",),
     "WEBHOOK_HTTP_SINK_MODE": ("http_sink_mode",),
     "WEBHOOK_MAX_BODY_BYTES": ("max_body_bytes",),
+    "WEBHOOK_MAX_VERSIONS_PER_JOB": ("max_versions_per_job",),
     "WEBHOOK_ALLOWED_SOURCES": ("allowed_sources",),
     "WEBHOOK_TRUSTED_PROXIES": ("trusted_proxies",),
     "WEBHOOK_MAX_ATTEMPTS": ("retry", "max_attempts"),
@@ -145,6 +146,8 @@ class Settings(BaseSettings):
     http_sink_mode: Literal["json", "multipart"] = "json"  # the event alone, or with the audio inside
     min_transfer_rate: PositiveInt = 1024 * 1024  # bytes/s a transfer may not fall below
     max_body_bytes: PositiveInt = 1024 * 1024
+    # Distinct callbacks of one job verified, at most; more are kept unverified (the ledger's MAX_VERSIONS_PER_JOB).
+    max_versions_per_job: PositiveInt = 16
     allowed_sources: Networks = ()  # empty: any address
     # X-Forwarded-For hops set by proxies in front (the PaaS router).
     trusted_proxies: Count = 0

@@ -41,6 +41,7 @@ class VersionStatus(enum.StrEnum):
     PENDING = "pending"  # not verified yet
     ACCEPTED = "accepted"  # CI agrees: the job goes on with this version
     REJECTED = "rejected"  # CI disagrees (or another version was accepted)
+    CAPPED = "capped"  # kept, never verified: the job already had the most versions one job may have
 
 
 class TaskKind(enum.StrEnum):

@@ -43,6 +43,7 @@ def consume(batch: int, wait: int) -> None:
             batch=batch,
             wait=wait,
             shutdown_seconds=settings.shutdown_seconds,
+            max_versions=settings.max_versions_per_job,
         )
         consumer.install_signal_handlers()
         consumer.run()
@@ -113,7 +114,7 @@ def messages_reparse(message_ids: tuple[int, ...], everything: bool) -> None:
         if kept.status != "quarantined":
             echo_text(f"message {kept.id}: already recorded as callback {kept.callback_id}")
             continue
-        outcome = reparse(ledger, settings.allowed_tags, kept)
+        outcome = reparse(ledger, settings.allowed_tags, kept, settings.max_versions_per_job)
         still += not outcome.ok
         echo_text(f"message {kept.id}: {outcome.detail if outcome.ok else 'still unreadable: ' + outcome.detail}")
     if still:

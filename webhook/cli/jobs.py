@@ -51,11 +51,12 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         data["raw"] = [
             {
                 "callback_id": r.id,
-                "received_at": r.received_at.isoformat() + "Z",
+                "received_at": None if r.received_at is None else r.received_at.isoformat() + "Z",
                 "remote_addr": r.remote_addr,
                 "content_type": r.content_type,
                 "body": r.body.decode("utf-8", "replace"),
             }
+            | ({"unreadable": r.unreadable} if r.unreadable else {})
             for r in requests
         ]
     if as_json:
@@ -85,9 +86,10 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
         code = f" [{a.code}]" if a.code else ""
         error = f" {a.error}" if a.error else ""
         error += f" by {a.worker_id}" if a.outcome == Outcome.REPLAYED else ""
-        echo_text(f"  {utc_text(a.started_at)} {what:<24} {a.outcome:<9} {a.duration_ms:>7}ms{code}{error}")
+        echo_text(f"  {_when(a.started_at)} {what:<24} {a.outcome:<9} {a.duration_ms!s:>7}ms{code}{error}")
     for r in requests:
-        echo_text(f"request #{r.id} at {utc_text(r.received_at)} from {r.remote_addr} ({r.content_type}):")
+        unreadable = f" [{r.unreadable}]" if r.unreadable else ""
+        echo_text(f"request #{r.id} at {_when(r.received_at)}{unreadable} from {r.remote_addr} ({r.content_type}):")
         # Line by line, each behind a gutter: a body cannot pass for this command's own output.
         for line in r.body.decode("utf-8", "replace").splitlines():
             echo_text(f"  | {line}")

@@ -30,7 +30,7 @@ from webhook.deadline import Deadline
 from webhook.intake.callback import CallbackError, parse_callback
 from webhook.intake.record import record_callback
 from webhook.intake.tdmq import AUTH_FAILED, NO_QUEUE, STALE_HANDLE, CmqClient, CmqError, Message
-from webhook.ledger import KeptMessage, Ledger, LedgerRefused, LedgerUnavailable, RawRequest
+from webhook.ledger import MAX_VERSIONS_PER_JOB, KeptMessage, Ledger, LedgerRefused, LedgerUnavailable, RawRequest
 from webhook.models import Callback
 from webhook.retry import RetryPolicy, backoff_delay
 from webhook.worker.services import Services, Shutdown
@@ -138,11 +138,13 @@ class Consumer:
         wait: int = 30,
         shutdown_seconds: float = 25.0,
         patience: RetryPolicy = RetryPolicy(backoff_base=1.0, backoff_cap=30.0),
+        max_versions: int = MAX_VERSIONS_PER_JOB,
     ) -> None:
         self.client = client
         self.ledger = ledger
         self.queues = tuple(queues)
         self.allowed_tags = allowed_tags
+        self.max_versions = max_versions
         self.batch = batch
         self.wait = wait
         self.patience = patience
@@ -254,7 +256,7 @@ class Consumer:
         headers = {"X-Tdmq-Queue": queue, "X-Tdmq-Msg-Id": message.msg_id, "X-Tdmq-Body": read.encoding}
         raw = RawRequest(body=read.body, content_type=_content_type(read), headers=headers, remote_addr=REMOTE_ADDR)
         try:
-            recorded = record_callback(self.ledger, raw, read.callback, self.allowed_tags)
+            recorded = record_callback(self.ledger, raw, read.callback, self.allowed_tags, self.max_versions)
         except LedgerRefused as exc:
             # Not the ledger's health but this message's content: kept, rather than back for ever.
             self._keep(queue, message, f"the ledger refused it: {exc.kind}: {exc.detail}")
@@ -307,7 +309,7 @@ class Reparsed:
     detail: str  # the callback and its jobs, or why it is still unreadable
 
 
-def reparse(ledger: Ledger, allowed_tags: frozenset[str], kept: KeptMessage) -> Reparsed:
+def reparse(ledger: Ledger, allowed_tags: frozenset[str], kept: KeptMessage, max_versions: int) -> Reparsed:
     """Read a kept message again (after a fix); record it as a callback if it is readable now."""
     quarantine = ledger.quarantine
     try:
@@ -322,7 +324,7 @@ def reparse(ledger: Ledger, allowed_tags: frozenset[str], kept: KeptMessage) -> 
         "X-Reparsed-From": f"message {kept.id}",
     }
     raw = RawRequest(body=read.body, content_type=_content_type(read), headers=headers, remote_addr=REMOTE_ADDR)
-    recorded = record_callback(ledger, raw, read.callback, allowed_tags)
+    recorded = record_callback(ledger, raw, read.callback, allowed_tags, max_versions)
     quarantine.resolve(kept.id, recorded.callback_id)
     jobs = ",".join((*recorded.job_ids, *recorded.duplicates)) or "no job"
     return Reparsed(kept.id, True, f"recorded as callback {recorded.callback_id} ({jobs})")

@@ -77,7 +77,7 @@ def callback(token: str) -> tuple[Response, int]:
         remote_addr=request.remote_addr or "",
     )
     try:
-        recorded = record_callback(rt.ledger, raw, parsed, rt.settings.allowed_tags)
+        recorded = record_callback(rt.ledger, raw, parsed, rt.settings.allowed_tags, rt.settings.max_versions_per_job)
     except LedgerUnavailable:
         # Whatever kept the ledger from committing (outage, full disk, a broken schema), the callback
         # is not stored: answer so that a sender that retries sends it again, never a bare 500.
@@ -102,6 +102,7 @@ def callback(token: str) -> tuple[Response, int]:
         jobs=jobs,
         duplicate=bool(recorded.duplicates) and not recorded.job_ids,
         ignored=list(recorded.ignored),
+        capped=list(recorded.capped),
     ), 200
 
 

@@ -19,11 +19,17 @@ from __future__ import annotations
 from webhook.intake.triage import triage
 from webhook.ledger import Ledger, RawRequest, Recorded
 from webhook.models import Callback
+from webhook.telemetry import metrics
 
 
-def record_callback(ledger: Ledger, raw: RawRequest, callback: Callback, allowed_tags: frozenset[str]) -> Recorded:
-    """Store ``raw`` and the jobs ``callback`` reports: those with an allowed tag are verified and forwarded."""
-    return ledger.jobs.record(raw, callback, triage(callback, allowed_tags))
+def record_callback(
+    ledger: Ledger, raw: RawRequest, callback: Callback, allowed_tags: frozenset[str], max_versions: int
+) -> Recorded:
+    """Store ``raw`` and the jobs ``callback`` reports: those with an allowed tag are verified and forwarded,
+    a known job's new version only while the job has fewer than ``max_versions`` (else it is kept, capped)."""
+    recorded = ledger.jobs.record(raw, callback, triage(callback, allowed_tags), max_versions)
+    metrics.versions_capped(len(recorded.capped))
+    return recorded
 
 
 def record_unless_known(

@@ -28,15 +28,17 @@ from webhook.ledger.locks import Locks
 from webhook.ledger.quarantine import KeptMessage, Quarantine
 from webhook.ledger.queue import Queue
 from webhook.ledger.readiness import Readiness
-from webhook.ledger.recording import RawRequest, Recorded
+from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded
 from webhook.ledger.retention import Pruned, Retention
 from webhook.ledger.schema import utc_text, utcnow
 from webhook.ledger.sessions import Failures, Sessions, Standing
 from webhook.ledger.stats import LedgerStats, Stats, TaskGroup
-from webhook.ledger.views import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView, Views
+from webhook.ledger.view_records import AttemptView, DeadLetter, JobView, RawCallback, TaskView, VersionView
+from webhook.ledger.views import Views
 from webhook.ledger.workers import STALE_BEATS, TakenOver, Workers, WorkerView
 
 __all__ = [
+    "MAX_VERSIONS_PER_JOB",
     "STALE_BEATS",
     "Attempt",
     "AttemptView",

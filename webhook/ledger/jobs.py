@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from webhook.ledger.claims import Attempt
 from webhook.ledger.errors import LedgerError, UnknownJob, begin, connect
 from webhook.ledger.history import record_attempts
-from webhook.ledger.recording import RawRequest, Recorded, Recording, SqliteRecording, prepare
+from webhook.ledger.recording import MAX_VERSIONS_PER_JOB, RawRequest, Recorded, Recording, SqliteRecording, prepare
 from webhook.ledger.recording_pg import PostgresRecording
 from webhook.ledger.scheduling import reverify, schedule, set_status, unverified
 from webhook.ledger.schema import jobs, utcnow
@@ -38,14 +38,23 @@ class Jobs:
         postgres = engine.dialect.name == "postgresql"
         self._recording: Recording = PostgresRecording(engine) if postgres else SqliteRecording(engine)
 
-    def record(self, raw: RawRequest, callback: Callback, triaged: Sequence[Triaged]) -> Recorded:
+    def record(
+        self,
+        raw: RawRequest,
+        callback: Callback,
+        triaged: Sequence[Triaged],
+        max_versions: int = MAX_VERSIONS_PER_JOB,
+    ) -> Recorded:
         """Store the request, its jobs and, for each forwarded one, its version and verify task, in one transaction.
+
+        A known job's new version is verified only while the job has fewer than ``max_versions``;
+        past that it is kept unverified (capped, see :mod:`webhook.ledger.recording`).
 
         Raises :class:`~webhook.ledger.errors.LedgerUnavailable` when nothing was stored and trying
         again later may succeed, and its :class:`~webhook.ledger.errors.LedgerRefused` when the
         database cannot hold what the callback says (it never will).
         """
-        return self._recording.store(prepare(raw, callback, triaged, utcnow()))
+        return self._recording.store(prepare(raw, callback, triaged, utcnow(), max_versions))
 
     def record_new(self, raw: RawRequest, callback: Callback, triaged: Sequence[Triaged]) -> Recorded | None:
         """:meth:`record`, only if the ledger knows none of the callback's jobs; else nothing is stored (None).
@@ -53,7 +62,8 @@ class Jobs:
         Decided in the recording's own transaction, so recordings of the same jobs at once store
         them once: for a callback nobody sent (reconcile's), where a duplicate is only noise.
         """
-        return self._recording.store_new(prepare(raw, callback, triaged, utcnow()))
+        # Every job new: none has a version yet, so no cap applies.
+        return self._recording.store_new(prepare(raw, callback, triaged, utcnow(), MAX_VERSIONS_PER_JOB))
 
     def known(self, job_ids: Sequence[str]) -> set[str]:
         """Which of ``job_ids`` the ledger has (read-only, a few hundred ids per query)."""

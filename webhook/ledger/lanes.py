@@ -69,7 +69,7 @@ def claim_lanes(conn: Connection, worker_id: str, until: datetime, now: datetime
     if (left := room.total - len(leasing) - len(unreadable)) > 0:
         # Rows never due (a bad run_after or status) are looked for only when there is room, so
         # that a busy queue does not pay for the search on every claim.
-        unreadable += conn.execute(BROKEN[conn.dialect.name], {"limit": left}).all()
+        unreadable += conn.execute(BROKEN[conn.dialect.name], {"limit": left, "now": now}).all()
     return found + lease_unreadable(conn, unreadable, set(claims), worker_id, until, now)
 
 

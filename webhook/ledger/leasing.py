@@ -27,6 +27,7 @@ from webhook.ledger.readable import (
     broken_tasks,
     int_or_none,
     job_problem,
+    task_kind,
     task_problem,
     time_or_none,
 )
@@ -88,9 +89,13 @@ _LEASE_BROKEN = (
     .where(tasks.c.id == sa.bindparam("task_id"))
     # Readable values again, so that closing the task works as for any other; the bad value is
     # kept in the reason the task dies with.
-    .values(status=TaskStatus.PENDING, attempts=sa.bindparam("attempts"), run_after=_now,
+    .values(kind=sa.bindparam("kind"), status=TaskStatus.PENDING, attempts=sa.bindparam("attempts"), run_after=_now,
             locked_by=sa.bindparam("worker_id"), locked_until=sa.bindparam("until"), updated_at=_now)
 )  # fmt: skip
+# A kind that cannot be read is put right (readable.task_kind) unless the job has that task already.
+_TWIN = sa.select(tasks.c.id).where(
+    tasks.c.job_id == sa.bindparam("job_id"), tasks.c.kind == sa.bindparam("kind"), tasks.c.sink == sa.bindparam("sink")
+)
 
 
 def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, limit: int) -> list[Claim]:
@@ -110,7 +115,7 @@ def claim_due(conn: Connection, worker_id: str, until: datetime, now: datetime, 
     if len(found) + len(unreadable) < limit:
         # Rows never due (a bad run_after or status) are looked for only when there is room, so
         # that a busy queue does not pay for the search on every claim.
-        more = {"limit": limit - len(found) - len(unreadable)}
+        more = {"limit": limit - len(found) - len(unreadable), "now": now}
         unreadable += conn.execute(BROKEN[conn.dialect.name], more).all()
     return found + lease_unreadable(conn, unreadable, set(claims), worker_id, until, now)
 
@@ -182,11 +187,14 @@ def lease_unreadable(
         if row.job_id in claims:
             continue  # one claim per job: its next broken task in a later claim
         attempts = (int_or_none(tasks.c.attempts, row.attempts) or 0) + 1  # as a claim counts its own attempt
+        kind = task_kind(row)
+        twin = {"job_id": row.job_id, "kind": kind, "sink": row.sink}
+        stored = kind if kind == row.kind or conn.execute(_TWIN, twin).first() is None else row.kind
         params = {"task_id": row.id, "attempts": attempts, "worker_id": worker_id, "until": until, "now": now}
-        conn.execute(_LEASE_BROKEN, params)
+        conn.execute(_LEASE_BROKEN, params | {"kind": stored})
         received_at, _ = _received(found.get(row.job_id), now)
         reason = task_problem(row) or "unreadable tasks row"
-        if row.kind == TaskKind.VERIFY:
+        if kind == TaskKind.VERIFY:
             task = Task(row.id, row.job_id, TaskKind.VERIFY, attempts)
             claims[row.job_id] = VerifyClaim(task, (), received_at, reason)
         else:

@@ -21,7 +21,7 @@ from webhook.ledger.errors import begin
 from webhook.ledger.history import record_attempts
 from webhook.ledger.lanes import claim_lanes, lease_new_deliveries
 from webhook.ledger.leasing import claim_due
-from webhook.ledger.scheduling import set_status, settle
+from webhook.ledger.scheduling import in_id_order, set_status, settle
 from webhook.ledger.schema import jobs, tasks, utcnow, versions
 from webhook.models import Job, JobStatus, TaskKind, TaskStatus, VersionStatus, job_to_json
 
@@ -56,12 +56,19 @@ class Queue:
             return claim_lanes(conn, worker_id, now + timedelta(seconds=lease_seconds), now, room)
 
     def extend_lease(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> int:
-        """Keep a long step's lease alive; returns how many tasks are still ours."""
+        """Keep a long step's lease alive; returns how many tasks were renewed.
+
+        A task another transaction holds right now (a callback making it due again, which takes the
+        lease away) is skipped rather than waited for: renewal never waits on a receiver, so the two
+        cannot deadlock. Renewed every third of a lease (:class:`~webhook.worker.liveness.Leases`),
+        a skipped task is renewed on the next pass, with a third of its lease still to run after that.
+        """
         now = utcnow()
+        mine = sa.and_(tasks.c.id.in_(task_ids), tasks.c.locked_by == worker_id)
         with begin(self._engine) as conn:
             return conn.execute(
                 tasks.update()
-                .where(tasks.c.id.in_(task_ids), tasks.c.locked_by == worker_id)
+                .where(in_id_order(mine, skip_locked=True))
                 .values(locked_until=now + timedelta(seconds=lease_seconds))
             ).rowcount
 
@@ -87,6 +94,7 @@ class Queue:
         # CI's account of the job, as verification confirmed it: the row keeps it and its deliveries send it.
         detail = job_to_json(job)
         with begin(self._engine) as conn:
+            _lock_job(conn, claim.task.job_id)
             if not _accept(conn, claim.task, worker_id, sinks, accepted, job, detail, rejected, tried, now):
                 return None
             job_id, claimed = claim.task.job_id, (detail, claim.received_at)
@@ -96,6 +104,7 @@ class Queue:
         """Verification refused every version (``rejected``, with reasons): never fetched nor forwarded."""
         now = utcnow()
         with begin(self._engine) as conn:
+            _lock_job(conn, task.job_id)
             if not _close(conn, task, worker_id, TaskStatus.DONE, reason, now, tried):
                 return False
             _record_verdicts(conn, rejected, VersionStatus.REJECTED)
@@ -193,10 +202,18 @@ def _observe(conn: Connection, health: Health | None, now: datetime) -> None:
         observe(conn, health, now)
 
 
+_VERDICT = (
+    versions.update()
+    .where(versions.c.id == sa.bindparam("version_id"))
+    .values(status=sa.bindparam("verdict"), reason=sa.bindparam("why"))
+)
+
+
 def _record_verdicts(conn: Connection, verdicts: Verdicts, status: VersionStatus) -> None:
-    for version_id, reason in verdicts.items():
-        if version_id is not None:
-            conn.execute(versions.update().where(versions.c.id == version_id).values(status=status, reason=reason))
+    # One statement for all (a job may have hundreds): callbacks for the job wait on its row meanwhile.
+    rows = [{"version_id": v, "verdict": status, "why": why} for v, why in verdicts.items() if v is not None]
+    if rows:
+        conn.execute(_VERDICT, rows)
 
 
 def _close(
@@ -213,7 +230,11 @@ def _close(
 
 
 def _lock_job(conn: Connection, job_id: str) -> None:
-    """Lock the job row before anything else in a transaction that settles it.
+    """Lock the job row before anything else in a transaction that settles it or decides its verification.
+
+    Jobs before tasks is the ledger's one lock order (see :mod:`webhook.ledger.scheduling`): a
+    callback for the job locks the job, then its verify task, so a worker that locked the task
+    first and then wrote the job would deadlock with it.
 
     Two workers may each finish one of the job's deliveries at the same moment. Under READ
     COMMITTED neither would see the other's "done" and the job would stay verified forever;

@@ -10,6 +10,11 @@ the write lock, which every writer waits for.
 
 Jobs are written in job id order, so two callbacks naming the same jobs in another order lock them
 in the same order and cannot deadlock.
+
+A job has at most ``max_versions`` versions to verify: anyone holding a callback token could add one
+with every request, each verified on every pass. A new version past that is kept (its callback is
+stored like any other) as :attr:`~webhook.models.VersionStatus.CAPPED`, never verified, and the job is
+a duplicate for that callback.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from webhook.ledger.scheduling import reverify, schedule, task_row, unverified
 from webhook.ledger.schema import callbacks, jobs, tasks, versions
 from webhook.models import Callback, JobStatus, TaskKind, Triaged, VersionStatus, job_to_json
 
+MAX_VERSIONS_PER_JOB = 16  # the default of WEBHOOK_MAX_VERSIONS_PER_JOB
+
 
 @dataclass(frozen=True)
 class RawRequest:
@@ -44,12 +51,14 @@ class RawRequest:
 @dataclass(frozen=True)
 class Recorded:
     """What recording a callback stored: the new jobs (and known ones verified again), the duplicates,
-    and which of the new ones are only recorded, each in the callback's order."""
+    which of the new ones are only recorded, and the jobs whose new version was kept but will not be
+    verified (the job has its most versions), each in the callback's order."""
 
     callback_id: int
     job_ids: tuple[str, ...]
     duplicates: tuple[str, ...]
     ignored: tuple[str, ...]
+    capped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,18 +69,25 @@ class Prepared:
     rows: list[dict[str, Any]]  # each distinct job as its row in ``jobs`` with its version's digest, by job id
     order: tuple[str, ...]  # the job ids in the callback's order, each once
     ignored: frozenset[str]  # the job ids that are only recorded
+    max_versions: int  # a job's versions to verify, at most
 
     @property
     def now(self) -> datetime:
         received_at: datetime = self.request["received_at"]
         return received_at
 
-    def answer(self, callback_id: int, inserted: set[str], reopened: set[str]) -> Recorded:
-        """What was stored, given the ids of the jobs inserted and of the known ones verified again."""
+    @property
+    def capped_reason(self) -> str:
+        return f"not verified: the job already has {self.max_versions} versions, the most one job may have"
+
+    def answer(self, callback_id: int, inserted: set[str], reopened: set[str], capped: set[str]) -> Recorded:
+        """What was stored, given the ids of the jobs inserted, of the known ones verified again, and
+        of those whose new version was capped."""
         new = [job_id for job_id in self.order if job_id in inserted or job_id in reopened]
         duplicates = [job_id for job_id in self.order if job_id not in new]
         ignored = [job_id for job_id in new if job_id in self.ignored]
-        return Recorded(int(callback_id), tuple(new), tuple(duplicates), tuple(ignored))
+        over = [job_id for job_id in self.order if job_id in capped]
+        return Recorded(int(callback_id), tuple(new), tuple(duplicates), tuple(ignored), tuple(over))
 
 
 class Recording(Protocol):
@@ -84,7 +100,9 @@ class Recording(Protocol):
         else store nothing at all (None)."""
 
 
-def prepare(raw: RawRequest, callback: Callback, triaged: Sequence[Triaged], now: datetime) -> Prepared:
+def prepare(
+    raw: RawRequest, callback: Callback, triaged: Sequence[Triaged], now: datetime, max_versions: int
+) -> Prepared:
     entries = dict(sorted({entry.job.job_id: entry for entry in reversed(triaged)}.items()))  # first of a twin
     event_name = callback.event_name[:64]
     request = {
@@ -98,6 +116,7 @@ def prepare(raw: RawRequest, callback: Callback, triaged: Sequence[Triaged], now
         rows=[_row(entry, event_name) for entry in entries.values()],
         order=tuple(dict.fromkeys(entry.job.job_id for entry in triaged)),
         ignored=frozenset(job_id for job_id, entry in entries.items() if not entry.forward),
+        max_versions=max_versions,
     )
 
 
@@ -118,6 +137,9 @@ class SqliteRecording:
         self._add_version = sqlite.insert(versions).on_conflict_do_nothing().returning(versions.c.id)
         ids: sa.BindParameter[str] = sa.bindparam("ids", expanding=True)
         self._any_known = sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(ids)).limit(1)
+        self._counted = sa.select(sa.func.count()).where(
+            versions.c.job_id == sa.bindparam("job_id"), versions.c.status != VersionStatus.CAPPED
+        )
 
     def store(self, prepared: Prepared) -> Recorded:
         with begin(self._engine) as conn:
@@ -140,29 +162,44 @@ class SqliteRecording:
         if fresh := [row for row in forwarded if row["job_id"] in inserted]:
             conn.execute(self._insert_versions, [_version(row, callback_id, now) for row in fresh])
             conn.execute(self._insert_tasks, [task_row(r["job_id"], TaskKind.VERIFY, None, now) for r in fresh])
-        reopened = {
-            row["job_id"]
-            for row in forwarded
-            if row["job_id"] not in inserted and self._reopen(conn, row, callback_id, now)
-        }
-        return prepared.answer(callback_id, inserted, reopened)
+        reopened: set[str] = set()
+        capped: set[str] = set()
+        for row in forwarded:
+            if row["job_id"] not in inserted:
+                self._reopen(conn, row, callback_id, prepared, reopened, capped)
+        return prepared.answer(callback_id, inserted, reopened, capped)
 
-    def _reopen(self, conn: Connection, row: dict[str, Any], callback_id: int, now: datetime) -> bool:
-        """Whether a callback for a known job gets it verified (again): a different version of a job that is
-        not verified yet, or any callback for a job whose verification died. Other jobs keep what they have."""
-        job_id = row["job_id"]
+    def _reopen(
+        self,
+        conn: Connection,
+        row: dict[str, Any],
+        callback_id: int,
+        prepared: Prepared,
+        reopened: set[str],
+        capped: set[str],
+    ) -> None:
+        """Whether a callback for a known job gets it verified (again), added to ``reopened``: a different
+        version of a job that is not verified yet (unless the job has its most versions: ``capped``), or
+        any callback for a job whose verification died. Other jobs keep what they have."""
+        job_id, now = row["job_id"], prepared.now
         status = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar_one()
         dead_unverified = status == JobStatus.DEAD and unverified(conn, job_id, status)
         if not dead_unverified and status not in (JobStatus.RECEIVED, JobStatus.REJECTED):
-            return False
-        if conn.execute(self._add_version, _version(row, callback_id, now)).first() is None and not dead_unverified:
-            return False
+            return
+        version = _version(row, callback_id, now)
+        if conn.execute(self._counted, {"job_id": job_id}).scalar_one() >= prepared.max_versions:
+            version |= {"status": VersionStatus.CAPPED, "reason": prepared.capped_reason}
+        added = conn.execute(self._add_version, version).first() is not None
+        if added and version["status"] == VersionStatus.CAPPED:
+            capped.add(job_id)
+        if not dead_unverified and (not added or job_id in capped):
+            return  # nothing new to verify: a worker verifying the job keeps its lease
         if status == JobStatus.RECEIVED:
             # A worker verifying the earlier versions loses its lease: the new run sees every version.
             schedule(conn, job_id, TaskKind.VERIFY, None, now)
         else:
             reverify(conn, job_id, now)
-        return True
+        reopened.add(job_id)
 
 
 def _row(entry: Triaged, event_name: str) -> dict[str, Any]:

@@ -51,8 +51,12 @@ class Retention:
         that nothing left names; one short transaction per ``batch`` rows, each followed by
         ``progress`` with what is gone so far."""
         pruned = Pruned()
-        while ids := self._finished_jobs(before, batch):
+        while found := self._finished_jobs(before, batch):
             with begin(self._engine) as conn:
+                # Jobs before their tasks, as every writer locks them (a callback for one of these
+                # jobs locks it, then its tasks); and only those still finished once locked.
+                still = sa.select(jobs.c.job_id).where(jobs.c.job_id.in_(found), _finished(before))
+                ids = list(conn.execute(still.order_by(jobs.c.job_id).with_for_update()).scalars())
                 for table in (attempts, tasks, versions, jobs):
                     gone = conn.execute(table.delete().where(table.c.job_id.in_(ids))).rowcount
                     pruned.rows[table.name] = pruned.rows.get(table.name, 0) + gone

@@ -2,6 +2,10 @@
 
 Recording a callback (on SQLite), replaying a job and closing a task's outcome all change a job
 this way; the caller holds the job row's lock where two writers could meet.
+
+Every transaction that writes both takes the locks in one order, so that no two can each wait on
+the other: jobs first, in job id order, then tasks, in task id order (:func:`in_id_order` for a
+statement that writes several tasks).
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ def schedule(conn: Connection, job_id: str, kind: TaskKind, sink: str | None, no
         conn.execute(tasks.insert().values(row))
 
 
+def in_id_order(which: sa.ColumnElement[bool], *, skip_locked: bool = False) -> sa.ColumnElement[bool]:
+    """The tasks ``which``, locked in id order before an UPDATE writes them (an UPDATE alone locks its
+    rows in the order it finds them on disk). ``skip_locked``: leave out rows another transaction holds
+    instead of waiting for them. (SQLite has no row locks: its writers take turns.)"""
+    ordered = sa.select(tasks.c.id).where(which).order_by(tasks.c.id).with_for_update(skip_locked=skip_locked)
+    return tasks.c.id.in_(ordered.scalar_subquery())
+
+
 def set_status(conn: Connection, job_id: str, status: JobStatus, reason: str, now: datetime) -> None:
     conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(status=status, reason=reason, updated_at=now))
 
 
 def reverify(conn: Connection, job_id: str, now: datetime) -> None:
-    """Verify every version of the job again from scratch: CI's answer or the allowlist may have changed."""
-    conn.execute(versions.update().where(versions.c.job_id == job_id).values(status=VersionStatus.PENDING, reason=""))
+    """Verify every version of the job again from scratch: CI's answer or the allowlist may have changed.
+    Versions past the job's cap (capped) stay unverified."""
+    again = versions.update().where(versions.c.job_id == job_id, versions.c.status != VersionStatus.CAPPED)
+    conn.execute(again.values(status=VersionStatus.PENDING, reason=""))
     schedule(conn, job_id, TaskKind.VERIFY, None, now)
     set_status(conn, job_id, JobStatus.RECEIVED, "", now)
 

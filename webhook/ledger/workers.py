@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from webhook.ledger.errors import begin, connect
+from webhook.ledger.scheduling import in_id_order
 from webhook.ledger.schema import tasks, utcnow, workers
 from webhook.models import TaskStatus
 
@@ -53,10 +54,9 @@ class Workers:
         """A worker stopping: its row goes, and so do the leases it still holds; returns how many."""
         with begin(self._engine) as conn:
             conn.execute(workers.delete().where(workers.c.id == worker_id))
+            held = sa.and_(tasks.c.locked_by == worker_id, tasks.c.status == TaskStatus.PENDING)
             return conn.execute(
-                tasks.update()
-                .where(tasks.c.locked_by == worker_id, tasks.c.status == TaskStatus.PENDING)
-                .values(locked_by=None, locked_until=None)
+                tasks.update().where(in_id_order(held)).values(locked_by=None, locked_until=None)
             ).rowcount
 
     def take_over(self, stale_after: float, host: str, pid_alive: Callable[[int], bool]) -> TakenOver:
@@ -69,14 +69,13 @@ class Workers:
             dead = tuple(r.id for r in rows if r.heartbeat_at < stale or (r.host == host and not pid_alive(r.pid)))
             if dead:
                 conn.execute(workers.delete().where(workers.c.id.in_(dead)))
+            orphaned = sa.and_(
+                tasks.c.status == TaskStatus.PENDING,
+                tasks.c.locked_by.is_not(None),
+                tasks.c.locked_by.not_in(sa.select(workers.c.id)),
+            )
             released = conn.execute(
-                tasks.update()
-                .where(
-                    tasks.c.status == TaskStatus.PENDING,
-                    tasks.c.locked_by.is_not(None),
-                    tasks.c.locked_by.not_in(sa.select(workers.c.id)),
-                )
-                .values(locked_by=None, locked_until=None)
+                tasks.update().where(in_id_order(orphaned)).values(locked_by=None, locked_until=None)
             ).rowcount
         return TakenOver(dead, released)
 

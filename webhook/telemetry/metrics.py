@@ -72,6 +72,11 @@ DELIVERIES = Counter(
     ["sink", "outcome"],
     registry=_OWN,
 )
+CAPPED_VERSIONS = Counter(
+    "cos_webhook_capped_versions",
+    "New versions of a job kept but not verified: the job already had WEBHOOK_MAX_VERSIONS_PER_JOB versions.",
+    registry=_OWN,
+)
 ACK_SECONDS = Histogram(
     "cos_webhook_ack_seconds",
     "Seconds from a callback's arrival to its answer (the 200 comes after the ledger commit).",
@@ -97,6 +102,7 @@ _COUNTED: tuple[MetricWrapperBase, ...] = (
     CALLBACKS,
     VERIFICATIONS,
     DELIVERIES,
+    CAPPED_VERSIONS,
     ACK_SECONDS,
     STEP_SECONDS,
     DELIVERY_LATENCY,
@@ -136,6 +142,12 @@ def callback_answered(status: int, outcome: CallbackOutcome | None, seconds: flo
     CALLBACKS.labels(outcome.value).inc()
     if seconds is not None:
         ACK_SECONDS.observe(seconds)
+
+
+def versions_capped(count: int) -> None:
+    """Count versions a recording kept without verifying them (their job had its most versions)."""
+    if count:
+        CAPPED_VERSIONS.inc(count)
 
 
 def expect_sinks(names: Iterable[str]) -> None:
