@@ -35,7 +35,7 @@ from webhook.ledger import (
     utcnow,
 )
 from webhook.ledger.schema import tasks
-from webhook.ledger.wakeup import CHANNEL
+from webhook.ledger.wakeup import listen
 from webhook.models import Callback, Job, JobStatus, job_from_json, job_to_dict
 
 TAGS = frozenset({"NoiseReduction"})
@@ -461,7 +461,7 @@ def notifications(ledger: Ledger) -> Iterator[Callable[[], int]]:
     """A listener on the workers' wake-up channel; calling it counts what arrived since the last call."""
     url = ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {CHANNEL}")
+        listen(listener)
         yield lambda: len(list(listener.notifies(timeout=1, stop_after=1)))
 
 
@@ -475,6 +475,17 @@ def test_every_transaction_that_makes_work_due_wakes_the_workers(postgres_ledger
         assert reject(ledger, claim(ledger), "output differs")
         assert ledger.jobs.replay(job(1).job_id, ["filesystem"]).verify
         assert woken()
+
+
+def test_a_ledger_in_another_schema_wakes_only_its_own_workers(postgres_ledger: Ledger) -> None:
+    with postgres_schema() as url, notifications(postgres_ledger) as woken:
+        elsewhere = Ledger(url)
+        elsewhere.migrate()
+        record(elsewhere, job(1))  # another deployment's ledger in the same database
+        assert not woken()
+        record(postgres_ledger, job(1))
+        assert woken()
+        elsewhere.dispose()
 
 
 def test_new_jobs_and_known_ones_in_one_callback_are_recorded_together(ledger: Ledger) -> None:

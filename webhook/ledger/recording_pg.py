@@ -95,7 +95,7 @@ WITH input AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(%(jobs)s AS json)
 )
 SELECT (SELECT id FROM stored), ARRAY(SELECT job_id FROM new_jobs), ARRAY(SELECT job_id FROM reopened),
     ARRAY(SELECT job_id FROM new_versions WHERE status = {CAPPED}),
-    (SELECT count(pg_notify('{CHANNEL}', '')) FROM (SELECT FROM due LIMIT 1) AS d)
+    (SELECT count(pg_notify('{CHANNEL}:' || current_schema(), '')) FROM (SELECT FROM due LIMIT 1) AS d)
 """  # noqa: S608
 _LOCK = "SELECT job_id FROM jobs WHERE job_id = ANY (%(ids)s) ORDER BY job_id FOR UPDATE"
 _LOCK_TASKS = f"SELECT FROM tasks WHERE job_id = ANY (%(ids)s) AND kind = '{TaskKind.VERIFY}' ORDER BY id FOR UPDATE"

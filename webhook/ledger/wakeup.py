@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 from contextlib import closing
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -20,6 +21,8 @@ from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger("webhook.worker")
 
+# One channel per schema (``cos_webhook_work:<schema>``): ledgers kept in several schemas of one
+# database (deployments, test runs) do not wake each other's workers.
 CHANNEL = "cos_webhook_work"
 SQLITE_CHECK_SECONDS = 0.02
 
@@ -27,7 +30,15 @@ SQLITE_CHECK_SECONDS = 0.02
 def notify(conn: Connection) -> None:
     """Tell listening workers that work is due once ``conn``'s transaction commits."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"NOTIFY {CHANNEL}")
+        conn.exec_driver_sql(f"SELECT pg_notify('{CHANNEL}:' || current_schema(), '')")
+
+
+def listen(conn: psycopg.Connection[Any]) -> str:
+    """LISTEN on the channel of ``conn``'s schema (where :func:`notify` sends); returns its name."""
+    row = conn.execute("SELECT current_schema()").fetchone()
+    channel = f"{CHANNEL}:{row[0] if row else 'public'}"
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    return channel
 
 
 class Wakeup:
@@ -60,7 +71,7 @@ class Wakeup:
         while not stopping.is_set():
             try:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    listen(conn)
                     self.event.set()  # anything committed while we were not listening
                     while not stopping.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
