@@ -238,11 +238,13 @@ def test_sigterm_cuts_the_long_poll_and_exits_at_once(
         "COS_SECRET_ID": sandbox.secret_id,
         "COS_SECRET_KEY": sandbox.secret_key,
     }
+    sandbox.cmq.add_fault(CmqFault(action="BatchReceiveMessage", delay=0.001))  # counts the long polls
     proc = start_consumer(env | tdmq_env(sandbox), log)
     try:
         client(sandbox).send(QUEUE, as_json(forged_document("j1")))
         wait_until(lambda: statuses(ledger) == {"j1": "received"}, 20, "the consumer to record a message")
-        time.sleep(0.5)  # in its next long poll now, which would last 30 s
+        # The first poll brought the message (sent before or during it): the second is the next one.
+        wait_until(lambda: sandbox.cmq.faults()[0]["fired"] >= 2, 20, "the next long poll (it would last 30 s)")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, log.read_text()

@@ -159,6 +159,9 @@ def test_a_takeover_in_a_later_heartbeat_removes_the_dead_workers_partial_downlo
         worker.close()
 
 
+PROCESS_START = 60  # seconds a worker process may take to start and claim on a busy machine
+
+
 def worker_env(pipeline: Pipeline, **more: str) -> dict[str, str]:
     return (
         settings_env(pipeline.settings)
@@ -187,7 +190,9 @@ def test_a_killed_workers_job_is_taken_over_at_once_and_its_partial_downloads_re
     first = start_worker(worker_env(pipeline), log)
     try:
         job_id = pipeline.submit(pipeline.upload_input())
-        wait_for(lambda: len(pipeline.http.requests) == 1, "the first worker to be stuck in the http delivery")
+        wait_for(
+            lambda: len(pipeline.http.requests) == 1, "the first worker to be stuck in the http delivery", PROCESS_START
+        )
         dead_id = holder_of(pipeline, job_id)
         assert dead_id is not None
         staging = Path(pipeline.settings.temp_dir) / "cos-webhook-staged"
@@ -202,7 +207,7 @@ def test_a_killed_workers_job_is_taken_over_at_once_and_its_partial_downloads_re
     second = start_worker(worker_env(pipeline), log)
     try:
         # The lease has 300 s to run: delivery within this wait shows it was taken over, not waited out.
-        wait_for(lambda: pipeline.status(job_id) in DONE, "the job to be taken over and delivered")
+        wait_for(lambda: pipeline.status(job_id) in DONE, "the job to be taken over and delivered", PROCESS_START)
     finally:
         second.terminate()
         assert second.wait(timeout=30) == 0
@@ -221,7 +226,7 @@ def test_sigterm_abandons_work_past_the_budget_and_releases_it_for_another_worke
     worker = start_worker(worker_env(pipeline, WEBHOOK_SHUTDOWN_SECONDS="1"), log)
     try:
         job_id = pipeline.submit(pipeline.upload_input())
-        wait_for(lambda: len(pipeline.http.requests) == 1, "the worker to be stuck in the http delivery")
+        wait_for(lambda: len(pipeline.http.requests) == 1, "the worker to be stuck in the http delivery", PROCESS_START)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0, log.read_text()
     finally:
@@ -248,7 +253,7 @@ def test_sigterm_lets_quick_in_flight_work_finish(pipeline: Pipeline, tmp_path: 
     worker = start_worker(worker_env(pipeline, WEBHOOK_SHUTDOWN_SECONDS="60"), log)
     try:
         job_id = pipeline.submit(pipeline.upload_input())
-        wait_for(lambda: len(pipeline.http.requests) == 1, "the worker to be in the http delivery")
+        wait_for(lambda: len(pipeline.http.requests) == 1, "the worker to be in the http delivery", PROCESS_START)
         os.kill(worker.pid, signal.SIGTERM)
         assert worker.wait(timeout=60) == 0, log.read_text()
     finally:
