@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -53,8 +52,7 @@ def test_take_over_releases_leases_of_stale_gone_and_unknown_workers_only(ledger
 def paced(service: Heartbeat | Leases) -> Iterator[Paced]:
     """``service`` running in a thread, one pass each time the test steps it."""
     stopping = Paced()
-    thread = threading.Thread(target=service.run, args=(stopping,), name=service.name, daemon=True)
-    thread.start()
+    thread = stopping.run(service.name, service.run)
     try:
         yield stopping
     finally:
