@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from support.pipeline import DONE, Pipeline, settings_env
 from support.processes import start_worker
@@ -180,6 +181,7 @@ def holder_of(pipeline: Pipeline, job_id: str) -> str | None:
         ).scalar_one_or_none()
 
 
+@pytest.mark.slow  # worker processes
 def test_a_killed_workers_job_is_taken_over_at_once_and_its_partial_downloads_removed(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
@@ -216,6 +218,7 @@ def test_a_killed_workers_job_is_taken_over_at_once_and_its_partial_downloads_re
     assert pipeline.ledger.workers.live() == []  # the second left on SIGTERM
 
 
+@pytest.mark.slow  # worker processes
 def test_sigterm_abandons_work_past_the_budget_and_releases_it_for_another_worker(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
@@ -245,6 +248,7 @@ def test_sigterm_abandons_work_past_the_budget_and_releases_it_for_another_worke
     assert len(pipeline.http.requests) == 2
 
 
+@pytest.mark.slow  # worker processes
 def test_sigterm_lets_quick_in_flight_work_finish(pipeline: Pipeline, tmp_path: Path) -> None:
     pipeline.http.reply(Reply(delay=1.0))
     log = tmp_path / "worker.log"
