@@ -11,21 +11,23 @@ database gives: the same tables, no rows, ids from 1.
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from support.services import postgres_schema
+from support.services import POSTGRES_URL, require_service, schema_url
 from webhook.ledger import Ledger
 from webhook.ledger.schema import metadata
 
-# What a schema is made of, as PostgreSQL lists it: a test that changed any of it gave its schema up.
+# What a schema is made of, as PostgreSQL lists it (without its name): a test that changed any of
+# it gave its schema up.
 _SHAPE = sa.text(
     "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
     " WHERE table_schema = current_schema()"
-    " UNION ALL SELECT tablename, indexname, indexdef, '', '' FROM pg_indexes WHERE schemaname = current_schema()"
+    " UNION ALL SELECT tablename, indexname, '', '', '' FROM pg_indexes WHERE schemaname = current_schema()"
     " UNION ALL SELECT 'alembic_version', version_num, '', '', '' FROM alembic_version"
     " ORDER BY 1, 2"
 )
@@ -47,37 +49,49 @@ class SqliteTemplate:
 
 
 class SchemaPool:
-    """Migrated PostgreSQL schemas for the session, each used by one test at a time."""
+    """Migrated PostgreSQL schemas for the session, each used by one test at a time.
+
+    It holds no connection between tests: the database's connections are shared with whatever
+    else runs on the machine.
+    """
 
     def __init__(self) -> None:
-        self._free: list[str] = []  # URLs of emptied schemas
-        self._shape: list[tuple[str, ...]] | None = None  # a newly migrated schema's
-        self._made = ExitStack()  # every schema made: dropped at the end of the session
+        self._free: list[str] = []  # emptied schemas
+        self._made: list[str] = []  # every schema made and not yet dropped
+        self._shape: list[tuple[object, ...]] | None = None  # a newly migrated schema's
 
     @contextmanager
     def schema(self) -> Iterator[str]:
         """The URL of a migrated, empty schema for the time of a test."""
-        url = self._free.pop() if self._free else self._new()
-        yield url
-        if self._emptied(url):
-            self._free.append(url)
+        schema = self._free.pop() if self._free else self._new()
+        yield schema_url(schema)
+        if self._emptied(schema):
+            self._free.append(schema)
+        else:
+            self._drop(schema)
 
     def close(self) -> None:
-        self._made.close()
+        for schema in list(self._made):
+            self._drop(schema)
 
     def _new(self) -> str:
-        url = self._made.enter_context(postgres_schema())
-        ledger = Ledger(url)
-        ledger.migrate()
-        if self._shape is None:
-            with ledger.engine.connect() as conn:
-                self._shape = [tuple(row) for row in conn.execute(_SHAPE)]
-        ledger.dispose()
-        return url
+        require_service("PostgreSQL", "127.0.0.1", 5432)
+        schema = f"pool_{uuid.uuid4().hex[:12]}"
+        self._admin(f'CREATE SCHEMA "{schema}"')
+        self._made.append(schema)
+        ledger = Ledger(schema_url(schema))
+        try:
+            ledger.migrate()
+            if self._shape is None:
+                with ledger.engine.connect() as conn:
+                    self._shape = [tuple(row) for row in conn.execute(_SHAPE)]
+        finally:
+            ledger.dispose()
+        return schema
 
-    def _emptied(self, url: str) -> bool:
+    def _emptied(self, schema: str) -> bool:
         """Whether the schema is as migrating made it, now emptied; if not, no test gets it again."""
-        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        engine = sa.create_engine(schema_url(schema), poolclass=sa.NullPool)
         try:
             with engine.begin() as conn:
                 # A connection the test left holding a lock must not hang the session: give the schema up.
@@ -91,5 +105,18 @@ class SchemaPool:
             return True
         except sa.exc.DBAPIError:
             return False
+        finally:
+            engine.dispose()
+
+    def _drop(self, schema: str) -> None:
+        self._made.remove(schema)
+        self._admin(f'DROP SCHEMA "{schema}" CASCADE')
+
+    @staticmethod
+    def _admin(statement: str) -> None:
+        engine = sa.create_engine(POSTGRES_URL, poolclass=sa.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(statement))
         finally:
             engine.dispose()
