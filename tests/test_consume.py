@@ -101,6 +101,7 @@ def test_messages_are_recorded_as_posted_callbacks_are_then_deleted(ledger: Ledg
     running.client.close()
 
 
+@pytest.mark.slow  # waits out a visibility timeout
 def test_a_poisoned_message_is_kept_visible_and_does_not_block_the_queue(
     ledger: Ledger, quick: Sandbox, database_url: str
 ) -> None:
@@ -184,6 +185,7 @@ def test_a_kept_message_is_recorded_once_a_fix_makes_it_readable(
 # --- failures -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a visibility timeout
 def test_rate_limits_server_errors_and_failed_deletes_are_waited_out(ledger: Ledger, quick: Sandbox) -> None:
     client(quick).send(QUEUE, as_json(forged_document("j1")))
     for fault in (
