@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +14,7 @@ from support.receiver import Reply
 from test_ledger import job, record
 
 from webhook.ledger import Ledger
+from webhook.ledger import wakeup as wakeup_module
 from webhook.ledger.schema import tasks
 from webhook.ledger.wakeup import Wakeup, notify
 
@@ -19,16 +22,24 @@ from webhook.ledger.wakeup import Wakeup, notify
 NEVER = 3600.0
 
 
-@pytest.fixture
-def wakeup(ledger: Ledger) -> Iterator[Wakeup]:
+@contextmanager
+def watching(ledger: Ledger) -> Iterator[Wakeup]:
     """A worker's wake-up service, watching in a thread of its own."""
     waiting, stopping = Wakeup(ledger.engine), threading.Event()
-    watching = threading.Thread(target=waiting.run, args=(stopping,), name=waiting.name, daemon=True)
-    watching.start()
+    thread = threading.Thread(target=waiting.run, args=(stopping,), name=waiting.name, daemon=True)
+    thread.start()
     waiting.wait(5)  # the first check (or LISTEN) reports anything before it: start from quiet
-    yield waiting
-    stopping.set()
-    watching.join(timeout=10)
+    try:
+        yield waiting
+    finally:
+        stopping.set()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def wakeup(ledger: Ledger) -> Iterator[Wakeup]:
+    with watching(ledger) as waiting:
+        yield waiting
 
 
 def test_a_committed_callback_wakes_a_waiting_worker(ledger: Ledger, wakeup: Wakeup) -> None:
@@ -37,16 +48,20 @@ def test_a_committed_callback_wakes_a_waiting_worker(ledger: Ledger, wakeup: Wak
     assert wakeup.wait(10)
 
 
-def test_a_rolled_back_transaction_wakes_no_one(ledger: Ledger, wakeup: Wakeup) -> None:
-    with ledger.engine.connect() as conn, conn.begin() as transaction:
-        notify(conn)
-        conn.execute(tasks.delete())
-        transaction.rollback()
-    assert not wakeup.wait(0.5)
-    with ledger.engine.begin() as conn:
-        notify(conn)
-        conn.execute(sa.text("CREATE TABLE touched (n INTEGER)"))  # a commit that changes the file
-    assert wakeup.wait(10)
+def test_a_rolled_back_transaction_wakes_no_one(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A channel of its own: whatever else commits work on this database (other tests, other test
+    # runs) notifies the shared one, and this test asserts that nothing arrives.
+    monkeypatch.setattr(wakeup_module, "CHANNEL", f"cos_webhook_work_{uuid.uuid4().hex[:12]}")
+    with watching(ledger) as wakeup:
+        with ledger.engine.connect() as conn, conn.begin() as transaction:
+            notify(conn)
+            conn.execute(tasks.delete())
+            transaction.rollback()
+        assert not wakeup.wait(0.5)
+        with ledger.engine.begin() as conn:
+            notify(conn)
+            conn.execute(sa.text("CREATE TABLE touched (n INTEGER)"))  # a commit that changes the file
+        assert wakeup.wait(10)
 
 
 def delivered(pipeline: Pipeline, job_id: str) -> str:
