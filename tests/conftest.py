@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hypothesis
 import pytest
+from support.ledgers import SchemaPool, SqliteTemplate
 from support.pipeline import Pipeline, pipeline_settings
 from support.receiver import Receiver
 from support.services import IN_CI, postgres_schema
@@ -25,11 +26,36 @@ hypothesis.settings.register_profile("dev", max_examples=200)
 hypothesis.settings.load_profile("ci" if IN_CI else "dev")
 
 
+# Tests that migrate their ledger anyway get one migrated already (support.ledgers).
+MIGRATING = frozenset({"ledger", "pipeline"})
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> SqliteTemplate:
+    return SqliteTemplate(tmp_path_factory.mktemp("ledger-template"))
+
+
+@pytest.fixture(scope="session")
+def schema_pool() -> Iterator[SchemaPool]:
+    pool = SchemaPool()
+    yield pool
+    pool.close()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty ledger database: a SQLite file, or a private PostgreSQL schema."""
+    """A fresh ledger database, a SQLite file or a private PostgreSQL schema: empty, or migrated
+    and empty for a test that uses the ``ledger`` or ``pipeline`` fixture (which migrate it)."""
+    migrated = not MIGRATING.isdisjoint(request.fixturenames)
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        path = tmp_path / "ledger.db"
+        if migrated:
+            request.getfixturevalue("sqlite_template").copy_to(path)
+        yield f"sqlite:///{path}"
+        return
+    if migrated:
+        with request.getfixturevalue("schema_pool").schema() as url:
+            yield url
         return
     with postgres_schema() as url:
         yield url

@@ -101,6 +101,7 @@ def test_messages_are_recorded_as_posted_callbacks_are_then_deleted(ledger: Ledg
     running.client.close()
 
 
+@pytest.mark.slow  # waits out a visibility timeout
 def test_a_poisoned_message_is_kept_visible_and_does_not_block_the_queue(
     ledger: Ledger, quick: Sandbox, database_url: str
 ) -> None:
@@ -184,6 +185,7 @@ def test_a_kept_message_is_recorded_once_a_fix_makes_it_readable(
 # --- failures -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a visibility timeout
 def test_rate_limits_server_errors_and_failed_deletes_are_waited_out(ledger: Ledger, quick: Sandbox) -> None:
     client(quick).send(QUEUE, as_json(forged_document("j1")))
     for fault in (
@@ -238,11 +240,13 @@ def test_sigterm_cuts_the_long_poll_and_exits_at_once(
         "COS_SECRET_ID": sandbox.secret_id,
         "COS_SECRET_KEY": sandbox.secret_key,
     }
+    sandbox.cmq.add_fault(CmqFault(action="BatchReceiveMessage", delay=0.001))  # counts the long polls
     proc = start_consumer(env | tdmq_env(sandbox), log)
     try:
         client(sandbox).send(QUEUE, as_json(forged_document("j1")))
         wait_until(lambda: statuses(ledger) == {"j1": "received"}, 20, "the consumer to record a message")
-        time.sleep(0.5)  # in its next long poll now, which would last 30 s
+        # The first poll brought the message (sent before or during it): the second is the next one.
+        wait_until(lambda: sandbox.cmq.faults()[0]["fired"] >= 2, 20, "the next long poll (it would last 30 s)")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, log.read_text()

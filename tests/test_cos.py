@@ -70,6 +70,7 @@ def test_client_error_keeps_its_first_line() -> None:
     assert client_error(CosClientError("x" * 400)) == "x" * 300 + "…"
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_unreachable_ci_is_one_line() -> None:
     client = make_client("id", "key", REGION, CosEndpoint("http", "127.0.0.1", 9))
     with pytest.raises(VerifyError, match=r"^CI API unreachable: [^\n]*Connection refused[^\n]*$"):

@@ -138,6 +138,7 @@ def test_exited_deadlines_leave_no_alarm_set() -> None:
 # --- the deadline-aware session -------------------------------------------------------------
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_trickling_answer_is_cut_off(session: requests.Session) -> None:
     with Trickle(every=0.3) as server, Deadline(1, "GET trickle") as deadline:
         with pytest.raises(DeadlineExceeded) as caught:
@@ -146,6 +147,7 @@ def test_a_trickling_answer_is_cut_off(session: requests.Session) -> None:
     assert str(caught.value) == "GET trickle: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 @pytest.mark.parametrize("stream", [False, True])
 def test_headers_cut_off_mid_way_are_not_an_answer(session: requests.Session, stream: bool) -> None:
     # A whole status line, then the headers trickle: the severed socket's end must not pass for
@@ -257,6 +259,7 @@ def test_expire_all_unblocks_a_call_from_another_thread(session: requests.Sessio
 # --- the COS SDK through make_client ------------------------------------------------------
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_describe_job_against_a_trickling_ci_api_passes_its_deadline() -> None:
     with Trickle(every=0.3) as server:
         client = make_client("id", "key", REGION, endpoint=parse_endpoint(server.url), timeout=1)

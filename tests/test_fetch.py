@@ -67,6 +67,7 @@ def test_wrong_credentials(sandbox: Sandbox, tmp_path: Path) -> None:
         fetch_object(client, ObjectLocation(BUCKET, REGION, "out/a.wav"), str(tmp_path))
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_unreachable_cos(tmp_path: Path) -> None:
     from webhook.ci.client import make_client
     from webhook.config_values import CosEndpoint
@@ -82,6 +83,7 @@ def paced_object(data: bytes) -> Trickle:
     return Trickle(answer, head=len(answer) - len(data), chunk=-(-len(data) // 6), every=0.1)
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_trickling_cos_passes_the_deadline(tmp_path: Path) -> None:
     with Trickle(every=0.3) as server:
         client = make_client("id", "key", REGION, endpoint=parse_endpoint(server.url), timeout=1)
@@ -94,6 +96,7 @@ def test_a_trickling_cos_passes_the_deadline(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_large_object_gets_its_time_at_the_minimum_rate(tmp_path: Path) -> None:
     data = os.urandom(600_000)
     where = ObjectLocation(BUCKET, REGION, "out/a.wav")
@@ -115,6 +118,7 @@ def test_a_large_object_gets_its_time_at_the_minimum_rate(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_delayed_sandbox_answer_passes_the_deadline_then_fetches_fine(sandbox: Sandbox, tmp_path: Path) -> None:
     data = os.urandom(5 * 1024 * 1024)
     sandbox.client(REGION).put_object(Bucket=BUCKET, Body=data, Key="out/a.wav")

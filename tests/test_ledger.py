@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from support.samples import numbered_job as job
 from support.services import POSTGRES_URL, postgres_schema
+from support.waiting import wait_for
 
 import webhook.ledger.queue as queue_module
 from webhook.intake.triage import triage
@@ -53,6 +54,20 @@ def record(ledger: Ledger, *jobs: Job, event: str = "TaskFinish") -> Recorded:
 
 def claim(ledger: Ledger, worker: str = "w1", lease: float = 60) -> Claim:
     got = ledger.queue.claim(worker, lease)
+    assert got is not None
+    return got
+
+
+def claim_when_due(ledger: Ledger, worker: str) -> Claim:
+    """The next claim, made as soon as a task is due (e.g. once another worker's lease ran out)."""
+    claims: list[Claim | None] = []
+
+    def due() -> bool:
+        claims.append(ledger.queue.claim(worker, 60))
+        return claims[-1] is not None
+
+    wait_for(due, "a task to be due")
+    got = claims[-1]
     assert got is not None
     return got
 
@@ -117,8 +132,7 @@ def test_a_leased_task_is_not_claimed_twice(ledger: Ledger) -> None:
 def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
     record(ledger, job(1))
     stale = claim(ledger, "w1", lease=0.2)
-    time.sleep(0.3)
-    again = claim(ledger, "w2")
+    again = claim_when_due(ledger, "w2")
     assert again.tasks[0].id == stale.tasks[0].id
     assert again.tasks[0].attempts == 2
     # The worker that lost its lease cannot overwrite the new owner's outcome.
@@ -129,10 +143,10 @@ def test_an_expired_lease_makes_the_task_due_again(ledger: Ledger) -> None:
 
 def test_extend_lease_keeps_the_task(ledger: Ledger) -> None:
     record(ledger, job(1))
-    held = claim(ledger, "w1", lease=0.5)
-    time.sleep(0.3)
+    held = claim(ledger, "w1", lease=0.2)
+    ran_out = utcnow() + timedelta(seconds=0.2)
     assert ledger.queue.extend_lease([held.tasks[0].id], "w1", 60) == 1
-    time.sleep(0.3)
+    wait_for(lambda: utcnow() > ran_out, "the first lease to have run out")
     assert ledger.queue.claim("w2", 60) is None
 
 
@@ -184,8 +198,7 @@ def test_deliveries_a_verifier_leased_are_due_again_when_its_lease_runs_out(ledg
     record(ledger, job(1))
     held = accept(ledger, claim(ledger), ["filesystem", "http"], lease=0.2)
     assert isinstance(held, DeliveryClaim)
-    time.sleep(0.3)
-    again = claim(ledger, "w2")
+    again = claim_when_due(ledger, "w2")
     assert isinstance(again, DeliveryClaim)
     assert [(d.id, d.attempts) for d in again.deliveries] == [(d.id, 2) for d in held.deliveries]
     assert not ledger.queue.complete(held.deliveries[0], "w1")  # no longer w1's
@@ -194,8 +207,7 @@ def test_deliveries_a_verifier_leased_are_due_again_when_its_lease_runs_out(ledg
 def test_a_verifier_that_lost_its_lease_leases_nothing(ledger: Ledger) -> None:
     record(ledger, job(1))
     stale = claim(ledger, "w1", lease=0.2)
-    time.sleep(0.3)
-    claim(ledger, "w2")
+    claim_when_due(ledger, "w2")
     assert accept(ledger, stale, ["filesystem"]) is None
     assert [t.kind for t in ledger.views.show_job(job(1).job_id).tasks] == ["verify"]
     assert ledger.views.show_job(job(1).job_id).status == JobStatus.RECEIVED

@@ -67,6 +67,7 @@ def test_a_traceback_stays_on_its_record_s_line() -> None:
     assert line.endswith(f"ValueError: bad value{shown}")
 
 
+@pytest.mark.slow  # a worker process
 def test_forged_lines_in_a_callback_stay_inside_their_record(pipeline: Pipeline, tmp_path: Path) -> None:
     forged_bucket = job("j-forged-bucket", Input={"BucketId": BUCKET + FORGED, "Object": "in/a.wav", "Region": REGION})
     with root_log() as web_log:
@@ -259,6 +260,7 @@ def test_a_callback_is_one_text_line_that_says_how_it_was_answered(pipeline: Pip
     ] + ['127.0.0.1 POST /callback/<token> 400 reason="malformed XML: no element found: line 1, column 10" token=1']
 
 
+@pytest.mark.slow  # a worker process
 def test_forged_lines_stay_inside_their_json_record(pipeline: Pipeline, tmp_path: Path) -> None:
     forged_bucket = job("j-forged-bucket", Input={"BucketId": BUCKET + FORGED, "Object": "in/a.wav", "Region": REGION})
     with root_log(log_format="json") as web_log:

@@ -153,6 +153,7 @@ def env_for(url: str, **more: str) -> dict[str, str]:
     return os.environ | {"WEBHOOK_DATABASE_URL": url} | more
 
 
+@pytest.mark.slow  # a worker process
 def test_processes_refuse_a_ledger_that_is_behind_unless_told_to_migrate(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     old = Ledger(url)
@@ -205,6 +206,7 @@ def test_read_only_commands_never_change_the_schema(tmp_path: Path) -> None:
     empty.dispose()
 
 
+@pytest.mark.slow  # cos-webhook processes
 def test_processes_migrating_at_once_all_succeed(database_url: str) -> None:
     runs = [
         subprocess.Popen([COS_WEBHOOK, "migrate"], env=env_for(database_url), stdout=subprocess.PIPE, text=True)
@@ -218,6 +220,7 @@ def test_processes_migrating_at_once_all_succeed(database_url: str) -> None:
     ledger.dispose()
 
 
+@pytest.mark.slow  # cos-webhook processes
 def test_migrate_says_what_it_did_and_alembic_says_nothing_below_warning(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = env_for(url, WEBHOOK_LOG_LEVEL="INFO", **TEXT_LOGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,12 @@ from support.receiver import Receiver, Reply
 from support.sandbox_jobs import held_jobs
 from support.sink_dir import written
 
+from webhook.ledger import utcnow
+from webhook.models import Event
+from webhook.retry import RetryPolicy
+from webhook.sinks import Sink
 from webhook.sinks.events import event_id
+from webhook.worker.runtime import Worker
 
 
 def stored(pipeline: Pipeline, job_id: str) -> None:
@@ -208,6 +214,52 @@ def test_sink_failures_are_retried_on_their_own(pipeline: Pipeline) -> None:
     assert [(d["sink"], d["attempts"]) for d in view["deliveries"]] == [("filesystem", 1), ("http", 3)]
     ids = {r.headers["webhook-id"] for r in pipeline.http.requests}
     assert ids == {event_id(job_id, "http")}  # one idempotency key across all attempts
+
+
+def test_a_sinks_retry_after_sets_the_time_of_the_next_attempt(pipeline: Pipeline) -> None:
+    # Backoff of at most 10 ms: a next attempt ten minutes away can only be the receiver's asking.
+    patient = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_cap=3600)
+    worker = Worker.from_settings(pipeline.settings.replace(retry=patient), pipeline.ledger)
+    pipeline.http.reply(Reply(503, retry_after="600"))
+    job_id = pipeline.submit(pipeline.upload_input())
+    stored(pipeline, job_id)
+
+    before = utcnow()
+    assert run_one(worker)  # verified, delivered to the filesystem, refused by the http receiver
+
+    http = next(t for t in pipeline.ledger.views.show_job(job_id).tasks if t.sink == "http")
+    assert (http.status, http.attempts, http.last_error) == ("pending", 1, "http: HTTP 503 Service Unavailable")
+    assert http.run_after is not None
+    assert http.run_after >= before + timedelta(seconds=600)
+    assert not run_one(worker)  # nothing due before then
+    assert len(pipeline.http.requests) == 1
+
+
+class Leaky(Sink):
+    """A sink with a bug: its exception's message carries the COS secret key."""
+
+    def __init__(self, name: str, secret: str) -> None:
+        self.name, self.secret = name, secret
+
+    def deliver(self, event: Event) -> None:
+        raise RuntimeError(f"signing with {self.secret} went wrong")
+
+
+def test_an_unexpected_errors_secrets_never_reach_the_ledger(pipeline: Pipeline) -> None:
+    secret = pipeline.settings.secret_key
+    worker = pipeline.worker()
+    worker.sinks["http"] = Leaky("http", secret)
+    job_id = pipeline.submit(pipeline.upload_input())
+    stored(pipeline, job_id)
+
+    assert run_one(worker)
+
+    view = pipeline.ledger.views.show_job(job_id)
+    http = next(t for t in view.tasks if t.sink == "http")
+    assert http.last_error == "RuntimeError: signing with [redacted] went wrong"
+    (attempt,) = (a for a in view.attempts if a.sink == "http")
+    assert (attempt.code, attempt.error) == ("RuntimeError", http.last_error)
+    assert secret not in json.dumps(view.to_dict())
 
 
 def test_permanent_refusal_is_dead_then_replayed(pipeline: Pipeline) -> None:

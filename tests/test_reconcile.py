@@ -361,6 +361,7 @@ def test_a_tick_before_the_interval_asks_neither_ci_nor_the_ledger(pipeline: Pip
     assert reconciler.runs == 2
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_ci_failing_is_one_warning_and_the_next_interval_tries_again(
     pipeline: Pipeline, lost_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -146,6 +146,7 @@ def test_a_sink_that_raises_costs_only_its_own_delivery_attempts(pipeline: Pipel
     assert buggy.calls == 2 * pipeline.settings.retry.max_attempts
 
 
+@pytest.mark.slow  # the SDK waits a second before each retry of CI's 503s
 def test_a_ci_outage_longer_than_a_delivery_budget_does_not_kill_verification(pipeline: Pipeline) -> None:
     # The SDK itself tries each call twice, so this outlasts the delivery budget's attempts.
     budget = pipeline.settings.retry.max_attempts
@@ -157,7 +158,8 @@ def test_a_ci_outage_longer_than_a_delivery_budget_does_not_kill_verification(pi
     assert budget < verify["attempts"] <= pipeline.settings.verify_retry.max_attempts
 
 
-@pytest.mark.parametrize("status", ["rejected", "dead"])
+# dead: CI answers 503 throughout, and the SDK waits a second before each retry.
+@pytest.mark.parametrize("status", ["rejected", pytest.param("dead", marks=pytest.mark.slow)])
 def test_a_job_rejected_or_dead_in_verification_is_verified_again_by_a_repeated_callback(
     pipeline: Pipeline, status: str
 ) -> None:
@@ -190,6 +192,7 @@ def cli(pipeline: Pipeline, *args: str) -> Result:
     return result
 
 
+@pytest.mark.slow  # the SDK waits a second before each retry of CI's 503s
 def test_a_verification_that_died_in_a_ci_outage_is_listed_and_replayed(pipeline: Pipeline) -> None:
     pipeline.settings = pipeline.settings.replace(verify_retry=pipeline.settings.retry)
     pipeline.sandbox.faults.add(Fault(kind="CI describe", status=503))

@@ -190,6 +190,7 @@ def test_bucket_without_the_appid_does_not_exist(client: Any) -> None:
     assert (error.get_status_code(), error.get_error_code()) == (404, "NoSuchBucket")
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_multipart_calls_are_refused_not_mistaken_for_put(client: Any) -> None:
     error = service_error(client.create_multipart_upload, Bucket=BUCKET, Key="a.txt")
 
@@ -358,6 +359,7 @@ def raw_get(sandbox: Sandbox, key: str) -> tuple[bytes, bytes, BaseException | N
     return head, body, ended
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_status_fault_answers_a_cos_error_for_the_next_n_requests(sandbox: Sandbox, client: Any) -> None:
     client.put_object(Bucket=BUCKET, Key="a.bin", Body=b"payload")
     active = sandbox.faults.add(Fault(kind="object GET", status=503, retry_after=7, times=3))
@@ -446,6 +448,7 @@ def test_rate_fires_reproducibly_from_its_seed(sandbox: Sandbox, client: Any) ->
     assert statuses() == first
 
 
+@pytest.mark.slow  # the SDK waits a second before its retry
 def test_faults_are_set_over_http_on_any_host(sandbox: Sandbox, client: Any) -> None:
     url = sandbox.url + FAULTS_PATH
     submit = {"kind": "CI submit", "status": 503, "code": "SlowDown", "times": 2}

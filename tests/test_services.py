@@ -8,6 +8,7 @@ import threading
 import pytest
 from support.pipeline import DONE, Pipeline
 
+from webhook.worker import services
 from webhook.worker.services import ServiceFailed, Services, Shutdown
 
 
@@ -97,8 +98,9 @@ def test_a_service_that_ends_on_its_own_ends_the_run_without_a_shutdown() -> Non
 
 
 def test_work_in_hand_past_the_budget_is_abandoned_then_the_process_stops_hard(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(services, "HARD_STOP_GRACE", 0.2)  # the grace's length is not what is tested
     stopped_hard = threading.Event()
     stuck = threading.Event()
 

@@ -343,6 +343,7 @@ def test_bad_url_parameter_is_a_config_error() -> None:
         AmqpSink("amqp", options, username=None, password=None)
 
 
+@pytest.mark.slow  # rabbitmqctl adds a user; the broker delays a refused login
 def test_credentials_from_the_environment(broker: Any, exchange: str, tmp_path: Path) -> None:
     """The URL names no user: the credentials are the named variables' values, not pika's guest/guest."""
     config = tmp_path / "cos-webhook.toml"

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from support.services import unavailable
 from support.sink_dir import written
+from support.waiting import wait_for
 
 from webhook.dev.sandbox import Sandbox
 from webhook.models import Event, FetchedFile, Job, JobFile, ObjectLocation
 from webhook.sinks import BuildContext, DeliveryError, Sink
 from webhook.sinks.events import build_event, event_document
-from webhook.sinks.filesystem import FilesystemSink
+from webhook.sinks.filesystem import PARTIAL_DIR, FilesystemSink
 from webhook.sinks.options import FilesystemOptions
 from webhook.worker.staging import Staging
 
@@ -443,4 +444,58 @@ def test_a_download_staged_on_another_filesystem_is_copied(
     assert written(root) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO
     staging.release("job-1")
+    assert (root / "job-1.wav").read_bytes() == AUDIO
+
+
+def open_for_writing(fifo: Path, reader: threading.Thread) -> int:
+    """The FIFO's write end, once ``reader`` has opened it for reading (fails should it end first)."""
+    fd: list[int] = []
+
+    def opened() -> bool:
+        assert reader.is_alive(), "the delivery ended before it read the staged file"
+        try:
+            fd.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: no reader yet
+            return False
+        return True
+
+    wait_for(opened, "the sink to open the staged file")
+    os.set_blocking(fd[0], True)
+    return fd[0]
+
+
+def test_a_copy_under_way_is_never_seen_under_its_final_name(other_filesystem: Path, root: Path) -> None:
+    """The copy path keeps the promise the hard link keeps by nature: the final name appears only
+    once the file is whole. The staged file is a FIFO on another filesystem, so the link fails
+    (EXDEV) and the copy waits on the test's writes, half of them first."""
+    fifo = other_filesystem / "download.staged"
+    os.mkfifo(fifo)
+    job = Job(job_id="job-1", tag="NoiseReduction", state="Success", output=ObjectLocation(BUCKET, REGION, "o/a.wav"))
+    fetched = FetchedFile(path=str(fifo), size=len(AUDIO), crc64="1", content_type="audio/wav")
+    event = build_event(job, "filesystem", fetched)
+    failures: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            FilesystemSink(root).deliver(event)
+        except BaseException as exc:
+            failures.append(exc)
+
+    delivering = threading.Thread(target=deliver)
+    delivering.start()
+    half = len(AUDIO) // 2  # two copy chunks: the sink has written one at least when the write returns
+    try:
+        with os.fdopen(open_for_writing(fifo, delivering), "wb") as feed:
+            feed.write(AUDIO[:half])
+            feed.flush()
+            wait_for(
+                lambda: any(p.stat().st_size > 0 for p in root.rglob("*") if p.is_file()),
+                "the sink to write some of the copy",
+            )
+            assert [p.name for p in root.iterdir()] == [PARTIAL_DIR]
+            feed.write(AUDIO[half:])
+    finally:
+        delivering.join(timeout=30)
+    assert failures == []
+    assert written(root) == ["job-1.event.json", "job-1.wav"]
     assert (root / "job-1.wav").read_bytes() == AUDIO

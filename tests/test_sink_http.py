@@ -250,6 +250,7 @@ def test_timeout_is_retryable(receiver: Receiver) -> None:
     assert error.message == "http: no complete answer within 0.5s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_trickling_answer_passes_the_deadline() -> None:
     # One byte every 0.3 s never trips a per-read timeout of 1 s; the deadline of the whole POST does.
     with Trickle(every=0.3) as server:
@@ -260,6 +261,7 @@ def test_a_trickling_answer_passes_the_deadline() -> None:
     assert error.message == "http: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_status_line_then_trickling_headers_is_not_a_delivery() -> None:
     with Trickle(every=0.3, head=len(b"HTTP/1.1 200 OK\r\n")) as server:
         http = HttpMultipartSink(server.url, SECRET, timeout=1)
@@ -268,6 +270,7 @@ def test_a_status_line_then_trickling_headers_is_not_a_delivery() -> None:
     assert error.message == "http: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_receiver_that_never_answers_passes_the_deadline() -> None:
     with Trickle(answer=None) as server:
         http = HttpMultipartSink(server.url, SECRET, timeout=1)
@@ -277,6 +280,7 @@ def test_a_receiver_that_never_answers_passes_the_deadline() -> None:
     assert error.message == "http: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_a_receiver_that_reads_the_upload_slowly_passes_the_deadline(tmp_path: Path) -> None:
     # Far more than socket buffers hold, at an allowed rate that leaves the upload no extra time.
     event = succeeded(tmp_path, size=16 * MiB)
@@ -288,6 +292,7 @@ def test_a_receiver_that_reads_the_upload_slowly_passes_the_deadline(tmp_path: P
     assert error.message == "http: no complete answer within 1s (deadline)"
 
 
+@pytest.mark.slow  # a deadline of a second runs out
 def test_the_upload_gets_its_time_at_the_minimum_rate(tmp_path: Path, receiver: Receiver) -> None:
     event = succeeded(tmp_path, b"x" * 1500)
     http = HttpMultipartSink(receiver.url, SECRET, timeout=0.2, min_rate=3000)

@@ -47,8 +47,9 @@ def s3_client(url: str) -> Any:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(moto: MotoServer) -> Any:
+    """One for the module: making a boto3 client costs more than most of these tests."""
     return s3_client(moto.url)
 
 

@@ -160,6 +160,7 @@ def test_wait_stops_at_a_rejected_job_with_the_reason(pipeline: Pipeline) -> Non
     assert "region ap-guangzhou" in view.reason
 
 
+@pytest.mark.slow  # waits out its timeout of a second
 def test_wait_gives_up_after_the_timeout_and_says_where_the_job_was(pipeline: Pipeline) -> None:
     key = pipeline.upload_input()
     # No worker runs: the callback is recorded, and the job stays received.

@@ -103,6 +103,7 @@ def test_a_wrong_key_or_an_old_timestamp_is_refused_for_good(sandbox: Sandbox) -
 # --- the queue -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a visibility timeout
 def test_a_received_message_is_hidden_then_comes_back_with_a_new_handle(quick: Sandbox) -> None:
     cmq = client(quick)
     msg_id = cmq.send(QUEUE, "once")
@@ -132,6 +133,7 @@ def test_a_batch_delete_reports_each_handle_that_failed(quick: Sandbox) -> None:
     assert cmq.delete(QUEUE, handles[1:]) == []
 
 
+@pytest.mark.slow  # long polls wait out their time
 def test_long_polling_waits_for_a_message_or_for_its_wait(sandbox: Sandbox) -> None:
     cmq = client(sandbox)
     threading.Timer(0.3, cmq.send, (QUEUE, "late")).start()

@@ -15,6 +15,7 @@ from typing import Any
 import requests
 
 from support.receiver import ReceivedRequest, Receiver
+from support.waiting import wait_for
 from webhook.ci.submit import submit_noise_reduction
 from webhook.config import Settings
 from webhook.dev.sandbox import Sandbox, noisy_wav
@@ -118,11 +119,7 @@ class Pipeline:
             return ""
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.02)
+        wait_for(condition, what, timeout)
 
     def drain(self, worker: Worker, job_id: str, until: set[str], timeout: float = 20) -> str:
         """Run the worker until the job reaches one of ``until`` (retries become due on their own)."""

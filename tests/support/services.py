@@ -32,6 +32,11 @@ def unavailable(message: str) -> NoReturn:
     pytest.skip(message)
 
 
+def schema_url(schema: str) -> str:
+    """The URL of the test database with ``schema`` first on the search path."""
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+
+
 @contextmanager
 def postgres_schema(prefix: str = "t") -> Iterator[str]:
     """The URL of a new, empty PostgreSQL schema, dropped afterwards (skip, or fail in CI, without one)."""
@@ -41,7 +46,7 @@ def postgres_schema(prefix: str = "t") -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+        yield schema_url(schema)
     finally:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
