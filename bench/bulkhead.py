@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import logging
 import os
 import sys
@@ -38,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import sqlalchemy as sa
-from deliver import MIB, Rig, batch, first_started, settle_disk, start_rig, start_workers, stop_workers
+from deliver import MIB, Rig, batch, check_and_clear, first_started, settle_disk, start_rig, start_workers, stop_workers
 from harness import COS_WEBHOOK, LEDGERS, POSTGRES_URL, BenchError, positive, write_results
 
 from webhook.ledger.schema import tasks
@@ -136,13 +135,7 @@ def phase(rig: Rig, name: str, hang: bool, jobs: int, size: int, workers: int) -
         finally:
             sink.close()  # a hung delivery fails now, and the workers can stop
             stop_workers(processes)
-    for job_id, key in by_job.items():
-        audio = rig.sink_dir / f"{job_id}.wav"
-        with audio.open("rb") as file:
-            if hashlib.file_digest(file, "sha256").hexdigest() != digests[key]:
-                raise BenchError(f"the filesystem sink's {audio.name} differs from the uploaded {key}")
-        audio.unlink()
-        (rig.sink_dir / f"{job_id}.event.json").unlink()
+    check_and_clear(rig, by_job, digests)
     what = f"{'hanging' if hang else 'healthy'} http sink ({name})"
     return Phase(what, len(job_ids), seconds, len(job_ids) / seconds, requests)
 

@@ -314,6 +314,14 @@ def deliver_batch(
         seconds = time.monotonic() - started
     finally:
         stop_workers(processes)
+    check_and_clear(rig, by_job, digests)
+    mib = len(job_ids) * size / MIB
+    what = f"cos-webhook worker, {workers} process{'es' if workers > 1 else ''}"
+    return Copy(what, len(job_ids), mib, seconds, mib / seconds, len(job_ids) / seconds)
+
+
+def check_and_clear(rig: Rig, by_job: dict[str, str], digests: dict[str, str]) -> None:
+    """Each job's delivered audio must be the bytes uploaded as its key; then its files go, for the next phase."""
     for job_id, key in by_job.items():
         audio = rig.sink_dir / f"{job_id}.wav"
         with audio.open("rb") as file:
@@ -321,9 +329,6 @@ def deliver_batch(
                 raise BenchError(f"the filesystem sink's {audio.name} differs from the uploaded {key}")
         audio.unlink()
         (rig.sink_dir / f"{job_id}.event.json").unlink()
-    mib = len(job_ids) * size / MIB
-    what = f"cos-webhook worker, {workers} process{'es' if workers > 1 else ''}"
-    return Copy(what, len(job_ids), mib, seconds, mib / seconds, len(job_ids) / seconds)
 
 
 def settle_disk() -> None:

@@ -19,6 +19,8 @@ from support.receiver import Reply
 from test_metrics import scrape, value
 
 from webhook.dev.sandbox import Fault
+from webhook.ledger import utcnow
+from webhook.ledger.schema import tasks
 
 pytestmark = pytest.mark.slow  # worker processes
 
@@ -105,14 +107,18 @@ def test_a_retry_in_another_worker_process_delivers_the_download_the_first_stage
 ) -> None:
     """Fetched once per job holds across the worker processes of a host (one WEBHOOK_TEMP_DIR)."""
     gets = pipeline.sandbox.faults.add(Fault(kind="object GET", path="/out/*", delay=0.001))  # counts GETs
-    pipeline.http.reply(Reply(503, retry_after="3"), Reply(200))  # retried, not before the first worker stops
-    env = settings_env(pipeline.settings) | {"WEBHOOK_TEMP_DIR": str(tmp_path / "staging")}
+    pipeline.http.reply(Reply(503), Reply(200))  # the first http delivery fails
+    # ... and is not due again while the first worker runs (an hour's backoff).
+    slow = {"WEBHOOK_BACKOFF_BASE": "3600", "WEBHOOK_BACKOFF_CAP": "3600"}
+    env = settings_env(pipeline.settings) | slow | {"WEBHOOK_TEMP_DIR": str(tmp_path / "staging")}
     job_id = pipeline.submit(pipeline.upload_input())
     with workers(env, tmp_path / "first.log") as first:
         pipeline.wait_until(lambda: len(pipeline.http.requests) == 1, timeout=60, what="the first http attempt")
         first[0].terminate()
         assert first[0].wait(timeout=30) == 0
     assert pipeline.status(job_id) == "verified"
+    with pipeline.ledger.engine.begin() as conn:  # the retry is due now, for the second worker
+        conn.execute(tasks.update().where(tasks.c.job_id == job_id).values(run_after=utcnow()))
     with workers(env, tmp_path / "second.log"):
         pipeline.wait_until(lambda: pipeline.status(job_id) == "delivered", timeout=60, what="the retry")
     assert gets.fired == 1
