@@ -203,6 +203,37 @@ def test_the_dashboard_overview_shows_each_sinks_breaker(ledger: Ledger) -> None
     assert '<span class="badge breaker-closed">closed</span>' in filesystem.group(1)
 
 
+def test_every_configured_sink_has_a_breaker_once_ensured_and_an_open_one_stays_open(ledger: Ledger) -> None:
+    open_http(ledger, LONG)
+    ledger.breakers.ensure(["filesystem", "http", "archive"])  # a worker's start
+    ledger.breakers.ensure(["archive"])  # again: nothing changes
+    found = {sink: (b.state, b.failures) for sink, b in ledger.breakers.all().items()}
+    assert found == {"archive": (State.CLOSED, 0), "filesystem": (State.CLOSED, 0), "http": (State.OPEN, LIMIT)}
+    samples = [
+        (s.labels["sink"], s.labels["state"])
+        for family in LedgerCollector(ledger.stats.snapshot).collect()
+        for s in family.samples
+        if s.name == "cos_webhook_sink_breaker" and s.value
+    ]
+    assert sorted(samples) == [("archive", "closed"), ("filesystem", "closed"), ("http", "open")]
+
+
+def test_jobs_show_says_a_delivery_waits_for_its_paused_sink(ledger: Ledger) -> None:
+    open_http(ledger, LONG)
+    env = {"WEBHOOK_DATABASE_URL": ledger.url, "WEBHOOK_SINK_DIR": "/tmp/sink", "WEBHOOK_CONFIG": ""}
+    job_id = job(1).job_id
+    until = ledger.breakers.all()["http"].until
+    assert until is not None
+    shown = until.strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = CliRunner().invoke(main, ["jobs", "show", job_id], env=env).output
+    assert f"(sink open until {shown}: waiting, no attempt spent)" in text
+    [filesystem] = [line for line in text.splitlines() if line.startswith("delivery:    filesystem")]
+    assert "waiting" not in filesystem  # delivered: its sink's breaker says nothing of it
+    data = json.loads(CliRunner().invoke(main, ["jobs", "show", job_id, "--json"], env=env).output)
+    breakers = {d["sink"]: d.get("breaker") for d in data["deliveries"]}
+    assert breakers == {"filesystem": None, "http": {"state": "open", "until": shown}}
+
+
 def test_the_breakers_revision_upgrades_a_ledger_with_deliveries_waiting(database_url: str) -> None:
     ledger = Ledger(database_url)
     migrate.upgrade(ledger.engine, "0007")

@@ -46,6 +46,12 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
     ledger = open_ledger(Settings.from_env())
     view = ledger.views.show_job(job_id)
     data = view.to_dict()
+    # A delivery still to come whose sink's breaker is not closed waits for it, spending no attempt.
+    paused = {sink: b for sink, b in ledger.breakers.all().items() if b.state != "closed"}
+    for delivery in data["deliveries"]:
+        if delivery["status"] == "pending" and (breaker := paused.get(delivery["sink"])) is not None:
+            until = None if breaker.until is None else utc_text(breaker.until)
+            delivery["breaker"] = {"state": breaker.state.value, "until": until}
     requests = ledger.views.raw_callbacks(job_id) if raw else []
     if raw:
         data["raw"] = [
@@ -78,7 +84,10 @@ def jobs_show(job_id: str, as_json: bool, raw: bool) -> None:
     for step in data["verify"]:
         echo_text(f"{'verify:':<12} {_step(step)}")
     for delivery in data["deliveries"]:
-        echo_text(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}")
+        waits = ""
+        if breaker := delivery.get("breaker"):
+            waits = f" (sink {breaker['state']} until {breaker['until'] or '-'}: waiting, no attempt spent)"
+        echo_text(f"{'delivery:':<12} {delivery['sink']}: {_step(delivery)}{waits}")
     if view.attempts:
         click.echo("attempts:")
     for a in view.attempts:

@@ -20,8 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from webhook.ledger.errors import connect
+from webhook.ledger.errors import begin, connect
 from webhook.ledger.schema import breakers as breakers_table
+from webhook.ledger.schema import utcnow
 
 log = logging.getLogger("webhook.worker")
 
@@ -164,6 +165,15 @@ class Breakers:
         self._engine = engine
 
     def all(self) -> dict[str, Breaker]:
-        """Every sink's breaker that has ever been other than closed, by sink."""
+        """Every sink's breaker the ledger has a row for (see :meth:`ensure`), by sink."""
         with connect(self._engine) as conn:
             return read(conn)
+
+    def ensure(self, sinks: Collection[str]) -> None:
+        """A closed breaker for each of ``sinks`` that has none yet (a worker's at start), so that
+        metrics, ``jobs sinks`` and the dashboard list every configured sink, failed or not."""
+        now = utcnow()
+        rows = [{"sink": s, "state": State.CLOSED, "failures": 0, "until": None, "updated_at": now} for s in sinks]
+        if rows:
+            with begin(self._engine) as conn:
+                conn.execute(_INSERT[conn.dialect.name].values(rows).on_conflict_do_nothing())

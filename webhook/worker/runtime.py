@@ -95,6 +95,7 @@ class Worker:
         sinks = build_sinks(specs, sink_context(settings))
         ledger = ledger or Ledger(settings.database_url)
         ledger.prepare(settings.auto_migrate)
+        ledger.breakers.ensure(sinks)  # every configured sink's breaker is listed from the start
         # One client per region, kept: its session pools the connections.
         return cls(settings, ledger, specs, sinks, functools.cache(functools.partial(client_for, settings)))
 
