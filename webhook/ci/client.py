@@ -72,19 +72,15 @@ def client_for(settings: Settings, region: str | None = None) -> CosS3Client:
     return source_client(source, region or settings.region, settings.cos_endpoint, settings.cos_timeout)
 
 
-def signer(secret_id: str, secret_key: str, region: str) -> CosS3Client:
-    """A client that only presigns URLs, for others to use.
+def signer_for(settings: Settings, region: str) -> CosS3Client:
+    """A client that only presigns URLs for others to use, with the service's own credentials
+    (fixed, or its CAM role's).
 
     A presigned URL must name the bucket's own host (``<bucket>.cos.<region>.myqcloud.com``), which
     its signature covers: a client aimed at an endpoint override's address would put that address
     there instead, so this one never is (against the sandbox, ``Sandbox.request_target`` sends the
     URL there).
     """
-    return make_client(secret_id, secret_key, region)
-
-
-def signer_for(settings: Settings, region: str) -> CosS3Client:
-    """:func:`signer` with the service's own credentials (fixed, or its CAM role's)."""
     return source_client(credentials_for(settings), region)
 
 
