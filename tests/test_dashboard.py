@@ -10,10 +10,9 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
-from sqlalchemy.engine import make_url
 from support.pipeline import DONE, TOKEN, Pipeline, forged
 from support.receiver import Reply
-from support.tcp_proxy import TcpProxy
+from support.tcp_proxy import proxied_database
 from werkzeug.test import TestResponse
 
 from webhook.config import Settings
@@ -215,9 +214,8 @@ def test_a_ledger_that_cannot_be_read_is_503_with_retry_after(ledger: Ledger) ->
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_every_page_is_503_while_the_ledger_is_unreachable_and_back_after(ledger: Ledger) -> None:
-    direct = make_url(ledger.url)
-    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
-        proxied = Ledger(direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    with proxied_database(ledger.url) as (proxy, url):
+        proxied = Ledger(url)
         client = logged_in(dashboard(proxied))
         proxy.down()
         for page in PAGES:

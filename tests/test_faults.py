@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy.engine import make_url
 from support.pipeline import BUCKET, DONE, TOKEN, Pipeline, multipart_file, run_one, settings_env
 from support.processes import start_worker, wait_healthy, web
 from support.sink_dir import written
-from support.tcp_proxy import TcpProxy
+from support.tcp_proxy import proxied_database
 
 from webhook.ci.client import make_client
 from webhook.ci.crc64 import crc64ecma
@@ -203,9 +202,7 @@ def test_describe_fault_retries_verification_until_it_clears(pipeline: Pipeline,
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_postgres_outage_is_answered_503_and_waited_out(pipeline: Pipeline, database_url: str, tmp_path: Path) -> None:
     """The real deployment (gunicorn from the Procfile, a worker process) with PostgreSQL behind a proxy."""
-    direct = make_url(database_url)
-    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
-        proxied = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    with proxied_database(database_url) as (proxy, proxied):
         env = settings_env(pipeline.settings) | {"WEBHOOK_DATABASE_URL": proxied}
         web_log, worker_log = tmp_path / "web.log", tmp_path / "worker.log"
         with web(env, web_log) as (url, proc):

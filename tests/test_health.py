@@ -10,10 +10,9 @@ from contextlib import contextmanager
 import pytest
 import requests
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from support.endpoint import TOKEN
 from support.samples import DOC_JSON
-from support.tcp_proxy import TcpProxy
+from support.tcp_proxy import proxied_database
 
 from webhook.config import Settings
 from webhook.ledger import Ledger
@@ -65,9 +64,8 @@ def test_schema_problem_names_every_missing_table(ledger: Ledger) -> None:
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_an_unreachable_or_silent_ledger_makes_the_process_unready(ledger: Ledger) -> None:
-    direct = make_url(ledger.url)
-    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
-        proxied = Ledger(direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    with proxied_database(ledger.url) as (proxy, url):
+        proxied = Ledger(url)
         with receiver(proxied) as url:
             assert get(f"{url}/readyz") == (200, {"status": "ok"})
 

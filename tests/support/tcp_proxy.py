@@ -13,6 +13,9 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
+
+from sqlalchemy.engine import make_url
 
 _POLL = 0.05  # seconds: how quickly the accept loop notices down()
 
@@ -123,3 +126,11 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+@contextlib.contextmanager
+def proxied_database(url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy in front of ``url``'s PostgreSQL server, and the same URL through it."""
+    direct = make_url(url)
+    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
+        yield proxy, direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
